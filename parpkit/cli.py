@@ -1,0 +1,136 @@
+"""``parpkit run | validate | plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from parpkit.errors import ParpkitError
+from parpkit.progress import Progress
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _load(args):
+    from parpkit.recipe import load_recipe
+    from parpkit.registry import Plugins
+    from parpkit.resolve import resolve
+
+    recipe, mapping = load_recipe(args.recipe, args.set or [])
+    return resolve(recipe, Plugins(), str(args.recipe)), mapping
+
+
+def cmd_validate(args) -> int:
+    from parpkit.resolve import pool_groups
+
+    resolved, _ = _load(args)
+    model = resolved.backbone.skeleton()
+    pool = resolved.select_pool(model)
+    total = sum(p.numel() for p in model.parameters())
+    groups = pool_groups(model, pool)
+    r = resolved.recipe
+    table = Table(title=f"{r.name}: pruning pool of {r.backbone.name}")
+    for col in ("tensor group", "tensors", "parameters"):
+        table.add_column(col, justify="left" if col == "tensor group" else "right")
+    for g in groups:
+        table.add_row(g["group"], str(g["tensors"]), f"{g['parameters']:,}")
+    pool_size = sum(g["parameters"] for g in groups)
+    table.add_row("[b]pool total[/]", str(len(pool)), f"[b]{pool_size:,}[/]")
+    console.print(table)
+    s = r.pruning.sparsity
+    console.print(f"model parameters: {total:,}; pool: {pool_size:,} ({pool_size / total:.1%} of the model)")
+    console.print(f"at sparsity {s:g} ({r.pruning.scope}): {round(s * pool_size):,} pool weights pruned "
+                  f"= {round(s * pool_size) / total:.1%} of the model")
+    names = {"backbone": r.backbone.name, "dataset": r.dataset.name, "criterion": r.pruning.criterion.name,
+             "schedule": r.pruning.schedule.name}
+    for kind, provider in resolved.providers.items():
+        console.print(f"{kind}: {names[kind]} ({provider})")
+    console.print("[green]recipe is valid[/]")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from parpkit.registry import Plugins
+
+    plugins = Plugins()
+    table = Table(title="registered parpkit plugins")
+    for col in ("kind", "name", "class", "provided by"):
+        table.add_column(col)
+    for kind, registry in plugins.registries.items():
+        for e in registry.entries():
+            table.add_row(kind, e.name, f"{e.cls.__module__}.{e.cls.__qualname__}", e.provider)
+    console.print(table)
+    return 0
+
+
+def results_table(metrics: dict) -> Table:
+    table = Table(title=f"{metrics['recipe']}: {metrics['plugins']['schedule']} at {metrics['target_sparsity']:g} "
+                        f"({metrics['eval_split']}, {metrics['eval_utterances']} utterances)")
+    for col in ("stage", "WER", "CER", "pool sparsity", "model sparsity"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    names = {"dense": "dense", "after_prune": "after first prune", "final": "final"}
+    for stage, m in metrics["stages"].items():
+        table.add_row(names.get(stage, stage), f"{m['wer']:.3f}", f"{m['cer']:.3f}",
+                      f"{m['pool_sparsity']:.4f}", f"{m['model_sparsity']:.4f}")
+    return table
+
+
+def cmd_run(args) -> int:
+    from parpkit.engine import run
+
+    resolved, mapping = _load(args)
+    out = Path(args.output_dir) if args.output_dir else resolved.recipe.run_dir()
+    progress = Progress(enabled=not args.quiet, console=err_console)
+    metrics = run(resolved, progress, output_dir=out, resolved_mapping=mapping)
+    if metrics:
+        console.print(results_table(metrics))
+        console.print(f"pool: {metrics['pool_pruned']:,} of {metrics['pool_parameters']:,} weights are zero; "
+                      f"{metrics['steps']} steps, {metrics['prunes']} prunes; wall time {metrics['wall_time_s']['total']:.0f} s")
+        console.print(f"run directory: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parpkit", description="Pluggable pruning for speech recognition models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in (("run", cmd_run, "prune and fine-tune as a recipe says"),
+                           ("validate", cmd_validate, "resolve a recipe and show what would be pruned")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe", help="YAML recipe file")
+        p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe key (repeatable)")
+        p.set_defaults(fn=fn)
+    sub.choices["run"].add_argument("--output-dir", help="run directory (default: the recipe's output_dir or runs/NAME)")
+    sub.choices["run"].add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("plugins", help="list registered backbones, criteria, schedules and datasets")
+    p.set_defaults(fn=cmd_plugins)
+    return parser
+
+
+def _quiet_transformers() -> None:
+    """parpkit reports progress itself; transformers' own bars and advice would interleave with it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_transformers()
+    try:
+        return args.fn(args)
+    except ParpkitError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The four plugin interfaces. Each plugin class has a recipe ``name`` and an ``Options`` model.
+
+``Options`` is a pydantic model; recipes pass ``options:`` through it, so a misspelled option is an
+error with its key path. A plugin with nothing to configure keeps the empty default.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from parpkit.masks import Pruner
+    from parpkit.progress import Progress
+
+
+class PluginOptions(BaseModel):
+    """Base for every plugin's options: unknown keys are errors, not silence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Plugin:
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    def __init__(self, options: PluginOptions | None = None, **_: Any):
+        self.options = options if options is not None else self.Options()
+
+
+@dataclass
+class Utterance:
+    """One recording: mono float32 audio in [-1, 1] at ``sample_rate``, and its transcript."""
+
+    id: str
+    audio: np.ndarray
+    sample_rate: int
+    text: str
+    speaker: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Dataset(_Plugin, ABC):
+    """A speech corpus split into named parts (``train``, ``test`` …)."""
+
+    def __init__(self, options: PluginOptions | None = None, *, cache_dir: Path, **kw: Any):
+        super().__init__(options, **kw)
+        self.cache_dir = Path(cache_dir)
+
+    @abstractmethod
+    def split_names(self) -> list[str]:
+        """Names of the splits this corpus provides."""
+
+    @abstractmethod
+    def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
+        """Return the utterances of ``split``; long work reports through ``progress``."""
+
+
+class Backbone(_Plugin, ABC):
+    """A pretrained speech recogniser: how to load it, feed it, decode it and save it."""
+
+    #: regular expressions (``re.fullmatch`` on parameter names) of the default pruning pool
+    default_pool: ClassVar[list[str]] = []
+    sample_rate: ClassVar[int] = 16000
+
+    def __init__(self, options: PluginOptions | None = None, *, cache_dir: Path, **kw: Any):
+        super().__init__(options, **kw)
+        self.cache_dir = Path(cache_dir)
+
+    @abstractmethod
+    def skeleton(self) -> torch.nn.Module:
+        """The model's architecture without its weights (meta device): cheap, for validation."""
+
+    @abstractmethod
+    def load(self) -> torch.nn.Module:
+        """The pretrained model, ready to fine-tune; also prepares tokenizer and features."""
+
+    @abstractmethod
+    def collate(self, batch: Sequence[Utterance]) -> dict[str, torch.Tensor]:
+        """A training batch: model inputs with ``labels``, so that ``model(**batch).loss`` works."""
+
+    @abstractmethod
+    def transcribe(self, model: torch.nn.Module, audios: Sequence[np.ndarray]) -> list[str]:
+        """Decode a batch of 16 kHz waveforms to text."""
+
+    @abstractmethod
+    def save(self, model: torch.nn.Module, directory: Path) -> None:
+        """Write a directory that plain ``transformers`` loads (model and processor)."""
+
+
+class PruningCriterion(_Plugin, ABC):
+    """Scores weights: a higher score means more worth keeping. Scope (global or per tensor) is the
+    engine's business, so every criterion works with every scope and schedule."""
+
+    @abstractmethod
+    def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Scores with the shape of ``weight``."""
+
+
+class Schedule(_Plugin, ABC):
+    """Decides when masks are computed and at what sparsity, and whether pruned weights may regrow.
+
+    The engine calls these at fixed points of the run; ``pruner`` computes and applies masks.
+    ``step`` counts optimizer updates done so far.
+    """
+
+    def __init__(self, options: PluginOptions | None = None, *, target: float, **kw: Any):
+        super().__init__(options, **kw)
+        self.target = target
+
+    @abstractmethod
+    def on_start(self, pruner: Pruner) -> None:
+        """Before the first update: compute the initial mask from the pretrained weights."""
+
+    def on_pre_optimizer_step(self, step: int, pruner: Pruner) -> None:
+        """Gradients are ready, weights not yet updated."""
+
+    def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
+        """Weights were just updated; ``step`` already counts this update."""
+
+    def before_evaluate(self, pruner: Pruner) -> None:
+        """Before any evaluation or save: leave the model exactly as it should be judged."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

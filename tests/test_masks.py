@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from parpkit.errors import RecipeError
+from parpkit.masks import Pruner, compute_masks, per_tensor_counts, select_pool
+from plugins.criteria import Magnitude, Random, RandomOptions
+
+
+def _scores(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(7, 13, generator=g), "b": torch.randn(5, generator=g), "c": torch.randn(3, 3, 3, generator=g)}
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+@pytest.mark.parametrize("s", [0.0, 0.1, 0.33, 0.5, 0.77, 0.999])
+def test_mask_prunes_exactly_round_s_n(scope, s):
+    scores = _scores()
+    n = sum(t.numel() for t in scores.values())
+    masks = compute_masks(scores, s, scope)
+    assert {k: m.shape for k, m in masks.items()} == {k: t.shape for k, t in scores.items()}
+    assert sum(int((~m).sum()) for m in masks.values()) == round(s * n)
+
+
+def test_global_mask_prunes_the_smallest_scores():
+    scores = _scores()
+    masks = compute_masks(scores, 0.4, "global")
+    kept = torch.cat([scores[k][masks[k]] for k in scores])
+    pruned = torch.cat([scores[k][~masks[k]] for k in scores])
+    assert pruned.max() <= kept.min()
+
+
+def test_per_tensor_scope_prunes_each_tensor_at_its_share():
+    scores = _scores()
+    masks = compute_masks(scores, 0.5, "per_tensor")
+    for k, t in scores.items():
+        n_pruned = int((~masks[k]).sum())
+        assert n_pruned in (int(0.5 * t.numel()), int(0.5 * t.numel()) + 1)
+        assert t[~masks[k]].max() <= t[masks[k]].min()
+
+
+def test_ties_are_broken_deterministically_and_exactly():
+    scores = {"x": torch.ones(10), "y": torch.ones(6)}
+    masks = compute_masks(scores, 0.5, "global")
+    assert int((~masks["x"]).sum()) + int((~masks["y"]).sum()) == 8
+    # lower flat index goes first: all of x's first 8 positions
+    assert (~masks["x"]).tolist() == [True] * 8 + [False] * 2
+    assert masks["y"].all()
+    again = compute_masks({"x": torch.ones(10), "y": torch.ones(6)}, 0.5, "global")
+    assert all(torch.equal(masks[k], again[k]) for k in masks)
+
+
+def test_per_tensor_counts_sum_to_the_global_total():
+    sizes = [3, 3, 3, 1, 7]
+    for s in (0.1, 0.25, 0.5, 0.9):
+        counts = per_tensor_counts(sizes, s)
+        assert sum(counts) == round(s * sum(sizes))
+        assert all(int(s * n) <= c <= int(s * n) + 1 for c, n in zip(counts, sizes))
+
+
+def test_random_criterion_is_fixed_per_seed_and_name():
+    w = torch.zeros(4, 4)
+    r0 = Random(RandomOptions(seed=0))
+    assert torch.equal(r0.scores("a", w), r0.scores("a", w))
+    assert not torch.equal(r0.scores("a", w), r0.scores("b", w))
+    assert not torch.equal(r0.scores("a", w), Random(RandomOptions(seed=1)).scores("a", w))
+
+
+def test_pruner_zeroes_in_place_without_new_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    names_before = [n for n, _ in model.named_parameters()]
+    pruner = Pruner(model, ["0.weight", "2.weight"], Magnitude(), "global")
+    pruner.prune(0.5)
+    assert [n for n, _ in model.named_parameters()] == names_before  # no weight_orig, no buffers
+    assert not list(model.buffers())
+    assert pruner.zero_fraction() == pytest.approx(48 / 96)
+    assert int((model[0].weight == 0).sum() + (model[2].weight == 0).sum()) == 48
+    assert not (model[0].bias == 0).any()
+
+
+def test_select_pool_rejects_a_pattern_that_matches_nothing():
+    names = ["enc.layers.0.fc1.weight", "enc.layers.0.fc1.bias", "enc.norm.weight"]
+    assert select_pool(names, [r"enc\.layers\.\d+\.fc1\.weight"]) == ["enc.layers.0.fc1.weight"]
+    assert select_pool(names, [r".*fc1.*"], [r".*bias"]) == ["enc.layers.0.fc1.weight"]
+    with pytest.raises(RecipeError, match=r"pruning.include\[1\].*matches no parameter"):
+        select_pool(names, [r".*fc1.*", r".*fc_1.*"], file="r.yaml")
+    with pytest.raises(RecipeError, match=r"pruning.exclude\[0\]"):
+        select_pool(names, [r".*fc1.*"], ["nothing"], file="r.yaml")
