@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -18,10 +19,11 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from parpkit import Dataset, Utterance, hookimpl
+from parpkit.errors import ParpkitError
 from parpkit.interfaces import PluginOptions
 from parpkit.progress import Progress
 
-GENERATOR_VERSION = 1  # bump when sentences, speakers or audio processing change
+GENERATOR_VERSION = 2  # bump when sentences, speakers or audio processing change
 SAMPLE_RATE = 16000
 SPLITS = ("train", "validation", "test")
 
@@ -84,7 +86,8 @@ class SyntheticSpeech(Dataset):
             rows = []
             for i, text in enumerate(sentences[start_t:start_t + sizes[split]]):
                 spk = speakers[i % len(speakers)]
-                rows.append({"id": f"{split}-{i:05d}", "text": text, "speaker": f"{spk['voice']}@{spk['rate']}/{spk['pitch']}", **spk})
+                rows.append({"id": f"{split}-{i:05d}", "text": text, "speaker": f"{spk['voice']}@{spk['rate']}/{spk['pitch']}",
+                             "seed": o.seed * 1_000_003 + start_t + i, **spk})
             start_t += sizes[split]
             plan[split] = rows
         return plan
@@ -111,32 +114,14 @@ class SyntheticSpeech(Dataset):
         target = self.corpus_dir
         if self._valid(target):
             return target
-        from plugins.synthetic_speech.espeak import Espeak
-        import soxr
-
         if target.exists():
             progress.console.print(f"[yellow]{target}: incomplete or damaged corpus cache, rebuilding it[/]")
         plan = self.plan()
-        engine = Espeak.get()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
-            manifest = {"options": self.options.model_dump(), "generator_version": GENERATOR_VERSION, "splits": {}}
-            with progress.task("synthesising speech", total=sum(len(r) for r in plan.values())) as task:
-                for split, rows in plan.items():
-                    pieces, offset = [], 0
-                    with (tmp / f"{split}.jsonl").open("w") as meta:
-                        for row in rows:
-                            raw = engine.synth(row["text"], row["voice"], row["rate"], row["pitch"])
-                            audio = soxr.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
-                            pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
-                            pieces.append(pcm)
-                            meta.write(json.dumps({"id": row["id"], "text": row["text"], "speaker": row["speaker"],
-                                                   "offset": offset, "length": len(pcm)}) + "\n")
-                            offset += len(pcm)
-                            task.advance()
-                    np.save(tmp / f"{split}.npy", np.concatenate(pieces) if pieces else np.zeros(0, np.int16))
-                    manifest["splits"][split] = {"utterances": len(rows), "audio_bytes": (tmp / f"{split}.npy").stat().st_size}
+            splits = self._synthesise_in_child(plan, tmp, progress)
+            manifest = {"options": self.options.model_dump(), "generator_version": GENERATOR_VERSION, "splits": splits}
             (tmp / "COMPLETE").write_text(json.dumps(manifest, indent=1))
             if target.exists():
                 shutil.rmtree(target)
@@ -144,6 +129,34 @@ class SyntheticSpeech(Dataset):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+    @staticmethod
+    def _synthesise_in_child(plan: dict[str, list[dict]], tmp: Path, progress: Progress) -> dict:
+        """espeak-ng output depends on everything synthesised before in the process, so a fresh
+        process per build is what makes the corpus reproducible."""
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        receiver, sender = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_synthesise, args=(plan, str(tmp), sender), daemon=True)
+        child.start()
+        sender.close()
+        result, error = None, None
+        with progress.task("synthesising speech", total=sum(len(r) for r in plan.values())) as task:
+            while True:
+                try:
+                    kind, value = receiver.recv()
+                except EOFError:
+                    break
+                if kind == "advance":
+                    task.advance(value)
+                elif kind == "done":
+                    result = value
+                else:
+                    error = value
+        child.join()
+        if error or result is None:
+            raise ParpkitError(f"speech synthesis failed: {error or f'the synthesis process exited with code {child.exitcode}'}")
+        return result
 
     def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
         if split not in self.split_names():
@@ -157,6 +170,35 @@ class SyntheticSpeech(Dataset):
             out.append(Utterance(id=row["id"], audio=(pcm.astype(np.float32) / 32768.0), sample_rate=SAMPLE_RATE,
                                  text=row["text"], speaker=row["speaker"]))
         return out
+
+
+def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
+    """Child process: synthesise every utterance of ``plan`` into ``tmp`` (int16 .npy + .jsonl per split)."""
+    try:
+        import soxr
+
+        from plugins.synthetic_speech.espeak import Espeak
+
+        engine, out, splits = Espeak.get(), Path(tmp), {}
+        for split, rows in plan.items():
+            pieces, offset = [], 0
+            with (out / f"{split}.jsonl").open("w") as meta:
+                for row in rows:
+                    raw = engine.synth(row["text"], row["voice"], row["rate"], row["pitch"], seed=row["seed"])
+                    audio = soxr.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
+                    pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
+                    pieces.append(pcm)
+                    meta.write(json.dumps({"id": row["id"], "text": row["text"], "speaker": row["speaker"],
+                                           "offset": offset, "length": len(pcm)}) + "\n")
+                    offset += len(pcm)
+                    conn.send(("advance", 1))
+            np.save(out / f"{split}.npy", np.concatenate(pieces) if pieces else np.zeros(0, np.int16))
+            splits[split] = {"utterances": len(rows), "audio_bytes": (out / f"{split}.npy").stat().st_size}
+        conn.send(("done", splits))
+    except Exception as exc:  # reported to the parent, which raises it with context
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
 
 
 @hookimpl

@@ -16,7 +16,12 @@ _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctype
 
 
 class Espeak:
-    """One process-wide synthesiser (the library keeps global state)."""
+    """One process-wide synthesiser.
+
+    The library keeps global state across calls (even across Terminate/Initialize): the same text
+    twice in one process gives different audio, while the same sequence of calls in a fresh process
+    with the same seeds gives identical audio. So corpora are synthesised in a fresh child process.
+    """
 
     _instance: Espeak | None = None
 
@@ -38,14 +43,17 @@ class Espeak:
         self._chunks: list[np.ndarray] = []
         self._callback = _CALLBACK(self._collect)  # keep a reference: the library holds a raw pointer
         self.lib.espeak_SetSynthCallback(self._callback)
+        self._libc = ctypes.CDLL(None)
 
     def _collect(self, wav, n, _events) -> int:
         if n > 0:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0
 
-    def synth(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+    def synth(self, text: str, voice: str, rate: int, pitch: int, seed: int = 0) -> np.ndarray:
         """int16 samples at ``self.sample_rate``."""
+        self._libc.srand(seed)  # espeak-ng draws from rand() and from its own generator
+        self.lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ParpkitError(f"espeak-ng has no voice {voice!r}")
         self.lib.espeak_SetParameter(_RATE, int(rate), 0)

@@ -1,0 +1,68 @@
+"""A whole run of the tiny whisper through the CLI: the run directory and what other tools read of it."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from parpkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from tests.conftest import tiny_recipe, write_recipe
+
+    tmp = tmp_path_factory.mktemp("run")
+    recipe = write_recipe(tmp / "r.yaml", tiny_recipe(**{"training.max_steps": 4}))
+    out = tmp / "out"
+    assert main(["run", str(recipe), "--output-dir", str(out), "--quiet", "--set", "pruning.sparsity=0.4"]) == 0
+    return out
+
+
+def test_run_directory_holds_every_artefact(run_dir):
+    for name in ("recipe.yaml", "metrics.json", "sparsity.csv", "masks.safetensors", "log.jsonl", "model/config.json",
+                 "transcripts_dense.jsonl", "transcripts_after_prune.jsonl", "transcripts_final.jsonl"):
+        assert (run_dir / name).is_file(), name
+    resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert resolved["pruning"]["sparsity"] == 0.4  # the override, as run
+
+
+def test_metrics_are_consistent_with_masks_and_csv(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    masks = load_file(str(run_dir / "masks.safetensors"))
+    rows = list(csv.DictReader((run_dir / "sparsity.csv").open()))
+    n = metrics["pool_parameters"]
+    assert n == sum(m.numel() for m in masks.values()) == sum(int(r["numel"]) for r in rows)
+    assert metrics["pool_pruned"] == sum(int(r["zeros"]) for r in rows)
+    assert int(sum((~m).sum() for m in masks.values())) == round(0.4 * n)
+    assert abs(metrics["pool_pruned"] - round(0.4 * n)) <= 1
+    assert set(metrics["stages"]) == {"dense", "after_prune", "final"}
+    for stage in metrics["stages"].values():
+        assert stage["wer"] >= 0 and stage["cer"] >= 0
+    # random initialisation leaves the biases at zero; nothing else in the dense pool is
+    biases = sum(int(r["numel"]) for r in rows if r["name"].endswith(".bias"))
+    assert metrics["stages"]["dense"]["pool_sparsity"] == pytest.approx(biases / n)
+    assert metrics["stages"]["after_prune"]["pool_sparsity"] == pytest.approx(0.4, abs=1 / n)
+    assert metrics["steps"] == 4
+    events = [json.loads(line)["event"] for line in (run_dir / "log.jsonl").open()]
+    assert events.count("evaluate") == 3 and "train" in events and events[-1] == "done"
+
+
+def test_saved_model_loads_with_plain_transformers_and_holds_the_zeros(run_dir):
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(run_dir / "model")
+    processor = WhisperProcessor.from_pretrained(run_dir / "model")
+    masks = load_file(str(run_dir / "masks.safetensors"))
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert torch.all(params[name][~mask] == 0), name
+    assert sum(int((params[n] == 0).sum()) for n in masks) == json.loads((run_dir / "metrics.json").read_text())["pool_pruned"]
+    # the processor matches the (windowed) encoder: its features feed the model directly
+    feats = processor(torch.zeros(16000).numpy(), sampling_rate=16000, return_tensors="pt").input_features
+    assert feats.shape[-1] == 2 * model.config.max_source_positions
+    out = model.generate(input_features=feats, max_new_tokens=4)
+    assert out.shape[0] == 1

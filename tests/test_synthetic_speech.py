@@ -1,0 +1,105 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from parpkit.progress import QUIET
+from plugins.synthetic_speech import SyntheticOptions, SyntheticSpeech
+
+SMALL = dict(sizes={"train": 12, "validation": 4, "test": 6}, speakers={"train": 3, "validation": 2, "test": 2})
+
+
+def _corpus(tmp_path, **kw):
+    return SyntheticSpeech(SyntheticOptions(**{**SMALL, **kw}), cache_dir=tmp_path)
+
+
+def test_splits_have_disjoint_speakers_and_sentences(tmp_path):
+    d = _corpus(tmp_path)
+    splits = {s: d.load_split(s, QUIET) for s in ("train", "validation", "test")}
+    assert {s: len(u) for s, u in splits.items()} == SMALL["sizes"]
+    speakers = {s: {u.speaker for u in us} for s, us in splits.items()}
+    texts = {s: {u.text for u in us} for s, us in splits.items()}
+    assert {s: len(v) for s, v in speakers.items()} == SMALL["speakers"]
+    for a in splits:
+        for b in splits:
+            if a < b:
+                assert not speakers[a] & speakers[b]
+                assert not texts[a] & texts[b]
+    for us in splits.values():
+        for u in us:
+            assert u.sample_rate == 16000 and u.audio.dtype == np.float32
+            assert 0.5 < len(u.audio) / 16000 < 10 and 0.01 < np.abs(u.audio).max() <= 1.0
+            assert u.text.endswith(".") and len(u.text.split()) >= 3
+
+
+def test_corpus_is_deterministic_and_seeded(tmp_path):
+    a = _corpus(tmp_path / "a").load_split("test", QUIET)
+    b = _corpus(tmp_path / "b").load_split("test", QUIET)
+    assert [u.text for u in a] == [u.text for u in b]
+    assert all(np.array_equal(x.audio, y.audio) for x, y in zip(a, b))
+    c = _corpus(tmp_path / "c", seed=1).load_split("test", QUIET)
+    assert [u.text for u in a] != [u.text for u in c]
+
+
+def test_sentences_use_a_real_vocabulary(tmp_path):
+    d = SyntheticSpeech(SyntheticOptions(sizes={"train": 300}, speakers={"train": 10}), cache_dir=tmp_path)
+    plan = d.plan()["train"]
+    words = {w.strip(".").lower() for row in plan for w in row["text"].split()}
+    assert len({row["text"] for row in plan}) == 300 and len(words) > 150
+
+
+def test_cache_is_reused_and_a_damaged_one_rebuilt(tmp_path):
+    d = _corpus(tmp_path)
+    first = d.load_split("train", QUIET)
+    directory = d.corpus_dir
+    stamp = (directory / "COMPLETE").stat().st_mtime_ns
+    d.load_split("train", QUIET)
+    assert (directory / "COMPLETE").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    # a truncated audio file: detected by its recorded size, rebuilt
+    data = (directory / "train.npy").read_bytes()
+    (directory / "train.npy").write_bytes(data[: len(data) // 2])
+    again = d.load_split("train", QUIET)
+    assert all(np.array_equal(x.audio, y.audio) for x, y in zip(first, again))
+    # no completion marker: never trusted
+    (directory / "COMPLETE").unlink()
+    assert len(d.load_split("test", QUIET)) == 6 and (directory / "COMPLETE").exists()
+
+
+def test_a_build_killed_midway_leaves_no_corpus_and_the_next_run_rebuilds(tmp_path):
+    child = f"""
+import time
+from plugins.synthetic_speech import SyntheticSpeech, SyntheticOptions
+from plugins.synthetic_speech.espeak import Espeak
+from parpkit.progress import QUIET
+synth = Espeak.synth
+def slow(self, *a, **k):
+    time.sleep(0.05)
+    return synth(self, *a, **k)
+Espeak.synth = slow
+SyntheticSpeech(SyntheticOptions(**{SMALL!r}), cache_dir={str(tmp_path)!r}).load_split("train", QUIET)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    d = _corpus(tmp_path)
+    root = d.corpus_dir.parent
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".tmp-") and any(p.glob("*.jsonl")) for p in root.glob(".tmp-*")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not d.corpus_dir.exists()  # the half-written build never took the corpus's name
+    utts = d.load_split("validation", QUIET)
+    assert len(utts) == 4
+    manifest = json.loads((d.corpus_dir / "COMPLETE").read_text())
+    assert manifest["splits"]["train"]["utterances"] == 12
+
+
+def test_bad_options_are_errors():
+    with pytest.raises(ValueError, match="unknown split"):
+        SyntheticOptions(sizes={"dev": 3})
+    with pytest.raises(ValueError, match="no speakers"):
+        SyntheticOptions(sizes={"train": 3}, speakers={"train": 0})
