@@ -29,6 +29,7 @@ def cmd_validate(args) -> int:
     from parpkit.resolve import pool_groups
 
     resolved, _ = _load(args)
+    resolved.dataset.check()
     model = resolved.backbone.skeleton()
     pool = resolved.select_pool(model)
     total = sum(p.numel() for p in model.parameters())
@@ -71,11 +72,12 @@ def cmd_plugins(args) -> int:
 def results_table(metrics: dict) -> Table:
     table = Table(title=f"{metrics['recipe']}: {metrics['plugins']['schedule']} at {metrics['target_sparsity']:g} "
                         f"({metrics['eval_split']}, {metrics['eval_utterances']} utterances)")
-    for col in ("stage", "WER", "CER", "pool sparsity", "model sparsity"):
+    rates = [k for k in ("wer", "cer", "per") if any(k in m for m in metrics["stages"].values())]
+    for col in ("stage", *[r.upper() for r in rates], "pool sparsity", "model sparsity"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     names = {"dense": "dense", "after_prune": "after first prune", "final": "final"}
     for stage, m in metrics["stages"].items():
-        table.add_row(names.get(stage, stage), f"{m['wer']:.3f}", f"{m['cer']:.3f}",
+        table.add_row(names.get(stage, stage), *[f"{m[r]:.3f}" if r in m else "" for r in rates],
                       f"{m['pool_sparsity']:.4f}", f"{m['model_sparsity']:.4f}")
     return table
 

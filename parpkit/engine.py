@@ -121,7 +121,8 @@ def evaluate(resolved: Resolved, model: torch.nn.Module, utterances: Sequence[Ut
             task.advance(len(chunk))
     if was_training:
         model.train()
-    rates = error_rates([u.text for u in utterances], hyps)
+    ds = resolved.dataset
+    rates = error_rates([ds.score_text(u.text) for u in utterances], [ds.score_text(h) for h in hyps], ds.unit)
     if transcripts is not None:
         with transcripts.open("w") as f:
             for u, h in zip(utterances, hyps):
@@ -150,7 +151,8 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
 
     train = resolved.dataset.load_split(recipe.dataset.train_split, progress)
     test = resolved.dataset.load_split(recipe.dataset.eval_split, progress)
-    log.write("data", train=len(train), eval=len(test), eval_split=recipe.dataset.eval_split)
+    log.write("data", train=len(train), eval=len(test), eval_split=recipe.dataset.eval_split, **resolved.dataset.report())
+    resolved.backbone.prepare(train, resolved.dataset.unit)
     model = resolved.backbone.load()
     pool = resolved.select_pool(model)
     pruner = Pruner(model, pool, resolved.criterion, recipe.pruning.scope)
@@ -211,6 +213,7 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
             "model_parameters": sum(p.numel() for p in model.parameters()),
             "pool_parameters": pruner.size, "pool_tensors": len(pool),
             "pool_pruned": sum(r["zeros"] for r in rows),
+            "dataset": resolved.dataset.report(),
             "steps": int(result.global_step), "prunes": pruner.prune_count, "train_loss": float(result.training_loss),
             "stages": stages,
             "wall_time_s": {"total": round(time.time() - t0, 1), "train": round(train_time, 1), "evaluate": round(eval_time, 1)},

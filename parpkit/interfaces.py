@@ -48,7 +48,13 @@ class Utterance:
 
 
 class Dataset(_Plugin, ABC):
-    """A speech corpus split into named parts (``train``, ``test`` …)."""
+    """A speech corpus split into named parts (``train``, ``test`` …).
+
+    ``unit`` says what transcripts hold: ``"words"`` (scored by WER/CER) or ``"phones"`` (space-separated
+    labels, scored by PER after ``score_text``).
+    """
+
+    unit: str = "words"
 
     def __init__(self, options: PluginOptions | None = None, *, cache_dir: Path, **kw: Any):
         super().__init__(options, **kw)
@@ -62,6 +68,17 @@ class Dataset(_Plugin, ABC):
     def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
         """Return the utterances of ``split``; long work reports through ``progress``."""
 
+    def check(self) -> None:
+        """Cheap checks for ``parpkit validate`` (paths exist, layout is right); raise ParpkitError."""
+
+    def score_text(self, text: str) -> str:
+        """A reference or hypothesis as it is scored (e.g. TIMIT's 61 phones folded to 39)."""
+        return text
+
+    def report(self) -> dict[str, Any]:
+        """Facts for metrics.json (e.g. files skipped as unreadable)."""
+        return {}
+
 
 class Backbone(_Plugin, ABC):
     """A pretrained speech recogniser: how to load it, feed it, decode it and save it."""
@@ -73,6 +90,9 @@ class Backbone(_Plugin, ABC):
     def __init__(self, options: PluginOptions | None = None, *, cache_dir: Path, **kw: Any):
         super().__init__(options, **kw)
         self.cache_dir = Path(cache_dir)
+
+    def prepare(self, train: Sequence[Utterance], unit: str) -> None:
+        """Sees the training transcripts before ``load`` (e.g. to build a CTC vocabulary)."""
 
     @abstractmethod
     def skeleton(self) -> torch.nn.Module:

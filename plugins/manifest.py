@@ -1,0 +1,106 @@
+"""A user's own corpus from manifests: CSV, TSV or JSONL with an audio path and a transcript per row.
+
+Relative audio paths are resolved against the manifest's folder; any sample rate and channel count
+libsndfile reads is mixed to mono and resampled to 16 kHz."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from parpkit import Dataset, Utterance, hookimpl
+from parpkit.audio import AudioError, read_audio
+from parpkit.errors import ParpkitError
+from parpkit.interfaces import PluginOptions
+from parpkit.progress import Progress
+
+
+class ManifestOptions(PluginOptions):
+    #: split name -> manifest file (.csv, .tsv, .jsonl)
+    splits: dict[str, str] = Field(min_length=1)
+    audio_column: str = "audio"
+    text_column: str = "text"
+    speaker_column: str | None = None
+    id_column: str | None = None
+    #: words (WER/CER) or phones (space-separated labels, PER)
+    unit: Literal["words", "phones"] = "words"
+    skip_unreadable: bool = False
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ParpkitError(f"{path}:{n}: not a JSON object: {exc}") from None
+        return rows
+    if suffix in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    raise ParpkitError(f"{path}: unknown manifest type {suffix!r}; expected .csv, .tsv or .jsonl")
+
+
+class Manifest(Dataset):
+    name = "manifest"
+    Options = ManifestOptions
+
+    def __init__(self, options=None, **kw: Any):
+        super().__init__(options, **kw)
+        self.unit = self.options.unit
+        self.skipped: list[str] = []
+
+    def split_names(self) -> list[str]:
+        return list(self.options.splits)
+
+    def check(self) -> None:
+        for split, file in self.options.splits.items():
+            if not Path(file).expanduser().is_file():
+                raise ParpkitError(f"manifest for split {split!r} not found: {file}")
+
+    def report(self) -> dict[str, Any]:
+        return {"skipped_unreadable": len(self.skipped), "skipped_files": self.skipped[:20]} if self.skipped else {}
+
+    def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
+        o = self.options
+        path = Path(o.splits[split]).expanduser()
+        if not path.is_file():
+            raise ParpkitError(f"manifest for split {split!r} not found: {path}")
+        rows = read_rows(path)
+        if not rows:
+            raise ParpkitError(f"{path}: the manifest has no rows")
+        for col in (o.audio_column, o.text_column, o.speaker_column, o.id_column):
+            if col and col not in rows[0]:
+                raise ParpkitError(f"{path}: no column {col!r}; columns are {', '.join(rows[0])}")
+        out = []
+        with progress.task(f"reading {split}", total=len(rows)) as task:
+            for i, row in enumerate(rows):
+                audio_path = Path(str(row[o.audio_column])).expanduser()
+                if not audio_path.is_absolute():
+                    audio_path = path.parent / audio_path
+                try:
+                    audio = read_audio(audio_path)
+                except AudioError as exc:
+                    if not o.skip_unreadable:
+                        raise ParpkitError(f"{exc} (row {i + 1} of {path}); set skip_unreadable: true to skip it") from None
+                    self.skipped.append(str(audio_path))
+                    task.advance()
+                    continue
+                uid = str(row[o.id_column]) if o.id_column else f"{split}-{i:06d}"
+                speaker = str(row[o.speaker_column]) if o.speaker_column else ""
+                out.append(Utterance(uid, audio, 16000, str(row[o.text_column]), speaker))
+                task.advance()
+        return out
+
+
+@hookimpl
+def register_datasets(register):
+    register(Manifest)

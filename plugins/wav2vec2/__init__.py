@@ -1,0 +1,175 @@
+"""CTC backbones: wav2vec2 (facebook/wav2vec2-base, the seed's model), HuBERT, WavLM and data2vec-audio
+through transformers' auto classes. The CTC vocabulary is built from the training transcripts
+(characters with ``|`` as word delimiter, or phone labels) and saved with the model, so the run
+directory loads with plain transformers. Greedy CTC decoding, batched, with dynamic padding."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from parpkit import Backbone, hookimpl
+from parpkit.errors import ParpkitError
+from parpkit.interfaces import PluginOptions, Utterance
+from parpkit.metrics import normalise, normalise_units
+
+# q/k/v/out of every transformer block's attention and both feed-forward linears, weights and biases.
+DEFAULT_POOL = [
+    r"[a-z0-9_]+\.encoder\.layers\.\d+\.attention\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)",
+    r"[a-z0-9_]+\.encoder\.layers\.\d+\.feed_forward\.(intermediate_dense|output_dense)\.(weight|bias)",
+]
+SPECIAL = ["<pad>", "<unk>"]
+
+
+class CTCOptions(PluginOptions):
+    #: hub id or local directory of a pretrained (or fine-tuned) checkpoint; null with ``config``
+    model: str | None = None
+    #: for a random-initialised model: the config's ``model_type`` and keys
+    model_type: str = "wav2vec2"
+    config: dict[str, Any] | None = None
+    #: keep the convolutional feature encoder frozen (as the reference PARP code does)
+    freeze_feature_encoder: bool = True
+    # SpecAugment (time and feature masking during training)
+    mask_time_prob: float = Field(default=0.05, ge=0, le=1)
+    mask_time_length: int = Field(default=10, gt=0)
+    mask_feature_prob: float = Field(default=0.0, ge=0, le=1)
+    mask_feature_length: int = Field(default=10, gt=0)
+    layerdrop: float | None = Field(default=None, ge=0, le=1)
+    seed: int = 0
+
+
+def build_vocabulary(texts: Sequence[str], unit: str) -> dict[str, int]:
+    if unit == "phones":
+        symbols = sorted({p for t in texts for p in normalise_units(t).split()})
+    else:
+        symbols = ["|"] + sorted({c for t in texts for c in normalise(t).replace(" ", "|")} - {"|"})
+    return {s: i for i, s in enumerate(SPECIAL + symbols)}
+
+
+def make_tokenizer(vocab: dict[str, int], unit: str):
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2PhonemeCTCTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocab.json"
+        path.write_text(json.dumps(vocab))
+        if unit == "phones":
+            return Wav2Vec2PhonemeCTCTokenizer(str(path), do_phonemize=False, phone_delimiter_token=" ",
+                                               word_delimiter_token=None, unk_token="<unk>", pad_token="<pad>",
+                                               bos_token=None, eos_token=None)
+        return Wav2Vec2CTCTokenizer(str(path), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|",
+                                    bos_token=None, eos_token=None)
+
+
+class CTCBackbone(Backbone):
+    name = "wav2vec2"
+    Options = CTCOptions
+    default_pool = DEFAULT_POOL
+
+    def __init__(self, options: CTCOptions | None = None, **kw: Any):
+        super().__init__(options, **kw)
+        o = self.options
+        if (o.model is None) == (o.config is None):
+            raise ParpkitError(f"{self.name}: give exactly one of `model` (pretrained) or `config` (random initialisation)")
+        self.unit = "words"
+        self.tokenizer = None
+        self.feature_extractor = None
+        self.use_attention_mask = True
+
+    def prepare(self, train: Sequence[Utterance], unit: str) -> None:
+        self.unit = unit
+        self.tokenizer = make_tokenizer(build_vocabulary([u.text for u in train], unit), unit)
+
+    def _config(self, vocab_size: int, pad_id: int):
+        from transformers import AutoConfig
+
+        o = self.options
+        extra = dict(vocab_size=vocab_size, pad_token_id=pad_id, ctc_loss_reduction="mean", ctc_zero_infinity=True,
+                     mask_time_prob=o.mask_time_prob, mask_time_length=o.mask_time_length,
+                     mask_feature_prob=o.mask_feature_prob, mask_feature_length=o.mask_feature_length)
+        if o.layerdrop is not None:
+            extra["layerdrop"] = o.layerdrop
+        if o.config is not None:
+            return AutoConfig.for_model(o.model_type, **{**o.config, **extra})
+        try:
+            return AutoConfig.from_pretrained(o.model, **extra)
+        except OSError as exc:
+            raise ParpkitError(f"{self.name}: cannot read the config of {o.model!r}: {str(exc).splitlines()[0]} Without network, "
+                               "point `model` at a local checkpoint directory") from None
+
+    def skeleton(self) -> torch.nn.Module:
+        from transformers import AutoModelForCTC
+
+        with torch.device("meta"):
+            return AutoModelForCTC.from_config(self._config(32, 0))
+
+    def load(self) -> torch.nn.Module:
+        from transformers import AutoFeatureExtractor, AutoModelForCTC, Wav2Vec2FeatureExtractor
+
+        if self.tokenizer is None:
+            raise ParpkitError(f"{self.name}: the CTC vocabulary is built from the training transcripts; call prepare() first")
+        o = self.options
+        config = self._config(len(self.tokenizer), self.tokenizer.pad_token_id)
+        if o.config is not None:
+            torch.manual_seed(o.seed)
+            model = AutoModelForCTC.from_config(config)
+        else:
+            try:
+                model = AutoModelForCTC.from_pretrained(o.model, config=config, ignore_mismatched_sizes=True, dtype=torch.float32)
+            except OSError as exc:
+                raise ParpkitError(f"{self.name}: cannot load {o.model!r}: {str(exc).splitlines()[0]}") from None
+        self.use_attention_mask = getattr(config, "feat_extract_norm", "layer") == "layer"
+        try:
+            self.feature_extractor = AutoFeatureExtractor.from_pretrained(o.model) if o.model else None
+        except OSError:
+            self.feature_extractor = None
+        if self.feature_extractor is None:
+            self.feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                                              do_normalize=True, return_attention_mask=self.use_attention_mask)
+        if o.freeze_feature_encoder:
+            model.freeze_feature_encoder()
+        return model
+
+    def _text(self, text: str) -> str:
+        return normalise_units(text) if self.unit == "phones" else normalise(text)
+
+    def _inputs(self, audios: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        feats = self.feature_extractor([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=16000,
+                                       padding=True, return_tensors="pt", return_attention_mask=self.use_attention_mask)
+        out = {"input_values": feats.input_values}
+        if self.use_attention_mask:
+            out["attention_mask"] = feats.attention_mask
+        return out
+
+    def collate(self, batch: Sequence[Utterance]) -> dict[str, torch.Tensor]:
+        inputs = self._inputs([u.audio for u in batch])
+        ids = [self.tokenizer(self._text(u.text)).input_ids for u in batch]
+        labels = torch.full((len(ids), max(len(x) for x in ids)), -100, dtype=torch.long)
+        for i, x in enumerate(ids):
+            labels[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        return {**inputs, "labels": labels}
+
+    @torch.no_grad()
+    def transcribe(self, model: torch.nn.Module, audios: Sequence[np.ndarray]) -> list[str]:
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) for k, v in self._inputs(audios).items()}
+        inputs["input_values"] = inputs["input_values"].to(next(model.parameters()).dtype)
+        ids = model(**inputs).logits.argmax(-1)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids)]
+
+    def save(self, model: torch.nn.Module, directory: Path) -> None:
+        from transformers import Wav2Vec2Processor
+
+        model.save_pretrained(directory)
+        Wav2Vec2Processor(feature_extractor=self.feature_extractor, tokenizer=self.tokenizer).save_pretrained(directory)
+
+
+@hookimpl
+def register_backbones(register):
+    register(CTCBackbone)
