@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from parpkit.errors import ParpkitError
@@ -88,12 +89,25 @@ def cmd_run(args) -> int:
     resolved, mapping = _load(args)
     out = Path(args.output_dir) if args.output_dir else resolved.recipe.run_dir()
     progress = Progress(enabled=not args.quiet, console=err_console)
-    metrics = run(resolved, progress, output_dir=out, resolved_mapping=mapping)
+    metrics = run(resolved, progress, output_dir=out, resolved_mapping=mapping, fresh=args.fresh)
     if metrics:
         console.print(results_table(metrics))
         console.print(f"pool: {metrics['pool_pruned']:,} of {metrics['pool_parameters']:,} weights are zero; "
                       f"{metrics['steps']} steps, {metrics['prunes']} prunes; wall time {metrics['wall_time_s']['total']:.0f} s")
         console.print(f"run directory: {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from parpkit.export import export_compact
+
+    if not args.compact:
+        raise ParpkitError("export writes a compact model: pass --compact")
+    r = export_compact(Path(args.run_dir), Path(args.output) if args.output else None)
+    console.print(f"removed {r['removed_neurons']:,} of {r['neurons']:,} FFN neurons and {r['removed_heads']} of "
+                  f"{r['heads']} attention heads: {r['parameters_before']:,} -> {r['parameters_after']:,} parameters")
+    console.print(f"largest output difference against the masked model: {r['max_abs_difference']:.2e}")
+    console.print(f"compact model: {r['output']} (load with parpkit.structure.load_compact)")
     return 0
 
 
@@ -108,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     sub.choices["run"].add_argument("--output-dir", help="run directory (default: the recipe's output_dir or runs/NAME)")
     sub.choices["run"].add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.choices["run"].add_argument("--resume", action="store_true",
+                                    help="continue from the newest complete checkpoint (the default when the run directory has one)")
+    sub.choices["run"].add_argument("--fresh", action="store_true", help="discard checkpoints and results in the run directory")
+    p = sub.add_parser("export", help="write a smaller model without the pruned neurons and heads")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--compact", action="store_true", help="remove pruned FFN neurons and attention heads")
+    p.add_argument("--output", help="where to write it (default RUN_DIR/compact)")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("plugins", help="list registered backbones, criteria, schedules and datasets")
     p.set_defaults(fn=cmd_plugins)
     return parser
@@ -127,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ParpkitError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

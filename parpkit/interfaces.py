@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     from parpkit.masks import Pruner
     from parpkit.progress import Progress
+    from parpkit.structure import UnitGroup
 
 
 class PluginOptions(BaseModel):
@@ -114,30 +115,74 @@ class Backbone(_Plugin, ABC):
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         """Write a directory that plain ``transformers`` loads (model and processor)."""
 
+    def structured_groups(self, model: torch.nn.Module) -> list[UnitGroup]:
+        """Coupled slices that form whole units (FFN neurons, attention heads), for structured criteria
+        and compact export. Backbones declare them; nothing is traced."""
+        return []
+
+    def load_saved(self, directory: Path) -> torch.nn.Module:
+        """Load a model this backbone saved (``save``), for export; also readies tokenizer and features."""
+        raise NotImplementedError(f"backbone {self.name!r} cannot reload a saved run")
+
 
 class PruningCriterion(_Plugin, ABC):
     """Scores weights: a higher score means more worth keeping. Scope (global or per tensor) is the
-    engine's business, so every criterion works with every scope and schedule."""
+    engine's business, so every criterion works with every scope and schedule.
 
-    @abstractmethod
+    A structured criterion sets ``structured = True`` and scores whole units instead (``unit_scores``).
+    """
+
+    structured: ClassVar[bool] = False
+
     def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """Scores with the shape of ``weight``."""
+        raise NotImplementedError
+
+    def unit_scores(self, group: UnitGroup, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One score per unit of ``group`` (structured criteria only)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One fine-tuning run inside a schedule (OMP and IMP have several, with rewinds between them).
+
+    ``stage``: evaluate after the phase under this name (before ``on_phase_end``), e.g. IMP's rounds.
+    """
+
+    name: str
+    steps: int
+    stage: str | None = None
 
 
 class Schedule(_Plugin, ABC):
     """Decides when masks are computed and at what sparsity, and whether pruned weights may regrow.
 
-    The engine calls these at fixed points of the run; ``pruner`` computes and applies masks.
-    ``step`` counts optimizer updates done so far.
+    The engine calls these at fixed points of the run; ``pruner`` computes and applies masks and can
+    snapshot and rewind the weights. ``step`` counts optimizer updates since the run began, over all
+    phases. Each phase is a fresh fine-tuning run (new optimizer and LR schedule).
     """
+
+    #: whether a recipe's ``mask_from`` can seed this schedule's first mask
+    accepts_mask_from: ClassVar[bool] = True
 
     def __init__(self, options: PluginOptions | None = None, *, target: float, **kw: Any):
         super().__init__(options, **kw)
         self.target = target
 
+    def phases(self, max_steps: int) -> list[Phase]:
+        """The fine-tuning runs; by default one of ``training.max_steps`` updates."""
+        return [Phase("train", max_steps)]
+
     @abstractmethod
     def on_start(self, pruner: Pruner) -> None:
         """Before the first update: compute the initial mask from the pretrained weights."""
+
+    def on_phase_start(self, index: int, pruner: Pruner) -> None:
+        """Before phase ``index`` trains."""
+
+    def on_phase_end(self, index: int, pruner: Pruner) -> None:
+        """After phase ``index`` trained (and was evaluated if it names a stage): prune, rewind …"""
 
     def on_pre_optimizer_step(self, step: int, pruner: Pruner) -> None:
         """Gradients are ready, weights not yet updated."""

@@ -84,16 +84,29 @@ def compute_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str) 
 
 
 class Pruner:
-    """Holds the pool and its current masks; schedules call it to (re-)prune and to enforce masks."""
+    """Holds the pool and its current masks; schedules call it to (re-)prune, enforce masks, and rewind.
 
-    def __init__(self, model: torch.nn.Module, pool: list[str], criterion: PruningCriterion, scope: str):
+    With a structured criterion (``criterion.structured``) masks cover whole units of the backbone's
+    declared groups (FFN neurons, attention heads) instead of single weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, pool: list[str], criterion: PruningCriterion, scope: str,
+                 groups: list | None = None, donor_masks: dict[str, torch.Tensor] | None = None):
         params = dict(model.named_parameters())
+        self.model = model
         self.params = OrderedDict((n, params[n]) for n in pool)
         self.criterion = criterion
         self.scope = scope
+        self.groups = OrderedDict((g.name, g) for g in (groups or []))
+        if getattr(criterion, "structured", False) and not self.groups:
+            raise ParpkitError(f"criterion {criterion.name!r} prunes whole units, but the backbone declares no "
+                               "structured groups inside the pool")
+        self.donor_masks = donor_masks
         self.masks: OrderedDict[str, torch.Tensor] | None = None
         self.sparsity = 0.0  # sparsity of the current masks
         self.prune_count = 0  # how many times masks were computed
+        self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
+        self.on_snapshot = None
 
     @property
     def size(self) -> int:
@@ -102,9 +115,31 @@ class Pruner:
     @torch.no_grad()
     def prune(self, sparsity: float) -> None:
         """Rank the whole pool now, at ``sparsity``, and zero the losers."""
-        scores = {n: self.criterion.scores(n, p.detach()) for n, p in self.params.items()}
-        self.set_masks(compute_masks(scores, sparsity, self.scope))
+        if getattr(self.criterion, "structured", False):
+            from parpkit.structure import select_units, unit_masks
+
+            scores = {n: self.criterion.unit_scores(g, self.params) for n, g in self.groups.items()}
+            pruned = select_units(scores, self.groups, sparsity, self.scope)
+            masks = unit_masks(pruned, self.groups, {n: p.shape for n, p in self.params.items()})
+            masks = {n: masks.get(n, torch.ones(p.shape, dtype=torch.bool)) for n, p in self.params.items()}
+        else:
+            scores = {n: self.criterion.scores(n, p.detach()) for n, p in self.params.items()}
+            masks = compute_masks(scores, sparsity, self.scope)
+        self.set_masks(masks)
         self.sparsity = sparsity
+        self.prune_count += 1
+
+    def initial_mask(self, sparsity: float) -> None:
+        """The first mask of a run: from the criterion, or the donor mask a recipe's ``mask_from`` names."""
+        if self.donor_masks is None:
+            self.prune(sparsity)
+            return
+        donor = sum(int((~m).sum()) for m in self.donor_masks.values()) / self.size
+        if abs(donor - sparsity) * self.size > 1 and not getattr(self.criterion, "structured", False):
+            raise ParpkitError(f"the mask_from mask has sparsity {donor:.4f}, but this schedule starts at {sparsity:.4f}; "
+                               f"set pruning.sparsity (or the schedule's start) to {donor:.4f}")
+        self.set_masks(self.donor_masks)
+        self.sparsity = donor
         self.prune_count += 1
 
     def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
@@ -129,6 +164,33 @@ class Pruner:
         for n, p in self.params.items():
             if p.grad is not None:
                 p.grad.mul_(self.masks[n])
+
+    # ----------------------------------------------------------------------------- rewinding
+    @torch.no_grad()
+    def snapshot(self, name: str) -> None:
+        """Keep a copy of every model weight (for rewinding), on the CPU."""
+        self.snapshots[name] = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+        if self.on_snapshot is not None and name != "pretrained":  # the engine persists them for resuming
+            self.on_snapshot(name, self.snapshots[name])
+
+    @torch.no_grad()
+    def rewind(self, name: str) -> None:
+        """Weights back to a snapshot, then the current masks applied: "rewind with the mask"."""
+        if name not in self.snapshots:
+            raise ParpkitError(f"no snapshot {name!r} to rewind to (have: {', '.join(self.snapshots) or 'none'})")
+        self.model.load_state_dict(self.snapshots[name])
+        self.apply()
+
+    # ----------------------------------------------------------------------------- resume
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        masks = {n: m.detach().cpu().contiguous() for n, m in (self.masks or {}).items()}
+        return masks, {"sparsity": self.sparsity, "prune_count": self.prune_count, "has_masks": self.masks is not None}
+
+    def load_state(self, masks: dict[str, torch.Tensor], info: dict) -> None:
+        if info.get("has_masks"):
+            self.masks = OrderedDict((n, masks[n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
+        self.sparsity = float(info["sparsity"])
+        self.prune_count = int(info["prune_count"])
 
     # ----------------------------------------------------------------------------- measurements
     @torch.no_grad()
@@ -163,3 +225,22 @@ def model_zero_fraction(model: torch.nn.Module) -> float:
 
 def load_masks(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def load_donor_masks(source: str | Path, params: dict[str, torch.Tensor], *, file: str | None = None) -> dict[str, torch.Tensor]:
+    """Masks saved by another run (its ``masks.safetensors`` or its run directory), checked against this pool."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "masks.safetensors"
+    if not path.is_file():
+        raise RecipeError(f"no mask file at {path} (give a run directory or a masks.safetensors)", file=file, key="pruning.mask_from")
+    masks = load_masks(path)
+    problems = [f"{n}: missing in the donor" for n in params if n not in masks]
+    problems += [f"{n}: not in this pool" for n in masks if n not in params]
+    problems += [f"{n}: shape {tuple(masks[n].shape)} in the donor, {tuple(params[n].shape)} here"
+                 for n in params if n in masks and masks[n].shape != params[n].shape]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise RecipeError(f"the mask in {path} does not fit this model's pool: " + "; ".join(problems[:5]) + more,
+                          file=file, key="pruning.mask_from")
+    return {n: masks[n].bool() for n in params}

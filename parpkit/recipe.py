@@ -40,6 +40,8 @@ class PruningSection(_Strict):
     include: list[str] | None = None
     #: regexes removed from the pool after ``include``
     exclude: list[str] = Field(default_factory=list)
+    #: start from the mask another run saved (its run directory or masks.safetensors)
+    mask_from: str | None = None
 
     @field_validator("sparsity", mode="before")
     @classmethod
@@ -75,6 +77,10 @@ class TrainingSection(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     logging_steps: int = Field(default=10, gt=0)
     dataloader_workers: int = Field(default=0, ge=0)
+    #: checkpoint (weights, optimizer, masks, schedule state) every this many steps; null: none
+    save_steps: int | None = Field(default=None, gt=0)
+    #: complete checkpoints kept per phase
+    keep_checkpoints: int = Field(default=2, gt=0)
 
 
 class EvaluationSection(_Strict):

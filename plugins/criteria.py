@@ -34,7 +34,24 @@ class Random(PruningCriterion):
         return torch.rand(weight.shape, generator=gen).to(weight.device)
 
 
+class Structured(PruningCriterion):
+    """Whole FFN neurons (fc1 row with its fc2 column) and attention heads (their q/k/v rows and
+    output-projection columns), ranked by the L2 norm of all their weights. The backbone declares
+    these groups; global scope ranks neurons against neurons and heads against heads over all layers."""
+
+    name = "structured"
+    structured = True
+
+    def unit_scores(self, group, params) -> torch.Tensor:
+        total = torch.zeros(group.units, dtype=torch.float32)
+        for m in group.members:
+            t = params[m.param].detach().float().cpu()
+            total += t.movedim(m.dim, 0).reshape(group.units, -1).pow(2).sum(dim=1)
+        return total.sqrt()
+
+
 @hookimpl
 def register_criteria(register):
     register(Magnitude)
     register(Random)
+    register(Structured)

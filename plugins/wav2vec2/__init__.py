@@ -169,6 +169,28 @@ class CTCBackbone(Backbone):
         model.save_pretrained(directory)
         Wav2Vec2Processor(feature_extractor=self.feature_extractor, tokenizer=self.tokenizer).save_pretrained(directory)
 
+    def load_saved(self, directory: Path) -> torch.nn.Module:
+        from transformers import AutoModelForCTC, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(directory)
+        self.tokenizer, self.feature_extractor = processor.tokenizer, processor.feature_extractor
+        model = AutoModelForCTC.from_pretrained(directory)
+        self.use_attention_mask = getattr(model.config, "feat_extract_norm", "layer") == "layer"
+        self.unit = "words" if "|" in self.tokenizer.get_vocab() else "phones"
+        return model
+
+    def structured_groups(self, model: torch.nn.Module) -> list:
+        from parpkit.structure import ffn_group, head_group
+
+        base = model.base_model_prefix
+        groups = []
+        for i in range(len(getattr(model, base).encoder.layers)):
+            layer = f"{base}.encoder.layers.{i}"
+            groups.append(ffn_group(model, f"{layer}.ffn", f"{layer}.feed_forward.intermediate_dense",
+                                    f"{layer}.feed_forward.output_dense"))
+            groups.append(head_group(model, f"{layer}.attention"))
+        return groups
+
 
 @hookimpl
 def register_backbones(register):

@@ -270,6 +270,26 @@ class WhisperBackbone(Backbone):
         model.save_pretrained(directory)
         WhisperProcessor(feature_extractor=self.feature_extractor, tokenizer=self.tokenizer).save_pretrained(directory)
 
+    def load_saved(self, directory: Path) -> torch.nn.Module:
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        processor = WhisperProcessor.from_pretrained(directory)
+        self.tokenizer, self.feature_extractor = processor.tokenizer, processor.feature_extractor
+        self.tokenizer.set_prefix_tokens(language=self.options.language, task=self.options.task, predict_timestamps=False)
+        return WhisperForConditionalGeneration.from_pretrained(directory)
+
+    def structured_groups(self, model: torch.nn.Module) -> list:
+        from parpkit.structure import ffn_group, head_group
+
+        groups = []
+        for side in ("encoder", "decoder"):
+            for i in range(len(getattr(model.model, side).layers)):
+                base = f"model.{side}.layers.{i}"
+                groups.append(ffn_group(model, f"{base}.ffn", f"{base}.fc1", f"{base}.fc2"))
+                for attn in ("self_attn", "encoder_attn") if side == "decoder" else ("self_attn",):
+                    groups.append(head_group(model, f"{base}.{attn}"))
+        return groups
+
 
 def _auto_tokenizer(source: Path | str):
     from transformers import AutoTokenizer

@@ -1,0 +1,56 @@
+"""``parpkit export RUN_DIR --compact``: remove pruned FFN neurons and attention heads from a run's model
+and write a smaller one that gives the same outputs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from parpkit.errors import ParpkitError
+from parpkit.interfaces import Utterance
+from parpkit.recipe import load_recipe
+from parpkit.registry import Plugins
+from parpkit.resolve import resolve
+from parpkit.structure import compact, kept_units, load_compact, restrict, save_compact
+
+
+def export_compact(run_dir: Path, output: Path | None = None) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "model").is_dir():
+        raise ParpkitError(f"{run_dir}: not a finished parpkit run (expected recipe.yaml and model/)")
+    output = Path(output or run_dir / "compact")
+    recipe, _ = load_recipe(run_dir / "recipe.yaml")
+    resolved = resolve(recipe, Plugins(), str(run_dir / "recipe.yaml"))
+    backbone = resolved.backbone
+    masked = backbone.load_saved(run_dir / "model").eval()
+    groups = restrict(backbone.structured_groups(masked), set(resolved.select_pool(masked)))
+    if not groups:
+        raise ParpkitError(f"backbone {recipe.backbone.name!r} declares no structured groups: nothing to compact")
+    keep = kept_units(masked, groups)
+    before = sum(p.numel() for p in masked.parameters())
+    small = backbone.load_saved(run_dir / "model").eval()
+    layout = compact(small, groups, keep)
+    save_compact(small, layout, output)
+    for f in (run_dir / "model").iterdir():  # tokenizer, feature extractor and generation settings as they were
+        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+            shutil.copy2(f, output / f.name)
+    reloaded = load_compact(output)
+    diff = max_output_difference(backbone, masked, reloaded)
+    removed = {kind: sum(g.units - len(keep[g.name]) for g in groups if g.kind == kind) for kind in ("ffn", "heads")}
+    total = {kind: sum(g.units for g in groups if g.kind == kind) for kind in ("ffn", "heads")}
+    return {"output": str(output), "parameters_before": before, "parameters_after": sum(p.numel() for p in reloaded.parameters()),
+            "removed_neurons": removed["ffn"], "neurons": total["ffn"], "removed_heads": removed["heads"], "heads": total["heads"],
+            "max_abs_difference": diff}
+
+
+@torch.no_grad()
+def max_output_difference(backbone, a: torch.nn.Module, b: torch.nn.Module, seconds: float = 1.5) -> float:
+    """Largest difference between the two models' logits on the same (random) input batch."""
+    rng = np.random.default_rng(0)
+    utts = [Utterance(str(i), (rng.standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32), 16000, "a test")
+            for i in range(2)]
+    batch = backbone.collate(utts)
+    return float((a(**batch).logits - b(**batch).logits).abs().max())

@@ -1,0 +1,58 @@
+"""Compact export: pruned neurons and heads removed, same outputs as the masked model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from parpkit.cli import main
+from parpkit.structure import load_compact
+from tests.conftest import tiny_ctc_recipe, tiny_recipe, write_recipe
+
+
+@pytest.mark.parametrize("make", [tiny_recipe, tiny_ctc_recipe], ids=["whisper", "wav2vec2"])
+def test_compact_export_is_smaller_and_computes_the_same(tmp_path, make, capsys):
+    mapping = make(**{"pruning.criterion": {"name": "structured"}, "pruning.scope": "per_tensor",
+                      "pruning.schedule": {"name": "fixed"}, "training.max_steps": 2})
+    if make is tiny_recipe:  # 4 heads, so that half of them can go
+        mapping["backbone"]["options"]["config"].update(encoder_attention_heads=4, decoder_attention_heads=4)
+    else:
+        mapping["backbone"]["options"]["config"].update(num_attention_heads=4)
+    path = write_recipe(tmp_path / "r.yaml", mapping)
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    assert main(["export", str(out), "--compact"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "attention heads" in text
+
+    compact = load_compact(out / "compact")
+    if make is tiny_recipe:
+        from transformers import WhisperForConditionalGeneration
+
+        masked = WhisperForConditionalGeneration.from_pretrained(out / "model").eval()
+        fc1 = [m.fc1 for m in compact.model.encoder.layers] + [m.fc1 for m in compact.model.decoder.layers]
+        assert all(l.out_features == 16 for l in fc1)  # 32 neurons, half removed
+        assert all(m.self_attn.num_heads == 2 for m in compact.model.encoder.layers)
+        feats = torch.randn(2, 80, 2 * masked.config.max_source_positions)
+        dec = torch.tensor([[50257, 50362, 440, 1133], [50257, 50362, 11, 50256]])
+        with torch.no_grad():
+            a, b = masked(feats, decoder_input_ids=dec).logits, compact(feats, decoder_input_ids=dec).logits
+        assert torch.allclose(a, b, atol=1e-4)
+        with torch.no_grad():  # generation works on the smaller model too, and agrees
+            assert torch.equal(masked.generate(input_features=feats, max_new_tokens=5),
+                               compact.generate(input_features=feats, max_new_tokens=5))
+    else:
+        from transformers import AutoModelForCTC
+
+        masked = AutoModelForCTC.from_pretrained(out / "model").eval()
+        assert all(l.feed_forward.intermediate_dense.out_features == 32 for l in compact.wav2vec2.encoder.layers)
+        x = torch.randn(2, 16000)
+        with torch.no_grad():
+            assert torch.allclose(masked(x).logits, compact(x).logits, atol=1e-4)
+    assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in masked.parameters())
+
+
+def test_export_of_something_that_is_not_a_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--compact"]) == 2
+    assert "not a finished parpkit run" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""Runs that survive a crash: SIGKILL mid-training, resume, same masks and metrics as a run left alone."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from parpkit.cli import main
+from parpkit.engine import run
+from parpkit.errors import ParpkitError
+from parpkit.progress import QUIET
+from parpkit.recipe import load_recipe
+from parpkit.registry import Plugins
+from parpkit.resolve import resolve
+from tests.conftest import tiny_recipe, write_recipe
+
+CHILD = """
+import sys, time
+from transformers import TrainerCallback
+from parpkit.engine import run
+from parpkit.progress import QUIET
+from parpkit.recipe import load_recipe
+from parpkit.registry import Plugins
+from parpkit.resolve import resolve
+
+class Slow(TrainerCallback):
+    def on_step_end(self, *a, **k):
+        time.sleep(0.4)
+
+recipe, mapping = load_recipe(sys.argv[1])
+run(resolve(recipe, Plugins(), sys.argv[1]), QUIET, output_dir=sys.argv[2], resolved_mapping=mapping, callbacks=[Slow()])
+"""
+
+
+def _recipe(**changes):
+    return tiny_recipe(**{"training.max_steps": 10, "training.save_steps": 2, "pruning.schedule.options": {"interval": 3},
+                          "training.learning_rate": 3e-3, **changes})
+
+
+def _same_results(a, b):
+    ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
+    assert ma["stages"] == mb["stages"]
+    assert ma["pool_pruned"] == mb["pool_pruned"] and ma["prunes"] == mb["prunes"]
+    ka, kb = load_file(str(a / "masks.safetensors")), load_file(str(b / "masks.safetensors"))
+    assert all(torch.equal(ka[k], kb[k]) for k in ka)
+    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("schedule", [{"name": "parp", "options": {"interval": 3}},
+                                      {"name": "imp", "options": {"rounds": 2, "round_steps": 4}}], ids=["parp", "imp"])
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, schedule):
+    path = write_recipe(tmp_path / "r.yaml", _recipe(**{"pruning.schedule": schedule}))
+    alone, killed = tmp_path / "alone", tmp_path / "killed"
+    assert main(["run", str(path), "--output-dir", str(alone), "--quiet"]) == 0
+
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(killed)])
+    # kill once a complete checkpoint of the second phase (imp) or a late one (parp) exists
+    target = killed / "checkpoints" / ("phase-1" if schedule["name"] == "imp" else "phase-0")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((p / "COMPLETE").exists() for p in target.glob("checkpoint-*")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    # re-running into the same directory resumes
+    assert main(["run", str(path), "--output-dir", str(killed), "--quiet"]) == 0
+    events = [json.loads(line)["event"] for line in (killed / "log.jsonl").open()]
+    assert "resume" in events
+    _same_results(alone, killed)
+
+
+def test_an_incomplete_checkpoint_is_never_used(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", _recipe())
+    alone, broken = tmp_path / "alone", tmp_path / "broken"
+    assert main(["run", str(path), "--output-dir", str(alone), "--quiet"]) == 0
+    assert main(["run", str(path), "--output-dir", str(broken), "--quiet"]) == 0
+    # make it look killed during the save of checkpoint-10, after checkpoint-8 completed
+    (broken / "metrics.json").unlink()
+    last = broken / "checkpoints" / "phase-0" / "checkpoint-10"
+    (last / "COMPLETE").unlink()
+    (last / "model.safetensors").write_bytes(b"half a file")
+    assert main(["run", str(path), "--output-dir", str(broken), "--quiet"]) == 0
+    resume = [json.loads(line) for line in (broken / "log.jsonl").open() if json.loads(line)["event"] == "resume"]
+    assert resume[-1]["checkpoint"].endswith("checkpoint-8")
+    _same_results(alone, broken)
+
+
+def test_finished_runs_and_other_recipes_in_the_same_directory(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", _recipe(**{"training.max_steps": 2}))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    assert "this run is complete" in " ".join(capsys.readouterr().err.split())
+    other = write_recipe(tmp_path / "o.yaml", _recipe(**{"training.max_steps": 3}))
+    assert main(["run", str(other), "--output-dir", str(out), "--quiet"]) == 2
+    assert "holds a run of a different recipe" in " ".join(capsys.readouterr().err.split())
+    assert main(["run", str(other), "--output-dir", str(out), "--quiet", "--fresh"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", _recipe(**{"training.max_steps": 6}))
+    recipe, mapping = load_recipe(path)
+    resolved = resolve(recipe, Plugins(), str(path))
+    collate = resolved.backbone.collate
+    calls = {"n": 0}
+
+    def poisoned(batch):
+        out = collate(batch)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the 4th batch: step 4
+            out["input_features"] = out["input_features"] * float("nan")
+        return out
+
+    resolved.backbone.collate = poisoned
+    with pytest.raises(ParpkitError, match=r"loss became nan at step 4; stopped, the last good checkpoint is .*checkpoint-2"):
+        run(resolved, QUIET, output_dir=tmp_path / "out", resolved_mapping=mapping)
+    good = tmp_path / "out" / "checkpoints" / "phase-0" / "checkpoint-2"
+    weights = load_file(str(good / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
