@@ -39,11 +39,15 @@ MARKER = "COMPLETE"
 
 
 class JsonlLog:
-    def __init__(self, path: Path):
-        self.path = path
+    """One JSON object per line; only the main process writes."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
         self.start = time.time()
 
     def write(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
         row = {"event": event, "time_s": round(time.time() - self.start, 3), **fields}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -80,6 +84,8 @@ def _training_arguments(resolved: Resolved, output_dir: Path, steps: int):
         eval_strategy="no", report_to="none", seed=r.seed, data_seed=r.seed,
         dataloader_num_workers=t.dataloader_workers, dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False, disable_tqdm=True,
+        # several CPU processes (torchrun without GPUs): accelerate sets up gloo DDP only when told "cpu"
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
 
 
@@ -250,19 +256,22 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
     mapping = resolved_mapping if resolved_mapping is not None else recipe.model_dump(mode="json")
     recipe_text = yaml.safe_dump(mapping, sort_keys=False)
     ckpt_root = run_dir / "checkpoints"
-    if fresh:
+    probe = _training_arguments(resolved, run_dir, 1)  # sets up the process group under torchrun/accelerate
+    device, main = probe.device, probe.process_index == 0
+    if fresh and main:
         for stale in ("metrics.json", "log.jsonl", "recipe.yaml"):
             (run_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(ckpt_root, ignore_errors=True)
-    elif (run_dir / "recipe.yaml").exists() and (run_dir / "recipe.yaml").read_text() != recipe_text:
+    elif not fresh and (run_dir / "recipe.yaml").exists() and (run_dir / "recipe.yaml").read_text() != recipe_text:
         raise ParpkitError(f"{run_dir} holds a run of a different recipe; pass --fresh to start it over, or --output-dir "
                            "for a new directory")
-    elif (run_dir / "metrics.json").exists():
+    elif not fresh and (run_dir / "metrics.json").exists():
         progress.console.print(f"{run_dir}: this run is complete (pass --fresh to run it again)", soft_wrap=True, markup=False)
-        return json.loads((run_dir / "metrics.json").read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe_text)
-    log = JsonlLog(run_dir / "log.jsonl")
+        return json.loads((run_dir / "metrics.json").read_text()) if main else {}
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe_text)
+    log = JsonlLog(run_dir / "log.jsonl", enabled=main)
     t0 = time.time()
     torch.manual_seed(recipe.seed)
 
@@ -284,8 +293,6 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
     pruner.snapshot("pretrained")
     schedule = resolved.schedule
     phases = schedule.phases(recipe.training.max_steps)
-    probe = _training_arguments(resolved, run_dir, 1)
-    device, main = probe.device, probe.process_index == 0
     log.write("model", parameters=sum(p.numel() for p in model.parameters()), pool_tensors=len(pool), pool_parameters=pruner.size)
 
     stages: dict[str, dict] = {}
@@ -311,7 +318,8 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
     if resume_ckpt is not None:
         state.read(resume_ckpt)
     if boundary is None and resume_ckpt is None:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+        if main:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
         if recipe.evaluation.dense:
             judge("dense")
         schedule.on_start(pruner)

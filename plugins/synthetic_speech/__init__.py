@@ -8,7 +8,6 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-import os
 import random
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from parpkit import Dataset, Utterance, hookimpl
+from parpkit.cache import install_atomically
 from parpkit.errors import ParpkitError
 from parpkit.interfaces import PluginOptions
 from parpkit.progress import Progress
@@ -123,9 +123,7 @@ class SyntheticSpeech(Dataset):
             splits = self._synthesise_in_child(plan, tmp, progress)
             manifest = {"options": self.options.model_dump(), "generator_version": GENERATOR_VERSION, "splits": splits}
             (tmp / "COMPLETE").write_text(json.dumps(manifest, indent=1))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)  # atomic: a killed build never leaves a COMPLETE corpus behind
+            install_atomically(tmp, target, self._valid)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target

@@ -180,16 +180,21 @@ class CTCBackbone(Backbone):
         return model
 
     def structured_groups(self, model: torch.nn.Module) -> list:
-        from parpkit.structure import ffn_group, head_group
+        return structured_groups(model)
 
-        base = model.base_model_prefix
-        groups = []
-        for i in range(len(getattr(model, base).encoder.layers)):
-            layer = f"{base}.encoder.layers.{i}"
-            groups.append(ffn_group(model, f"{layer}.ffn", f"{layer}.feed_forward.intermediate_dense",
-                                    f"{layer}.feed_forward.output_dense"))
-            groups.append(head_group(model, f"{layer}.attention"))
-        return groups
+
+def structured_groups(model: torch.nn.Module) -> list:
+    """FFN neurons and attention heads of every transformer block."""
+    from parpkit.structure import ffn_group, head_group
+
+    base = model.base_model_prefix
+    groups = []
+    for i in range(len(getattr(model, base).encoder.layers)):
+        layer = f"{base}.encoder.layers.{i}"
+        groups.append(ffn_group(model, f"{layer}.ffn", f"{layer}.feed_forward.intermediate_dense",
+                                f"{layer}.feed_forward.output_dense"))
+        groups.append(head_group(model, f"{layer}.attention"))
+    return groups
 
 
 @hookimpl

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ import torch
 from pydantic import Field
 
 from parpkit import Backbone, hookimpl
+from parpkit.cache import install_atomically
 from parpkit.errors import ModelFormatError, ParpkitError
 from parpkit.interfaces import PluginOptions, Utterance
 from plugins.whisper import ct2
@@ -103,9 +103,7 @@ def convert_ct2(directory: Path, cache_dir: Path) -> Path:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "COMPLETE").write_text(str(directory))
-        if target.exists():  # a half-written earlier attempt: replace it
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        install_atomically(tmp, target, lambda d: (d / "COMPLETE").exists())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -279,16 +277,21 @@ class WhisperBackbone(Backbone):
         return WhisperForConditionalGeneration.from_pretrained(directory)
 
     def structured_groups(self, model: torch.nn.Module) -> list:
-        from parpkit.structure import ffn_group, head_group
+        return structured_groups(model)
 
-        groups = []
-        for side in ("encoder", "decoder"):
-            for i in range(len(getattr(model.model, side).layers)):
-                base = f"model.{side}.layers.{i}"
-                groups.append(ffn_group(model, f"{base}.ffn", f"{base}.fc1", f"{base}.fc2"))
-                for attn in ("self_attn", "encoder_attn") if side == "decoder" else ("self_attn",):
-                    groups.append(head_group(model, f"{base}.{attn}"))
-        return groups
+
+def structured_groups(model: torch.nn.Module) -> list:
+    """FFN neurons of every block; heads of self-attention and (decoder) cross-attention."""
+    from parpkit.structure import ffn_group, head_group
+
+    groups = []
+    for side in ("encoder", "decoder"):
+        for i in range(len(getattr(model.model, side).layers)):
+            base = f"model.{side}.layers.{i}"
+            groups.append(ffn_group(model, f"{base}.ffn", f"{base}.fc1", f"{base}.fc2"))
+            for attn in ("self_attn", "encoder_attn") if side == "decoder" else ("self_attn",):
+                groups.append(head_group(model, f"{base}.{attn}"))
+    return groups
 
 
 def _auto_tokenizer(source: Path | str):
