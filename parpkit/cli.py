@@ -13,8 +13,9 @@ from rich.table import Table
 from parpkit.errors import ParpkitError
 from parpkit.progress import Progress
 
-console = Console()
-err_console = Console(stderr=True)
+# tables keep their columns when output goes to a file or pipe (rich would assume 80 columns)
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _load(args):
@@ -89,7 +90,8 @@ def cmd_run(args) -> int:
     resolved, mapping = _load(args)
     out = Path(args.output_dir) if args.output_dir else resolved.recipe.run_dir()
     progress = Progress(enabled=not args.quiet, console=err_console)
-    metrics = run(resolved, progress, output_dir=out, resolved_mapping=mapping, fresh=args.fresh)
+    metrics = run(resolved, progress, output_dir=out, resolved_mapping=mapping, fresh=args.fresh,
+                  resume=args.resume)
     if metrics:
         console.print(results_table(metrics))
         console.print(f"pool: {metrics['pool_pruned']:,} of {metrics['pool_parameters']:,} weights are zero; "
@@ -111,6 +113,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from parpkit.report import collect, write_csv
+
+    rows = collect([Path(p) for p in args.runs])
+    rates = [k for k in ("wer", "cer", "per") if any(r[k] is not None for r in rows)]
+    table = Table(title=f"{len(rows)} runs: final error rates against sparsity")
+    for col in ("run", "schedule", "criterion", "target", "pool sparsity", *[r.upper() for r in rates], "dense " + rates[0].upper(), "steps"):
+        table.add_column(col, justify="left" if col in ("run", "schedule", "criterion") else "right")
+    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        table.add_row(Path(r["run"]).name, r["schedule"], r["criterion"], f"{r['target_sparsity']:g}", f"{r['pool_sparsity']:.4f}",
+                      *[fmt(r[k]) for k in rates], fmt(r["dense_" + rates[0]]), str(r["steps"]))
+    console.print(table)
+    if args.csv:
+        write_csv(rows, Path(args.csv))
+        console.print(f"wrote {args.csv}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parpkit", description="Pluggable pruning for speech recognition models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,14 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     sub.choices["run"].add_argument("--output-dir", help="run directory (default: the recipe's output_dir or runs/NAME)")
     sub.choices["run"].add_argument("--quiet", action="store_true", help="no progress bars")
-    sub.choices["run"].add_argument("--resume", action="store_true",
-                                    help="continue from the newest complete checkpoint (the default when the run directory has one)")
-    sub.choices["run"].add_argument("--fresh", action="store_true", help="discard checkpoints and results in the run directory")
+    again = sub.choices["run"].add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint; an error if there is none (without the flag, "
+                            "a run directory with a checkpoint is resumed and one without starts afresh)")
+    again.add_argument("--fresh", action="store_true", help="discard checkpoints and results in the run directory")
     p = sub.add_parser("export", help="write a smaller model without the pruned neurons and heads")
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--compact", action="store_true", help="remove pruned FFN neurons and attention heads")
     p.add_argument("--output", help="where to write it (default RUN_DIR/compact)")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("report", help="one table (and CSV) of finished runs: error rates against sparsity")
+    p.add_argument("runs", nargs="+", help="run directories, or folders holding them")
+    p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("plugins", help="list registered backbones, criteria, schedules and datasets")
     p.set_defaults(fn=cmd_plugins)
     return parser

@@ -245,7 +245,7 @@ def _find_resume_point(ckpt_root: Path, n_phases: int) -> tuple[int, Path | None
 
 
 def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = None, resolved_mapping: dict | None = None,
-        callbacks: Sequence[Any] = (), fresh: bool = False) -> dict[str, Any]:
+        callbacks: Sequence[Any] = (), fresh: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run a recipe end to end (or resume it); returns the metrics also written to ``metrics.json``."""
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as hf_logging
@@ -310,14 +310,18 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
         log.write("evaluate", stage=stage, **stages[stage])
 
     start, resume_ckpt, boundary = (0, None, None) if fresh else _find_resume_point(ckpt_root, len(phases))
-    for snap in sorted(ckpt_root.glob("snapshot-*.safetensors")):
-        pruner.snapshots[snap.stem.removeprefix("snapshot-")] = load_file(str(snap))
+    resuming = boundary is not None or resume_ckpt is not None
+    if resume and not resuming:
+        raise ParpkitError(f"--resume: {run_dir} holds no complete checkpoint to resume from "
+                           "(set training.save_steps to write them)")
+    if resuming:
+        for snap in sorted(ckpt_root.glob("snapshot-*.safetensors")):  # rewind points taken before the crash
+            pruner.snapshots[snap.stem.removeprefix("snapshot-")] = load_file(str(snap))
+        for directory in (boundary, resume_ckpt):
+            if directory is not None:
+                state.read(directory)
     pruner.on_snapshot = lambda name, tensors: main and save_file(tensors, str(_mkdir(ckpt_root) / f"snapshot-{name}.safetensors"))
-    if boundary is not None:
-        state.read(boundary)
-    if resume_ckpt is not None:
-        state.read(resume_ckpt)
-    if boundary is None and resume_ckpt is None:
+    if not resuming:
         if main:
             shutil.rmtree(ckpt_root, ignore_errors=True)
         if recipe.evaluation.dense:

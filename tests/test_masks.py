@@ -85,3 +85,25 @@ def test_select_pool_rejects_a_pattern_that_matches_nothing():
         select_pool(names, [r".*fc1.*", r".*fc_1.*"], file="r.yaml")
     with pytest.raises(RecipeError, match=r"pruning.exclude\[0\]"):
         select_pool(names, [r".*fc1.*"], ["nothing"], file="r.yaml")
+
+
+def test_structured_unit_selection_is_exact_and_keeps_one_unit_per_group():
+    from parpkit.structure import Member, UnitGroup, select_units, unit_masks
+
+    groups = {f"l{i}": UnitGroup(f"l{i}", "ffn", 4, 1, (Member(f"up{i}", 0), Member(f"down{i}", 1))) for i in range(3)}
+    groups["h"] = UnitGroup("h", "heads", 2, 3, (Member("q", 0), Member("o", 1)))
+    scores = {"l0": torch.tensor([0.1, 0.2, 0.3, 0.4]), "l1": torch.tensor([5.0, 6, 7, 8]), "l2": torch.tensor([0.0, 0.05, 9, 9]),
+              "h": torch.tensor([1.0, 2.0])}
+    pruned = select_units(scores, groups, 0.5, "global")
+    # 6 of 12 neurons, lowest first, but l0 keeps its best one; heads ranked apart from neurons
+    assert sum(int(p.sum()) for n, p in pruned.items() if n != "h") == 6
+    assert pruned["l0"].tolist() == [True, True, True, False] and pruned["l2"].tolist() == [True, True, False, False]
+    assert pruned["l1"].tolist() == [True, False, False, False]
+    assert pruned["h"].tolist() == [True, False]
+    per_layer = select_units(scores, groups, 0.5, "per_tensor")
+    assert all(int(p.sum()) == g.units // 2 for (n, p), g in zip(per_layer.items(), groups.values()))
+    shapes = {"up0": torch.Size([4, 5]), "down0": torch.Size([5, 4]), "up1": torch.Size([4, 5]), "down1": torch.Size([5, 4]),
+              "up2": torch.Size([4, 5]), "down2": torch.Size([5, 4]), "q": torch.Size([6, 5]), "o": torch.Size([5, 6])}
+    masks = unit_masks(pruned, groups, shapes)
+    assert masks["up0"][:3].sum() == 0 and masks["up0"][3].all() and masks["down0"][:, :3].sum() == 0
+    assert masks["q"][:3].sum() == 0 and masks["q"][3:].all() and masks["o"][:, :3].sum() == 0 and masks["o"][:, 3:].all()

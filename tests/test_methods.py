@@ -90,8 +90,9 @@ def test_omp_rewinds_to_pretrained_weights_with_the_fine_tuned_mask(tmp_path, ma
     assert all(torch.equal(final[n], seen["masks"][n]) for n in final)  # fixed during the final fine-tune
 
 
-def test_imp_rounds_reach_the_target_and_save_each_mask(tmp_path):
-    out, metrics = _run(tmp_path, tiny_recipe(**{
+@pytest.mark.parametrize("make", [tiny_recipe, tiny_ctc_recipe], ids=["whisper", "wav2vec2"])
+def test_imp_rounds_reach_the_target_and_save_each_mask(tmp_path, make):
+    out, metrics = _run(tmp_path, make(**{
         "pruning.schedule": {"name": "imp", "options": {"fraction": 0.3, "round_steps": 2, "rewind": "step:1"}},
         "pruning.sparsity": 0.6, "training.max_steps": 2}))
     expected = [1 - 0.7, 1 - 0.7 ** 2, 0.6]  # 30% of the remaining each round, the last clamped to the target

@@ -127,3 +127,9 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     good = tmp_path / "out" / "checkpoints" / "phase-0" / "checkpoint-2"
     weights = load_file(str(good / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_resume_flag_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", _recipe(**{"training.max_steps": 2}))
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet", "--resume"]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err

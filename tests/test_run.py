@@ -66,3 +66,17 @@ def test_saved_model_loads_with_plain_transformers_and_holds_the_zeros(run_dir):
     assert feats.shape[-1] == 2 * model.config.max_source_positions
     out = model.generate(input_features=feats, max_new_tokens=4)
     assert out.shape[0] == 1
+
+
+def test_report_collects_runs_into_a_table_and_csv(run_dir, tmp_path, capsys):
+    from parpkit.cli import main as cli
+
+    out = tmp_path / "report.csv"
+    assert cli(["report", str(run_dir.parent), "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(rows) == 1 and rows[0]["run"] == str(run_dir)
+    assert float(rows[0]["wer"]) == metrics["stages"]["final"]["wer"]
+    assert float(rows[0]["target_sparsity"]) == 0.4 and rows[0]["schedule"] == "parp"
+    assert "final error rates against sparsity" in capsys.readouterr().out
+    assert cli(["report", str(tmp_path / "nothing-here")]) == 2
