@@ -225,7 +225,7 @@ def evaluate(resolved: Resolved, model: torch.nn.Module, utterances: Sequence[Ut
     rates = error_rates([ds.score_text(u.text) for u in utterances], [ds.score_text(h) for h in hyps], ds.unit)
     if transcripts is not None:
         with transcripts.open("w") as f:
-            for u, h in zip(utterances, hyps):
+            for u, h in zip(utterances, hyps, strict=True):
                 f.write(json.dumps({"id": u.id, "reference": u.text, "hypothesis": h}) + "\n")
     return rates
 

@@ -60,6 +60,8 @@ class Dataset(_Plugin, ABC):
     def __init__(self, options: PluginOptions | None = None, *, cache_dir: Path, **kw: Any):
         super().__init__(options, **kw)
         self.cache_dir = Path(cache_dir)
+        #: audio files skipped as unreadable (datasets that allow skipping append here)
+        self.skipped: list[str] = []
 
     @abstractmethod
     def split_names(self) -> list[str]:
@@ -77,8 +79,8 @@ class Dataset(_Plugin, ABC):
         return text
 
     def report(self) -> dict[str, Any]:
-        """Facts for metrics.json (e.g. files skipped as unreadable)."""
-        return {}
+        """Facts for metrics.json: by default, the files skipped as unreadable."""
+        return {"skipped_unreadable": len(self.skipped), "skipped_files": self.skipped[:20]} if self.skipped else {}
 
 
 class Backbone(_Plugin, ABC):

@@ -77,10 +77,10 @@ def compute_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str) 
     if scope == "global":
         pruned = _lowest_k(torch.cat(flats), round(sparsity * sum(sizes))).split(sizes)
     elif scope == "per_tensor":
-        pruned = [_lowest_k(f, k) for f, k in zip(flats, per_tensor_counts(sizes, sparsity))]
+        pruned = [_lowest_k(f, k) for f, k in zip(flats, per_tensor_counts(sizes, sparsity), strict=True)]
     else:
         raise ValueError(f"unknown scope {scope!r}; expected 'global' or 'per_tensor'")
-    return OrderedDict((n, (~p).reshape(scores[n].shape)) for n, p in zip(names, pruned))
+    return OrderedDict((n, (~p).reshape(scores[n].shape)) for n, p in zip(names, pruned, strict=True))
 
 
 class Pruner:

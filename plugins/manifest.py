@@ -56,7 +56,6 @@ class Manifest(Dataset):
     def __init__(self, options=None, **kw: Any):
         super().__init__(options, **kw)
         self.unit = self.options.unit
-        self.skipped: list[str] = []
 
     def split_names(self) -> list[str]:
         return list(self.options.splits)
@@ -65,9 +64,6 @@ class Manifest(Dataset):
         for split, file in self.options.splits.items():
             if not Path(file).expanduser().is_file():
                 raise ParpkitError(f"manifest for split {split!r} not found: {file}")
-
-    def report(self) -> dict[str, Any]:
-        return {"skipped_unreadable": len(self.skipped), "skipped_files": self.skipped[:20]} if self.skipped else {}
 
     def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
         o = self.options

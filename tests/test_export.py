@@ -1,8 +1,6 @@
 """Compact export: pruned neurons and heads removed, same outputs as the masked model."""
 
-import json
 
-import numpy as np
 import pytest
 import torch
 

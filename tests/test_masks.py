@@ -54,7 +54,7 @@ def test_per_tensor_counts_sum_to_the_global_total():
     for s in (0.1, 0.25, 0.5, 0.9):
         counts = per_tensor_counts(sizes, s)
         assert sum(counts) == round(s * sum(sizes))
-        assert all(int(s * n) <= c <= int(s * n) + 1 for c, n in zip(counts, sizes))
+        assert all(int(s * n) <= c <= int(s * n) + 1 for c, n in zip(counts, sizes, strict=True))
 
 
 def test_random_criterion_is_fixed_per_seed_and_name():
@@ -101,7 +101,7 @@ def test_structured_unit_selection_is_exact_and_keeps_one_unit_per_group():
     assert pruned["l1"].tolist() == [True, False, False, False]
     assert pruned["h"].tolist() == [True, False]
     per_layer = select_units(scores, groups, 0.5, "per_tensor")
-    assert all(int(p.sum()) == g.units // 2 for (n, p), g in zip(per_layer.items(), groups.values()))
+    assert all(int(p.sum()) == g.units // 2 for (n, p), g in zip(per_layer.items(), groups.values(), strict=True))
     shapes = {"up0": torch.Size([4, 5]), "down0": torch.Size([5, 4]), "up1": torch.Size([4, 5]), "down1": torch.Size([5, 4]),
               "up2": torch.Size([4, 5]), "down2": torch.Size([5, 4]), "q": torch.Size([6, 5]), "o": torch.Size([5, 6])}
     masks = unit_masks(pruned, groups, shapes)

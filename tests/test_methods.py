@@ -151,7 +151,7 @@ def test_structured_criterion_prunes_whole_units_with_any_schedule(tmp_path, mak
     masks = load_file(str(out / "masks.safetensors"))
     fc1 = [k for k in masks if k.endswith(("fc1.weight", "intermediate_dense.weight"))]
     fc2 = [k.replace("fc1", "fc2").replace("intermediate_dense", "output_dense") for k in fc1]
-    for up, down in zip(fc1, fc2):
+    for up, down in zip(fc1, fc2, strict=True):
         rows = masks[up].all(dim=1)
         assert (masks[up].all(dim=1) | ~masks[up].any(dim=1)).all()  # whole rows kept or pruned
         assert torch.equal(masks[down].all(dim=0), rows)  # the coupled fc2 columns go with them

@@ -3,7 +3,7 @@ import torch
 
 from parpkit import PruningCriterion, hookimpl
 from parpkit.cli import main
-from parpkit.errors import PluginError, RecipeError
+from parpkit.errors import PluginError
 from parpkit.recipe import load_recipe
 from parpkit.registry import Plugins
 from parpkit.resolve import resolve

@@ -1,7 +1,6 @@
 """Schedules on a real (tiny, random-initialised) whisper fine-tuned through the engine."""
 
 import pytest
-import torch
 from transformers import TrainerCallback
 
 from parpkit.engine import run

@@ -41,7 +41,7 @@ def test_corpus_is_deterministic_and_seeded(tmp_path):
     a = _corpus(tmp_path / "a").load_split("test", QUIET)
     b = _corpus(tmp_path / "b").load_split("test", QUIET)
     assert [u.text for u in a] == [u.text for u in b]
-    assert all(np.array_equal(x.audio, y.audio) for x, y in zip(a, b))
+    assert all(np.array_equal(x.audio, y.audio) for x, y in zip(a, b, strict=True))
     c = _corpus(tmp_path / "c", seed=1).load_split("test", QUIET)
     assert [u.text for u in a] != [u.text for u in c]
 
@@ -64,7 +64,7 @@ def test_cache_is_reused_and_a_damaged_one_rebuilt(tmp_path):
     data = (directory / "train.npy").read_bytes()
     (directory / "train.npy").write_bytes(data[: len(data) // 2])
     again = d.load_split("train", QUIET)
-    assert all(np.array_equal(x.audio, y.audio) for x, y in zip(first, again))
+    assert all(np.array_equal(x.audio, y.audio) for x, y in zip(first, again, strict=True))
     # no completion marker: never trusted
     (directory / "COMPLETE").unlink()
     assert len(d.load_split("test", QUIET)) == 6 and (directory / "COMPLETE").exists()

@@ -59,7 +59,6 @@ class Timit(Dataset):
     def __init__(self, options=None, **kw: Any):
         super().__init__(options, **kw)
         self.unit = "phones" if self.options.targets == "phones" else "words"
-        self.skipped: list[str] = []
 
     def split_names(self) -> list[str]:
         return list(SPLITS)
@@ -69,9 +68,6 @@ class Timit(Dataset):
 
     def score_text(self, text: str) -> str:
         return fold_phones(text) if self.unit == "phones" else text
-
-    def report(self) -> dict[str, Any]:
-        return {"skipped_unreadable": len(self.skipped), "skipped_files": self.skipped[:20]} if self.skipped else {}
 
     # ------------------------------------------------------------------------------- layout
     def _part(self, root: Path, name: str) -> Path | None:

@@ -108,7 +108,7 @@ def whisper_config_kwargs(variables: dict[str, torch.Tensor], ct2_config: dict) 
 
 def _attn(prefix: str, src: str, v: dict, out: dict, *, fused_qkv: bool) -> None:
     if fused_qkv:
-        for kind, w, b in zip(("q", "k", "v"), v[f"{src}/linear_0/weight"].chunk(3), v[f"{src}/linear_0/bias"].chunk(3)):
+        for kind, w, b in zip(("q", "k", "v"), v[f"{src}/linear_0/weight"].chunk(3), v[f"{src}/linear_0/bias"].chunk(3), strict=True):
             out[f"{prefix}.{kind}_proj.weight"] = w
             if kind != "k":  # whisper's k_proj has no bias (CTranslate2 stores zeros)
                 out[f"{prefix}.{kind}_proj.bias"] = b
