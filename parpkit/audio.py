@@ -4,6 +4,7 @@ mono float32 and resampled to the backbone's rate."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -24,14 +25,15 @@ def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
     return soxr.resample(audio, rate, target).astype(np.float32, copy=False)
 
 
-def read_audio(path: str | Path, target_rate: int = 16000) -> np.ndarray:
+def read_audio(source: str | Path | BinaryIO, target_rate: int = 16000, name: str | Path | None = None) -> np.ndarray:
+    """``source`` is a path or an open binary file (in-memory bytes); ``name`` labels errors for the latter."""
     import soundfile as sf
 
-    path = Path(path)
+    label = Path(name if name is not None else source if isinstance(source, (str, Path)) else "<bytes>")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(str(source) if isinstance(source, (str, Path)) else source, dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile reports every failure as a RuntimeError/LibsndfileError
-        raise AudioError(path, str(exc).strip() or type(exc).__name__) from None
+        raise AudioError(label, str(exc).strip() or type(exc).__name__) from None
     if data.shape[0] == 0:
-        raise AudioError(path, "no samples")
+        raise AudioError(label, "no samples")
     return resample(data.mean(axis=1), rate, target_rate)

@@ -3,6 +3,7 @@ and write a smaller one that gives the same outputs."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def export_compact(run_dir: Path, output: Path | None = None) -> dict:
         raise ParpkitError(f"backbone {recipe.backbone.name!r} declares no structured groups: nothing to compact")
     keep = kept_units(masked, groups)
     before = sum(p.numel() for p in masked.parameters())
-    small = backbone.load_saved(run_dir / "model").eval()
+    small = copy.deepcopy(masked)
     layout = compact(small, groups, keep)
     save_compact(small, layout, output)
     for f in (run_dir / "model").iterdir():  # tokenizer, feature extractor and generation settings as they were

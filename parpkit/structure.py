@@ -35,8 +35,9 @@ class UnitGroup:
     #: module owning the head count (attention), whose ``num_heads`` compaction updates
     owner: str | None = None
 
-    def unit_slice(self, tensor: torch.Tensor, member: Member, unit: int) -> torch.Tensor:
-        return tensor.narrow(member.dim, unit * self.width, self.width)
+    def unit_rows(self, tensor: torch.Tensor, member: Member) -> torch.Tensor:
+        """``tensor`` as one row per unit (everything of ``member`` that belongs to that unit)."""
+        return tensor.movedim(member.dim, 0).reshape(self.units, -1)
 
 
 def restrict(groups: list[UnitGroup], pool: set[str]) -> list[UnitGroup]:
@@ -98,8 +99,7 @@ def kept_units(model: torch.nn.Module, groups: list[UnitGroup]) -> dict[str, lis
         alive = torch.zeros(g.units, dtype=torch.bool)
         for m in g.members:
             t = params[m.param].detach()
-            moved = t.movedim(m.dim, 0).reshape(g.units, -1)
-            alive |= (moved != 0).any(dim=1)
+            alive |= (g.unit_rows(t, m) != 0).any(dim=1)
         if not alive.any():
             alive[0] = True  # a layer needs one unit; an all-zero unit computes the same as none
         out[g.name] = alive.nonzero().flatten().tolist()

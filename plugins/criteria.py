@@ -46,7 +46,7 @@ class Structured(PruningCriterion):
         total = torch.zeros(group.units, dtype=torch.float32)
         for m in group.members:
             t = params[m.param].detach().float().cpu()
-            total += t.movedim(m.dim, 0).reshape(group.units, -1).pow(2).sum(dim=1)
+            total += group.unit_rows(t, m).pow(2).sum(dim=1)
         return total.sqrt()
 
 

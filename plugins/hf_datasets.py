@@ -39,18 +39,14 @@ class HFOptions(PluginOptions):
 
 
 def _decode(example: dict, audio_column: str) -> dict:
-    import numpy as np
-    import soundfile as sf
-
-    from parpkit.audio import resample
+    from parpkit.audio import read_audio
 
     a = example[audio_column]
     if isinstance(a, str):
-        source = a
-    else:
-        source = io.BytesIO(a["bytes"]) if a.get("bytes") else a["path"]
-    data, rate = sf.read(source, dtype="float32", always_2d=True)
-    return {"_audio16k": resample(data.mean(axis=1), rate, 16000).astype(np.float32)}
+        return {"_audio16k": read_audio(a)}
+    if a.get("bytes"):
+        return {"_audio16k": read_audio(io.BytesIO(a["bytes"]), name=a.get("path") or "<bytes>")}
+    return {"_audio16k": read_audio(a["path"])}
 
 
 class HFDataset(Dataset):
