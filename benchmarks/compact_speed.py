@@ -2,7 +2,7 @@
 
 Random-initialised models of the real shapes (whisper-tiny, wav2vec2-base); 50% structured sparsity of
 the FFN and attention groups (per layer, so every layer loses half its neurons and heads) through the
-same Pruner, structured criterion and compaction that ``parpkit export --compact`` uses. Reports the
+same pruner, structured criterion and compaction that ``parpkit export --compact`` uses. Reports the
 median of several timed forward passes and the dense/compact ratio (target: >= 1.6x).
 
     python benchmarks/compact_speed.py [--models whisper wav2vec2] [--repeats 15] [--threads 2] [--json out.json]
@@ -21,7 +21,7 @@ import torch
 def whisper_tiny():
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from plugins.whisper import structured_groups
+    from parpkit_plugins.backbones.whisper import structured_groups
 
     config = WhisperConfig(vocab_size=51864, d_model=384, encoder_layers=4, decoder_layers=4, encoder_attention_heads=6,
                            decoder_attention_heads=6, encoder_ffn_dim=1536, decoder_ffn_dim=1536)
@@ -33,7 +33,7 @@ def whisper_tiny():
 def wav2vec2_base():
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
-    from plugins.wav2vec2 import structured_groups
+    from parpkit_plugins.backbones.wav2vec2 import structured_groups
 
     model = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=32)).eval()
     return model, structured_groups(model), {"input_values": torch.randn(1, 64000)}, "1 x 4 s input"
@@ -56,15 +56,15 @@ def timed(models: list, inputs, repeats: int) -> list[float]:
 def measure(name: str, build, repeats: int, sparsity: float) -> dict:
     import copy
 
-    from parpkit.masks import Pruner
-    from parpkit.structure import compact, kept_units
-    from plugins.criteria import Structured
+    from parpkit.masks import PoolPruner
+    from parpkit.compact import compact, kept_units
+    from parpkit_plugins.criteria import Structured
 
     torch.manual_seed(0)
     dense, groups, inputs, shape = build()
     pool = sorted({m.param for g in groups for m in g.members})
     masked = copy.deepcopy(dense)
-    Pruner(masked, pool, Structured(), "per_tensor", groups=groups).prune(sparsity)
+    PoolPruner(masked, pool, Structured(), "per_tensor", groups=groups).prune(sparsity)
     small = copy.deepcopy(masked)
     compact(small, groups, kept_units(small, groups))
     with torch.inference_mode():

@@ -1,7 +1,31 @@
-"""parpkit: pluggable pruning for speech recognition models (PARP and its baselines)."""
+"""parpkit: pluggable pruning for speech recognition models (PARP and its baselines).
 
+Everything a plugin or a notebook may use is exported here, and only this is documented and kept
+stable; the submodules are the engine's own business.
+"""
+
+from parpkit.api import RunResult, run
+from parpkit.audio import AudioError, read_audio, resample
+from parpkit.cache import install_atomically
+from parpkit.compact import load_compact
+from parpkit.errors import ModelFormatError, ParpkitError, PluginError, RecipeError
 from parpkit.hookspecs import hookimpl
-from parpkit.interfaces import Backbone, Dataset, Phase, PruningCriterion, Schedule, Utterance
+from parpkit.interfaces import (Backbone, Criterion, Dataset, Phase, PluginOptions, Pruner, PruningCriterion, Schedule,
+                                StructuredCriterion, Utterance)
+from parpkit.metrics import error_rates, normalise, normalise_units
+from parpkit.progress import Progress, Task
+from parpkit.units import Member, UnitGroup, ffn_group, head_group
 
 __version__ = "0.1.0"
-__all__ = ["Backbone", "Dataset", "Phase", "PruningCriterion", "Schedule", "Utterance", "hookimpl", "__version__"]
+__all__ = [
+    # plugin interfaces and registration
+    "Backbone", "Dataset", "Utterance", "Criterion", "PruningCriterion", "StructuredCriterion", "Schedule", "Phase",
+    "Pruner", "PluginOptions", "hookimpl",
+    # helpers for plugins
+    "ParpkitError", "RecipeError", "PluginError", "ModelFormatError", "AudioError", "read_audio", "resample",
+    "install_atomically", "Progress", "Task", "error_rates", "normalise", "normalise_units",
+    "UnitGroup", "Member", "ffn_group", "head_group",
+    # running recipes from Python
+    "run", "RunResult", "load_compact",
+    "__version__",
+]

@@ -85,18 +85,17 @@ def results_table(metrics: dict) -> Table:
 
 
 def cmd_run(args) -> int:
-    from parpkit.engine import run
+    from parpkit.api import run
 
-    resolved, mapping = _load(args)
-    out = Path(args.output_dir) if args.output_dir else resolved.recipe.run_dir()
     progress = Progress(enabled=not args.quiet, console=err_console)
-    metrics = run(resolved, progress, output_dir=out, resolved_mapping=mapping, fresh=args.fresh,
-                  resume=args.resume)
+    result = run(args.recipe, overrides=args.set or [], output_dir=args.output_dir, fresh=args.fresh, resume=args.resume,
+                 progress=progress)
+    metrics = result.metrics
     if metrics:
         console.print(results_table(metrics))
         console.print(f"pool: {metrics['pool_pruned']:,} of {metrics['pool_parameters']:,} weights are zero; "
                       f"{metrics['steps']} steps, {metrics['prunes']} prunes; wall time {metrics['wall_time_s']['total']:.0f} s")
-        console.print(f"run directory: {out}")
+        console.print(f"run directory: {result.run_dir}")
     return 0
 
 
@@ -109,7 +108,7 @@ def cmd_export(args) -> int:
     console.print(f"removed {r['removed_neurons']:,} of {r['neurons']:,} FFN neurons and {r['removed_heads']} of "
                   f"{r['heads']} attention heads: {r['parameters_before']:,} -> {r['parameters_after']:,} parameters")
     console.print(f"largest output difference against the masked model: {r['max_abs_difference']:.2e}")
-    console.print(f"compact model: {r['output']} (load with parpkit.structure.load_compact)")
+    console.print(f"compact model: {r['output']} (load with parpkit.load_compact)")
     return 0
 
 

@@ -15,7 +15,8 @@ from parpkit.interfaces import Utterance
 from parpkit.recipe import load_recipe
 from parpkit.registry import Plugins
 from parpkit.resolve import resolve
-from parpkit.structure import compact, kept_units, load_compact, restrict, save_compact
+from parpkit.compact import compact, kept_units, load_compact, save_compact
+from parpkit.units import restrict
 
 
 def export_compact(run_dir: Path, output: Path | None = None) -> dict:

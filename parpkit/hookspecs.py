@@ -20,7 +20,7 @@ def register_backbones(register):
 
 @hookspec
 def register_criteria(register):
-    """Register PruningCriterion subclasses (which weights matter)."""
+    """Register PruningCriterion or StructuredCriterion subclasses (which weights or units matter)."""
 
 
 @hookspec

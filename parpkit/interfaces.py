@@ -1,25 +1,31 @@
-"""The four plugin interfaces. Each plugin class has a recipe ``name`` and an ``Options`` model.
+"""The plugin interfaces. Each plugin class has a recipe ``name`` and an ``Options`` model.
 
 ``Options`` is a pydantic model; recipes pass ``options:`` through it, so a misspelled option is an
 error with its key path. A plugin with nothing to configure keeps the empty default.
+
+Kinds: ``Backbone`` (a model), ``Dataset`` (a corpus), criteria (``PruningCriterion`` scores single
+weights, ``StructuredCriterion`` whole units) and ``Schedule`` (when and how much). Schedules act through
+a ``Pruner``, the engine's object that holds the pool and its masks (a protocol: what schedules may call).
+
+State that must survive a crash uses one naming everywhere: ``state_dict()`` returns a nested mapping of
+JSON values and tensors, ``load_state_dict(state)`` takes it back. Checkpoints store it; resuming restores it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from parpkit.masks import Pruner
     from parpkit.progress import Progress
-    from parpkit.structure import UnitGroup
+    from parpkit.units import UnitGroup
 
 
 class PluginOptions(BaseModel):
@@ -127,22 +133,89 @@ class Backbone(_Plugin, ABC):
         raise NotImplementedError(f"backbone {self.name!r} cannot reload a saved run")
 
 
-class PruningCriterion(_Plugin, ABC):
-    """Scores weights: a higher score means more worth keeping. Scope (global or per tensor) is the
-    engine's business, so every criterion works with every scope and schedule.
+# ------------------------------------------------------------------------------------------ criteria
 
-    A structured criterion sets ``structured = True`` and scores whole units instead (``unit_scores``).
+class Criterion(_Plugin, ABC):
+    """What both kinds of criterion share: they may watch training and keep state.
+
+    ``observe`` is called before every optimizer update with the pool's live parameters, gradients ready
+    (summed over accumulation steps, before masking and clipping), weights not yet updated. A criterion
+    that ranks by gradients accumulates what it needs there, in tensors it returns from ``state_dict``.
+
+    Before the first mask there has been no update: the engine feeds ``calibration_batches`` training
+    batches forward and backward (no update) and calls ``observe(0, params)`` after each.
+
+    Scores are computed under ``torch.no_grad``; higher means more worth keeping. Scope (global or per
+    tensor) is the engine's business, so every criterion works with every scope and schedule.
     """
 
-    structured: ClassVar[bool] = False
+    #: training batches to observe before the first mask (gradient-based criteria need some)
+    calibration_batches: int = 0
 
-    def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """Scores with the shape of ``weight``."""
-        raise NotImplementedError
+    def observe(self, step: int, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Gradients of update ``step`` are in ``params[name].grad`` (``step`` 0: calibration)."""
 
-    def unit_scores(self, group: UnitGroup, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One score per unit of ``group`` (structured criteria only)."""
-        raise NotImplementedError
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+class PruningCriterion(Criterion):
+    """Scores single weights."""
+
+    @abstractmethod
+    def scores(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
+        """Scores with the shape of ``param`` (the live parameter; use ``param.detach()``)."""
+
+
+class StructuredCriterion(Criterion):
+    """Scores whole units of the groups a backbone declares (FFN neurons, attention heads); masks then
+    cover every slice of a unit."""
+
+    @abstractmethod
+    def unit_scores(self, group: UnitGroup, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor:
+        """One score per unit of ``group``."""
+
+
+# ------------------------------------------------------------------------------------------ schedules
+
+@runtime_checkable
+class Pruner(Protocol):
+    """What a schedule may ask of the engine's pool of prunable weights.
+
+    ``masks`` maps pool parameter names to keep-masks (bool, ``True`` = kept); ``None`` before the first
+    prune. ``optimizer`` is the current phase's optimizer (``None`` outside fine-tuning).
+    """
+
+    params: Mapping[str, torch.nn.Parameter]
+    masks: Mapping[str, torch.Tensor] | None
+    sparsity: float
+    prune_count: int
+    optimizer: torch.optim.Optimizer | None
+
+    def prune(self, sparsity: float) -> None:
+        """Rank the whole pool now with the criterion, at ``sparsity``, and zero the losers."""
+
+    def initial_mask(self, sparsity: float) -> None:
+        """The first mask: from the criterion, or the donor mask a recipe's ``mask_from`` names."""
+
+    def apply(self) -> None:
+        """Zero the pruned weights in place."""
+
+    def zero_pruned_grads(self) -> None:
+        """Zero the gradients of pruned weights."""
+
+    def snapshot(self, name: str) -> None:
+        """Keep a copy of every model weight to rewind to (``"pretrained"`` always exists)."""
+
+    def rewind(self, name: str) -> None:
+        """Weights back to a snapshot, then the current masks applied."""
+
+    def reset_optimizer_state(self, where: Mapping[str, torch.Tensor]) -> int:
+        """Zero the optimizer's per-weight state (e.g. Adam's moments) where ``where[name]`` is True;
+        returns how many weights were reset."""
 
 
 @dataclass(frozen=True)
@@ -160,9 +233,10 @@ class Phase:
 class Schedule(_Plugin, ABC):
     """Decides when masks are computed and at what sparsity, and whether pruned weights may regrow.
 
-    The engine calls these at fixed points of the run; ``pruner`` computes and applies masks and can
-    snapshot and rewind the weights. ``step`` counts optimizer updates since the run began, over all
-    phases. Each phase is a fresh fine-tuning run (new optimizer and LR schedule).
+    The engine calls these at fixed points of the run. ``step`` counts optimizer updates since the run
+    began, over all phases. Each phase is a fresh fine-tuning run (new optimizer and LR schedule).
+    Around one update the order is: gradients ready → ``on_gradients`` → clipping → ``on_pre_optimizer_step``
+    → the update → ``on_optimizer_step``.
     """
 
     #: whether a recipe's ``mask_from`` can seed this schedule's first mask
@@ -186,8 +260,12 @@ class Schedule(_Plugin, ABC):
     def on_phase_end(self, index: int, pruner: Pruner) -> None:
         """After phase ``index`` trained (and was evaluated if it names a stage): prune, rewind …"""
 
+    def on_gradients(self, step: int, pruner: Pruner) -> None:
+        """Gradients of the coming update are ready, before clipping: a fixed mask zeroes pruned
+        positions here, so the clip norm counts only weights that exist. ``step`` counts updates done."""
+
     def on_pre_optimizer_step(self, step: int, pruner: Pruner) -> None:
-        """Gradients are ready, weights not yet updated."""
+        """Gradients are clipped, weights not yet updated; ``step`` counts updates done."""
 
     def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
         """Weights were just updated; ``step`` already counts this update."""
@@ -198,5 +276,5 @@ class Schedule(_Plugin, ABC):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass

@@ -9,14 +9,16 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from parpkit.errors import ParpkitError, RecipeError
-from parpkit.interfaces import PruningCriterion
+from parpkit.interfaces import Criterion, StructuredCriterion
+from parpkit.units import UnitGroup, select_units, unit_masks
 
 
 def select_pool(names: Iterable[str], include: list[str], exclude: list[str] = (),
@@ -83,22 +85,20 @@ def compute_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str) 
     return OrderedDict((n, (~p).reshape(scores[n].shape)) for n, p in zip(names, pruned, strict=True))
 
 
-class Pruner:
-    """Holds the pool and its current masks; schedules call it to (re-)prune, enforce masks, and rewind.
+class PoolPruner:
+    """The engine's ``Pruner``: holds the pool and its current masks; schedules call it to (re-)prune,
+    enforce masks, and rewind. With a ``StructuredCriterion`` masks cover whole units of the backbone's
+    declared groups (FFN neurons, attention heads) instead of single weights."""
 
-    With a structured criterion (``criterion.structured``) masks cover whole units of the backbone's
-    declared groups (FFN neurons, attention heads) instead of single weights.
-    """
-
-    def __init__(self, model: torch.nn.Module, pool: list[str], criterion: PruningCriterion, scope: str,
-                 groups: list | None = None, donor_masks: dict[str, torch.Tensor] | None = None):
+    def __init__(self, model: torch.nn.Module, pool: list[str], criterion: Criterion, scope: str,
+                 groups: list[UnitGroup] | None = None, donor_masks: dict[str, torch.Tensor] | None = None):
         params = dict(model.named_parameters())
         self.model = model
-        self.params = OrderedDict((n, params[n]) for n in pool)
+        self.params: OrderedDict[str, torch.nn.Parameter] = OrderedDict((n, params[n]) for n in pool)
         self.criterion = criterion
         self.scope = scope
         self.groups = OrderedDict((g.name, g) for g in (groups or []))
-        if getattr(criterion, "structured", False) and not self.groups:
+        if isinstance(criterion, StructuredCriterion) and not self.groups:
             raise ParpkitError(f"criterion {criterion.name!r} prunes whole units, but the backbone declares no "
                                "structured groups inside the pool")
         self.donor_masks = donor_masks
@@ -106,7 +106,7 @@ class Pruner:
         self.sparsity = 0.0  # sparsity of the current masks
         self.prune_count = 0  # how many times masks were computed
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
-        self.on_snapshot = None
+        self.optimizer: torch.optim.Optimizer | None = None
 
     @property
     def size(self) -> int:
@@ -115,15 +115,13 @@ class Pruner:
     @torch.no_grad()
     def prune(self, sparsity: float) -> None:
         """Rank the whole pool now, at ``sparsity``, and zero the losers."""
-        if getattr(self.criterion, "structured", False):
-            from parpkit.structure import select_units, unit_masks
-
+        if isinstance(self.criterion, StructuredCriterion):
             scores = {n: self.criterion.unit_scores(g, self.params) for n, g in self.groups.items()}
             pruned = select_units(scores, self.groups, sparsity, self.scope)
             masks = unit_masks(pruned, self.groups, {n: p.shape for n, p in self.params.items()})
             masks = {n: masks.get(n, torch.ones(p.shape, dtype=torch.bool)) for n, p in self.params.items()}
         else:
-            scores = {n: self.criterion.scores(n, p.detach()) for n, p in self.params.items()}
+            scores = {n: self.criterion.scores(n, p) for n, p in self.params.items()}
             masks = compute_masks(scores, sparsity, self.scope)
         self.set_masks(masks)
         self.sparsity = sparsity
@@ -135,14 +133,14 @@ class Pruner:
             self.prune(sparsity)
             return
         donor = sum(int((~m).sum()) for m in self.donor_masks.values()) / self.size
-        if abs(donor - sparsity) * self.size > 1 and not getattr(self.criterion, "structured", False):
+        if abs(donor - sparsity) * self.size > 1 and not isinstance(self.criterion, StructuredCriterion):
             raise ParpkitError(f"the mask_from mask has sparsity {donor:.4f}, but this schedule starts at {sparsity:.4f}; "
                                f"set pruning.sparsity (or the schedule's start) to {donor:.4f}")
         self.set_masks(self.donor_masks)
         self.sparsity = donor
         self.prune_count += 1
 
-    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         missing = [n for n in self.params if n not in masks]
         if missing:
             raise ParpkitError(f"mask set lacks {len(missing)} pool tensors, first: {missing[:3]}")
@@ -165,13 +163,26 @@ class Pruner:
             if p.grad is not None:
                 p.grad.mul_(self.masks[n])
 
+    @torch.no_grad()
+    def reset_optimizer_state(self, where: Mapping[str, torch.Tensor]) -> int:
+        """Zero every per-weight optimizer state tensor (Adam's ``exp_avg``, ``exp_avg_sq`` …) of pool
+        parameters where ``where`` is True. Weights without state yet (no update so far) count as reset."""
+        count = 0
+        for n, sel in where.items():
+            p = self.params[n]
+            sel = sel.to(p.device)
+            state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    value.masked_fill_(sel, 0)
+            count += int(sel.sum())
+        return count
+
     # ----------------------------------------------------------------------------- rewinding
     @torch.no_grad()
     def snapshot(self, name: str) -> None:
         """Keep a copy of every model weight (for rewinding), on the CPU."""
         self.snapshots[name] = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
-        if self.on_snapshot is not None and name != "pretrained":  # the engine persists them for resuming
-            self.on_snapshot(name, self.snapshots[name])
 
     @torch.no_grad()
     def rewind(self, name: str) -> None:
@@ -182,15 +193,18 @@ class Pruner:
         self.apply()
 
     # ----------------------------------------------------------------------------- resume
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        masks = {n: m.detach().cpu().contiguous() for n, m in (self.masks or {}).items()}
-        return masks, {"sparsity": self.sparsity, "prune_count": self.prune_count, "has_masks": self.masks is not None}
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, counters and snapshots (all but ``pretrained``, which loading the model recreates)."""
+        return {"masks": None if self.masks is None else {n: m.detach().cpu() for n, m in self.masks.items()},
+                "sparsity": self.sparsity, "prune_count": self.prune_count,
+                "snapshots": {k: v for k, v in self.snapshots.items() if k != "pretrained"}}
 
-    def load_state(self, masks: dict[str, torch.Tensor], info: dict) -> None:
-        if info.get("has_masks"):
-            self.masks = OrderedDict((n, masks[n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
-        self.sparsity = float(info["sparsity"])
-        self.prune_count = int(info["prune_count"])
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["masks"] is not None:
+            self.masks = OrderedDict((n, state["masks"][n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
+        self.sparsity = float(state["sparsity"])
+        self.prune_count = int(state["prune_count"])
+        self.snapshots.update(state["snapshots"])
 
     # ----------------------------------------------------------------------------- measurements
     @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,6 +82,8 @@ class TrainingSection(_Strict):
     save_steps: int | None = Field(default=None, gt=0)
     #: complete checkpoints kept per phase
     keep_checkpoints: int = Field(default=2, gt=0)
+    #: the Trainer's reporting integrations: "none", "tensorboard", "wandb", "mlflow", "all" or a list
+    report_to: str | list[str] = "none"
 
 
 class EvaluationSection(_Strict):
@@ -172,8 +175,8 @@ def format_validation_error(exc: ValidationError, file: str, prefix: str = "") -
     return err
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict[str, Any]]:
-    """Read, override, substitute and validate a recipe. Returns the model and the resolved mapping."""
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The recipe file's mapping (YAML, safe loading only)."""
     path = Path(path)
     file = str(path)
     if not path.exists():
@@ -192,9 +195,21 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
         raise RecipeError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=file) from None
     if not isinstance(data, dict):
         raise RecipeError(f"expected a mapping of recipe keys at the top level, got {type(data).__name__}", file=file)
-    data = copy.deepcopy(data)
-    for text_override in overrides:
-        keys, value = parse_override(text_override)
+    return data
+
+
+Overrides = Sequence[str] | Mapping[str, Any]
+
+
+def recipe_from_mapping(data: Mapping[str, Any], overrides: Overrides = (), file: str = "<recipe>") -> tuple[Recipe, dict[str, Any]]:
+    """Override, substitute and validate a recipe mapping. Returns the model and the resolved mapping.
+
+    ``overrides``: ``key.path=value`` strings (values read as YAML, as ``--set`` does) or a mapping of
+    dotted key paths to values."""
+    data = copy.deepcopy(dict(data))
+    pairs = ([(k.split("."), v) for k, v in overrides.items()] if isinstance(overrides, Mapping)
+             else [parse_override(text) for text in overrides])
+    for keys, value in pairs:
         _set_path(data, keys, value, file)
     variables = data.get("vars") or {}
     if not isinstance(variables, dict):
@@ -205,3 +220,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, di
     except ValidationError as exc:
         raise format_validation_error(exc, file) from None
     return recipe, recipe.model_dump(mode="json")
+
+
+def load_recipe(path: str | Path, overrides: Overrides = ()) -> tuple[Recipe, dict[str, Any]]:
+    """Read, override, substitute and validate a recipe file. Returns the model and the resolved mapping."""
+    return recipe_from_mapping(read_recipe_file(path), overrides, str(path))

@@ -13,12 +13,12 @@ import pluggy
 
 from parpkit import hookspecs
 from parpkit.errors import PluginError
-from parpkit.interfaces import Backbone, Dataset, PruningCriterion, Schedule
+from parpkit.interfaces import Backbone, Criterion, Dataset, Schedule
 
 #: registry kind -> (hook name, base class every registered class must derive from)
 KINDS: dict[str, tuple[str, type]] = {
     "backbone": ("register_backbones", Backbone),
-    "criterion": ("register_criteria", PruningCriterion),
+    "criterion": ("register_criteria", Criterion),
     "schedule": ("register_schedules", Schedule),
     "dataset": ("register_datasets", Dataset),
 }

@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from parpkit.errors import ParpkitError, PluginError, RecipeError
-from parpkit.interfaces import Backbone, Dataset, PruningCriterion, Schedule
+from parpkit.interfaces import Backbone, Criterion, Dataset, Schedule
 from parpkit.masks import select_pool
 from parpkit.recipe import Recipe, format_validation_error
 from parpkit.registry import Plugins
@@ -28,7 +28,7 @@ class Resolved:
     file: str
     backbone: Backbone
     dataset: Dataset
-    criterion: PruningCriterion
+    criterion: Criterion
     schedule: Schedule
     providers: dict[str, str]
 

@@ -1,13 +1,16 @@
-"""Built-in pruning criteria: magnitude (L1) and random."""
+"""Built-in pruning criteria: magnitude (L1), random, movement, first-order Taylor, and structured (L2 of
+whole units). Higher scores are kept."""
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+from pydantic import Field
 
-from parpkit import PruningCriterion, hookimpl
-from parpkit.interfaces import PluginOptions
+from parpkit import PluginOptions, PruningCriterion, StructuredCriterion, UnitGroup, hookimpl
 
 
 class Magnitude(PruningCriterion):
@@ -15,8 +18,8 @@ class Magnitude(PruningCriterion):
 
     name = "magnitude"
 
-    def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight.abs()
+    def scores(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
+        return param.detach().abs()
 
 
 class RandomOptions(PluginOptions):
@@ -29,20 +32,96 @@ class Random(PruningCriterion):
     name = "random"
     Options = RandomOptions
 
-    def scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def scores(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + zlib.crc32(name.encode()))
-        return torch.rand(weight.shape, generator=gen).to(weight.device)
+        return torch.rand(param.shape, generator=gen).to(param.device)
 
 
-class Structured(PruningCriterion):
+class _Accumulating(PruningCriterion):
+    """A criterion that keeps one float32 accumulator per pool tensor, updated in ``observe`` and saved
+    in checkpoints. A tensor never observed scores zero (so a criterion that needs gradients and saw
+    none prunes by index order; set ``calibration_batches`` above zero)."""
+
+    def __init__(self, options=None, **kw: Any):
+        super().__init__(options, **kw)
+        self.calibration_batches = self.options.calibration_batches
+        self.acc: dict[str, torch.Tensor] = {}
+        self.observed = 0
+
+    def scores(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
+        acc = self.acc.get(name)
+        return acc.to(param.device) if acc is not None else torch.zeros(param.shape, device=param.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"acc": dict(self.acc), "observed": self.observed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.acc = dict(state.get("acc", {}))
+        self.observed = int(state.get("observed", 0))
+
+
+class MovementOptions(PluginOptions):
+    #: training batches seen (forward and backward, no update) before the first mask
+    calibration_batches: int = Field(default=4, ge=0)
+
+
+class Movement(_Accumulating):
+    """Movement pruning (Sanh, Wolf & Rush 2020): S = -Σ_t g_t·w_t summed over every observed update.
+    Weights that training pushes away from zero score high, weights it pulls toward zero score low,
+    whatever their size: a large weight shrinking is pruned before a small one growing."""
+
+    name = "movement"
+    Options = MovementOptions
+
+    @torch.no_grad()
+    def observe(self, step: int, params: Mapping[str, torch.nn.Parameter]) -> None:
+        for name, p in params.items():
+            if p.grad is None:
+                continue
+            acc = self.acc.setdefault(name, torch.zeros(p.shape, dtype=torch.float32, device=p.device))
+            acc.sub_(p.grad.float() * p.detach().float())
+        self.observed += 1
+
+
+class TaylorOptions(PluginOptions):
+    #: training batches seen (forward and backward, no update) before the first mask
+    calibration_batches: int = Field(default=4, ge=0)
+    #: weight of the past in the running average of |w·g| (0: the last observed update only)
+    decay: float = Field(default=0.9, ge=0, lt=1)
+
+
+class Taylor(_Accumulating):
+    """First-order Taylor importance (Molchanov et al. 2019): the loss change from removing a weight is
+    about |w·g|; the score is its running average over observed updates (an exponential average with
+    ``decay``; the first observation starts it). A large weight the loss does not depend on is pruned
+    before a small one it depends on strongly."""
+
+    name = "taylor"
+    Options = TaylorOptions
+
+    @torch.no_grad()
+    def observe(self, step: int, params: Mapping[str, torch.nn.Parameter]) -> None:
+        d = self.options.decay
+        for name, p in params.items():
+            if p.grad is None:
+                continue
+            value = (p.grad.float() * p.detach().float()).abs_()
+            acc = self.acc.get(name)
+            if acc is None:
+                self.acc[name] = value
+            else:
+                acc.mul_(d).add_(value, alpha=1 - d)
+        self.observed += 1
+
+
+class Structured(StructuredCriterion):
     """Whole FFN neurons (fc1 row with its fc2 column) and attention heads (their q/k/v rows and
     output-projection columns), ranked by the L2 norm of all their weights. The backbone declares
     these groups; global scope ranks neurons against neurons and heads against heads over all layers."""
 
     name = "structured"
-    structured = True
 
-    def unit_scores(self, group, params) -> torch.Tensor:
+    def unit_scores(self, group: UnitGroup, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor:
         total = torch.zeros(group.units, dtype=torch.float32)
         for m in group.members:
             t = params[m.param].detach().float().cpu()
@@ -52,6 +131,5 @@ class Structured(PruningCriterion):
 
 @hookimpl
 def register_criteria(register):
-    register(Magnitude)
-    register(Random)
-    register(Structured)
+    for criterion in (Magnitude, Random, Movement, Taylor, Structured):
+        register(criterion)

@@ -8,9 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from parpkit import Phase, Schedule, hookimpl
-from parpkit.interfaces import PluginOptions
-from parpkit.masks import Pruner
+from parpkit import Phase, PluginOptions, Pruner, Schedule, hookimpl
 
 
 class ParpOptions(PluginOptions):

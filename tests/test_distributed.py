@@ -8,7 +8,9 @@ import sys
 
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import requires_offline, tiny_recipe, write_recipe
+
+pytestmark = requires_offline
 
 
 def test_two_processes_under_torchrun(tmp_path):

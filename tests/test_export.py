@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from parpkit.cli import main
-from parpkit.structure import load_compact
-from tests.conftest import tiny_ctc_recipe, tiny_recipe, write_recipe
+from parpkit import load_compact
+from tests.conftest import requires_offline, tiny_ctc_recipe, tiny_recipe, write_recipe
+
+pytestmark = requires_offline
 
 
 @pytest.mark.parametrize("make", [tiny_recipe, tiny_ctc_recipe], ids=["whisper", "wav2vec2"])

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from parpkit.errors import RecipeError
-from parpkit.masks import Pruner, compute_masks, per_tensor_counts, select_pool
-from plugins.criteria import Magnitude, Random, RandomOptions
+from parpkit.masks import PoolPruner, compute_masks, per_tensor_counts, select_pool
+from parpkit_plugins.criteria import Magnitude, Random, RandomOptions
 
 
 def _scores(seed=0):
@@ -68,7 +68,7 @@ def test_random_criterion_is_fixed_per_seed_and_name():
 def test_pruner_zeroes_in_place_without_new_parameters():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     names_before = [n for n, _ in model.named_parameters()]
-    pruner = Pruner(model, ["0.weight", "2.weight"], Magnitude(), "global")
+    pruner = PoolPruner(model, ["0.weight", "2.weight"], Magnitude(), "global")
     pruner.prune(0.5)
     assert [n for n, _ in model.named_parameters()] == names_before  # no weight_orig, no buffers
     assert not list(model.buffers())
@@ -88,7 +88,7 @@ def test_select_pool_rejects_a_pattern_that_matches_nothing():
 
 
 def test_structured_unit_selection_is_exact_and_keeps_one_unit_per_group():
-    from parpkit.structure import Member, UnitGroup, select_units, unit_masks
+    from parpkit.units import Member, UnitGroup, select_units, unit_masks
 
     groups = {f"l{i}": UnitGroup(f"l{i}", "ffn", 4, 1, (Member(f"up{i}", 0), Member(f"down{i}", 1))) for i in range(3)}
     groups["h"] = UnitGroup("h", "heads", 2, 3, (Member("q", 0), Member("o", 1)))

@@ -7,7 +7,7 @@ from parpkit.errors import PluginError
 from parpkit.recipe import load_recipe
 from parpkit.registry import Plugins
 from parpkit.resolve import resolve
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import requires_offline, tiny_recipe, write_recipe
 
 
 def test_builtins_come_through_entry_points_with_their_package():
@@ -36,6 +36,7 @@ class ThirdParty:
         register(Reversed)
 
 
+@requires_offline
 def test_a_registered_plugin_is_usable_from_a_recipe(tmp_path):
     plugins = Plugins(extra=[(ThirdParty(), "third-party")])
     assert plugins["criterion"].get("keep_smallest").provider == "third-party"
@@ -44,9 +45,9 @@ def test_a_registered_plugin_is_usable_from_a_recipe(tmp_path):
     resolved = resolve(recipe, plugins, str(path))
     model = resolved.backbone.load()
     w = model.model.encoder.layers[0].fc1.weight.detach().clone()
-    from parpkit.masks import Pruner
+    from parpkit.masks import PoolPruner
 
-    pruner = Pruner(model, resolved.select_pool(model), resolved.criterion, "per_tensor")
+    pruner = PoolPruner(model, resolved.select_pool(model), resolved.criterion, "per_tensor")
     pruner.prune(0.5)
     kept = pruner.masks["model.encoder.layers.0.fc1.weight"]
     assert w.abs()[kept].max() <= w.abs()[~kept].min()  # the plugin's ranking decided

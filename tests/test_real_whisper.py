@@ -4,8 +4,11 @@ import pytest
 
 from parpkit.metrics import error_rates
 from parpkit.progress import QUIET
-from plugins.synthetic_speech import SyntheticOptions, SyntheticSpeech
-from plugins.whisper import WhisperBackbone, WhisperOptions
+from parpkit_plugins.datasets.synthetic_speech import SyntheticOptions, SyntheticSpeech
+from parpkit_plugins.backbones.whisper import WhisperBackbone, WhisperOptions
+from tests.conftest import requires_offline
+
+pytestmark = requires_offline
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from parpkit.errors import RecipeError
 from parpkit.recipe import load_recipe
 from parpkit.registry import Plugins
 from parpkit.resolve import resolve
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import requires_offline, tiny_recipe, write_recipe
 
 
 def _resolve(path, overrides=()):
@@ -84,6 +84,7 @@ def test_unknown_split(tmp_path):
         _resolve(p)
 
 
+@requires_offline
 def test_target_pattern_matching_nothing_fails_before_weights_load(tmp_path, capsys):
     p = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"pruning.include": [r"model\.encoder\.layers\.\d+\.fc_1\.weight"]}))
     assert main(["validate", str(p)]) == 2
@@ -106,6 +107,7 @@ def test_variables_and_overrides(tmp_path):
         load_recipe(p, ["training.max_steps"])
 
 
+@requires_offline
 def test_validate_reports_the_pool(recipe_file, capsys):
     assert main(["validate", str(recipe_file())]) == 0
     out = capsys.readouterr().out

@@ -1,11 +1,6 @@
 """Runs that survive a crash: SIGKILL mid-training, resume, same masks and metrics as a run left alone."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -18,39 +13,14 @@ from parpkit.progress import QUIET
 from parpkit.recipe import load_recipe
 from parpkit.registry import Plugins
 from parpkit.resolve import resolve
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import requires_offline, run_and_kill, same_results, tiny_recipe, write_recipe
 
-CHILD = """
-import sys, time
-from transformers import TrainerCallback
-from parpkit.engine import run
-from parpkit.progress import QUIET
-from parpkit.recipe import load_recipe
-from parpkit.registry import Plugins
-from parpkit.resolve import resolve
-
-class Slow(TrainerCallback):
-    def on_step_end(self, *a, **k):
-        time.sleep(0.4)
-
-recipe, mapping = load_recipe(sys.argv[1])
-run(resolve(recipe, Plugins(), sys.argv[1]), QUIET, output_dir=sys.argv[2], resolved_mapping=mapping, callbacks=[Slow()])
-"""
+pytestmark = requires_offline
 
 
 def _recipe(**changes):
     return tiny_recipe(**{"training.max_steps": 10, "training.save_steps": 2, "pruning.schedule.options": {"interval": 3},
                           "training.learning_rate": 3e-3, **changes})
-
-
-def _same_results(a, b):
-    ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
-    assert ma["stages"] == mb["stages"]
-    assert ma["pool_pruned"] == mb["pool_pruned"] and ma["prunes"] == mb["prunes"]
-    ka, kb = load_file(str(a / "masks.safetensors")), load_file(str(b / "masks.safetensors"))
-    assert all(torch.equal(ka[k], kb[k]) for k in ka)
-    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.parametrize("schedule", [{"name": "parp", "options": {"interval": 3}},
@@ -60,21 +30,13 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
     alone, killed = tmp_path / "alone", tmp_path / "killed"
     assert main(["run", str(path), "--output-dir", str(alone), "--quiet"]) == 0
 
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(killed)])
-    # kill once a complete checkpoint of the second phase (imp) or a late one (parp) exists
-    target = killed / "checkpoints" / ("phase-1" if schedule["name"] == "imp" else "phase-0")
-    deadline = time.time() + 120
-    while time.time() < deadline and not any((p / "COMPLETE").exists() for p in target.glob("checkpoint-*")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "metrics.json").exists()
+    # kill once a complete checkpoint of the second phase (imp) or of the only one (parp) exists
+    run_and_kill(path, killed, phase=1 if schedule["name"] == "imp" else 0)
     # re-running into the same directory resumes
     assert main(["run", str(path), "--output-dir", str(killed), "--quiet"]) == 0
     events = [json.loads(line)["event"] for line in (killed / "log.jsonl").open()]
     assert "resume" in events
-    _same_results(alone, killed)
+    same_results(alone, killed)
 
 
 def test_an_incomplete_checkpoint_is_never_used(tmp_path):
@@ -90,7 +52,7 @@ def test_an_incomplete_checkpoint_is_never_used(tmp_path):
     assert main(["run", str(path), "--output-dir", str(broken), "--quiet"]) == 0
     resume = [json.loads(line) for line in (broken / "log.jsonl").open() if json.loads(line)["event"] == "resume"]
     assert resume[-1]["checkpoint"].endswith("checkpoint-8")
-    _same_results(alone, broken)
+    same_results(alone, broken)
 
 
 def test_finished_runs_and_other_recipes_in_the_same_directory(tmp_path, capsys):

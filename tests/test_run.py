@@ -9,6 +9,9 @@ import yaml
 from safetensors.torch import load_file
 
 from parpkit.cli import main
+from tests.conftest import requires_offline
+
+pytestmark = requires_offline
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +83,15 @@ def test_report_collects_runs_into_a_table_and_csv(run_dir, tmp_path, capsys):
     assert float(rows[0]["target_sparsity"]) == 0.4 and rows[0]["schedule"] == "parp"
     assert "final error rates against sparsity" in capsys.readouterr().out
     assert cli(["report", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_report_to_tensorboard_writes_event_files_in_the_run_directory(tmp_path):
+    from tests.conftest import tiny_recipe, write_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 2, "training.logging_steps": 1,
+                                                            "training.report_to": "tensorboard"}))
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 0
+    events = list((tmp_path / "out" / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    assert b"train/loss" in events[0].read_bytes()  # the scalar the Trainer logs at every step
+    assert not list((tmp_path / "out" / "checkpoints").rglob("events.out.tfevents.*"))

@@ -8,6 +8,9 @@ from parpkit.progress import QUIET
 from parpkit.recipe import load_recipe
 from parpkit.registry import Plugins
 from parpkit.resolve import resolve
+from tests.conftest import requires_offline
+
+pytestmark = requires_offline
 
 
 class PoolRecorder(TrainerCallback):

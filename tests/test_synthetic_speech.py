@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from parpkit.progress import QUIET
-from plugins.synthetic_speech import SyntheticOptions, SyntheticSpeech
+from parpkit_plugins.datasets.synthetic_speech import SyntheticOptions, SyntheticSpeech
+from tests.conftest import requires_offline
+
+pytestmark = requires_offline
 
 SMALL = dict(sizes={"train": 12, "validation": 4, "test": 6}, speakers={"train": 3, "validation": 2, "test": 2})
 
@@ -73,8 +76,8 @@ def test_cache_is_reused_and_a_damaged_one_rebuilt(tmp_path):
 def test_a_build_killed_midway_leaves_no_corpus_and_the_next_run_rebuilds(tmp_path):
     child = f"""
 import time
-from plugins.synthetic_speech import SyntheticSpeech, SyntheticOptions
-from plugins.synthetic_speech.espeak import Espeak
+from parpkit_plugins.datasets.synthetic_speech import SyntheticSpeech, SyntheticOptions
+from parpkit_plugins.datasets.synthetic_speech.espeak import Espeak
 from parpkit.progress import QUIET
 synth = Espeak.synth
 def slow(self, *a, **k):

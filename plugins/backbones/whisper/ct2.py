@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from parpkit.errors import ModelFormatError
+from parpkit import ModelFormatError
 
 REQUIRED_FILES = ("model.bin", "config.json", "tokenizer.json")
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}  # 5 (bf16) handled apart

@@ -16,11 +16,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from parpkit import Backbone, hookimpl
-from parpkit.cache import install_atomically
-from parpkit.errors import ModelFormatError, ParpkitError
-from parpkit.interfaces import PluginOptions, Utterance
-from plugins.whisper import ct2
+from parpkit import (Backbone, ModelFormatError, ParpkitError, PluginOptions, Utterance, ffn_group, head_group, hookimpl,
+                     install_atomically)
+from . import ct2
 
 # Weights and biases of q/k/v/out of self- and cross-attention and fc1/fc2, every encoder and decoder block.
 DEFAULT_POOL = [
@@ -282,8 +280,6 @@ class WhisperBackbone(Backbone):
 
 def structured_groups(model: torch.nn.Module) -> list:
     """FFN neurons of every block; heads of self-attention and (decoder) cross-attention."""
-    from parpkit.structure import ffn_group, head_group
-
     groups = []
     for side in ("encoder", "decoder"):
         for i in range(len(getattr(model.model, side).layers)):

@@ -17,10 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from parpkit import Dataset, Utterance, hookimpl
-from parpkit.errors import ParpkitError
-from parpkit.interfaces import PluginOptions
-from parpkit.progress import Progress
+from parpkit import Dataset, ParpkitError, PluginOptions, Progress, Utterance, hookimpl
 
 
 class HFOptions(PluginOptions):
@@ -39,7 +36,7 @@ class HFOptions(PluginOptions):
 
 
 def _decode(example: dict, audio_column: str) -> dict:
-    from parpkit.audio import read_audio
+    from parpkit import read_audio
 
     a = example[audio_column]
     if isinstance(a, str):

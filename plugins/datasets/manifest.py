@@ -13,11 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from parpkit import Dataset, Utterance, hookimpl
-from parpkit.audio import AudioError, read_audio
-from parpkit.errors import ParpkitError
-from parpkit.interfaces import PluginOptions
-from parpkit.progress import Progress
+from parpkit import AudioError, Dataset, ParpkitError, PluginOptions, Progress, Utterance, hookimpl, read_audio
 
 
 class ManifestOptions(PluginOptions):

@@ -15,10 +15,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from parpkit import Backbone, hookimpl
-from parpkit.errors import ParpkitError
-from parpkit.interfaces import PluginOptions, Utterance
-from parpkit.metrics import normalise, normalise_units
+from parpkit import (Backbone, ParpkitError, PluginOptions, Utterance, ffn_group, head_group, hookimpl, normalise,
+                     normalise_units)
 
 # q/k/v/out of every transformer block's attention and both feed-forward linears, weights and biases.
 DEFAULT_POOL = [
@@ -185,8 +183,6 @@ class CTCBackbone(Backbone):
 
 def structured_groups(model: torch.nn.Module) -> list:
     """FFN neurons and attention heads of every transformer block."""
-    from parpkit.structure import ffn_group, head_group
-
     base = model.base_model_prefix
     groups = []
     for i in range(len(getattr(model, base).encoder.layers)):

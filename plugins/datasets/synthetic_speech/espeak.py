@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 
-from parpkit.errors import ParpkitError
+from parpkit import ParpkitError
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1

@@ -17,12 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from parpkit import Dataset, Utterance, hookimpl
-from parpkit.audio import AudioError, read_audio
-from parpkit.errors import ParpkitError
-from parpkit.interfaces import PluginOptions
-from parpkit.metrics import normalise
-from parpkit.progress import Progress
+from parpkit import AudioError, Dataset, ParpkitError, PluginOptions, Progress, Utterance, hookimpl, normalise, read_audio
 
 CORE_TEST_SPEAKERS = frozenset("""mdab0 mwbt0 felc0 mtas1 mwew0 fpas0 mjmp0 mlnt0 fpkt0 mlll0 mtls0 fjlm0
 mbpm0 mklt0 fnlp0 mcmj0 mjdh0 fmgd0 mgrt0 mnjm0 fdhc0 mjln0 mpam0 fmld0""".split())

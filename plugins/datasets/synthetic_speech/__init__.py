@@ -17,11 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, model_validator
 
-from parpkit import Dataset, Utterance, hookimpl
-from parpkit.cache import install_atomically
-from parpkit.errors import ParpkitError
-from parpkit.interfaces import PluginOptions
-from parpkit.progress import Progress
+from parpkit import Dataset, ParpkitError, PluginOptions, Progress, Utterance, hookimpl, install_atomically
 
 GENERATOR_VERSION = 2  # bump when sentences, speakers or audio processing change
 SAMPLE_RATE = 16000
@@ -66,7 +62,7 @@ class SyntheticSpeech(Dataset):
 
     def plan(self) -> dict[str, list[dict]]:
         """Which sentence each speaker says in each split (no audio): deterministic in the options."""
-        from plugins.synthetic_speech.sentences import SentenceGenerator
+        from .sentences import SentenceGenerator
 
         o = self.options
         rng = random.Random(o.seed)
@@ -175,7 +171,7 @@ def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
     try:
         import soxr
 
-        from plugins.synthetic_speech.espeak import Espeak
+        from .espeak import Espeak
 
         engine, out, splits = Espeak.get(), Path(tmp), {}
         for split, rows in plan.items():

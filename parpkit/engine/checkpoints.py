@@ -1,0 +1,120 @@
+"""Checkpoints: parpkit's state beside the Trainer's, counted only once complete.
+
+A checkpoint directory holds the Trainer's files plus ``parpkit_state.json`` (JSON values of the pruner,
+schedule and criterion ``state_dict``s, the stages evaluated so far, the phase and step offset) and
+``parpkit_tensors.safetensors`` (their tensors). The ``COMPLETE`` marker is written last: a directory
+without it (a process killed while saving) is never used. Phase ends are kept the same way, with the
+model's weights, because the next phase starts from them after the schedule acted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from parpkit.engine.rundir import atomic_write
+
+MARKER = "COMPLETE"
+
+
+def split_tensors(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A nested state with every tensor replaced by ``{"__tensor__": key}``, and the tensors by key."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = node.detach().to("cpu", copy=True).contiguous()
+            return {"__tensor__": key}
+        if isinstance(node, Mapping):
+            return {str(k): walk(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(tree), tensors
+
+
+def join_tensors(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of ``split_tensors``."""
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]]
+        return {k: join_tensors(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [join_tensors(v, tensors) for v in tree]
+    return tree
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / MARKER).is_file()
+
+
+def checkpoints(phase_dir: Path) -> list[Path]:
+    """The Trainer's ``checkpoint-N`` folders of a phase, oldest first."""
+    found = [p for p in phase_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def rotate(phase_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop older and incomplete ones before them."""
+    ckpts = checkpoints(phase_dir)
+    complete = [p for p in ckpts if is_complete(p)]
+    if len(complete) <= keep:
+        return
+    cutoff = int(complete[-keep].name.split("-")[-1])
+    for p in ckpts:
+        if int(p.name.split("-")[-1]) < cutoff:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class RunState:
+    """What a checkpoint adds to the Trainer's: the ``state_dict`` of pruner, schedule and criterion,
+    the stages evaluated so far, the phase and the step offset."""
+
+    def __init__(self, pruner, schedule, criterion, stages: dict):
+        self.pruner, self.schedule, self.criterion, self.stages = pruner, schedule, criterion, stages
+
+    def write(self, directory: Path, *, phase: int, offset: int, weights: bool = False) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MARKER).unlink(missing_ok=True)
+        tree, tensors = split_tensors({"pruner": self.pruner.state_dict(), "schedule": self.schedule.state_dict(),
+                                       "criterion": self.criterion.state_dict()})
+        save_file(tensors, str(directory / "parpkit_tensors.safetensors"))
+        if weights:
+            state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.pruner.model.state_dict().items()}
+            save_file(state, str(directory / "weights.safetensors"))
+        (directory / "parpkit_state.json").write_text(json.dumps({"phase": phase, "offset": offset, "stages": self.stages, **tree}))
+        atomic_write(directory / MARKER, "ok\n")  # last: a checkpoint without it is never used
+
+    def read(self, directory: Path) -> dict:
+        meta = json.loads((directory / "parpkit_state.json").read_text())
+        tensors = load_file(str(directory / "parpkit_tensors.safetensors"))
+        self.pruner.load_state_dict(join_tensors(meta["pruner"], tensors))
+        self.schedule.load_state_dict(join_tensors(meta["schedule"], tensors))
+        self.criterion.load_state_dict(join_tensors(meta["criterion"], tensors))
+        self.stages.clear()
+        self.stages.update(meta["stages"])
+        if (directory / "weights.safetensors").exists():
+            self.pruner.model.load_state_dict(load_file(str(directory / "weights.safetensors")))
+        return meta
+
+
+def find_resume_point(root: Path, n_phases: int) -> tuple[int, Path | None, Path | None]:
+    """(first phase to train, its checkpoint to resume or None, phase boundary to restore or None)."""
+    boundary, start = None, 0
+    for i in range(n_phases):
+        end = root / f"phase-{i}" / "end"
+        if is_complete(end):
+            boundary, start = end, i + 1
+    if start < n_phases:
+        complete = [p for p in checkpoints(root / f"phase-{start}") if is_complete(p)]
+        if complete:
+            return start, complete[-1], boundary
+    return start, None, boundary

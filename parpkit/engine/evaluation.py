@@ -1,0 +1,37 @@
+"""Evaluation: decode with the backbone (``generate`` for seq2seq models, never logits) and score."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from parpkit.interfaces import Backbone, Dataset, Utterance
+from parpkit.metrics import error_rates
+from parpkit.progress import Progress
+
+
+def evaluate(backbone: Backbone, dataset: Dataset, model: torch.nn.Module, utterances: Sequence[Utterance],
+             progress: Progress, label: str, device: torch.device, batch_size: int,
+             transcripts: Path | None = None) -> dict[str, float]:
+    """Error rates of ``model`` on ``utterances``, decoding in batches; optionally every hypothesis
+    written to ``transcripts`` (JSONL: id, reference, hypothesis)."""
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    hyps: list[str] = []
+    with progress.task(f"evaluating {label}", total=len(utterances)) as task:
+        for i in range(0, len(utterances), batch_size):
+            chunk = utterances[i:i + batch_size]
+            hyps += backbone.transcribe(model, [u.audio for u in chunk])
+            task.advance(len(chunk))
+    if was_training:
+        model.train()
+    rates = error_rates([dataset.score_text(u.text) for u in utterances], [dataset.score_text(h) for h in hyps], dataset.unit)
+    if transcripts is not None:
+        with transcripts.open("w") as f:
+            for u, h in zip(utterances, hyps, strict=True):
+                f.write(json.dumps({"id": u.id, "reference": u.text, "hypothesis": h}) + "\n")
+    return rates

@@ -1,0 +1,161 @@
+"""Trainer glue: one fine-tuning phase through the transformers ``Trainer`` (mixed precision, accumulation,
+DDP, LR schedules, reporting integrations), with the schedule and criterion driven around each update.
+
+Around one optimizer update: gradients ready (``ParpTrainer.training_step``, after the last micro-batch)
+→ ``criterion.observe`` → ``schedule.on_gradients`` → the Trainer clips → ``on_pre_optimizer_step`` →
+update → ``on_optimizer_step``. Checkpoints add parpkit's state in the public ``on_save`` callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parpkit.engine.checkpoints import RunState, rotate
+from parpkit.engine.rundir import JsonlLog
+from parpkit.errors import ParpkitError
+from parpkit.interfaces import Criterion, Schedule, Utterance
+from parpkit.masks import PoolPruner
+from parpkit.progress import Task
+from parpkit.recipe import Recipe
+
+
+class NonFiniteLoss(ParpkitError):
+    def __init__(self, step: int, value: float):
+        self.step, self.value = step, value
+        super().__init__(f"the training loss became {value} at step {step}")
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[Utterance]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Utterance:
+        return self.items[i]
+
+
+def training_arguments(recipe: Recipe, output_dir: Path, steps: int):
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=min(t.warmup_steps, steps), weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, max_grad_norm=t.max_grad_norm,
+        bf16=t.precision == "bf16", fp16=t.precision == "fp16", logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=None,
+        eval_strategy="no", report_to=t.report_to, seed=recipe.seed, data_seed=recipe.seed,
+        dataloader_num_workers=t.dataloader_workers, dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False, disable_tqdm=True,
+        # several CPU processes (torchrun without GPUs): accelerate sets up gloo DDP only when told "cpu"
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+
+
+@dataclass
+class PhaseDriver:
+    """What one phase's Trainer calls into: the schedule, criterion and pruner, the log and progress."""
+
+    schedule: Schedule
+    criterion: Criterion
+    pruner: PoolPruner
+    log: JsonlLog
+    task: Task
+    offset: int  # updates done in earlier phases
+
+    def gradients_ready(self, done: int) -> None:
+        """``done``: updates of this phase finished before the coming one."""
+        step = self.offset + done
+        self.criterion.observe(step, self.pruner.params)
+        self.schedule.on_gradients(step, self.pruner)
+
+    def log_prune(self, step: int) -> None:
+        self.log.write("prune", step=step, sparsity=self.pruner.sparsity, pool_zero_fraction=self.pruner.zero_fraction())
+
+
+def trainer_class():
+    from transformers import Trainer
+
+    class ParpTrainer(Trainer):
+        """The Trainer, plus the gradient hooks and a stop on a non-finite loss before the bad update."""
+
+        parp: PhaseDriver
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                raise NonFiniteLoss(self.parp.offset + self.state.global_step + 1, float(loss))
+            self.parp.pruner.optimizer = self.optimizer
+            if self.accelerator.sync_gradients:  # the last micro-batch: gradients are complete (and all-reduced)
+                self.parp.gradients_ready(self.state.global_step)
+            return loss
+
+    return ParpTrainer
+
+
+def callbacks(driver: PhaseDriver, state: RunState, phase: int, keep_checkpoints: int) -> list:
+    from transformers import TrainerCallback
+
+    class ScheduleCallback(TrainerCallback):
+        """Drives the schedule around optimizer steps and logs every (re-)prune."""
+
+        def on_pre_optimizer_step(self, args, st, control, **kw):
+            driver.schedule.on_pre_optimizer_step(driver.offset + st.global_step, driver.pruner)
+
+        def on_optimizer_step(self, args, st, control, **kw):
+            # the Trainer counts this update only after the callback: pass the count including it
+            step = driver.offset + st.global_step + 1
+            before = driver.pruner.prune_count
+            driver.schedule.on_optimizer_step(step, driver.pruner)
+            if driver.pruner.prune_count != before:
+                driver.log_prune(step)
+
+        def on_train_end(self, args, st, control, **kw):
+            driver.pruner.optimizer = None
+
+    class ProgressCallback(TrainerCallback):
+        def on_step_end(self, args, st, control, **kw):
+            driver.task.advance()
+
+        def on_log(self, args, st, control, logs=None, **kw):
+            logs = dict(logs or {})
+            driver.log.write("train", step=driver.offset + st.global_step, **logs)
+            if isinstance(logs.get("loss"), float) and math.isfinite(logs["loss"]):
+                driver.task.update(info=f"loss {logs['loss']:.3f}")
+
+    class CheckpointCallback(TrainerCallback):
+        """After the Trainer saved ``checkpoint-N``: add parpkit's state, mark it complete, rotate."""
+
+        def on_save(self, args, st, control, **kw):
+            if args.should_save:
+                phase_dir = Path(args.output_dir)
+                state.write(phase_dir / f"checkpoint-{st.global_step}", phase=phase, offset=driver.offset)
+                rotate(phase_dir, keep_checkpoints)
+
+    return [ScheduleCallback(), ProgressCallback(), CheckpointCallback()]
+
+
+@contextlib.contextmanager
+def tensorboard_dir(report_to: Any, directory: Path) -> Iterator[None]:
+    """TensorBoard's Trainer integration writes under the phase's output folder unless told otherwise:
+    point it at the run directory's ``tensorboard/<phase>`` (a user's TENSORBOARD_LOGGING_DIR wins)."""
+    wanted = report_to in ("all", "tensorboard") or (isinstance(report_to, list) and {"all", "tensorboard"} & set(report_to))
+    if not wanted or "TENSORBOARD_LOGGING_DIR" in os.environ:
+        yield
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(directory)
+    try:
+        yield
+    finally:
+        os.environ.pop("TENSORBOARD_LOGGING_DIR", None)

@@ -1,0 +1,1 @@
+"""Backbones: pretrained speech recognisers that can be pruned and fine-tuned."""

@@ -1,0 +1,1 @@
+"""Datasets: speech corpora split into named parts."""
