@@ -136,7 +136,8 @@ class Backbone(_Plugin, ABC):
 # ------------------------------------------------------------------------------------------ criteria
 
 class Criterion(_Plugin, ABC):
-    """What both kinds of criterion share: they may watch training and keep state.
+    """What both kinds of criterion share: they may watch training and keep state. The engine passes
+    the recipe's ``seed`` as a keyword (criteria that draw random numbers use it; others ignore it).
 
     ``observe`` is called before every optimizer update with the pool's live parameters, gradients ready
     (summed over accumulation steps, before masking and clipping), weights not yet updated. A criterion

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from parpkit.errors import RecipeError
 
@@ -69,7 +69,10 @@ class TrainingSection(_Strict):
     batch_size: int = Field(default=8, gt=0)
     gradient_accumulation_steps: int = Field(default=1, gt=0)
     learning_rate: float = Field(default=5e-5, gt=0)
+    #: any transformers scheduler name, or tri_stage (warm-up, hold, exponential decay: the reference's)
     lr_scheduler: str = "linear"
+    #: the schedule's own arguments (tri_stage: phase_ratio, init_lr_scale, final_lr_scale)
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     adam_beta1: float = 0.9
@@ -84,6 +87,13 @@ class TrainingSection(_Strict):
     keep_checkpoints: int = Field(default=2, gt=0)
     #: the Trainer's reporting integrations: "none", "tensorboard", "wandb", "mlflow", "all" or a list
     report_to: str | list[str] = "none"
+
+    @model_validator(mode="after")
+    def _schedule_builds(self):
+        from parpkit.lr import check_scheduler
+
+        check_scheduler(self.lr_scheduler, self.lr_scheduler_kwargs)
+        return self
 
 
 class EvaluationSection(_Strict):

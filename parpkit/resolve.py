@@ -61,7 +61,7 @@ def resolve(recipe: Recipe, plugins: Plugins, file: str) -> Resolved:
     backbone, pb = _instantiate(plugins, "backbone", r.backbone.name, r.backbone.options, "backbone", file, cache_dir=cache)
     dataset, pd = _instantiate(plugins, "dataset", r.dataset.name, r.dataset.options, "dataset", file, cache_dir=cache)
     criterion, pc = _instantiate(plugins, "criterion", r.pruning.criterion.name, r.pruning.criterion.options,
-                                 "pruning.criterion", file)
+                                 "pruning.criterion", file, seed=r.seed)
     schedule, ps = _instantiate(plugins, "schedule", r.pruning.schedule.name, r.pruning.schedule.options,
                                 "pruning.schedule", file, target=r.pruning.sparsity)
     splits = dataset.split_names()

@@ -23,7 +23,8 @@ class Magnitude(PruningCriterion):
 
 
 class RandomOptions(PluginOptions):
-    seed: int = 0
+    #: null: the recipe's `seed`, so that runs with different seeds draw different masks
+    seed: int | None = None
 
 
 class Random(PruningCriterion):
@@ -32,8 +33,12 @@ class Random(PruningCriterion):
     name = "random"
     Options = RandomOptions
 
+    def __init__(self, options=None, *, seed: int = 0, **kw: Any):
+        super().__init__(options, **kw)
+        self.seed = self.options.seed if self.options.seed is not None else seed
+
     def scores(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + zlib.crc32(name.encode()))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         return torch.rand(param.shape, generator=gen).to(param.device)
 
 

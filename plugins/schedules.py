@@ -47,16 +47,18 @@ class Parp(Schedule):
 
 
 class Fixed(Schedule):
-    """The initial mask (from the pretrained weights) kept throughout: pruned weights stay zero
-    (their gradients are zeroed before each update and the weights after it). With the magnitude
-    criterion this is the MPI-fixed baseline; with ``random`` the random-mask baseline."""
+    """The initial mask (from the pretrained weights) kept throughout: pruned weights stay zero. Their
+    gradients are zeroed as soon as they are ready, before clipping (as the reference's ``weight_orig *
+    mask`` gives them none: the clip norm counts only weights that exist), and the weights are zeroed
+    again after each update. With the magnitude criterion this is the MPI-fixed baseline; with
+    ``random`` the random-mask baseline."""
 
     name = "fixed"
 
     def on_start(self, pruner: Pruner) -> None:
         pruner.initial_mask(self.target)
 
-    def on_pre_optimizer_step(self, step: int, pruner: Pruner) -> None:
+    def on_gradients(self, step: int, pruner: Pruner) -> None:
         pruner.zero_pruned_grads()
 
     def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
@@ -71,12 +73,13 @@ class ProgressiveOptions(ParpOptions):
     start: float = Field(default=0.1, ge=0, lt=1)
     #: optimizer steps over which sparsity rises to the target; null: all of training.max_steps
     ramp_steps: int | None = Field(default=None, gt=0)
-    ramp: Literal["linear", "cubic"] = "cubic"
+    #: linear: equal steps at each re-prune, as the reference PARP-P code does; cubic: Zhu & Gupta 2017
+    ramp: Literal["linear", "cubic"] = "linear"
 
 
 class ParpProgressive(Parp):
     """PARP-P: PARP whose sparsity starts at ``start`` and rises at each re-prune to the target
-    (linear, or cubic as in Zhu & Gupta 2017: fast at first, slow near the target), then stays there."""
+    (by equal steps, or cubic as in Zhu & Gupta 2017: fast at first, slow near the target), then stays there."""
 
     name = "parp_progressive"
     Options = ProgressiveOptions
@@ -128,9 +131,6 @@ class _Rewinding(Fixed):
     def on_start(self, pruner: Pruner) -> None:
         pass  # the first phase is dense
 
-    def on_pre_optimizer_step(self, step: int, pruner: Pruner) -> None:
-        pruner.zero_pruned_grads()
-
     def _rewind(self, pruner: Pruner) -> None:
         pruner.rewind(getattr(self, "rewind_to", "pretrained"))
 
@@ -157,9 +157,12 @@ class Omp(_Rewinding):
 
 
 class ImpOptions(PluginOptions):
-    #: prune rounds before the final fine-tune; each removes a fraction of the remaining weights
+    #: each round prunes this share of the ORIGINAL pool (0.1: 0.1, 0.2, … up to the target), as the
+    #: reference IMP code does; the default when neither rounds nor fraction is given
+    step: float | None = Field(default=None, gt=0, lt=1)
+    #: instead: this many rounds, each removing the same fraction of the remaining weights (geometric)
     rounds: int | None = Field(default=None, gt=0)
-    #: the per-round fraction; with rounds null, rounds = what reaches the target (the last is clamped)
+    #: instead: each round removes this fraction of the remaining weights; rounds follow, the last clamped
     fraction: float | None = Field(default=None, gt=0, lt=1)
     #: steps of each round's fine-tune; null: training.max_steps
     round_steps: int | None = Field(default=None, gt=0)
@@ -168,17 +171,44 @@ class ImpOptions(PluginOptions):
 
     @model_validator(mode="after")
     def _check(self):
-        if (self.rounds is None) == (self.fraction is None):
-            raise ValueError("give exactly one of rounds and fraction")
+        given = [k for k in ("step", "rounds", "fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of step, rounds and fraction, not {' and '.join(given)}")
+        if not given:
+            self.step = 0.1
         if self.rewind != "pretrained" and not (self.rewind.startswith("step:") and self.rewind[5:].isdigit()):
             raise ValueError(f"rewind must be 'pretrained' or 'step:N', got {self.rewind!r}")
         return self
 
 
+def imp_sparsities(target: float, *, step: float | None = None, rounds: int | None = None,
+                   fraction: float | None = None) -> list[float]:
+    """Sparsity after each IMP round, ending exactly at ``target``. Rounds that floating-point error
+    would put at (or a hair before) the target are not repeated."""
+    if target <= 0:
+        return [0.0]
+    if step is not None:
+        values = [step * r for r in range(1, math.ceil(target / step - 1e-9) + 1)]
+    else:
+        if rounds is not None:
+            fraction = 1 - (1 - target) ** (1 / rounds)
+        n = rounds or max(1, math.ceil(math.log(1 - target) / math.log(1 - fraction) - 1e-9))
+        values = [1 - (1 - fraction) ** r for r in range(1, n + 1)]
+    values = [min(v, target) for v in values]
+    values[-1] = target
+    out: list[float] = []
+    for v in values:  # drop a round within rounding error of the next one
+        if out and abs(v - out[-1]) < 1e-9:
+            continue
+        out.append(v)
+    return out
+
+
 class Imp(_Rewinding):
-    """Iterative magnitude pruning: rounds of fine-tune -> prune a fraction of the remaining weights ->
-    rewind, until the target; then a final fine-tune with the last mask fixed. Each round is evaluated
-    (stage ``round_<r>``, before its prune) and its mask saved (``masks_round_<r>.safetensors``)."""
+    """Iterative magnitude pruning: rounds of fine-tune -> prune -> rewind until the target, then a final
+    fine-tune with the last mask fixed. By default each round prunes 10% of the original pool (0.1, 0.2,
+    …), as the reference does; ``rounds`` or ``fraction`` give the geometric rule instead. Each round is
+    evaluated (stage ``round_<r>``, before its prune) and its mask saved (``masks_round_<r>.safetensors``)."""
 
     name = "imp"
     Options = ImpOptions
@@ -186,14 +216,7 @@ class Imp(_Rewinding):
     def __init__(self, options=None, **kw: Any):
         super().__init__(options, **kw)
         o = self.options
-        if o.rounds is not None:
-            self.fraction = 1 - (1 - self.target) ** (1 / o.rounds) if self.target > 0 else 0.0
-            n = o.rounds
-        else:
-            self.fraction = o.fraction
-            n = max(1, math.ceil(math.log(1 - self.target) / math.log(1 - o.fraction))) if self.target > 0 else 1
-        self.schedule = [min(self.target, 1 - (1 - self.fraction) ** r) for r in range(1, n + 1)]
-        self.schedule[-1] = self.target
+        self.schedule = imp_sparsities(self.target, step=o.step, rounds=o.rounds, fraction=o.fraction)
         self.rewind_step = int(o.rewind[5:]) if o.rewind.startswith("step:") else None
         self.rewind_to = "pretrained" if self.rewind_step is None else "rewind"
 

@@ -28,6 +28,7 @@ def test_two_processes_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4
+    assert metrics["batch"] == {"per_device": 2, "accumulation": 1, "devices": 2, "global": 4}  # batch_size is per device
     events = [json.loads(line) for line in (out / "log.jsonl").open()]
     train = [e for e in events if e["event"] == "train" and "loss" in e]
     assert [e["step"] for e in train] == [1, 2, 3, 4]  # logged once, by rank 0

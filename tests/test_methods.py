@@ -123,7 +123,7 @@ def test_imp_options_are_checked(tmp_path, recipe_file):
     from parpkit.errors import RecipeError
 
     path = recipe_file(**{"pruning.schedule": {"name": "imp", "options": {"fraction": 0.2, "rounds": 3}}})
-    with pytest.raises(RecipeError, match="pruning.schedule.options: give exactly one of rounds and fraction"):
+    with pytest.raises(RecipeError, match="pruning.schedule.options: give one of step, rounds and fraction, not rounds and fraction"):
         resolve(load_recipe(path)[0], Plugins(), str(path))
 
 

@@ -44,6 +44,7 @@ class Session:
     rundir: RunDir
     device: torch.device
     main: bool
+    world_size: int = 1
     train: Sequence[Utterance] = ()
     test: Sequence[Utterance] = ()
     model: torch.nn.Module | None = None
@@ -81,7 +82,7 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
         progress.console.print(f"{rundir.path}: this run is complete (pass --fresh to run it again)", soft_wrap=True, markup=False)
         return done if rundir.main else {}
     rundir.write_recipe()
-    s = Session(resolved, progress, rundir, probe.device, rundir.main)
+    s = Session(resolved, progress, rundir, probe.device, rundir.main, probe.world_size)
 
     prepare(s)
     resume_ckpt = start(s, fresh=fresh, resume=resume)
@@ -119,7 +120,14 @@ def prepare(s: Session) -> None:
     s.phases = s.resolved.schedule.phases(r.training.max_steps)
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
-                pool_parameters=s.pruner.size)
+                pool_parameters=s.pruner.size, batch=batch_sizes(s))
+
+
+def batch_sizes(s: Session) -> dict[str, int]:
+    """``training.batch_size`` is per device: under torchrun the update sees all devices' batches."""
+    t = s.recipe.training
+    return {"per_device": t.batch_size, "accumulation": t.gradient_accumulation_steps, "devices": s.world_size,
+            "global": t.batch_size * t.gradient_accumulation_steps * s.world_size}
 
 
 # ------------------------------------------------------------------------------------------ start
@@ -192,7 +200,7 @@ def train_phase(s: Session, index: int, offset: int, resume_ckpt: Path | None, e
     t0 = time.time()
     label = "fine-tuning" if len(s.phases) == 1 else f"fine-tuning ({phase.name})"
     with s.progress.task(label, total=phase.steps) as task, tensorboard_dir(r.training.report_to, s.rundir.path / "tensorboard" / phase.name):
-        driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset)
+        driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training)
         trainer = trainer_class()(model=s.model, args=args, train_dataset=ListDataset(s.train),
                                   data_collator=s.resolved.backbone.collate,
                                   callbacks=[*callbacks(driver, s.state, index, r.training.keep_checkpoints), *extra_callbacks])
@@ -265,7 +273,7 @@ def write(s: Session) -> dict[str, Any]:
         "pool_pruned": sum(row["zeros"] for row in rows),
         "dataset": s.resolved.dataset.report(),
         "phases": [{"name": p.name, "steps": p.steps} for p in s.phases],
-        "steps": sum(p.steps for p in s.phases), "prunes": pruner.prune_count,
+        "steps": sum(p.steps for p in s.phases), "prunes": pruner.prune_count, "batch": batch_sizes(s),
         "train_loss": s.loss_sum / max(1, sum(p.steps for p in s.phases[s.first_phase:])),
         "stages": s.stages,
         "wall_time_s": {"total": round(time.time() - s.started, 1), "train": round(s.seconds["train"], 1),

@@ -51,7 +51,10 @@ def training_arguments(recipe: Recipe, output_dir: Path, steps: int):
     return TrainingArguments(
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler, warmup_steps=min(t.warmup_steps, steps), weight_decay=t.weight_decay,
+        # tri_stage is built by ParpTrainer.create_scheduler; the name given here is never used
+        lr_scheduler_type="constant" if t.lr_scheduler == "tri_stage" else t.lr_scheduler,
+        lr_scheduler_kwargs={} if t.lr_scheduler == "tri_stage" else dict(t.lr_scheduler_kwargs),
+        warmup_steps=min(t.warmup_steps, steps), weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, max_grad_norm=t.max_grad_norm,
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=None,
@@ -73,6 +76,7 @@ class PhaseDriver:
     log: JsonlLog
     task: Task
     offset: int  # updates done in earlier phases
+    training: Any = None  # the recipe's training section
 
     def gradients_ready(self, done: int) -> None:
         """``done``: updates of this phase finished before the coming one."""
@@ -91,6 +95,15 @@ def trainer_class():
         """The Trainer, plus the gradient hooks and a stop on a non-finite loss before the bad update."""
 
         parp: PhaseDriver
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            t = self.parp.training
+            if t.lr_scheduler == "tri_stage" and self.lr_scheduler is None:
+                from parpkit.lr import make_tri_stage
+
+                self.lr_scheduler = make_tri_stage(optimizer or self.optimizer, num_training_steps, t.lr_scheduler_kwargs)
+                return self.lr_scheduler
+            return super().create_scheduler(num_training_steps, optimizer)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)

