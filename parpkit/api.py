@@ -50,12 +50,13 @@ class RunResult:
 
 def run(recipe: str | Path | Mapping[str, Any], *, overrides: Overrides = (), output_dir: str | Path | None = None,
         fresh: bool = False, resume: bool = False, plugins: Sequence[object] = (), progress: bool | Progress = True,
-        callbacks: Sequence[Any] = ()) -> RunResult:
+        callbacks: Sequence[Any] = (), shared: str | Path | None = None) -> RunResult:
     """Run a recipe (a YAML file or a mapping with the same keys) end to end, or resume it.
 
     ``overrides``: ``{"training.max_steps": 20}`` or ``["training.max_steps=20"]``, as ``--set``.
     ``plugins``: extra plugin objects (with ``@hookimpl`` methods) registered beside the installed ones.
     ``callbacks``: transformers ``TrainerCallback`` objects added to every fine-tuning phase.
+    ``shared``: a folder for work that other runs repeat (a sweep's); it never changes a result.
     """
     from parpkit.engine import run as run_engine
     from parpkit.registry import Plugins
@@ -71,5 +72,5 @@ def run(recipe: str | Path | Mapping[str, Any], *, overrides: Overrides = (), ou
     out = Path(output_dir) if output_dir is not None else model.run_dir()
     shown = progress if isinstance(progress, Progress) else Progress(enabled=progress)
     metrics = run_engine(resolved, shown, output_dir=out, resolved_mapping=mapping, callbacks=callbacks, fresh=fresh,
-                         resume=resume)
+                         resume=resume, shared=Path(shared) if shared is not None else None)
     return RunResult(out, metrics)

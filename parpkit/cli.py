@@ -28,7 +28,9 @@ def _load(args):
 
 
 def cmd_validate(args) -> int:
-    from parpkit.resolve import pool_groups
+    from parpkit.recipe import read_recipe_file
+    from parpkit.registry import Plugins
+    from parpkit.resolve import pool_groups, resolve
 
     resolved, _ = _load(args)
     resolved.dataset.check()
@@ -53,6 +55,16 @@ def cmd_validate(args) -> int:
              "schedule": r.pruning.schedule.name}
     for kind, provider in resolved.providers.items():
         console.print(f"{kind}: {names[kind]} ({provider})")
+    if r.sweep:
+        from parpkit.sweep import point_recipe, points, sweep_of
+
+        data = read_recipe_file(args.recipe)
+        plist = points(sweep_of(data, str(args.recipe)), str(args.recipe))
+        plugins = Plugins()
+        for point in plist:  # every point resolves (plugin names and options) before anything runs
+            resolve(point_recipe(data, point, args.set or [], f"{args.recipe} (sweep point {point.name})")[0], plugins,
+                    f"{args.recipe} (sweep point {point.name})")
+        console.print(f"sweep: {len(plist)} points, each valid")
     console.print("[green]recipe is valid[/]")
     return 0
 
@@ -72,14 +84,20 @@ def cmd_plugins(args) -> int:
 
 
 def results_table(metrics: dict) -> Table:
-    table = Table(title=f"{metrics['recipe']}: {metrics['plugins']['schedule']} at {metrics['target_sparsity']:g} "
-                        f"({metrics['eval_split']}, {metrics['eval_utterances']} utterances)")
+    splits = list(metrics.get("eval_splits") or {metrics["eval_split"]: metrics["eval_utterances"]})
+    where = ", ".join(f"{k}: {n} utterances" for k, n in (metrics.get("eval_splits") or {splits[0]: metrics["eval_utterances"]}).items())
+    table = Table(title=f"{metrics['recipe']}: {metrics['plugins']['schedule']} at {metrics['target_sparsity']:g} ({where})")
     rates = [k for k in ("wer", "cer", "per") if any(k in m for m in metrics["stages"].values())]
-    for col in ("stage", *[r.upper() for r in rates], "pool sparsity", "model sparsity"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+    columns = [(split, r) for split in splits for r in rates]
+    table.add_column("stage")
+    for split, r in columns:
+        table.add_column(r.upper() if len(splits) == 1 else f"{r.upper()} {split}", justify="right")
+    table.add_column("pool sparsity", justify="right")
+    table.add_column("model sparsity", justify="right")
     names = {"dense": "dense", "after_prune": "after first prune", "final": "final"}
     for stage, m in metrics["stages"].items():
-        table.add_row(names.get(stage, stage), *[f"{m[r]:.3f}" if r in m else "" for r in rates],
+        per_split = m.get("splits") or {splits[0]: m}
+        table.add_row(names.get(stage, stage), *[f"{per_split[sp][r]:.3f}" if r in per_split.get(sp, {}) else "" for sp, r in columns],
                       f"{m['pool_sparsity']:.4f}", f"{m['model_sparsity']:.4f}")
     return table
 
@@ -89,13 +107,65 @@ def cmd_run(args) -> int:
 
     progress = Progress(enabled=not args.quiet, console=err_console)
     result = run(args.recipe, overrides=args.set or [], output_dir=args.output_dir, fresh=args.fresh, resume=args.resume,
-                 progress=progress)
+                 progress=progress, shared=args.shared)
     metrics = result.metrics
     if metrics:
         console.print(results_table(metrics))
         console.print(f"pool: {metrics['pool_pruned']:,} of {metrics['pool_parameters']:,} weights are zero; "
                       f"{metrics['steps']} steps, {metrics['prunes']} prunes; wall time {metrics['wall_time_s']['total']:.0f} s")
         console.print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from parpkit.api import run
+    from parpkit.errors import RecipeError
+    from parpkit.recipe import read_recipe_file
+    from parpkit.registry import Plugins
+    from parpkit.resolve import resolve
+    from parpkit.sweep import point_recipe, points, run_command, sweep_of, write_index
+
+    recipe = Path(args.recipe)
+    data = read_recipe_file(recipe)
+    plist = points(sweep_of(data, str(recipe)), str(recipe))
+    if args.only:
+        unknown = sorted(set(args.only) - {p.name for p in plist})
+        if unknown:
+            raise RecipeError(f"no sweep point {', '.join(unknown)}; points: {', '.join(p.name for p in plist)}", file=str(recipe))
+        plist = [p for p in plist if p.name in args.only]
+    base, _ = point_recipe(data, plist[0], args.set or [], str(recipe))
+    out = Path(args.output_dir) if args.output_dir else base.run_dir()
+    plugins = Plugins()
+    checked = [(p, *point_recipe(data, p, args.set or [], f"{recipe} (sweep point {p.name})")) for p in plist]
+    for p, model, _ in checked:  # every point resolves before any runs
+        resolve(model, plugins, f"{recipe} (sweep point {p.name})")
+    if args.print_commands:
+        for p in plist:
+            console.print(run_command(recipe, p, out / p.name, out / "shared", args.set or []), markup=False, highlight=False)
+        return 0
+    table = Table(title=f"sweep {recipe}: {len(plist)} points into {out}")
+    for col in ("point", "overrides", "state"):
+        table.add_column(col)
+    for p in plist:
+        state = "finished" if (out / p.name / "metrics.json").exists() else ("started" if (out / p.name).exists() else "")
+        table.add_row(p.name, ", ".join(f"{k}={v}" for k, v in p.overrides.items()), state)
+    console.print(table)
+    if args.dry_run:
+        return 0
+    write_index(out, recipe, points(sweep_of(data, str(recipe)), str(recipe)))
+    failed = []
+    for i, (p, _, mapping) in enumerate(checked, 1):
+        err_console.print(f"[bold]sweep point {i}/{len(checked)}: {p.name}[/]", highlight=False)
+        try:
+            run(mapping, output_dir=out / p.name, progress=Progress(enabled=not args.quiet, console=err_console),
+                shared=out / "shared")
+        except ParpkitError as exc:
+            err_console.print(f"[bold red]point {p.name} failed:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            failed.append(p.name)
+    console.print(f"sweep: {len(checked) - len(failed)} of {len(checked)} points finished in {out}; "
+                  f"`parpkit report {out}` tabulates and plots them")
+    if failed:
+        raise ParpkitError(f"{len(failed)} sweep point(s) failed: {', '.join(failed)}; rerun the sweep to retry them")
     return 0
 
 
@@ -113,21 +183,49 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from parpkit.report import collect, write_csv
+    from parpkit.report import collect, grouped, write_csv, write_report
 
-    rows = collect([Path(p) for p in args.runs])
-    rates = [k for k in ("wer", "cer", "per") if any(r[k] is not None for r in rows)]
+    paths = [Path(p) for p in args.runs]
+    rows, skipped = collect(paths)
+    for problem in skipped:
+        err_console.print(f"[yellow]skipped[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    groups = grouped(rows)
+    splits = list(dict.fromkeys(s for g in groups for s in g["splits"]))
+    rate = groups[0]["rate"].upper()
     table = Table(title=f"{len(rows)} runs: final error rates against sparsity")
-    for col in ("run", "schedule", "criterion", "target", "pool sparsity", *[r.upper() for r in rates], "dense " + rates[0].upper(), "steps"):
-        table.add_column(col, justify="left" if col in ("run", "schedule", "criterion") else "right")
-    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-    for r in rows:
-        table.add_row(Path(r["run"]).name, r["schedule"], r["criterion"], f"{r['target_sparsity']:g}", f"{r['pool_sparsity']:.4f}",
-                      *[fmt(r[k]) for k in rates], fmt(r["dense_" + rates[0]]), str(r["steps"]))
+    for col in ("method", "sparsity", "seeds", *[f"{rate} {s}" for s in splits], "pool sparsity", "mask IoU with first", "steps"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    fmt = lambda v: "" if v != v else f"{v:.3f}"  # noqa: E731  (NaN: not measured)
+    for g in groups:
+        scores = [g["scores"][s] for s in splits]
+        table.add_row(g["method"], f"{g['sparsity']:g}", str(g["seeds"]),
+                      *[fmt(m) + (f" ± {d:.3f}" if g["seeds"] > 1 and d == d else "") for m, d in scores],
+                      f"{g['pool_sparsity']:.4f}", fmt(g["mask_iou_initial"][0]), str(g["steps"]))
     console.print(table)
     if args.csv:
         write_csv(rows, Path(args.csv))
         console.print(f"wrote {args.csv}")
+    out = Path(args.output) if args.output else (paths[0] / "report" if len(paths) == 1 and (paths[0] / "sweep.json").is_file() else None)
+    if out is not None:
+        for path in write_report(rows, out):
+            console.print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare_masks(args) -> int:
+    from parpkit.report import compare_masks, write_overlap
+
+    result = compare_masks([Path(r) for r in args.runs])
+    table = Table(title="intersection over union of the kept weights")
+    table.add_column("run")
+    for label in result["labels"]:
+        table.add_column(label, justify="right")
+    for label, row in zip(result["labels"], result["overall"], strict=True):
+        table.add_row(label, *[f"{v:.4f}" for v in row])
+    console.print(table)
+    if args.output:
+        for path in write_overlap(result, Path(args.output)):
+            console.print(f"wrote {path}")
     return 0
 
 
@@ -142,20 +240,40 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     sub.choices["run"].add_argument("--output-dir", help="run directory (default: the recipe's output_dir or runs/NAME)")
     sub.choices["run"].add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.choices["run"].add_argument("--shared", help="folder of work other runs repeat (a sweep's SWEEP_DIR/shared): "
+                                                     "looked up and added to; never changes a result")
     again = sub.choices["run"].add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint; an error if there is none (without the flag, "
                             "a run directory with a checkpoint is resumed and one without starts afresh)")
     again.add_argument("--fresh", action="store_true", help="discard checkpoints and results in the run directory")
+    p = sub.add_parser("sweep", help="run every point of a recipe's sweep: section (finished points are skipped, "
+                                     "killed ones resume)")
+    p.add_argument("recipe", help="YAML recipe file with a sweep: section")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a key of every point (repeatable)")
+    p.add_argument("--output-dir", help="sweep directory (default: the recipe's output_dir or runs/NAME)")
+    p.add_argument("--only", action="append", metavar="POINT", help="run only this point (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="list the points and check their recipes; run nothing")
+    mode.add_argument("--print-commands", action="store_true",
+                      help="print one `parpkit run` command per point (for a scheduler, or one process per GPU)")
+    p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("export", help="write a smaller model without the pruned neurons and heads")
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--compact", action="store_true", help="remove pruned FFN neurons and attention heads")
     p.add_argument("--output", help="where to write it (default RUN_DIR/compact)")
     p.set_defaults(fn=cmd_export)
-    p = sub.add_parser("report", help="one table (and CSV) of finished runs: error rates against sparsity")
-    p.add_argument("runs", nargs="+", help="run directories, or folders holding them")
-    p.add_argument("--csv", help="also write the rows to this CSV file")
+    p = sub.add_parser("report", help="finished runs in one table, and (with --output, or for a sweep) Markdown, CSV and plots")
+    p.add_argument("runs", nargs="+", help="run directories, or folders holding them (a sweep directory)")
+    p.add_argument("--csv", help="also write one row per run to this CSV file")
+    p.add_argument("--output", help="write table.md, table.csv, wer_vs_sparsity.png, learning_curves.png, heatmaps/ and the "
+                                    "mask overlap here (default for a sweep directory: SWEEP_DIR/report)")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("compare-masks", help="intersection over union of the kept weights between runs (matrix, per layer)")
+    p.add_argument("runs", nargs="+", help="run directories (their masks.safetensors) or mask files")
+    p.add_argument("--output", help="write mask_iou.csv, mask_iou_layers.csv and mask_iou.png here")
+    p.set_defaults(fn=cmd_compare_masks)
     p = sub.add_parser("plugins", help="list registered backbones, criteria, schedules and datasets")
     p.set_defaults(fn=cmd_plugins)
     return parser

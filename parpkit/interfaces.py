@@ -251,6 +251,13 @@ class Schedule(_Plugin, ABC):
         """The fine-tuning runs; by default one of ``training.max_steps`` updates."""
         return [Phase("train", max_steps)]
 
+    def phase_key(self, index: int, phase: Phase) -> dict[str, Any] | None:
+        """What, beyond the recipe's model, data, pool, criterion and training settings, determines how
+        phase ``index`` trains. Runs whose schedules give equal keys train it identically, so a sweep
+        trains it once (OMP's dense fine-tune, IMP's early rounds). A schedule giving a key promises the
+        phase leaves no schedule state of its own behind. None (the default): never shared."""
+        return None
+
     @abstractmethod
     def on_start(self, pruner: Pruner) -> None:
         """Before the first update: compute the initial mask from the pretrained weights."""

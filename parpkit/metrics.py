@@ -24,12 +24,25 @@ def normalise_units(text: str) -> str:
     return _SPACE.sub(" ", text.lower()).strip()
 
 
-def error_rates(references: list[str], hypotheses: list[str], unit: str = "words") -> dict[str, float]:
+def whisper_normaliser():
+    """Whisper's English normaliser (numbers as words and as digits alike, "$", "%", ordinals …) followed
+    by ``normalise``; without its British-to-American spelling table."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    english = EnglishTextNormalizer({})
+    return lambda text: normalise(english(text))
+
+
+def error_rates(references: list[str], hypotheses: list[str], unit: str = "words", normalizer: str = "basic") -> dict[str, float]:
     """Over the whole set (errors summed over utterances, divided by reference length): WER and CER
-    for ``unit="words"``; PER for ``unit="phones"`` (space-separated phone labels)."""
+    for ``unit="words"``; PER for ``unit="phones"`` (space-separated phone labels). ``normalizer``
+    ("basic" or "whisper") applies to words."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    norm = normalise if unit == "words" else normalise_units
+    if unit != "words":
+        norm = normalise_units
+    else:
+        norm = whisper_normaliser() if normalizer == "whisper" else normalise
     refs = [norm(r) for r in references]
     hyps = [norm(h) for h in hypotheses]
     keep = [i for i, r in enumerate(refs) if r]

@@ -29,7 +29,19 @@ class PluginRef(_Strict):
 
 class DatasetRef(PluginRef):
     train_split: str = "train"
-    eval_split: str = "test"
+    #: the split every stage is scored on, or several (the first is the headline; all are reported)
+    eval_split: str | list[str] = "test"
+
+    @field_validator("eval_split")
+    @classmethod
+    def _some_split(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"expected a split name or a list of distinct split names, got {v!r}")
+        return v
+
+    @property
+    def eval_splits(self) -> list[str]:
+        return [self.eval_split] if isinstance(self.eval_split, str) else list(self.eval_split)
 
 
 class PruningSection(_Strict):
@@ -98,6 +110,23 @@ class TrainingSection(_Strict):
 
 class EvaluationSection(_Strict):
     batch_size: int = Field(default=16, gt=0)
+    #: text normalisation before scoring: basic (lower case, no punctuation) or whisper (also numbers
+    #: written as words and as digits alike, as Whisper's English normaliser does)
+    normalizer: Literal["basic", "whisper"] = "basic"
+    #: score a learning-curve point every this many optimizer steps (the model as it would be judged;
+    #: training goes on untouched); null: none
+    every_steps: int | None = Field(default=None, gt=0)
+    #: the split those points are scored on; null: the first eval split
+    validation_split: str | None = None
+    #: the final model is the best learning-curve point of the last phase (by WER, or PER), as the
+    #: reference scripts keep checkpoint_best; needs every_steps
+    keep_best: bool = False
+
+    @model_validator(mode="after")
+    def _best_needs_points(self):
+        if self.keep_best and not self.every_steps:
+            raise ValueError("keep_best needs every_steps (the points it chooses from)")
+        return self
     #: evaluate the dense model and the model right after the first prune, besides the final one
     dense: bool = True
     after_prune: bool = True
@@ -114,6 +143,8 @@ class Recipe(_Strict):
     pruning: PruningSection
     training: TrainingSection
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    #: a grid of variations of this recipe for `parpkit sweep` (see parpkit.sweep); `parpkit run` ignores it
+    sweep: dict[str, Any] | None = None
 
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")

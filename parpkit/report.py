@@ -1,42 +1,380 @@
-"""Collect finished runs into one table (WER against sparsity, method by method), as rows other tools read."""
+"""Finished runs as tables and plots: WER against sparsity method by method, learning curves, per-layer
+sparsity, and how much the masks of different runs overlap."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import re
+from collections import OrderedDict, defaultdict
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from parpkit.errors import ParpkitError
 
-COLUMNS = ["run", "backbone", "dataset", "criterion", "schedule", "scope", "target_sparsity", "pool_sparsity",
-           "model_sparsity", "wer", "cer", "per", "dense_wer", "dense_cer", "dense_per", "steps", "wall_time_s"]
+COLUMNS = ["run", "method", "backbone", "dataset", "criterion", "schedule", "scope", "seed", "target_sparsity", "pool_sparsity",
+           "model_sparsity", "wer", "cer", "per", "dense_wer", "dense_cer", "dense_per", "mask_iou_initial", "steps",
+           "wall_time_s"]
 
 
-def collect(paths: list[Path]) -> list[dict]:
-    """One row per run directory holding a metrics.json (folders of runs are searched one level down)."""
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories holding a metrics.json (folders are searched one level down)."""
     found: list[Path] = []
     for p in paths:
         if (p / "metrics.json").is_file():
             found.append(p)
         elif p.is_dir():
             found += sorted(c for c in p.iterdir() if (c / "metrics.json").is_file())
+        elif not p.exists():
+            raise ParpkitError(f"{p}: no such run or sweep directory")
     if not found:
         raise ParpkitError(f"no finished runs (metrics.json) in {', '.join(map(str, paths))}")
+    return found
+
+
+def _labels(run_dir: Path) -> dict[str, Any]:
+    """A sweep point's axes (``sweep.json`` in the folder above), e.g. ``{"method": "parp", …}``."""
+    index = run_dir.parent / "sweep.json"
+    if not index.is_file():
+        return {}
+    try:
+        for point in json.loads(index.read_text())["points"]:
+            if point["name"] == run_dir.name:
+                return point["axes"]
+    except (ValueError, KeyError):
+        pass
+    return {}
+
+
+def method_of(metrics: dict, labels: dict) -> str:
+    """What the point compares: the sweep's ``method`` label, else the schedule (with a criterion other
+    than magnitude); ``dense`` at sparsity 0."""
+    if "method" in labels:
+        return str(labels["method"])
+    if metrics["target_sparsity"] == 0:
+        return "dense"
+    schedule, criterion = metrics["plugins"]["schedule"], metrics["plugins"]["criterion"]
+    if criterion == "random" and schedule == "fixed":
+        return "random"
+    return schedule if criterion == "magnitude" else f"{schedule}+{criterion}"
+
+
+def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """One row per finished run; damaged metrics.json files are skipped and named."""
+    found, skipped = find_runs(paths), []
     rows = []
     for run_dir in found:
-        m = json.loads((run_dir / "metrics.json").read_text())
-        final, dense = m["stages"].get("final", {}), m["stages"].get("dense", {})
-        rows.append({"run": str(run_dir), **{k: m["plugins"][k] for k in ("backbone", "dataset", "criterion", "schedule")},
-                     "scope": m.get("scope"), "target_sparsity": m["target_sparsity"],
-                     "pool_sparsity": final.get("pool_sparsity"), "model_sparsity": final.get("model_sparsity"),
-                     "wer": final.get("wer"), "cer": final.get("cer"), "per": final.get("per"),
-                     "dense_wer": dense.get("wer"), "dense_cer": dense.get("cer"), "dense_per": dense.get("per"),
-                     "steps": m["steps"], "wall_time_s": m["wall_time_s"]["total"]})
-    return sorted(rows, key=lambda r: (r["backbone"], r["dataset"], r["schedule"], r["criterion"], r["target_sparsity"]))
+        try:
+            m = json.loads((run_dir / "metrics.json").read_text())
+            final, dense = m["stages"].get("final", {}), m["stages"].get("dense", {})
+            seed = _recipe_seed(run_dir)
+            row = {"run": str(run_dir), "method": method_of(m, _labels(run_dir)),
+                   **{k: m["plugins"][k] for k in ("backbone", "dataset", "criterion", "schedule")},
+                   "scope": m.get("scope"), "seed": seed, "target_sparsity": m["target_sparsity"],
+                   "pool_sparsity": final.get("pool_sparsity"), "model_sparsity": final.get("model_sparsity"),
+                   "wer": final.get("wer"), "cer": final.get("cer"), "per": final.get("per"),
+                   "dense_wer": dense.get("wer"), "dense_cer": dense.get("cer"), "dense_per": dense.get("per"),
+                   "mask_iou_initial": m.get("mask_iou_initial"), "steps": m["steps"], "wall_time_s": m["wall_time_s"]["total"],
+                   "splits": {k: v for k, v in (final.get("splits") or {m["eval_split"]: final}).items()},
+                   "dense_splits": dense.get("splits") or ({m["eval_split"]: dense} if dense else {}),
+                   "curve": m.get("curve") or []}
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            skipped.append(f"{run_dir / 'metrics.json'}: unreadable ({type(exc).__name__}: {exc})")
+            continue
+        rows.append(row)
+    if not rows:
+        raise ParpkitError("no readable runs: " + "; ".join(skipped))
+    rows.sort(key=lambda r: (r["backbone"], r["dataset"], r["method"], r["target_sparsity"], r["seed"] or 0))
+    return rows, skipped
+
+
+def _recipe_seed(run_dir: Path) -> int | None:
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return None
+    match = re.search(r"^seed:\s*(-?\d+)\s*$", path.read_text(), re.M)
+    return int(match.group(1)) if match else None
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    splits = sorted({s for r in rows for s in r["splits"]})
+    extra = [f"{k}_{s}" for s in splits for k in ("wer", "cer", "per") if any(k in r["splits"].get(s, {}) for r in rows)]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + extra, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        for r in rows:
+            writer.writerow({**r, **{f"{k}_{s}": r["splits"].get(s, {}).get(k) for s in splits for k in ("wer", "cer", "per")}})
+
+
+# ------------------------------------------------------------------------------------------ grouping
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range (the seeds' spread), of the values present."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return math.nan, math.nan
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
+def grouped(rows: list[dict]) -> list[dict]:
+    """Rows averaged over seeds: one per (method, target sparsity)."""
+    groups: OrderedDict[tuple, list[dict]] = OrderedDict()
+    for r in rows:
+        groups.setdefault((r["method"], r["target_sparsity"]), []).append(r)
+    out = []
+    for (method, sparsity), rs in groups.items():
+        splits = list(OrderedDict.fromkeys(s for r in rs for s in r["splits"]))
+        rate = next((k for k in ("wer", "per") if any(k in r["splits"].get(splits[0], {}) for r in rs)), "wer")
+        entry = {"method": method, "sparsity": sparsity, "seeds": len(rs), "rate": rate, "splits": splits,
+                 "pool_sparsity": _spread([r["pool_sparsity"] for r in rs])[0],
+                 "model_sparsity": _spread([r["model_sparsity"] for r in rs])[0],
+                 "steps": rs[0]["steps"], "wall_time_s": sum(r["wall_time_s"] for r in rs),
+                 "mask_iou_initial": _spread([r["mask_iou_initial"] for r in rs]),
+                 "scores": {s: _spread([r["splits"].get(s, {}).get(rate) for r in rs]) for s in splits},
+                 "cer": {s: _spread([r["splits"].get(s, {}).get("cer") for r in rs]) for s in splits}}
+        out.append(entry)
+    return out
+
+
+def _fmt(mean_spread: tuple[float, float], seeds: int) -> str:
+    mean, spread = mean_spread
+    if math.isnan(mean):
+        return ""
+    return f"{mean:.3f} ± {spread:.3f}" if seeds > 1 else f"{mean:.3f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """method × sparsity: error rates per split (mean ± half the range over seeds), sparsity, steps, time."""
+    groups = grouped(rows)
+    splits = list(OrderedDict.fromkeys(s for g in groups for s in g["splits"]))
+    rate = groups[0]["rate"].upper()
+    head = ["method", "sparsity", "seeds"] + [f"{rate} {s}" for s in splits] + [f"CER {s}" for s in splits if rate == "WER"]
+    head += ["pool sparsity", "model sparsity", "mask IoU with first", "steps", "wall time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        cells = [g["method"], f"{g['sparsity']:g}", str(g["seeds"])]
+        cells += [_fmt(g["scores"].get(s, (math.nan, math.nan)), g["seeds"]) for s in splits]
+        if rate == "WER":
+            cells += [_fmt(g["cer"].get(s, (math.nan, math.nan)), g["seeds"]) for s in splits]
+        iou = g["mask_iou_initial"]
+        cells += [f"{g['pool_sparsity']:.4f}", f"{g['model_sparsity']:.4f}", "" if math.isnan(iou[0]) else f"{iou[0]:.4f}",
+                  str(g["steps"]), f"{g['wall_time_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    dense = [r for r in rows if r["dense_splits"]]
+    if dense:
+        zero = "; ".join(f"{s} {dense[0]['dense_splits'][s].get(groups[0]['rate'], math.nan):.3f}" for s in dense[0]["dense_splits"])
+        lines.append("")
+        lines.append(f"Pretrained model before fine-tuning (zero-shot): {rate} {zero}.")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sparsity(rows: list[dict], path: Path) -> None:
+    """Final error rate against sparsity, one line per method (seeds: mean with the range as error bars),
+    one panel per evaluation split; the dense fine-tune and the zero-shot model as reference lines."""
+    plt = _pyplot()
+    groups = grouped(rows)
+    splits = list(OrderedDict.fromkeys(s for g in groups for s in g["splits"]))
+    rate = groups[0]["rate"]
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4.2), squeeze=False)
+    zero = next((r["dense_splits"] for r in rows if r["dense_splits"]), {})
+    for ax, split in zip(axes[0], splits, strict=True):
+        by_method: dict[str, list[dict]] = defaultdict(list)
+        for g in groups:
+            by_method[g["method"]].append(g)
+        for method, gs in by_method.items():
+            gs = sorted(gs, key=lambda g: g["sparsity"])
+            if method == "dense" or all(g["sparsity"] == 0 for g in gs):
+                mean = gs[0]["scores"][split][0]
+                ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"dense fine-tune ({mean:.3f})")
+                continue
+            xs = [g["sparsity"] for g in gs]
+            ys = [g["scores"].get(split, (math.nan, 0))[0] for g in gs]
+            err = [g["scores"].get(split, (0, 0))[1] for g in gs]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
+        if split in zero and rate in zero[split]:
+            ax.axhline(zero[split][rate], color="grey", linestyle=":", linewidth=1, label=f"zero-shot ({zero[split][rate]:.3f})")
+        ax.set_xlabel("pool sparsity (target)")
+        ax.set_ylabel(f"final {rate.upper()} ({split})")
+        ax.set_title(split)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict], path: Path) -> bool:
+    """Learning curves (periodic validation) of every run that has one; False if none has."""
+    with_curve = [r for r in rows if r["curve"]]
+    if not with_curve:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    rate = next(k for k in ("wer", "per") if k in with_curve[0]["curve"][0])
+    for r in with_curve:
+        pts = [c for c in r["curve"] if rate in c]
+        ax.plot([c["step"] for c in pts], [c[rate] for c in pts], marker=".",
+                label=f"{r['method']} {r['target_sparsity']:g}" + (f" seed {r['seed']}" if r["seed"] else ""))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"{rate.upper()} ({with_curve[0]['curve'][0]['split']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+_LAYER = re.compile(r"^(?P<layer>.*?\.layers\.\d+)\.(?P<kind>.+)$")
+
+
+def layer_table(sparsity_csv: Path) -> tuple[list[str], list[str], list[list[float]]]:
+    """(layers, tensor kinds, sparsity[layer][kind]) from a run's sparsity.csv."""
+    cells: dict[str, dict[str, float]] = OrderedDict()
+    kinds: list[str] = []
+    with sparsity_csv.open() as f:
+        for row in csv.DictReader(f):
+            m = _LAYER.match(row["name"])
+            layer, kind = (m.group("layer"), m.group("kind")) if m else ("other", row["name"])
+            cells.setdefault(layer, {})[kind] = float(row["sparsity"])
+            if kind not in kinds:
+                kinds.append(kind)
+    layers = list(cells)
+    return layers, kinds, [[cells[layer].get(k, math.nan) for k in kinds] for layer in layers]
+
+
+def plot_heatmap(run_dir: Path, path: Path) -> None:
+    """Per-layer sparsity of a run: layers × tensor kinds."""
+    plt = _pyplot()
+    layers, kinds, values = layer_table(run_dir / "sparsity.csv")
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(kinds) + 2), max(3, 0.35 * len(layers) + 1.5)))
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=70, ha="right", fontsize=7)
+    ax.set_yticks(range(len(layers)), [l.removeprefix("model.") for l in layers], fontsize=7)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="white" if v < 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="sparsity")
+    ax.set_title(f"{run_dir.name}: sparsity per layer and tensor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ mask overlap
+
+def load_run_masks(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = run_dir / "masks.safetensors" if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise ParpkitError(f"{run_dir}: no masks.safetensors (a finished run that pruned, or a mask file)")
+    try:
+        return {k: v.bool() for k, v in load_file(str(path)).items()}
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ParpkitError(f"{path}: not a readable safetensors mask file ({exc})") from None
+
+
+def iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: list[str] | None = None) -> float:
+    """Intersection over union of the kept weights (``True``) over ``names`` (default: all)."""
+    names = names if names is not None else list(a)
+    inter = sum(int((a[n] & b[n]).sum()) for n in names)
+    union = sum(int((a[n] | b[n]).sum()) for n in names)
+    return inter / union if union else 1.0
+
+
+def compare_masks(runs: list[Path], labels: list[str] | None = None) -> dict[str, Any]:
+    """IoU matrix of the runs' kept weights, overall and per layer."""
+    masks = [load_run_masks(r) for r in runs]
+    labels = labels or [r.name if r.is_dir() else r.stem for r in runs]
+    names = list(masks[0])
+    for r, m in zip(runs, masks, strict=True):
+        if set(m) != set(names) or any(m[n].shape != masks[0][n].shape for n in names):
+            raise ParpkitError(f"{r}: its masks cover other tensors or shapes than {runs[0]}'s; compare runs of one model and pool")
+    layers: OrderedDict[str, list[str]] = OrderedDict()
+    for n in names:
+        m = _LAYER.match(n)
+        layers.setdefault(m.group("layer") if m else "other", []).append(n)
+    k = len(masks)
+    overall = [[iou(masks[i], masks[j]) for j in range(k)] for i in range(k)]
+    per_layer = {layer: [[iou(masks[i], masks[j], ns) for j in range(k)] for i in range(k)] for layer, ns in layers.items()}
+    return {"labels": labels, "overall": overall, "per_layer": per_layer}
+
+
+def write_overlap(result: dict[str, Any], directory: Path) -> list[Path]:
+    """``mask_iou.csv`` (the overall matrix), ``mask_iou_layers.csv`` (run, run, layer, IoU) and
+    ``mask_iou.png``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    labels, overall = result["labels"], result["overall"]
+    matrix = directory / "mask_iou.csv"
+    with matrix.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", *labels])
+        for label, row in zip(labels, overall, strict=True):
+            w.writerow([label, *[f"{v:.6f}" for v in row]])
+    per_layer = directory / "mask_iou_layers.csv"
+    with per_layer.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run_a", "run_b", "layer", "iou"])
+        for layer, m in result["per_layer"].items():
+            for i, a in enumerate(labels):
+                for j, b in enumerate(labels):
+                    if j > i:
+                        w.writerow([a, b, layer, f"{m[i][j]:.6f}"])
+    plt = _pyplot()
+    size = max(4, 0.55 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(overall, vmin=min(min(r) for r in overall), vmax=1, cmap="magma")
+    ax.set_xticks(range(len(labels)), labels, rotation=70, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    for i, row in enumerate(overall):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6, color="white" if v < 0.9 else "black")
+    fig.colorbar(image, ax=ax, label="IoU of kept weights")
+    fig.tight_layout()
+    png = directory / "mask_iou.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return [matrix, per_layer, png]
+
+
+# ------------------------------------------------------------------------------------------ all of it
+
+def write_report(rows: list[dict], directory: Path) -> list[Path]:
+    """Everything ``parpkit report`` writes: table.md, table.csv, wer_vs_sparsity.png, learning_curves.png
+    (where periodic evaluation ran), heatmaps/<run>.png and the mask overlap of the runs that pruned."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    (directory / "table.md").write_text(markdown(rows))
+    write_csv(rows, directory / "table.csv")
+    plot_sparsity(rows, directory / "wer_vs_sparsity.png")
+    written += [directory / "table.md", directory / "table.csv", directory / "wer_vs_sparsity.png"]
+    if plot_curves(rows, directory / "learning_curves.png"):
+        written.append(directory / "learning_curves.png")
+    for r in rows:
+        run_dir = Path(r["run"])
+        if (run_dir / "sparsity.csv").is_file():
+            (directory / "heatmaps").mkdir(exist_ok=True)
+            plot_heatmap(run_dir, directory / "heatmaps" / f"{run_dir.name}.png")
+    if (directory / "heatmaps").is_dir():
+        written.append(directory / "heatmaps")
+    pruned = [Path(r["run"]) for r in rows if (Path(r["run"]) / "masks.safetensors").is_file() and r["target_sparsity"] > 0]
+    if len(pruned) > 1:
+        written += write_overlap(compare_masks(pruned), directory)
+    return written

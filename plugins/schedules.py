@@ -150,6 +150,9 @@ class Omp(_Rewinding):
     def phases(self, max_steps: int) -> list[Phase]:
         return [Phase("dense", self.options.dense_steps or max_steps, stage="dense_finetuned"), Phase("final", max_steps)]
 
+    def phase_key(self, index: int, phase: Phase) -> dict[str, Any] | None:
+        return {"kind": "dense"} if index == 0 else None
+
     def on_phase_end(self, index: int, pruner: Pruner) -> None:
         if index == 0:
             pruner.prune(self.target)
@@ -168,6 +171,8 @@ class ImpOptions(PluginOptions):
     round_steps: int | None = Field(default=None, gt=0)
     #: rewind point: "pretrained" or "step:N" (weights after N updates of the first round)
     rewind: str = "pretrained"
+    #: evaluate each round's model (stage round_<r>); off saves an evaluation per round
+    evaluate_rounds: bool = True
 
     @model_validator(mode="after")
     def _check(self):
@@ -224,8 +229,19 @@ class Imp(_Rewinding):
         n = self.options.round_steps or max_steps
         if self.rewind_step is not None and self.rewind_step > n:
             raise ValueError(f"rewind step {self.rewind_step} is past the first round's {n} steps")
-        rounds = [Phase(f"round_{r + 1}", n, stage=f"round_{r + 1}") for r in range(len(self.schedule))]
+        rounds = [Phase(f"round_{r + 1}", n, stage=f"round_{r + 1}" if self.options.evaluate_rounds else None)
+                  for r in range(len(self.schedule))]
         return rounds + [Phase("final", max_steps)]
+
+    def phase_key(self, index: int, phase: Phase) -> dict[str, Any] | None:
+        """Round 1 is a dense fine-tune (OMP's, when the steps agree); round r > 1 is fixed by the masks
+        before it: IMP at 0.5 and at 0.9 share their first five rounds."""
+        if index >= len(self.schedule):
+            return None  # the final fine-tune depends on the target
+        rewind = {} if self.rewind_step is None else {"rewind_step": self.rewind_step}
+        if index == 0:
+            return {"kind": "dense", **rewind}
+        return {"kind": "imp", "after": [round(x, 9) for x in self.schedule[:index]], **rewind}
 
     def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
         super().on_optimizer_step(step, pruner)

@@ -49,6 +49,43 @@ def test_corpus_is_deterministic_and_seeded(tmp_path):
     assert [u.text for u in a] != [u.text for u in c]
 
 
+def test_the_ood_split_is_out_of_domain_in_voice_prosody_and_text(tmp_path):
+    from parpkit_plugins.datasets.synthetic_speech.prose import PROSE
+
+    opts = dict(sizes={**SMALL["sizes"], "ood": 20}, speakers={**SMALL["speakers"], "ood": 5}, ood_noise=0.5, ood_reverb=0.5)
+    d = _corpus(tmp_path, **opts)
+    train = d.load_split("train", QUIET)
+    ood = d.load_split("ood", QUIET)
+    assert len(ood) == 20 and len({u.speaker for u in ood}) == 5
+    # voices: variants the training split never uses; prosody: rates and pitches outside its ranges
+    train_variants = {u.speaker.split("+")[1].split("@")[0] for u in train}
+    for u in ood:
+        variant, prosody = u.speaker.split("+")[1].split("@")
+        rate, pitch, intonation = map(int, prosody.split("/"))
+        assert variant not in train_variants and variant not in SyntheticOptions().variants
+        assert not 140 <= rate <= 190 and not 30 <= pitch <= 70 and intonation != 50
+    # text: public-domain prose and sentences with numbers and names, none from the training grammar
+    kinds = {u.extra["kind"] for u in ood}
+    assert kinds == {"prose", "numbers"}
+    assert all(u.text in PROSE for u in ood if u.extra["kind"] == "prose")
+    assert not {u.text for u in ood} & {u.text for u in train}
+    assert any("noise_snr_db" in u.extra for u in ood) and any("reverb_rt60_s" in u.extra for u in ood)
+    assert all(len(u.audio) / 16000 < 9.5 for u in ood)  # fits a 10 s whisper window
+    # adding the ood split leaves the other splits' audio exactly as it was
+    plain = _corpus(tmp_path / "plain").load_split("train", QUIET)
+    assert all(np.array_equal(x.audio, y.audio) and x.text == y.text for x, y in zip(train, plain, strict=True))
+    with pytest.raises(ValueError, match="ood_variants must differ from the training variants"):
+        SyntheticOptions(ood_variants=["m1", "klatt"])
+
+
+def test_an_unknown_ood_variant_is_refused_not_ignored(tmp_path):
+    from parpkit.errors import ParpkitError
+
+    d = _corpus(tmp_path, sizes={"train": 2, "ood": 2}, speakers={"train": 1, "ood": 1}, ood_variants=["klatt", "Mr_Serious"])
+    with pytest.raises(ParpkitError, match="espeak-ng has no voice variant 'Mr_Serious'"):
+        d.load_split("ood", QUIET)
+
+
 def test_sentences_use_a_real_vocabulary(tmp_path):
     d = SyntheticSpeech(SyntheticOptions(sizes={"train": 300}, speakers={"train": 10}), cache_dir=tmp_path)
     plan = d.plan()["train"]

@@ -76,16 +76,18 @@ def rotate(phase_dir: Path, keep: int) -> None:
 
 class RunState:
     """What a checkpoint adds to the Trainer's: the ``state_dict`` of pruner, schedule and criterion,
-    the stages evaluated so far, the phase and the step offset."""
+    the stages evaluated so far, the run's own record (``extra``: learning curve, best checkpoint), the
+    phase and the step offset."""
 
-    def __init__(self, pruner, schedule, criterion, stages: dict):
+    def __init__(self, pruner, schedule, criterion, stages: dict, extra: dict | None = None):
         self.pruner, self.schedule, self.criterion, self.stages = pruner, schedule, criterion, stages
+        self.extra = extra if extra is not None else {}
 
     def write(self, directory: Path, *, phase: int, offset: int, weights: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MARKER).unlink(missing_ok=True)
         tree, tensors = split_tensors({"pruner": self.pruner.state_dict(), "schedule": self.schedule.state_dict(),
-                                       "criterion": self.criterion.state_dict()})
+                                       "criterion": self.criterion.state_dict(), "extra": self.extra})
         save_file(tensors, str(directory / "parpkit_tensors.safetensors"))
         if weights:
             state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.pruner.model.state_dict().items()}
@@ -101,6 +103,8 @@ class RunState:
         self.criterion.load_state_dict(join_tensors(meta["criterion"], tensors))
         self.stages.clear()
         self.stages.update(meta["stages"])
+        self.extra.clear()
+        self.extra.update(join_tensors(meta.get("extra", {}), tensors))
         if (directory / "weights.safetensors").exists():
             self.pruner.model.load_state_dict(load_file(str(directory / "weights.safetensors")))
         return meta

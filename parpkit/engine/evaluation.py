@@ -15,9 +15,9 @@ from parpkit.progress import Progress
 
 def evaluate(backbone: Backbone, dataset: Dataset, model: torch.nn.Module, utterances: Sequence[Utterance],
              progress: Progress, label: str, device: torch.device, batch_size: int,
-             transcripts: Path | None = None) -> dict[str, float]:
+             transcripts: Path | None = None, normalizer: str = "basic", split: str | None = None) -> dict[str, float]:
     """Error rates of ``model`` on ``utterances``, decoding in batches; optionally every hypothesis
-    written to ``transcripts`` (JSONL: id, reference, hypothesis)."""
+    appended to ``transcripts`` (JSONL: split, id, reference, hypothesis)."""
     was_training = model.training
     model.eval()
     model.to(device)
@@ -29,9 +29,10 @@ def evaluate(backbone: Backbone, dataset: Dataset, model: torch.nn.Module, utter
             task.advance(len(chunk))
     if was_training:
         model.train()
-    rates = error_rates([dataset.score_text(u.text) for u in utterances], [dataset.score_text(h) for h in hyps], dataset.unit)
+    rates = error_rates([dataset.score_text(u.text) for u in utterances], [dataset.score_text(h) for h in hyps], dataset.unit,
+                        normalizer)
     if transcripts is not None:
-        with transcripts.open("w") as f:
+        with transcripts.open("a") as f:
             for u, h in zip(utterances, hyps, strict=True):
-                f.write(json.dumps({"id": u.id, "reference": u.text, "hypothesis": h}) + "\n")
+                f.write(json.dumps({"split": split, "id": u.id, "reference": u.text, "hypothesis": h}) + "\n")
     return rates

@@ -12,6 +12,8 @@ Nothing is lost on a crash: see ``parpkit.engine.checkpoints``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -21,10 +23,12 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
-from parpkit.engine.checkpoints import RunState, checkpoints, find_resume_point, is_complete
+from parpkit.engine.checkpoints import RunState, checkpoints, find_resume_point, is_complete, join_tensors, split_tensors
 from parpkit.engine.evaluation import evaluate
 from parpkit.engine.rundir import RunDir
+from parpkit.engine.shared import SharedWork
 from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, callbacks, tensorboard_dir, trainer_class,
                                      training_arguments)
 from parpkit.errors import ParpkitError
@@ -46,7 +50,8 @@ class Session:
     main: bool
     world_size: int = 1
     train: Sequence[Utterance] = ()
-    test: Sequence[Utterance] = ()
+    evals: dict[str, Sequence[Utterance]] = field(default_factory=dict)  # the first split is the headline
+    validation: Sequence[Utterance] = ()
     model: torch.nn.Module | None = None
     pool: list[str] = field(default_factory=list)
     pruner: PoolPruner | None = None
@@ -55,8 +60,12 @@ class Session:
     state: RunState | None = None
     started: float = field(default_factory=time.time)
     seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "evaluate": 0.0})
-    loss_sum: float = 0.0
+    phase_loss: dict[str, float] = field(default_factory=dict)  # mean training loss of each phase trained here
     first_phase: int = 0
+    shared: SharedWork = field(default_factory=lambda: SharedWork(None))
+    shared_phases: list[str] = field(default_factory=list)
+    #: what checkpoints keep beside the stages: the learning curve and the best validation checkpoint
+    extra: dict[str, Any] = field(default_factory=lambda: {"curve": [], "best": None})
 
     @property
     def recipe(self):
@@ -68,8 +77,11 @@ class Session:
 
 
 def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = None, resolved_mapping: dict | None = None,
-        callbacks: Sequence[Any] = (), fresh: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Run a recipe end to end (or resume it); returns the metrics also written to ``metrics.json``."""
+        callbacks: Sequence[Any] = (), fresh: bool = False, resume: bool = False, shared: Path | None = None) -> dict[str, Any]:
+    """Run a recipe end to end (or resume it); returns the metrics also written to ``metrics.json``.
+
+    ``shared``: a folder where work other recipes may repeat is kept and looked up (see
+    ``parpkit.engine.shared``); a sweep passes one to all its points. Off under several processes."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -83,12 +95,16 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
         return done if rundir.main else {}
     rundir.write_recipe()
     s = Session(resolved, progress, rundir, probe.device, rundir.main, probe.world_size)
+    s.shared = SharedWork(shared if probe.world_size == 1 else None)
 
     prepare(s)
     resume_ckpt = start(s, fresh=fresh, resume=resume)
     offset = sum(p.steps for p in s.phases[:s.first_phase])
     for index in range(s.first_phase, len(s.phases)):
         offset = train_phase(s, index, offset, resume_ckpt if index == s.first_phase else None, callbacks)
+    if s.extra["best"] is not None:  # the final model is the best validation checkpoint
+        s.model.load_state_dict(s.extra["best"]["weights"])
+        s.log.write("best", step=s.extra["best"]["step"], **s.extra["best"]["rates"])
     s.resolved.schedule.before_evaluate(s.pruner)
     judge(s, "final")
     return write(s)
@@ -101,8 +117,11 @@ def prepare(s: Session) -> None:
     r, ds, backbone = s.recipe, s.resolved.dataset, s.resolved.backbone
     torch.manual_seed(r.seed)
     s.train = ds.load_split(r.dataset.train_split, s.progress)
-    s.test = ds.load_split(r.dataset.eval_split, s.progress)
-    s.log.write("data", train=len(s.train), eval=len(s.test), eval_split=r.dataset.eval_split, **ds.report())
+    s.evals = {split: ds.load_split(split, s.progress) for split in r.dataset.eval_splits}
+    if r.evaluation.every_steps:
+        split = r.evaluation.validation_split or r.dataset.eval_splits[0]
+        s.validation = s.evals[split] if split in s.evals else ds.load_split(split, s.progress)
+    s.log.write("data", train=len(s.train), eval={k: len(v) for k, v in s.evals.items()}, **ds.report())
     backbone.prepare(s.train, ds.unit)
     s.model = backbone.load()
     s.pool = s.resolved.select_pool(s.model)
@@ -118,7 +137,7 @@ def prepare(s: Session) -> None:
     s.pruner = PoolPruner(s.model, s.pool, criterion, r.pruning.scope, groups=groups, donor_masks=donor)
     s.pruner.snapshot("pretrained")
     s.phases = s.resolved.schedule.phases(r.training.max_steps)
-    s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages)
+    s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
                 pool_parameters=s.pruner.size, batch=batch_sizes(s))
 
@@ -152,11 +171,13 @@ def start(s: Session, *, fresh: bool, resume: bool) -> Path | None:
     if s.main:
         shutil.rmtree(root, ignore_errors=True)
     if s.recipe.evaluation.dense:
-        judge(s, "dense")
+        judge_dense(s)
     calibrate(s)
     s.resolved.schedule.on_start(s.pruner)
     if s.pruner.masks is not None:
         s.log.write("prune", step=0, sparsity=s.pruner.sparsity, pool_zero_fraction=s.pruner.zero_fraction())
+        if s.main:  # how far the final mask moves from this one is part of the answer (metrics: mask_iou_initial)
+            s.pruner.save_masks(s.rundir.path / "masks_initial.safetensors")
         if s.recipe.evaluation.after_prune:
             judge(s, "after_prune")
     return None
@@ -188,19 +209,50 @@ def calibrate(s: Session) -> None:
 # ------------------------------------------------------------------------------------------ phases
 
 def train_phase(s: Session, index: int, offset: int, resume_ckpt: Path | None, extra_callbacks: Sequence[Any]) -> int:
-    """Fine-tune phase ``index`` (resuming its checkpoint if given); returns the step offset after it."""
-    from transformers.trainer_callback import PrinterCallback
-
+    """Fine-tune phase ``index`` (resuming its checkpoint if given, or taking it from the shared folder
+    when another run trained it identically); returns the step offset after it."""
     r, schedule, pruner = s.recipe, s.resolved.schedule, s.pruner
     phase = s.phases[index]
     if resume_ckpt is None:
         schedule.on_phase_start(index, pruner)
+    with s.shared.hold("phase", phase_key(s, index)) as entry:
+        if entry is not None and entry.done:
+            load_shared_phase(s, index, entry.path)
+        else:
+            fine_tune(s, index, offset, resume_ckpt, extra_callbacks)
+            if phase.stage:
+                schedule.before_evaluate(pruner)
+                judge(s, phase.stage)
+            if entry is not None and s.main:
+                with entry.writing() as folder:
+                    store_shared_phase(s, index, folder)
+    before = pruner.prune_count
+    schedule.on_phase_end(index, pruner)
+    last = index == len(s.phases) - 1
+    if pruner.prune_count != before:
+        s.log.write("prune", step=offset + phase.steps, sparsity=pruner.sparsity, pool_zero_fraction=pruner.zero_fraction())
+        if s.main and not last:
+            pruner.save_masks(s.rundir.path / f"masks_{phase.name}.safetensors")
+    offset += phase.steps
+    if s.main and not last:
+        s.state.write(s.rundir.checkpoints / f"phase-{index}" / "end", phase=index, offset=offset, weights=True)
+    return offset
+
+
+def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, extra_callbacks: Sequence[Any]) -> None:
+    """One phase through the Trainer."""
+    from transformers.trainer_callback import PrinterCallback
+
+    r, schedule, pruner = s.recipe, s.resolved.schedule, s.pruner
+    phase = s.phases[index]
     phase_dir = s.rundir.checkpoints / f"phase-{index}"
     args = training_arguments(r, phase_dir, phase.steps)
     t0 = time.time()
     label = "fine-tuning" if len(s.phases) == 1 else f"fine-tuning ({phase.name})"
+    validate = (lambda step: validate_now(s, step, index)) if r.evaluation.every_steps and s.main else None
     with s.progress.task(label, total=phase.steps) as task, tensorboard_dir(r.training.report_to, s.rundir.path / "tensorboard" / phase.name):
-        driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training)
+        driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training, validate,
+                             r.evaluation.every_steps)
         trainer = trainer_class()(model=s.model, args=args, train_dataset=ListDataset(s.train),
                                   data_collator=s.resolved.backbone.collate,
                                   callbacks=[*callbacks(driver, s.state, index, r.training.keep_checkpoints), *extra_callbacks])
@@ -217,40 +269,156 @@ def train_phase(s: Session, index: int, offset: int, resume_ckpt: Path | None, e
             raise ParpkitError(f"{exc}; stopped, {keep}. Lower the learning rate or raise max_grad_norm "
                                "limits, then rerun into this directory to resume") from None
     s.seconds["train"] += time.time() - t0
-    s.loss_sum += float(result.training_loss) * phase.steps
+    s.phase_loss[phase.name] = float(result.training_loss)
     s.model = trainer.model
-    if phase.stage:
-        schedule.before_evaluate(pruner)
-        judge(s, phase.stage)
-    before = pruner.prune_count
-    schedule.on_phase_end(index, pruner)
-    last = index == len(s.phases) - 1
-    if pruner.prune_count != before:
-        s.log.write("prune", step=offset + phase.steps, sparsity=pruner.sparsity, pool_zero_fraction=pruner.zero_fraction())
-        if s.main and not last:
-            pruner.save_masks(s.rundir.path / f"masks_{phase.name}.safetensors")
-    offset += phase.steps
-    if s.main and not last:
-        s.state.write(phase_dir / "end", phase=index, offset=offset, weights=True)
-    return offset
+
+
+# ------------------------------------------------------------------------------------------ shared phases
+
+#: training settings that change no number (where and how often things are written)
+_BOOKKEEPING = {"save_steps", "keep_checkpoints", "logging_steps", "report_to", "dataloader_workers", "max_steps"}
+
+
+def phase_key(s: Session, index: int) -> dict | None:
+    """Everything that determines phase ``index``'s trained weights and its stage's scores, when the
+    schedule says the phase can be shared (``Schedule.phase_key``); None otherwise."""
+    phase = s.phases[index]
+    k = s.resolved.schedule.phase_key(index, phase)
+    if k is None:
+        return None
+    r = s.recipe
+    return {"schedule": k, "steps": phase.steps, "stage": phase.stage is not None, "seed": r.seed,
+            "backbone": r.backbone.model_dump(mode="json"),
+            "dataset": r.dataset.model_dump(mode="json"),
+            "training": {k: v for k, v in r.training.model_dump(mode="json").items() if k not in _BOOKKEEPING},
+            "pool": {"include": r.pruning.include, "exclude": r.pruning.exclude, "scope": r.pruning.scope,
+                     "criterion": r.pruning.criterion.model_dump(mode="json")},
+            "evaluation": r.evaluation.model_dump(mode="json"), "world_size": s.world_size}
+
+
+def store_shared_phase(s: Session, index: int, folder: Path) -> None:
+    phase = s.phases[index]
+    tree, tensors = split_tensors({"pruner": s.pruner.state_dict(), "criterion": s.resolved.criterion.state_dict()})
+    save_file(tensors, str(folder / "state.safetensors"))
+    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in s.model.state_dict().items()},
+              str(folder / "weights.safetensors"))
+    (folder / "phase.json").write_text(json.dumps({
+        "state": tree, "stage": s.stages.get(phase.stage) if phase.stage else None, "name": phase.name,
+        "train_loss": s.phase_loss.get(phase.name), "curve": [c for c in s.extra["curve"] if c["phase"] == index],
+        "run": str(s.rundir.path)}))
+
+
+def load_shared_phase(s: Session, index: int, folder: Path) -> None:
+    """Take phase ``index``'s trained weights, pool and criterion state, and stage scores from another
+    run that trained it identically. Stage sparsities are this run's own measurements."""
+    phase = s.phases[index]
+    meta = json.loads((folder / "phase.json").read_text())
+    state = join_tensors(meta["state"], load_file(str(folder / "state.safetensors")))
+    s.model.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    s.pruner.load_state_dict(state["pruner"])
+    s.resolved.criterion.load_state_dict(state["criterion"])
+    s.extra["curve"] += meta["curve"]
+    if meta["train_loss"] is not None:
+        s.phase_loss[phase.name] = meta["train_loss"]
+    if phase.stage and meta["stage"] is not None:
+        s.stages[phase.stage] = meta["stage"]
+    s.shared_phases.append(phase.name)
+    s.log.write("shared", phase=phase.name, entry=str(folder), trained_by=meta["run"])
+    s.progress.console.print(f"{phase.name}: trained identically by {meta['run']}; reusing it ({folder.name})",
+                             soft_wrap=True, markup=False)
+
+
+def dense_key(s: Session) -> dict:
+    r = s.recipe
+    return {"backbone": r.backbone.model_dump(mode="json"), "dataset": r.dataset.name,
+            "options": r.dataset.options, "splits": r.dataset.eval_splits,
+            "evaluation": {"batch_size": r.evaluation.batch_size, "normalizer": r.evaluation.normalizer}}
+
+
+def judge_dense(s: Session) -> None:
+    """The pretrained model's scores: the same for every run of a sweep, so computed once there."""
+    if not s.main:
+        return
+    with s.shared.hold("dense", dense_key(s)) as entry:
+        if entry is not None and entry.done:
+            rates = json.loads((entry.path / "rates.json").read_text())
+            shutil.copy2(entry.path / "transcripts.jsonl", s.rundir.path / "transcripts_dense.jsonl")
+            record(s, "dense", rates)
+            s.log.write("shared", stage="dense", entry=str(entry.path))
+            return
+        judge(s, "dense")
+        if entry is not None:
+            with entry.writing() as folder:
+                (folder / "rates.json").write_text(json.dumps(s.stages["dense"]["splits"]))
+                shutil.copy2(s.rundir.path / "transcripts_dense.jsonl", folder / "transcripts.jsonl")
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+@torch.no_grad()
+def validate_now(s: Session, step: int, phase: int) -> None:
+    """Score the model as it would be judged now on the validation split, then put training back as it
+    was (weights, masks): the learning curve does not change the run. Keeps the best checkpoint of the
+    last phase when ``evaluation.keep_best``."""
+    e, pruner = s.recipe.evaluation, s.pruner
+    split = e.validation_split or s.recipe.dataset.eval_splits[0]
+    weights = {n: p.detach().clone() for n, p in pruner.params.items()}
+    state = pruner.state_dict()
+    s.resolved.schedule.before_evaluate(pruner)
+    t0 = time.time()
+    rates = evaluate(s.resolved.backbone, s.resolved.dataset, s.model, s.validation, s.progress, f"validating at {step}",
+                     s.device, e.batch_size, normalizer=e.normalizer, split=split)
+    s.seconds["evaluate"] += time.time() - t0
+    point = {"step": step, "phase": phase, "split": split, **rates, "pool_sparsity": pruner.zero_fraction()}
+    s.extra["curve"].append(point)
+    s.log.write("validate", **point)
+    key = next(iter(rates))  # wer (or per)
+    best = s.extra["best"]
+    if e.keep_best and phase == len(s.phases) - 1 and (best is None or rates[key] < best["rates"][key]):
+        s.extra["best"] = {"step": step, "rates": rates,
+                           "weights": {k: v.detach().to("cpu", copy=True) for k, v in s.model.state_dict().items()}}
+    for n, p in pruner.params.items():
+        p.copy_(weights[n])
+    pruner.load_state_dict(state)
 
 
 # ------------------------------------------------------------------------------------------ judge
 
 def judge(s: Session, stage: str) -> None:
-    """Evaluate the model as it is now under ``stage`` (main process only)."""
+    """Evaluate the model as it is now under ``stage`` on every evaluation split (main process only)."""
     if not s.main:
         return
     t0 = time.time()
-    r = s.recipe
-    rates = evaluate(s.resolved.backbone, s.resolved.dataset, s.model, s.test, s.progress, stage, s.device,
-                     r.evaluation.batch_size, s.rundir.path / f"transcripts_{stage}.jsonl")
+    e = s.recipe.evaluation
+    transcripts = s.rundir.path / f"transcripts_{stage}.jsonl"
+    transcripts.unlink(missing_ok=True)
+    rates = {split: evaluate(s.resolved.backbone, s.resolved.dataset, s.model, utts, s.progress,
+                             stage if len(s.evals) == 1 else f"{stage} ({split})", s.device, e.batch_size, transcripts,
+                             e.normalizer, split)
+             for split, utts in s.evals.items()}
     s.seconds["evaluate"] += time.time() - t0
-    s.stages[stage] = {**rates, "pool_sparsity": s.pruner.zero_fraction(), "model_sparsity": model_zero_fraction(s.model)}
+    record(s, stage, rates)
+
+
+def record(s: Session, stage: str, rates: dict[str, dict[str, float]]) -> None:
+    """A stage's scores; its top-level rates are the first split's, ``splits`` holds each split's."""
+    s.stages[stage] = {**next(iter(rates.values())), "pool_sparsity": s.pruner.zero_fraction(),
+                       "model_sparsity": model_zero_fraction(s.model), "splits": rates}
     s.log.write("evaluate", stage=stage, **s.stages[stage])
 
 
 # ------------------------------------------------------------------------------------------ write
+
+def mask_iou_initial(s: Session) -> float | None:
+    """Intersection over union of the kept weights of the final and the first mask: how far the mask moved."""
+    path = s.rundir.path / "masks_initial.safetensors"
+    if s.pruner.masks is None or not path.exists():
+        return None
+    first = load_file(str(path))
+    inter = sum(int((m.cpu() & first[n]).sum()) for n, m in s.pruner.masks.items())
+    union = sum(int((m.cpu() | first[n]).sum()) for n, m in s.pruner.masks.items())
+    return inter / union if union else 1.0
+
 
 def write(s: Session) -> dict[str, Any]:
     """The run directory's results; returns the metrics (empty on other ranks than the main one)."""
@@ -267,15 +435,21 @@ def write(s: Session) -> dict[str, Any]:
         "plugins": {"backbone": r.backbone.name, "dataset": r.dataset.name,
                     "criterion": r.pruning.criterion.name, "schedule": r.pruning.schedule.name},
         "target_sparsity": r.pruning.sparsity, "scope": r.pruning.scope,
-        "eval_split": r.dataset.eval_split, "eval_utterances": len(s.test), "train_utterances": len(s.train),
+        "eval_split": r.dataset.eval_splits[0], "eval_utterances": len(next(iter(s.evals.values()))),
+        "eval_splits": {k: len(v) for k, v in s.evals.items()}, "train_utterances": len(s.train),
         "model_parameters": sum(p.numel() for p in s.model.parameters()),
         "pool_parameters": pruner.size, "pool_tensors": len(s.pool),
         "pool_pruned": sum(row["zeros"] for row in rows),
         "dataset": s.resolved.dataset.report(),
         "phases": [{"name": p.name, "steps": p.steps} for p in s.phases],
         "steps": sum(p.steps for p in s.phases), "prunes": pruner.prune_count, "batch": batch_sizes(s),
-        "train_loss": s.loss_sum / max(1, sum(p.steps for p in s.phases[s.first_phase:])),
+        "train_loss": (sum(s.phase_loss[p.name] * p.steps for p in s.phases if p.name in s.phase_loss)
+                       / max(1, sum(p.steps for p in s.phases if p.name in s.phase_loss))),
         "stages": s.stages,
+        "mask_iou_initial": mask_iou_initial(s),
+        "curve": s.extra["curve"],
+        "best": None if s.extra["best"] is None else {"step": s.extra["best"]["step"], **s.extra["best"]["rates"]},
+        "shared_phases": s.shared_phases,
         "wall_time_s": {"total": round(time.time() - s.started, 1), "train": round(s.seconds["train"], 1),
                         "evaluate": round(s.seconds["evaluate"], 1)},
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,8 @@ class PhaseDriver:
     task: Task
     offset: int  # updates done in earlier phases
     training: Any = None  # the recipe's training section
+    validate: Callable[[int], None] | None = None  # scores a learning-curve point at a step
+    every: int | None = None  # … every this many steps
 
     def gradients_ready(self, done: int) -> None:
         """``done``: updates of this phase finished before the coming one."""
@@ -140,6 +142,9 @@ def callbacks(driver: PhaseDriver, state: RunState, phase: int, keep_checkpoints
     class ProgressCallback(TrainerCallback):
         def on_step_end(self, args, st, control, **kw):
             driver.task.advance()
+            step = driver.offset + st.global_step
+            if driver.validate is not None and step % driver.every == 0:
+                driver.validate(step)
 
         def on_log(self, args, st, control, logs=None, **kw):
             logs = dict(logs or {})

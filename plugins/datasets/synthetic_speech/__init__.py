@@ -1,6 +1,11 @@
 """A deterministic synthetic speech corpus from the bundled espeak-ng: voices, variants, rates and
 pitches as speakers; train/validation/test with disjoint speakers and disjoint sentences; cached on
-disk at 16 kHz. A cache left half-written by a killed process is detected and rebuilt."""
+disk at 16 kHz. A cache left half-written by a killed process is detected and rebuilt.
+
+The ``ood`` split is out of domain on purpose: voice variants the other splits never use, rates and
+pitches outside their ranges, flat or exaggerated intonation, text from other sources (public-domain
+prose, and sentences with numbers, dates, money and names written as words), and optionally noise
+and reverberation. A model that only learned this synthesiser's in-domain voice and grammar shows it here."""
 
 from __future__ import annotations
 
@@ -21,7 +26,20 @@ from parpkit import Dataset, ParpkitError, PluginOptions, Progress, Utterance, h
 
 GENERATOR_VERSION = 2  # bump when sentences, speakers or audio processing change
 SAMPLE_RATE = 16000
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "ood")
+IN_DOMAIN = ("train", "validation", "test")
+
+# espeak-ng variants that sound unlike the training ones (m1..m7, f1..f5): measured by the distance of
+# their long-term spectra (2 dB and more) on espeak-ng 1.52; whispered variants left out (no voicing)
+OOD_VARIANTS = [
+    "Mike", "max", "RicishayMax", "klatt3", "Mario", "announcer", "klatt4", "edward2", "klatt5", "victor", "klatt6", "pedro",
+    "adam", "Denis", "robosoft3", "Diogo", "robosoft2", "robosoft", "Reed", "Michael", "pablo", "john", "sandro", "Alex",
+    "benjamin", "michel", "rob", "Mr serious", "edward", "robert", "Gene", "Nguyen", "mike2", "quincy", "Storm", "miguel",
+    "paul", "Henrique", "antonio", "iven3", "UniRobot", "Andy", "boris", "Annie", "Gene2", "Hugo", "RicishayMax3", "Tweaky",
+    "RicishayMax2", "robosoft7", "gustave", "shelby", "david", "iven4", "grandma", "iven", "marcelo", "norbert", "robosoft8",
+    "linda", "ed", "Andrea", "kaukovalta", "Lee", "ian", "Jacky", "robosoft5", "belinda", "Marco", "m8", "robosoft4",
+    "travis", "AnxiousAndy", "klatt", "Demonic", "iven2", "Alicia", "steph", "klatt2", "anikaRobot", "robosoft6", "anika",
+    "steph2", "steph3", "zac"]
 
 
 class SyntheticOptions(PluginOptions):
@@ -35,6 +53,22 @@ class SyntheticOptions(PluginOptions):
     rate: tuple[int, int] = (140, 190)
     pitch: tuple[int, int] = (30, 70)
     seed: int = 0
+    # the out-of-domain split (sizes.ood > 0): its own variants, prosody and text
+    ood_variants: list[str] = Field(default_factory=lambda: list(OOD_VARIANTS))
+    #: words-per-minute ranges, outside the training range (slow and fast)
+    ood_rate: list[tuple[int, int]] = Field(default_factory=lambda: [(80, 125), (205, 300)])
+    #: pitch ranges (0..100), outside the training range (low and high)
+    ood_pitch: list[tuple[int, int]] = Field(default_factory=lambda: [(0, 20), (80, 100)])
+    #: intonation ranges (espeak's 0..100; the other splits use its default, 50)
+    ood_intonation: list[int] = Field(default_factory=lambda: [0, 10, 85, 100])
+    #: share of sentences with numbers, dates, money and names; the rest is public-domain prose
+    ood_numbers: float = Field(default=0.3, ge=0, le=1)
+    #: share of utterances with added noise (5..20 dB SNR) and with reverberation (RT60 0.3..0.9 s)
+    ood_noise: float = Field(default=0.0, ge=0, le=1)
+    ood_reverb: float = Field(default=0.0, ge=0, le=1)
+    #: slow speakers get the shorter sentences, so that no utterance should last longer than this
+    #: (estimated from words and rate, generously): a 10 s whisper window holds every one
+    ood_max_seconds: float = Field(default=9.5, gt=1)
 
     @model_validator(mode="after")
     def _check(self):
@@ -45,6 +79,11 @@ class SyntheticOptions(PluginOptions):
         for split, n in self.sizes.items():
             if n > 0 and self.speakers.get(split, 0) <= 0:
                 raise ValueError(f"split {split!r} has {n} utterances but no speakers")
+        shared = set(self.ood_variants) & set(self.variants)
+        if shared:
+            raise ValueError(f"ood_variants must differ from the training variants; both have {sorted(shared)}")
+        if self.sizes.get("ood", 0) > 0 and not self.ood_variants:
+            raise ValueError("the ood split needs ood_variants")
         return self
 
 
@@ -68,13 +107,14 @@ class SyntheticSpeech(Dataset):
         rng = random.Random(o.seed)
         combos = list(itertools.product(o.voices, o.variants))
         rng.shuffle(combos)
-        need = sum(o.speakers.get(s, 0) for s in self.split_names())
+        in_domain = [s for s in self.split_names() if s in IN_DOMAIN]
+        need = sum(o.speakers.get(s, 0) for s in in_domain)
         if need > len(combos):
             raise ValueError(f"{need} speakers asked for, but only {len(combos)} voice/variant pairs exist")
-        sizes = {s: o.sizes.get(s, 0) for s in self.split_names()}
+        sizes = {s: o.sizes.get(s, 0) for s in in_domain}
         sentences = SentenceGenerator(o.seed).unique(sum(sizes.values()))
         plan, start_s, start_t = {}, 0, 0
-        for split in self.split_names():
+        for split in in_domain:
             speakers = []
             for voice, variant in combos[start_s:start_s + o.speakers[split]]:
                 speakers.append({"voice": f"{voice}+{variant}", "rate": rng.randint(*o.rate), "pitch": rng.randint(*o.pitch)})
@@ -86,7 +126,56 @@ class SyntheticSpeech(Dataset):
                              "seed": o.seed * 1_000_003 + start_t + i, **spk})
             start_t += sizes[split]
             plan[split] = rows
+        if "ood" in self.split_names():
+            plan["ood"] = self._plan_ood()
         return plan
+
+    def _plan_ood(self) -> list[dict]:
+        """Out-of-domain rows, from a generator of their own (the other splits stay as they were)."""
+        from .prose import PROSE, numbers_and_names
+
+        o = self.options
+        n = o.sizes["ood"]
+        rng = random.Random(o.seed * 7919 + 1)
+        combos = list(itertools.product(o.voices, o.ood_variants))
+        rng.shuffle(combos)
+        if o.speakers["ood"] > len(combos):
+            raise ValueError(f"{o.speakers['ood']} ood speakers asked for, but only {len(combos)} voice/variant pairs exist")
+        speakers = []
+        for voice, variant in combos[:o.speakers["ood"]]:
+            lo, hi = rng.choice(o.ood_rate)
+            plo, phi = rng.choice(o.ood_pitch)
+            speakers.append({"voice": f"{voice}+{variant}", "rate": rng.randint(lo, hi), "pitch": rng.randint(plo, phi),
+                             "intonation": rng.choice(o.ood_intonation)})
+        n_numbers = round(o.ood_numbers * n)
+        if n - n_numbers > len(PROSE):
+            raise ValueError(f"the ood split asks for {n - n_numbers} prose sentences; there are {len(PROSE)}")
+        texts = [("prose", t) for t in rng.sample(PROSE, n - n_numbers)]
+        texts += [("numbers", t) for t in numbers_and_names(o.seed, n_numbers)]
+        rng.shuffle(texts)
+
+        def seconds(text: str, rate: int) -> float:  # espeak pauses at punctuation: a generous estimate
+            return len(text.split()) * 60 / rate * 1.15 + 0.4
+
+        for i in range(len(texts)):  # a sentence too long for its speaker swaps with the next that fits
+            rate = speakers[i % len(speakers)]["rate"]
+            if seconds(texts[i][1], rate) > o.ood_max_seconds:
+                j = next((j for j in range(i + 1, len(texts)) if seconds(texts[j][1], rate) <= o.ood_max_seconds
+                          and seconds(texts[i][1], speakers[j % len(speakers)]["rate"]) <= o.ood_max_seconds), None)
+                if j is not None:
+                    texts[i], texts[j] = texts[j], texts[i]
+        rows = []
+        for i, (kind, text) in enumerate(texts):
+            spk = speakers[i % len(speakers)]
+            row = {"id": f"ood-{i:05d}", "text": text, "kind": kind,
+                   "speaker": f"{spk['voice']}@{spk['rate']}/{spk['pitch']}/{spk['intonation']}",
+                   "seed": o.seed * 1_000_003 + 900_000 + i, **spk}
+            if rng.random() < o.ood_noise:
+                row["noise_snr_db"] = round(rng.uniform(5, 20), 1)
+            if rng.random() < o.ood_reverb:
+                row["reverb_rt60_s"] = round(rng.uniform(0.3, 0.9), 2)
+            rows.append(row)
+        return rows
 
     # --------------------------------------------------------------------------- cache
     @property
@@ -113,6 +202,8 @@ class SyntheticSpeech(Dataset):
         if target.exists():
             progress.console.print(f"[yellow]{target}: incomplete or damaged corpus cache, rebuilding it[/]")
         plan = self.plan()
+        if "ood" in plan:
+            _check_variants(self.options.ood_variants)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
@@ -161,8 +252,9 @@ class SyntheticSpeech(Dataset):
         for line in (directory / f"{split}.jsonl").open():
             row = json.loads(line)
             pcm = audio[row["offset"]:row["offset"] + row["length"]]
+            extra = {k: row[k] for k in ("kind", "noise_snr_db", "reverb_rt60_s") if k in row}
             out.append(Utterance(id=row["id"], audio=(pcm.astype(np.float32) / 32768.0), sample_rate=SAMPLE_RATE,
-                                 text=row["text"], speaker=row["speaker"]))
+                                 text=row["text"], speaker=row["speaker"], extra=extra))
         return out
 
 
@@ -171,6 +263,7 @@ def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
     try:
         import soxr
 
+        from .degrade import add_noise, reverberate
         from .espeak import Espeak
 
         engine, out, splits = Espeak.get(), Path(tmp), {}
@@ -178,12 +271,18 @@ def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
             pieces, offset = [], 0
             with (out / f"{split}.jsonl").open("w") as meta:
                 for row in rows:
-                    raw = engine.synth(row["text"], row["voice"], row["rate"], row["pitch"], seed=row["seed"])
+                    raw = engine.synth(row["text"], row["voice"], row["rate"], row["pitch"], seed=row["seed"],
+                                       intonation=row.get("intonation"))
                     audio = soxr.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
+                    if "reverb_rt60_s" in row:
+                        audio = reverberate(audio, row["reverb_rt60_s"], np.random.default_rng(row["seed"]), SAMPLE_RATE)
+                    if "noise_snr_db" in row:
+                        audio = add_noise(audio, row["noise_snr_db"], np.random.default_rng(row["seed"] + 1), sample_rate=SAMPLE_RATE)
                     pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
                     pieces.append(pcm)
+                    info = {k: row[k] for k in ("kind", "noise_snr_db", "reverb_rt60_s") if k in row}
                     meta.write(json.dumps({"id": row["id"], "text": row["text"], "speaker": row["speaker"],
-                                           "offset": offset, "length": len(pcm)}) + "\n")
+                                           "offset": offset, "length": len(pcm), **info}) + "\n")
                     offset += len(pcm)
                     conn.send(("advance", 1))
             np.save(out / f"{split}.npy", np.concatenate(pieces) if pieces else np.zeros(0, np.int16))
@@ -193,6 +292,16 @@ def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
+
+
+def _check_variants(names: list[str]) -> None:
+    """espeak-ng silently falls back to the plain voice for a variant it does not know: refuse instead."""
+    from .espeak import variant_names
+
+    missing = sorted(set(names) - variant_names())
+    if missing:
+        raise ParpkitError(f"synthetic_speech: espeak-ng has no voice variant {', '.join(map(repr, missing))} "
+                           f"(ood_variants); it has {len(variant_names())}")
 
 
 @hookimpl

@@ -11,7 +11,7 @@ from parpkit import ParpkitError
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
-_RATE, _PITCH = 1, 3
+_RATE, _PITCH, _RANGE = 1, 3, 4
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
@@ -50,18 +50,34 @@ class Espeak:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0
 
-    def synth(self, text: str, voice: str, rate: int, pitch: int, seed: int = 0) -> np.ndarray:
-        """int16 samples at ``self.sample_rate``."""
+    def synth(self, text: str, voice: str, rate: int, pitch: int, seed: int = 0, intonation: int | None = None) -> np.ndarray:
+        """int16 samples at ``self.sample_rate``; ``intonation`` is espeak's pitch range (0 monotone, 50 its
+        default, 100 exaggerated; None leaves it alone)."""
         self._libc.srand(seed)  # espeak-ng draws from rand() and from its own generator
         self.lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ParpkitError(f"espeak-ng has no voice {voice!r}")
         self.lib.espeak_SetParameter(_RATE, int(rate), 0)
         self.lib.espeak_SetParameter(_PITCH, int(pitch), 0)
+        if intonation is not None:
+            self.lib.espeak_SetParameter(_RANGE, int(intonation), 0)
         self._chunks = []
         data = text.encode("utf-8")
         code = self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
         self.lib.espeak_Synchronize()
+        if intonation is not None:  # it persists across voices: back to the default
+            self.lib.espeak_SetParameter(_RANGE, 50, 0)
         if code != 0 or not self._chunks:
             raise ParpkitError(f"espeak-ng could not synthesise {text!r} with voice {voice!r} (code {code})")
         return np.concatenate(self._chunks)
+
+
+def variant_names() -> set[str]:
+    """The voice variants in espeak-ng's data (``voices/!v``)."""
+    import os
+
+    try:
+        import espeakng_loader
+    except ImportError:
+        raise ParpkitError("the synthetic speech corpus needs espeak-ng: pip install espeakng-loader") from None
+    return set(os.listdir(os.path.join(espeakng_loader.get_data_path(), "voices", "!v")))

@@ -1,0 +1,168 @@
+"""Sweeps: a grid of recipe variations, each point a run of its own under one sweep directory.
+
+A recipe's ``sweep:`` section lists grids. Each grid maps axes to lists of values and is crossed (every
+combination) unless its lists sit under ``zip:`` (taken element by element, then crossed with the rest).
+An axis is a dotted recipe key (``pruning.sparsity``) or the name of a ``variants`` table, whose values
+are labels for bundles of overrides (``method: {random: {pruning.schedule: {name: fixed}, …}}``)::
+
+    sweep:
+      variants:
+        method:
+          parp: {pruning.schedule: {name: parp, options: {interval: 20}}}
+          random: {pruning.schedule: {name: fixed}, pruning.criterion: {name: random}}
+      grids:
+        - {method: [parp, random], pruning.sparsity: [0.5, 0.9]}
+        - cross: {method: [parp]}
+          zip: {pruning.sparsity: [0.5, 0.7], seed: [1, 2]}
+
+Points are deduplicated; each runs into ``SWEEP_DIR/<name>`` with the work points share (the dense
+evaluation, identical fine-tuning phases) kept once in ``SWEEP_DIR/shared``. A point's recipe is the
+base recipe without its ``sweep`` section plus the point's overrides: exactly what ``parpkit run RECIPE
+--set sweep=null --set …`` runs, so points can also be run one per process or per GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, model_validator
+
+from parpkit.errors import RecipeError
+from parpkit.recipe import _Strict, parse_override, recipe_from_mapping
+
+
+class Grid(_Strict):
+    cross: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        """A grid written as a plain mapping of axes is crossed."""
+        if isinstance(data, dict) and not set(data) & {"cross", "zip"}:
+            return {"cross": data}
+        return data
+
+    @model_validator(mode="after")
+    def _lists(self):
+        for part in (self.cross, self.zip):
+            for axis, values in part.items():
+                if not values:
+                    raise ValueError(f"axis {axis!r} has no values")
+        lengths = {len(v) for v in self.zip.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"zip lists must have the same length, got {sorted(lengths)}")
+        if set(self.cross) & set(self.zip):
+            raise ValueError(f"axes both crossed and zipped: {sorted(set(self.cross) & set(self.zip))}")
+        return self
+
+
+class SweepSection(_Strict):
+    #: axis name -> label -> overrides (dotted recipe keys to values)
+    variants: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+    grids: list[Grid] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    axes: tuple[tuple[str, Any], ...]  # (axis, value or variant label) in axis order
+    overrides: dict[str, Any]
+
+    def label(self, axis: str) -> Any:
+        return dict(self.axes).get(axis)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (dict, list)):
+        return "h" + __import__("hashlib").sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+    return str(value)
+
+
+def _name(axes: tuple[tuple[str, Any], ...]) -> str:
+    parts = [f"{axis.rsplit('.', 1)[-1]}-{_text(value)}" for axis, value in axes]
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts)) or "point"
+
+
+def points(sweep: SweepSection, file: str = "<recipe>") -> list[Point]:
+    """Every point of every grid, in order, without duplicates (same overrides)."""
+    out: list[Point] = []
+    seen: set[str] = set()
+    for g, grid in enumerate(sweep.grids):
+        crossed = list(itertools.product(*[[(a, v) for v in vals] for a, vals in grid.cross.items()]))
+        zipped = list(zip(*[[(a, v) for v in vals] for a, vals in grid.zip.items()], strict=True)) or [()]
+        for left in crossed:
+            for right in zipped:
+                axes = tuple(left) + tuple(right)
+                overrides: dict[str, Any] = {}
+                for axis, value in axes:
+                    if axis in sweep.variants:
+                        if value not in sweep.variants[axis]:
+                            known = ", ".join(sweep.variants[axis])
+                            raise RecipeError(f"{axis} has no variant {value!r}; it has: {known}", file=file,
+                                              key=f"sweep.grids[{g}]")
+                        overrides.update(sweep.variants[axis][value])
+                    else:
+                        overrides[axis] = value
+                canon = json.dumps(overrides, sort_keys=True, default=str)
+                if canon in seen:
+                    continue
+                seen.add(canon)
+                out.append(Point(_name(axes), axes, overrides))
+    names = [p.name for p in out]
+    clashes = {n for n in names if names.count(n) > 1}
+    if clashes:  # two different override sets under one label (e.g. dict values of the same hash prefix)
+        out = [Point(f"{p.name}_{i}", p.axes, p.overrides) if p.name in clashes else p for i, p in enumerate(out)]
+    return out
+
+
+def point_recipe(base: dict[str, Any], point: Point, overrides: list[str] = (), file: str = "<recipe>"):
+    """The recipe a point runs: the base recipe with ``sweep`` removed, the sweep's own ``--set``
+    overrides, then the point's, before ``${var}`` substitution: what ``run_command`` runs. Returns the
+    validated recipe and its resolved mapping."""
+    combined: dict[str, Any] = {"sweep": None}
+    for text in overrides:
+        keys, value = parse_override(text)
+        combined[".".join(keys)] = value
+    combined.update(point.overrides)
+    return recipe_from_mapping(base, combined, file)
+
+
+def sweep_of(data: dict[str, Any], file: str) -> SweepSection:
+    from pydantic import ValidationError
+
+    from parpkit.recipe import format_validation_error
+
+    if not data.get("sweep"):
+        raise RecipeError("this recipe has no sweep: section (see `parpkit sweep --help`)", file=file, key="sweep")
+    try:
+        return SweepSection.model_validate(data["sweep"])
+    except ValidationError as exc:
+        raise format_validation_error(exc, file, prefix="sweep") from None
+
+
+def run_command(recipe: Path, point: Point, run_dir: Path, shared: Path, overrides: list[str]) -> str:
+    """The ``parpkit run`` command line of one point (for a scheduler, or one process per GPU)."""
+    args = ["parpkit", "run", str(recipe), "--set", "sweep=null"]
+    for text in overrides:
+        args += ["--set", text]
+    for key, value in point.overrides.items():
+        args += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}"]
+    args += ["--output-dir", str(run_dir), "--shared", str(shared)]
+    return shlex.join(args)
+
+
+def write_index(directory: Path, recipe: Path, plist: list[Point]) -> None:
+    """``sweep.json``: the points, their axes and directories (what ``parpkit report`` labels them by)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"name": p.name, "axes": {a: v for a, v in p.axes}, "overrides": p.overrides} for p in plist]
+    (directory / "sweep.json").write_text(json.dumps({"recipe": str(recipe), "points": rows}, indent=1, default=str))

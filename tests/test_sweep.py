@@ -1,0 +1,159 @@
+"""Sweeps, shared work, learning curves and reports on the tiny random-initialised whisper."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import parpkit
+from parpkit.cli import main
+from parpkit.errors import RecipeError
+from parpkit.sweep import SweepSection, points
+from tests.conftest import requires_offline, same_results, tiny_recipe, write_recipe
+
+pytestmark = requires_offline
+
+METHODS = {"parp": {"pruning.schedule": {"name": "parp", "options": {"interval": 1}}},
+           "fixed": {"pruning.schedule": {"name": "fixed"}},
+           "omp": {"pruning.schedule": {"name": "omp", "options": {"dense_steps": 2}}}}
+
+
+def _sweep_recipe(grids, **changes):
+    recipe = tiny_recipe(**{"training.max_steps": 2, "training.save_steps": 1, **changes})
+    recipe["sweep"] = {"variants": {"method": METHODS}, "grids": grids}
+    return recipe
+
+
+def test_points_cross_zip_and_deduplicate():
+    sweep = SweepSection.model_validate({"variants": {"method": METHODS}, "grids": [
+        {"method": ["parp", "fixed"], "pruning.sparsity": [0.3, 0.6]},
+        {"cross": {"method": ["parp"]}, "zip": {"pruning.sparsity": [0.3, 0.9], "seed": [0, 1]}}]})
+    plist = points(sweep)
+    assert [p.name for p in plist] == ["method-parp_sparsity-0.3", "method-parp_sparsity-0.6", "method-fixed_sparsity-0.3",
+                                       "method-fixed_sparsity-0.6", "method-parp_sparsity-0.3_seed-0",
+                                       "method-parp_sparsity-0.9_seed-1"]
+    assert plist[-1].overrides == {"pruning.schedule": {"name": "parp", "options": {"interval": 1}}, "pruning.sparsity": 0.9, "seed": 1}
+    with pytest.raises(RecipeError, match="method has no variant 'imp'"):
+        points(SweepSection.model_validate({"variants": {"method": METHODS}, "grids": [{"method": ["imp"]}]}))
+    with pytest.raises(ValueError, match="zip lists must have the same length"):
+        SweepSection.model_validate({"grids": [{"zip": {"seed": [0, 1], "pruning.sparsity": [0.5]}}]})
+
+
+def test_a_sweep_killed_after_its_first_point_finishes_on_rerun_and_reports(tmp_path, capsys):
+    path = write_recipe(tmp_path / "sweep.yaml", _sweep_recipe([{"method": ["parp", "fixed"], "pruning.sparsity": [0.3, 0.6]}]))
+    out = tmp_path / "grid"
+    assert main(["sweep", str(path), "--output-dir", str(out), "--dry-run"]) == 0
+    assert "4 points" in capsys.readouterr().out and not (out / "shared").exists()
+
+    proc = subprocess.Popen([sys.executable, "-m", "parpkit.cli", "sweep", str(path), "--output-dir", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "method-parp_sparsity-0.3" / "metrics.json"
+    deadline = time.time() + 300
+    while not first.exists():
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stamp = first.stat().st_mtime_ns
+    assert main(["sweep", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    assert first.stat().st_mtime_ns == stamp  # the finished point was not run again
+    runs = sorted(p.name for p in out.iterdir() if (p / "metrics.json").exists())
+    assert runs == ["method-fixed_sparsity-0.3", "method-fixed_sparsity-0.6", "method-parp_sparsity-0.3", "method-parp_sparsity-0.6"]
+    # the dense model was evaluated once for all four
+    shared_dense = [p for p in (out / "shared").iterdir() if p.name.startswith("dense-") and p.is_dir()]
+    assert len(shared_dense) == 1
+    dense = {json.dumps(json.loads((out / r / "metrics.json").read_text())["stages"]["dense"]["splits"]) for r in runs}
+    assert len(dense) == 1
+
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    report = out / "report"
+    table = (report / "table.md").read_text().splitlines()
+    assert table[0].startswith("| method | sparsity | seeds | WER test")
+    assert len([line for line in table[2:] if line.startswith("| ")]) == 4
+    assert {line.split("|")[1].strip() for line in table[2:] if line.startswith("| ")} == {"parp", "fixed"}
+    assert (report / "wer_vs_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((report / "heatmaps").glob("*.png"))) == 4
+    with (report / "mask_iou.csv").open() as f:
+        matrix = list(csv.reader(f))
+    assert len(matrix) == 5 and all(float(matrix[i][i]) == 1.0 for i in range(1, 5))
+    values = [[float(v) for v in row[1:]] for row in matrix[1:]]
+    assert all(values[i][j] == values[j][i] and 0 < values[i][j] <= 1 for i in range(4) for j in range(4))
+
+
+def test_omp_points_share_one_dense_fine_tune_and_get_the_same_result(tmp_path):
+    path = write_recipe(tmp_path / "sweep.yaml", _sweep_recipe([{"method": ["omp"], "pruning.sparsity": [0.3, 0.6]}]))
+    out = tmp_path / "grid"
+    assert main(["sweep", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    logs = {p.name: [json.loads(line) for line in (p / "log.jsonl").open()] for p in out.iterdir() if (p / "log.jsonl").exists()}
+    trained = {name: [e for e in log if e["event"] == "train" and e["step"] <= 2 and "loss" in e] for name, log in logs.items()}
+    shared = {name: [e for e in log if e["event"] == "shared" and e.get("phase") == "dense"] for name, log in logs.items()}
+    assert sorted(len(v) for v in shared.values()) == [0, 1]  # one point trained the dense phase, the other took it
+    taker = next(name for name, v in shared.items() if v)
+    assert not trained[taker]  # … without training it
+    metrics = json.loads((out / taker / "metrics.json").read_text())
+    assert metrics["shared_phases"] == ["dense"] and "dense_finetuned" in metrics["stages"]
+    # the same point alone, nothing shared: identical results
+    commands = subprocess.run([sys.executable, "-m", "parpkit.cli", "sweep", str(path), "--output-dir", str(out), "--print-commands"],
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+    command = next(c for c in commands if f"--output-dir {out / taker}" in c)
+    args = shlex.split(command)[1:]
+    alone = tmp_path / "alone"
+    args = args[:args.index("--output-dir")] + ["--output-dir", str(alone), "--quiet"]
+    assert main(args) == 0
+    assert (alone / "recipe.yaml").read_text() == (out / taker / "recipe.yaml").read_text()  # the command runs the same recipe
+    same_results(alone, out / taker)
+    assert json.loads((alone / "metrics.json").read_text())["shared_phases"] == []
+
+
+def test_learning_curve_leaves_training_alone_and_keep_best_picks_the_best_point(tmp_path):
+    base = {"training.max_steps": 6, "pruning.schedule": {"name": "parp", "options": {"interval": 2}}}
+    plain = parpkit.run(tiny_recipe(**base), output_dir=tmp_path / "plain", progress=False)
+    curve = parpkit.run(tiny_recipe(**base, **{"evaluation.every_steps": 2}), output_dir=tmp_path / "curve", progress=False)
+    points_ = curve.metrics["curve"]
+    assert [p["step"] for p in points_] == [2, 4, 6] and all(p["split"] == "test" for p in points_)
+    assert all(p["pool_sparsity"] == pytest.approx(0.5, abs=1e-3) for p in points_)  # scored as judged: re-pruned
+    same_results(plain.run_dir, curve.run_dir)  # scoring the curve changed nothing
+    assert points_[-1]["wer"] == curve.final["wer"]  # the last point is the final model
+
+    best = parpkit.run(tiny_recipe(**base, **{"evaluation.every_steps": 2, "evaluation.keep_best": True, "training.learning_rate": 3e-2}),
+                       output_dir=tmp_path / "best", progress=False)
+    wers = [p["wer"] for p in best.metrics["curve"]]
+    assert best.metrics["best"]["step"] == best.metrics["curve"][wers.index(min(wers))]["step"]
+    assert best.final["wer"] == min(wers)
+    masks = best.masks()
+    weights = load_file(str(best.model_dir / "model.safetensors"))
+    assert all(not weights[n][~m].any() for n, m in masks.items())  # the best checkpoint is exactly sparse
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.5 * best.metrics["pool_parameters"])
+
+
+def test_compare_masks_matrix_and_layers(tmp_path, capsys):
+    a = parpkit.run(tiny_recipe(**{"training.max_steps": 1}), output_dir=tmp_path / "a", progress=False)
+    b = parpkit.run(tiny_recipe(**{"training.max_steps": 1, "pruning.criterion": {"name": "random"}}), output_dir=tmp_path / "b",
+                    progress=False)
+    assert main(["compare-masks", str(a.run_dir), str(b.run_dir), "--output", str(tmp_path / "cmp")]) == 0
+    with (tmp_path / "cmp" / "mask_iou.csv").open() as f:
+        rows = list(csv.reader(f))
+    ma, mb = a.masks(), b.masks()
+    inter = sum(int((ma[n] & mb[n]).sum()) for n in ma)
+    union = sum(int((ma[n] | mb[n]).sum()) for n in ma)
+    assert rows[0] == ["run", "a", "b"] and float(rows[1][1]) == float(rows[2][2]) == 1.0
+    assert float(rows[1][2]) == pytest.approx(inter / union, abs=1e-6)
+    assert 0.2 < inter / union < 0.5  # half the pool kept by each, independently: about 1/3
+    with (tmp_path / "cmp" / "mask_iou_layers.csv").open() as f:
+        layers = {r["layer"] for r in csv.DictReader(f)}
+    assert layers == {"model.encoder.layers.0", "model.decoder.layers.0"}
+    assert (tmp_path / "cmp" / "mask_iou.png").exists()
+    # a run's mask against its first mask: PARP at a high learning rate moves it
+    assert 0 < a.metrics["mask_iou_initial"] <= 1
+    assert torch.equal(torch.tensor(b.metrics["mask_iou_initial"]), torch.tensor(1.0))  # random scores never move
