@@ -287,7 +287,7 @@ def phase_key(s: Session, index: int) -> dict | None:
     if k is None:
         return None
     r = s.recipe
-    return {"schedule": k, "steps": phase.steps, "stage": phase.stage is not None, "seed": r.seed,
+    return {"schedule": k, "steps": phase.steps, "seed": r.seed,
             "backbone": r.backbone.model_dump(mode="json"),
             "dataset": r.dataset.model_dump(mode="json"),
             "training": {k: v for k, v in r.training.model_dump(mode="json").items() if k not in _BOOKKEEPING},
@@ -320,8 +320,12 @@ def load_shared_phase(s: Session, index: int, folder: Path) -> None:
     s.extra["curve"] += meta["curve"]
     if meta["train_loss"] is not None:
         s.phase_loss[phase.name] = meta["train_loss"]
-    if phase.stage and meta["stage"] is not None:
-        s.stages[phase.stage] = meta["stage"]
+    if phase.stage:  # scored by the run that trained it, or (if it did not score it) here
+        if meta["stage"] is not None:
+            s.stages[phase.stage] = meta["stage"]
+        else:
+            s.resolved.schedule.before_evaluate(s.pruner)
+            judge(s, phase.stage)
     s.shared_phases.append(phase.name)
     s.log.write("shared", phase=phase.name, entry=str(folder), trained_by=meta["run"])
     s.progress.console.print(f"{phase.name}: trained identically by {meta['run']}; reusing it ({folder.name})",
