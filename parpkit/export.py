@@ -23,6 +23,8 @@ def export_compact(run_dir: Path, output: Path | None = None) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "model").is_dir():
         raise ParpkitError(f"{run_dir}: not a finished parpkit run (expected recipe.yaml and model/)")
+    if not any((run_dir / "model" / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise ParpkitError(f"{run_dir / 'model'}: no model weights (model.safetensors); the run did not finish writing it")
     output = Path(output or run_dir / "compact")
     recipe, _ = load_recipe(run_dir / "recipe.yaml")
     resolved = resolve(recipe, Plugins(), str(run_dir / "recipe.yaml"))

@@ -13,25 +13,45 @@ JSON values and tensors, ``load_state_dict(state)`` takes it back. Checkpoints s
 
 from __future__ import annotations
 
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+from parpkit.errors import ParpkitError
 
 if TYPE_CHECKING:
     from parpkit.progress import Progress
     from parpkit.units import UnitGroup
 
 
-class PluginOptions(BaseModel):
-    """Base for every plugin's options: unknown keys are errors, not silence."""
+def _numeric(annotation: Any) -> bool:
+    """An int or float field (or an optional one), where a YAML ``true`` would silently become 1."""
+    args = typing.get_args(annotation) or (annotation,)
+    return any(a in (int, float) for a in args) and bool not in args
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors, not silence; a boolean is not a number."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {value!r}")
+        return value
+
+
+class PluginOptions(StrictModel):
+    """Base for every plugin's options: unknown keys are errors, not silence."""
 
 
 class _Plugin:
@@ -44,12 +64,13 @@ class _Plugin:
 
 @dataclass
 class Utterance:
-    """One recording: mono float32 audio in [-1, 1] at ``sample_rate``, and its transcript."""
+    """One recording: mono float32 audio in [-1, 1] at ``sample_rate``, and its transcript (``None``: an
+    unlabelled recording, which only distillation can train on: the teacher supplies its transcript)."""
 
     id: str
     audio: np.ndarray
     sample_rate: int
-    text: str
+    text: str | None
     speaker: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -66,7 +87,8 @@ class Dataset(_Plugin, ABC):
     def __init__(self, options: PluginOptions | None = None, *, cache_dir: Path, **kw: Any):
         super().__init__(options, **kw)
         self.cache_dir = Path(cache_dir)
-        #: audio files skipped as unreadable (datasets that allow skipping append here)
+        #: what was skipped: unreadable audio files, rows without a transcript (datasets that allow
+        #: skipping append here; metrics.json counts them)
         self.skipped: list[str] = []
 
     @abstractmethod
@@ -85,7 +107,7 @@ class Dataset(_Plugin, ABC):
         return text
 
     def report(self) -> dict[str, Any]:
-        """Facts for metrics.json: by default, the files skipped as unreadable."""
+        """Facts for metrics.json: by default, what was skipped (unreadable audio, missing transcripts)."""
         return {"skipped_unreadable": len(self.skipped), "skipped_files": self.skipped[:20]} if self.skipped else {}
 
 
@@ -123,6 +145,11 @@ class Backbone(_Plugin, ABC):
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         """Write a directory that plain ``transformers`` loads (model and processor)."""
 
+    def output_mask(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        """Which positions of ``logits`` (batch, positions, vocabulary) hold real outputs, for distillation:
+        by default all; a seq2seq model's label positions, a CTC model's unpadded frames."""
+        return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+
     def structured_groups(self, model: torch.nn.Module) -> list[UnitGroup]:
         """Coupled slices that form whole units (FFN neurons, attention heads), for structured criteria
         and compact export. Backbones declare them; nothing is traced."""
@@ -131,6 +158,19 @@ class Backbone(_Plugin, ABC):
     def load_saved(self, directory: Path) -> torch.nn.Module:
         """Load a model this backbone saved (``save``), for export; also readies tokenizer and features."""
         raise NotImplementedError(f"backbone {self.name!r} cannot reload a saved run")
+
+    @staticmethod
+    def check_config_keys(config_class: type, keys: Iterable[str]) -> None:
+        """Refuse keys a transformers config class does not know: it would keep them as attributes and
+        build the default model, silently (``encoder_layer: 3`` leaves a 1-layer model)."""
+        import difflib
+
+        known = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
+        unknown = [k for k in keys if k not in known]
+        if unknown:
+            hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, known, 1)) else "")
+                     for k in unknown]
+            raise ParpkitError(f"config: {config_class.__name__} has no key {', '.join(hints)}")
 
 
 # ------------------------------------------------------------------------------------------ criteria

@@ -248,7 +248,11 @@ def load_donor_masks(source: str | Path, params: dict[str, torch.Tensor], *, fil
         path = path / "masks.safetensors"
     if not path.is_file():
         raise RecipeError(f"no mask file at {path} (give a run directory or a masks.safetensors)", file=file, key="pruning.mask_from")
-    masks = load_masks(path)
+    try:
+        masks = load_masks(path)
+    except Exception as exc:  # safetensors raises its own error types for files that are not masks
+        raise RecipeError(f"{path} is not a readable safetensors mask file ({type(exc).__name__}); give a run directory "
+                          "or the masks.safetensors a run wrote", file=file, key="pruning.mask_from") from None
     problems = [f"{n}: missing in the donor" for n in params if n not in masks]
     problems += [f"{n}: not in this pool" for n in masks if n not in params]
     problems += [f"{n}: shape {tuple(masks[n].shape)} in the donor, {tuple(params[n].shape)} here"

@@ -16,10 +16,54 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from parpkit.errors import RecipeError
+from parpkit.interfaces import StrictModel
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = StrictModel
+
+#: the expanded recipe (YAML aliases followed) may hold at most this many values: a few hundred bytes of
+#: nested aliases ("billion laughs") must fail at once, not after minutes and gigabytes
+MAX_VALUES = 100_000
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """Safe YAML, reading 1e-3 and 5e-1 as numbers (YAML 1.1 wants 1.0e-3; people write 1e-3)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def count_values(node: Any, limit: int = MAX_VALUES) -> int:
+    """How many values ``node`` holds with every alias expanded, counted in linear time (shared nodes
+    are counted once per reference without walking them again); stops early past ``limit``."""
+    memo: dict[int, int] = {}
+
+    def size(x: Any) -> int:
+        if not isinstance(x, (dict, list)):
+            return 1
+        if id(x) in memo:
+            return memo[id(x)]
+        children = x.values() if isinstance(x, dict) else x
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        memo[id(x)] = total
+        return total
+
+    return size(node)
 
 
 class PluginRef(_Strict):
@@ -59,10 +103,8 @@ class PruningSection(_Strict):
     @field_validator("sparsity", mode="before")
     @classmethod
     def _sparsity_range(cls, v: Any) -> Any:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
             raise ValueError(f"expected a number in [0, 1), got {v!r}")
-        if not 0 <= v < 1:
-            raise ValueError(f"expected a number in [0, 1), got {v}")
         return v
 
     @field_validator("include", "exclude")
@@ -87,9 +129,10 @@ class TrainingSection(_Strict):
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    max_grad_norm: float = 1.0
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.98, ge=0, lt=1)
+    #: gradient clipping (0: none); fixed masks zero pruned gradients before it
+    max_grad_norm: float = Field(default=1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     logging_steps: int = Field(default=10, gt=0)
     dataloader_workers: int = Field(default=0, ge=0)
@@ -132,6 +175,20 @@ class EvaluationSection(_Strict):
     after_prune: bool = True
 
 
+class DistillationSection(_Strict):
+    """Fine-tune toward the dense teacher's outputs too, so the sparse model keeps what it knew."""
+
+    #: share of the loss that is the divergence to the teacher: (1 - weight) * task + weight * T^2 * KL
+    weight: float = Field(default=0.5, ge=0, le=1)
+    #: softmax temperature of both distributions
+    temperature: float = Field(default=2.0, gt=0)
+    #: null: the pretrained model before the first prune; or a directory holding a model of the same
+    #: architecture and vocabulary (e.g. a dense fine-tune's run directory model/)
+    teacher: str | None = None
+    #: weight of the mean squared difference of every layer's hidden states, added to the loss (0: none)
+    hidden_weight: float = Field(default=0.0, ge=0)
+
+
 class Recipe(_Strict):
     name: str
     seed: int = 0
@@ -143,6 +200,8 @@ class Recipe(_Strict):
     pruning: PruningSection
     training: TrainingSection
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    #: distillation from the dense teacher; null: none
+    distillation: DistillationSection | None = None
     #: a grid of variations of this recipe for `parpkit sweep` (see parpkit.sweep); `parpkit run` ignores it
     sweep: dict[str, Any] | None = None
 
@@ -161,7 +220,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise RecipeError(f"--set expects key.path=value, got {text!r}")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = parse_yaml(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return key.strip().split("."), parsed
@@ -229,13 +288,16 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read the recipe: {exc}", file=file) from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise RecipeError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=file) from None
     if not isinstance(data, dict):
         raise RecipeError(f"expected a mapping of recipe keys at the top level, got {type(data).__name__}", file=file)
+    if count_values(data) > MAX_VALUES:
+        raise RecipeError(f"the recipe expands to more than {MAX_VALUES:,} values once its YAML aliases are followed; "
+                          "a recipe is a few hundred values (nested aliases?)", file=file)
     return data
 
 

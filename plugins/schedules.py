@@ -14,6 +14,9 @@ from parpkit import Phase, PluginOptions, Pruner, Schedule, hookimpl
 class ParpOptions(PluginOptions):
     #: re-prune at the target every this many optimizer steps
     interval: int = Field(default=50, gt=0)
+    #: at each re-prune, Adam's moments of weights that were pruned, grew back and are kept: keep them (as
+    #: the reference does) or reset them to zero (as AC/DC does), so their updates start afresh
+    reset_moments: Literal["keep", "regrown"] = "keep"
 
 
 class Parp(Schedule):
@@ -27,23 +30,31 @@ class Parp(Schedule):
     def __init__(self, options=None, **kw: Any):
         super().__init__(options, **kw)
         self.last_prune_step = 0
+        self.moments_reset = 0  # weights whose optimizer state was reset, over all re-prunes
 
     def on_start(self, pruner: Pruner) -> None:
         pruner.initial_mask(self.target)
 
+    def reprune(self, sparsity: float, pruner: Pruner) -> None:
+        before = {n: m.clone() for n, m in pruner.masks.items()} if self.options.reset_moments == "regrown" else None
+        pruner.prune(sparsity)
+        if before is not None:
+            self.moments_reset += pruner.reset_optimizer_state({n: pruner.masks[n] & ~before[n] for n in before})
+
     def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
         if step % self.options.interval == 0:
-            pruner.prune(self.target)
+            self.reprune(self.target, pruner)
             self.last_prune_step = step
 
     def before_evaluate(self, pruner: Pruner) -> None:
         pruner.prune(self.target)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_prune_step": self.last_prune_step}
+        return {"last_prune_step": self.last_prune_step, "moments_reset": self.moments_reset}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_prune_step = int(state.get("last_prune_step", 0))
+        self.moments_reset = int(state.get("moments_reset", 0))
 
 
 class Fixed(Schedule):
@@ -108,7 +119,7 @@ class ParpProgressive(Parp):
     def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
         self.step = step
         if step % self.options.interval == 0:
-            pruner.prune(self.sparsity_at(step))
+            self.reprune(self.sparsity_at(step), pruner)
             self.last_prune_step = step
 
     def before_evaluate(self, pruner: Pruner) -> None:

@@ -94,3 +94,17 @@ def test_resume_flag_without_a_checkpoint_is_an_error(tmp_path, capsys):
     path = write_recipe(tmp_path / "r.yaml", _recipe(**{"training.max_steps": 2}))
     assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet", "--resume"]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_directory_written_before_a_new_recipe_key_is_still_recognised(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", _recipe(**{"training.max_steps": 1}))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    # as an older release wrote it: without keys that were added since (at their defaults)
+    text = (out / "recipe.yaml").read_text()
+    older = "\n".join(line for line in text.splitlines() if not line.startswith(("distillation:", "sweep:", "  report_to:")))
+    assert older != text
+    (out / "recipe.yaml").write_text(older + "\n")
+    capsys.readouterr()
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    assert "this run is complete" in " ".join(capsys.readouterr().err.split())

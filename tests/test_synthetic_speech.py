@@ -78,6 +78,18 @@ def test_the_ood_split_is_out_of_domain_in_voice_prosody_and_text(tmp_path):
         SyntheticOptions(ood_variants=["m1", "klatt"])
 
 
+@pytest.mark.skipif(__import__("shutil").which("flite") is None, reason="needs the flite synthesiser (apt-get install flite)")
+def test_the_flite_split_reads_other_sentences_with_another_synthesiser(tmp_path):
+    d = _corpus(tmp_path, sizes={"train": 4, "ood": 6, "ood_flite": 8}, speakers={"train": 2, "ood": 3, "ood_flite": 4})
+    flite, ood = d.load_split("ood_flite", QUIET), d.load_split("ood", QUIET)
+    assert len(flite) == 8 and len({u.speaker for u in flite}) == 4
+    assert all(u.speaker.startswith("flite:") for u in flite)
+    assert not {u.text for u in flite} & {u.text for u in ood}
+    again = _corpus(tmp_path / "again", sizes={"train": 4, "ood": 6, "ood_flite": 8},
+                    speakers={"train": 2, "ood": 3, "ood_flite": 4}).load_split("ood_flite", QUIET)
+    assert all(np.array_equal(x.audio, y.audio) for x, y in zip(flite, again, strict=True))  # deterministic
+
+
 def test_an_unknown_ood_variant_is_refused_not_ignored(tmp_path):
     from parpkit.errors import ParpkitError
 

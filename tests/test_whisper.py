@@ -28,7 +28,7 @@ def reference():
 
 def test_ct2_directory_converts_to_the_same_model(reference, tmp_path):
     src = write_ct2(reference, tmp_path / "ct2", TOKENIZER)
-    backbone = WhisperBackbone(WhisperOptions(model=str(src)), cache_dir=tmp_path / "cache")
+    backbone = WhisperBackbone(WhisperOptions(model=str(src), max_new_tokens=8), cache_dir=tmp_path / "cache")
     model = backbone.load().eval()
     ref = reference.state_dict()
     got = model.state_dict()
@@ -43,7 +43,7 @@ def test_ct2_directory_converts_to_the_same_model(reference, tmp_path):
     cached = list((tmp_path / "cache" / "whisper-ct2").iterdir())
     assert len(cached) == 1 and (cached[0] / "COMPLETE").exists()
     mtime = (cached[0] / "model.safetensors").stat().st_mtime_ns
-    WhisperBackbone(WhisperOptions(model=str(src)), cache_dir=tmp_path / "cache").load()
+    WhisperBackbone(WhisperOptions(model=str(src), max_new_tokens=8), cache_dir=tmp_path / "cache").load()
     assert (cached[0] / "model.safetensors").stat().st_mtime_ns == mtime
 
 
@@ -51,7 +51,7 @@ def test_truncated_model_bin_names_the_file_and_what_was_expected(reference, tmp
     src = write_ct2(reference, tmp_path / "ct2", TOKENIZER)
     data = (src / "model.bin").read_bytes()
     (src / "model.bin").write_bytes(data[: len(data) // 2])
-    backbone = WhisperBackbone(WhisperOptions(model=str(src)), cache_dir=tmp_path / "cache")
+    backbone = WhisperBackbone(WhisperOptions(model=str(src), max_new_tokens=8), cache_dir=tmp_path / "cache")
     with pytest.raises(ModelFormatError, match=r"model\.bin: truncated while reading the data of .*needs \d+ bytes at offset"):
         backbone.load()
 
@@ -60,7 +60,7 @@ def test_missing_file_in_ct2_directory(reference, tmp_path):
     src = write_ct2(reference, tmp_path / "ct2", TOKENIZER)
     (src / "tokenizer.json").unlink()
     with pytest.raises(ModelFormatError, match=r"not a complete CTranslate2 Whisper model: missing tokenizer\.json"):
-        WhisperBackbone(WhisperOptions(model=str(src)), cache_dir=tmp_path / "cache").load()
+        WhisperBackbone(WhisperOptions(model=str(src), max_new_tokens=8), cache_dir=tmp_path / "cache").load()
 
 
 def test_missing_model_directory_and_package(tmp_path):
@@ -71,7 +71,7 @@ def test_missing_model_directory_and_package(tmp_path):
 
 
 def test_encoder_window_slices_positions_and_keeps_outputs_for_short_audio(tmp_path):
-    opts = dict(config=dict(TINY_WHISPER), tokenizer=str(TOKENIZER), seed=3)
+    opts = dict(config=dict(TINY_WHISPER), tokenizer=str(TOKENIZER), seed=3, max_new_tokens=8)
     full = WhisperBackbone(WhisperOptions(**opts), cache_dir=tmp_path).load().eval()
     cut_backbone = WhisperBackbone(WhisperOptions(**opts, encoder_window_s=5), cache_dir=tmp_path)
     cut = cut_backbone.load().eval()
@@ -87,7 +87,7 @@ def test_encoder_window_slices_positions_and_keeps_outputs_for_short_audio(tmp_p
 def test_collate_labels_follow_the_decoder_prompt(tmp_path):
     from parpkit.interfaces import Utterance
 
-    b = WhisperBackbone(WhisperOptions(config=dict(TINY_WHISPER), tokenizer=str(TOKENIZER), encoder_window_s=2), cache_dir=tmp_path)
+    b = WhisperBackbone(WhisperOptions(config=dict(TINY_WHISPER), tokenizer=str(TOKENIZER), encoder_window_s=2, max_new_tokens=8), cache_dir=tmp_path)
     model = b.load()
     batch = b.collate([Utterance("a", np.zeros(8000, np.float32), 16000, "Hello there."),
                        Utterance("b", np.zeros(4000, np.float32), 16000, "Hi.")])

@@ -110,15 +110,46 @@ class RunState:
         return meta
 
 
-def find_resume_point(root: Path, n_phases: int) -> tuple[int, Path | None, Path | None]:
-    """(first phase to train, its checkpoint to resume or None, phase boundary to restore or None)."""
-    boundary, start = None, 0
-    for i in range(n_phases):
-        end = root / f"phase-{i}" / "end"
-        if is_complete(end):
-            boundary, start = end, i + 1
-    if start < n_phases:
-        complete = [p for p in checkpoints(root / f"phase-{start}") if is_complete(p)]
-        if complete:
-            return start, complete[-1], boundary
-    return start, None, boundary
+def problem(directory: Path) -> str | None:
+    """Why a complete checkpoint cannot be used (a file damaged or missing since), or None. Reads the JSON
+    files, the safetensors headers (which also catch truncation) and the zip directories of torch files."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    needed = ["parpkit_state.json", "parpkit_tensors.safetensors"]
+    needed += ["weights.safetensors"] if directory.name == "end" else ["trainer_state.json", "model.safetensors"]
+    for name in needed:
+        if not (directory / name).is_file():
+            return f"{name} is missing"
+    try:
+        for name in ("parpkit_state.json", "trainer_state.json"):
+            if (directory / name).is_file():
+                json.loads((directory / name).read_text())
+        for path in directory.glob("*.safetensors"):
+            with safe_open(str(path), "pt"):
+                pass
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            if (directory / name).is_file():
+                with zipfile.ZipFile(directory / name) as z:
+                    z.namelist()
+    except Exception as exc:  # json, safetensors and zipfile each raise their own kinds
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged'}"
+    return None
+
+
+def find_resume_point(root: Path, n_phases: int) -> tuple[int, Path | None, Path | None, list[str]]:
+    """(first phase to train, its Trainer checkpoint to resume or None, the phase end to restore or
+    None, notes on damaged checkpoints passed over). The most advanced usable one wins: a checkpoint in
+    phase i, else the end of phase i-1 (the start of phase i), and so on back."""
+    notes: list[str] = []
+    for i in reversed(range(n_phases)):
+        candidates = [(c, None) for c in reversed(checkpoints(root / f"phase-{i}")) if is_complete(c)]
+        if i > 0 and is_complete(root / f"phase-{i - 1}" / "end"):
+            candidates.append((None, root / f"phase-{i - 1}" / "end"))
+        for ckpt, end in candidates:
+            why = problem(ckpt or end)
+            if why is None:
+                return i, ckpt, end, notes
+            notes.append(f"{ckpt or end} is damaged ({why})")
+    return 0, None, None, notes

@@ -25,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from parpkit.engine.distill import Distiller, make_teacher, pseudo_label
 from parpkit.engine.checkpoints import RunState, checkpoints, find_resume_point, is_complete, join_tensors, split_tensors
 from parpkit.engine.evaluation import evaluate
 from parpkit.engine.rundir import RunDir
@@ -34,6 +35,7 @@ from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, ca
 from parpkit.errors import ParpkitError
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
 from parpkit.masks import PoolPruner, load_donor_masks, model_zero_fraction
+from parpkit.metrics import normalise, normalise_units
 from parpkit.progress import Progress
 from parpkit.resolve import Resolved
 from parpkit.units import restrict
@@ -64,6 +66,8 @@ class Session:
     first_phase: int = 0
     shared: SharedWork = field(default_factory=lambda: SharedWork(None))
     shared_phases: list[str] = field(default_factory=list)
+    distiller: Distiller | None = None
+    pseudo_labelled: int = 0  # training utterances the teacher transcribed
     #: what checkpoints keep beside the stages: the learning curve and the best validation checkpoint
     extra: dict[str, Any] = field(default_factory=lambda: {"curve": [], "best": None})
 
@@ -89,25 +93,38 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
     mapping = resolved_mapping if resolved_mapping is not None else recipe.model_dump(mode="json")
     probe = training_arguments(recipe, Path(output_dir or recipe.run_dir()), 1)  # sets up the process group (torchrun)
     rundir = RunDir(Path(output_dir or recipe.run_dir()), yaml.safe_dump(mapping, sort_keys=False), main=probe.process_index == 0)
-    rundir.claim(fresh)
-    if not fresh and (done := rundir.finished_metrics()) is not None:
-        progress.console.print(f"{rundir.path}: this run is complete (pass --fresh to run it again)", soft_wrap=True, markup=False)
-        return done if rundir.main else {}
-    rundir.write_recipe()
-    s = Session(resolved, progress, rundir, probe.device, rundir.main, probe.world_size)
-    s.shared = SharedWork(shared if probe.world_size == 1 else None)
+    rundir.acquire()
+    try:
+        rundir.claim(fresh)
+        if not fresh and (done := rundir.finished_metrics()) is not None:
+            progress.console.print(f"{rundir.path}: this run is complete (pass --fresh to run it again)", soft_wrap=True,
+                                   markup=False)
+            return done if rundir.main else {}
+        preflight(resolved)
+        rundir.write_recipe()
+        s = Session(resolved, progress, rundir, probe.device, rundir.main, probe.world_size)
+        s.shared = SharedWork(shared if probe.world_size == 1 else None)
 
-    prepare(s)
-    resume_ckpt = start(s, fresh=fresh, resume=resume)
-    offset = sum(p.steps for p in s.phases[:s.first_phase])
-    for index in range(s.first_phase, len(s.phases)):
-        offset = train_phase(s, index, offset, resume_ckpt if index == s.first_phase else None, callbacks)
-    if s.extra["best"] is not None:  # the final model is the best validation checkpoint
-        s.model.load_state_dict(s.extra["best"]["weights"])
-        s.log.write("best", step=s.extra["best"]["step"], **s.extra["best"]["rates"])
-    s.resolved.schedule.before_evaluate(s.pruner)
-    judge(s, "final")
-    return write(s)
+        prepare(s)
+        resume_ckpt = start(s, fresh=fresh, resume=resume)
+        offset = sum(p.steps for p in s.phases[:s.first_phase])
+        for index in range(s.first_phase, len(s.phases)):
+            offset = train_phase(s, index, offset, resume_ckpt if index == s.first_phase else None, callbacks)
+        if s.extra["best"] is not None:  # the final model is the best validation checkpoint
+            s.model.load_state_dict(s.extra["best"]["weights"])
+            s.log.write("best", step=s.extra["best"]["step"], **s.extra["best"]["rates"])
+        s.resolved.schedule.before_evaluate(s.pruner)
+        judge(s, "final")
+        return write(s)
+    finally:
+        rundir.release()
+
+
+def preflight(resolved: Resolved) -> None:
+    """What ``parpkit validate`` checks, before any data loads or the directory is claimed: the dataset's
+    layout and plan, the model's architecture and the pool."""
+    resolved.dataset.check()
+    resolved.select_pool(resolved.backbone.skeleton())
 
 
 # ------------------------------------------------------------------------------------------ prepare
@@ -118,12 +135,34 @@ def prepare(s: Session) -> None:
     torch.manual_seed(r.seed)
     s.train = ds.load_split(r.dataset.train_split, s.progress)
     s.evals = {split: ds.load_split(split, s.progress) for split in r.dataset.eval_splits}
+    for split, utts in s.evals.items():
+        norm = normalise if ds.unit == "words" else normalise_units
+        if any(u.text is None for u in utts):
+            raise ParpkitError(f"dataset.eval_split: split {split!r} has utterances without transcripts; an evaluation "
+                               "split needs them all")
+        if not any(norm(ds.score_text(u.text)) for u in utts):
+            raise ParpkitError(f"dataset.eval_split: split {split!r} has nothing to score: every one of its {len(utts)} "
+                               "transcripts is empty once normalised")
     if r.evaluation.every_steps:
         split = r.evaluation.validation_split or r.dataset.eval_splits[0]
         s.validation = s.evals[split] if split in s.evals else ds.load_split(split, s.progress)
     s.log.write("data", train=len(s.train), eval={k: len(v) for k, v in s.evals.items()}, **ds.report())
-    backbone.prepare(s.train, ds.unit)
+    labelled = [u for u in s.train if u.text is not None]
+    backbone.prepare(labelled, ds.unit)
     s.model = backbone.load()
+    if r.distillation is not None:  # before the first prune: the teacher is the dense pretrained model
+        s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, r.training.precision)
+        s.log.write("teacher", source=r.distillation.teacher or "pretrained", memory_mb=round(s.distiller.memory_mb, 1),
+                    parameters=sum(p.numel() for p in s.distiller.teacher.parameters()))
+    if len(labelled) < len(s.train):
+        if s.distiller is None:
+            raise ParpkitError(f"dataset.train_split: {len(s.train) - len(labelled)} of the {len(s.train)} utterances of "
+                               f"{r.dataset.train_split!r} have no transcript; unlabelled audio trains only with "
+                               "distillation (the teacher transcribes it): add a distillation: section")
+        s.train = pseudo_label(s.distiller, s.train, s.progress, r.evaluation.batch_size,
+                               s.rundir.path / "pseudo_labels.jsonl" if s.main else None)
+        s.pseudo_labelled = len(s.train) - len(labelled)
+        s.log.write("pseudo_labels", utterances=s.pseudo_labelled)
     s.pool = s.resolved.select_pool(s.model)
     criterion = s.resolved.criterion
     groups = restrict(backbone.structured_groups(s.model), set(s.pool)) if isinstance(criterion, StructuredCriterion) else []
@@ -155,16 +194,17 @@ def start(s: Session, *, fresh: bool, resume: bool) -> Path | None:
     """Restore the newest complete checkpoint, or begin: dense evaluation, calibration, initial mask.
     Returns the Trainer checkpoint to resume the first phase from, if any."""
     root = s.rundir.checkpoints
-    first, resume_ckpt, boundary = (0, None, None) if fresh else find_resume_point(root, len(s.phases))
+    first, resume_ckpt, boundary, notes = (0, None, None, []) if fresh else find_resume_point(root, len(s.phases))
+    for note in notes:
+        s.log.write("damaged_checkpoint", message=note)
+        s.progress.console.print(f"{note}; passing over it", soft_wrap=True, markup=False)
     resuming = boundary is not None or resume_ckpt is not None
     if resume and not resuming:
         raise ParpkitError(f"--resume: {s.rundir.path} holds no complete checkpoint to resume from "
                            "(set training.save_steps to write them)")
     s.first_phase = first
     if resuming:
-        for directory in (boundary, resume_ckpt):
-            if directory is not None:
-                s.state.read(directory)
+        s.state.read(resume_ckpt or boundary)  # a phase end also carries the weights the next phase starts from
         s.log.write("resume", phase=first, checkpoint=str(resume_ckpt or boundary))
         s.progress.console.print(f"resuming from {resume_ckpt or boundary}", soft_wrap=True, markup=False)
         return resume_ckpt
@@ -252,12 +292,14 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
     validate = (lambda step: validate_now(s, step, index)) if r.evaluation.every_steps and s.main else None
     with s.progress.task(label, total=phase.steps) as task, tensorboard_dir(r.training.report_to, s.rundir.path / "tensorboard" / phase.name):
         driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training, validate,
-                             r.evaluation.every_steps)
+                             r.evaluation.every_steps, s.distiller)
         trainer = trainer_class()(model=s.model, args=args, train_dataset=ListDataset(s.train),
                                   data_collator=s.resolved.backbone.collate,
                                   callbacks=[*callbacks(driver, s.state, index, r.training.keep_checkpoints), *extra_callbacks])
         trainer.remove_callback(PrinterCallback)  # progress and the JSONL log report instead
         trainer.parp = driver
+        if s.distiller is not None:  # the loss is a mean per batch: let the Trainer scale it for accumulation
+            trainer.model_accepts_loss_kwargs = False
         if resume_ckpt is not None:
             task.advance(int(resume_ckpt.name.split("-")[-1]))
         try:
@@ -287,13 +329,12 @@ def phase_key(s: Session, index: int) -> dict | None:
     if k is None:
         return None
     r = s.recipe
-    return {"schedule": k, "steps": phase.steps, "seed": r.seed,
-            "backbone": r.backbone.model_dump(mode="json"),
-            "dataset": r.dataset.model_dump(mode="json"),
-            "training": {k: v for k, v in r.training.model_dump(mode="json").items() if k not in _BOOKKEEPING},
+    dump = lambda section: section.model_dump(mode="json", exclude_defaults=True)  # noqa: E731  (new keys keep old entries)
+    return {"schedule": k, "steps": phase.steps, "seed": r.seed, "backbone": dump(r.backbone), "dataset": dump(r.dataset),
+            "training": {k: v for k, v in dump(r.training).items() if k not in _BOOKKEEPING},
             "pool": {"include": r.pruning.include, "exclude": r.pruning.exclude, "scope": r.pruning.scope,
-                     "criterion": r.pruning.criterion.model_dump(mode="json")},
-            "evaluation": r.evaluation.model_dump(mode="json"), "world_size": s.world_size}
+                     "criterion": dump(r.pruning.criterion)},
+            "evaluation": dump(r.evaluation), "world_size": s.world_size}
 
 
 def store_shared_phase(s: Session, index: int, folder: Path) -> None:
@@ -334,7 +375,7 @@ def load_shared_phase(s: Session, index: int, folder: Path) -> None:
 
 def dense_key(s: Session) -> dict:
     r = s.recipe
-    return {"backbone": r.backbone.model_dump(mode="json"), "dataset": r.dataset.name,
+    return {"backbone": r.backbone.model_dump(mode="json", exclude_defaults=True), "dataset": r.dataset.name,
             "options": r.dataset.options, "splits": r.dataset.eval_splits,
             "evaluation": {"batch_size": r.evaluation.batch_size, "normalizer": r.evaluation.normalizer}}
 
@@ -454,6 +495,9 @@ def write(s: Session) -> dict[str, Any]:
         "curve": s.extra["curve"],
         "best": None if s.extra["best"] is None else {"step": s.extra["best"]["step"], **s.extra["best"]["rates"]},
         "shared_phases": s.shared_phases,
+        "distillation": None if s.distiller is None else {
+            **r.distillation.model_dump(mode="json"), "teacher_memory_mb": round(s.distiller.memory_mb, 1),
+            "teacher_seconds": round(s.distiller.seconds, 1), "pseudo_labelled": s.pseudo_labelled},
         "wall_time_s": {"total": round(time.time() - s.started, 1), "train": round(s.seconds["train"], 1),
                         "evaluate": round(s.seconds["evaluate"], 1)},
     }

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import datetime
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from parpkit.errors import ParpkitError
 
@@ -35,30 +38,87 @@ class JsonlLog:
             f.write(json.dumps(row) + "\n")
 
 
+def same_recipe(old_text: str, new_text: str) -> bool:
+    """Whether two resolved recipes ask for the same run. Compared without the values that equal the
+    schema's defaults, so that a parpkit release adding a recipe key (with a default) still recognises
+    the run directories it wrote before."""
+    if old_text == new_text:
+        return True
+    from parpkit.recipe import Recipe, parse_yaml
+
+    try:
+        old, new = (Recipe.model_validate(parse_yaml(t)).model_dump(mode="json", exclude_defaults=True) for t in (old_text, new_text))
+    except Exception:  # a recipe.yaml this release cannot read is not this recipe
+        return False
+    return old == new
+
+
 class RunDir:
     """``recipe.yaml``, ``metrics.json``, ``log.jsonl``, ``sparsity.csv``, masks, transcripts, ``model/`` and
-    ``checkpoints/``. A directory holds one recipe: another recipe is refused, a finished run is not redone."""
+    ``checkpoints/``. One run at a time: an exclusive lock (``.lock``, naming its holder) is held while a
+    run works here, and dies with its process. A directory holds one recipe: another recipe is refused
+    while there is something to lose (a finished run or a checkpoint), and a finished run is not redone."""
 
     def __init__(self, path: Path, recipe_text: str, main: bool = True):
         self.path, self.recipe_text, self.main = Path(path), recipe_text, main
         self.checkpoints = self.path / "checkpoints"
         self.log = JsonlLog(self.path / "log.jsonl", enabled=main)
+        self._lock: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Create the directory and take its lock, or say who holds it."""
+        if not self.main:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise ParpkitError(f"{self.path}: the run directory is a file; pass --output-dir with a directory")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path / ".lock", "a+")
+        except OSError as exc:
+            raise ParpkitError(f"{self.path}: cannot write the run directory ({exc.strerror})") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise ParpkitError(f"{self.path} is in use by {holder}; wait for it to end, or pass another --output-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        lock.flush()
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     def finished_metrics(self) -> dict | None:
         path = self.path / "metrics.json"
         return json.loads(path.read_text()) if path.exists() else None
 
+    def has_results(self) -> bool:
+        """A finished run or a complete checkpoint: something a different recipe would destroy."""
+        return (self.path / "metrics.json").exists() or any(self.checkpoints.glob("phase-*/*/COMPLETE"))
+
     def claim(self, fresh: bool) -> None:
         """Make the directory this recipe's: with ``fresh`` discard what is there; otherwise refuse a
-        directory that holds another recipe."""
+        directory that holds results of another recipe (a run that stopped before writing any, say on
+        a typo, does not block its corrected re-run)."""
         recipe = self.path / "recipe.yaml"
-        if fresh and self.main:
-            for stale in ("metrics.json", "log.jsonl", "recipe.yaml"):
-                (self.path / stale).unlink(missing_ok=True)
-            shutil.rmtree(self.checkpoints, ignore_errors=True)
-        elif not fresh and recipe.exists() and recipe.read_text() != self.recipe_text:
+        if not self.main:
+            return
+        other = recipe.exists() and not same_recipe(recipe.read_text(), self.recipe_text)
+        if other and not fresh and self.has_results():
             raise ParpkitError(f"{self.path} holds a run of a different recipe; pass --fresh to start it over, or "
                                "--output-dir for a new directory")
+        if fresh or other:
+            for stale in ("metrics.json", "log.jsonl", "recipe.yaml", "masks_initial.safetensors"):
+                (self.path / stale).unlink(missing_ok=True)
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
 
     def write_recipe(self) -> None:
         if self.main:

@@ -79,6 +79,7 @@ class PhaseDriver:
     training: Any = None  # the recipe's training section
     validate: Callable[[int], None] | None = None  # scores a learning-curve point at a step
     every: int | None = None  # … every this many steps
+    distiller: Any = None  # parpkit.engine.distill.Distiller, when the recipe distils
 
     def gradients_ready(self, done: int) -> None:
         """``done``: updates of this phase finished before the coming one."""
@@ -106,6 +107,15 @@ def trainer_class():
                 self.lr_scheduler = make_tri_stage(optimizer or self.optimizer, num_training_steps, t.lr_scheduler_kwargs)
                 return self.lr_scheduler
             return super().create_scheduler(num_training_steps, optimizer)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            distiller = self.parp.distiller
+            if distiller is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            student_inputs = {**inputs, "output_hidden_states": True} if distiller.settings.hidden_weight else inputs
+            task, outputs = super().compute_loss(model, student_inputs, return_outputs=True)  # a mean over the batch
+            loss = distiller.loss(task, outputs, inputs)
+            return (loss, outputs) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)

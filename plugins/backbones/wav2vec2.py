@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from parpkit import (Backbone, ParpkitError, PluginOptions, Utterance, ffn_group, head_group, hookimpl, normalise,
+from parpkit import (Backbone, ModelFormatError, ParpkitError, PluginOptions, Utterance, ffn_group, head_group, hookimpl, normalise,
                      normalise_units)
 
 # q/k/v/out of every transformer block's attention and both feed-forward linears, weights and biases.
@@ -77,10 +77,20 @@ class CTCBackbone(Backbone):
         o = self.options
         if (o.model is None) == (o.config is None):
             raise ParpkitError(f"{self.name}: give exactly one of `model` (pretrained) or `config` (random initialisation)")
+        if o.config is not None:
+            from transformers import AutoConfig
+
+            try:
+                config_class = type(AutoConfig.for_model(o.model_type))
+            except ValueError:
+                raise ParpkitError(f"{self.name}: unknown model_type {o.model_type!r} (e.g. wav2vec2, hubert, wavlm, "
+                                   "data2vec-audio)") from None
+            self.check_config_keys(config_class, o.config)
         self.unit = "words"
         self.tokenizer = None
         self.feature_extractor = None
         self.use_attention_mask = True
+        self.conv_kernel, self.conv_stride = [10, 3, 3, 3, 3, 2, 2], [5, 2, 2, 2, 2, 2, 2]
 
     def prepare(self, train: Sequence[Utterance], unit: str) -> None:
         self.unit = unit
@@ -124,9 +134,11 @@ class CTCBackbone(Backbone):
         else:
             try:
                 model = AutoModelForCTC.from_pretrained(o.model, config=config, ignore_mismatched_sizes=True, dtype=torch.float32)
-            except OSError as exc:
-                raise ParpkitError(f"{self.name}: cannot load {o.model!r}: {str(exc).splitlines()[0]}") from None
+            except Exception as exc:  # OSError for missing files; safetensors and torch errors for damaged ones
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ModelFormatError(f"{self.name}: cannot load {o.model!r}: {type(exc).__name__}: {text}") from None
         self.use_attention_mask = getattr(config, "feat_extract_norm", "layer") == "layer"
+        self.conv_kernel, self.conv_stride = list(config.conv_kernel), list(config.conv_stride)
         try:
             self.feature_extractor = AutoFeatureExtractor.from_pretrained(o.model) if o.model else None
         except OSError:
@@ -152,10 +164,26 @@ class CTCBackbone(Backbone):
     def collate(self, batch: Sequence[Utterance]) -> dict[str, torch.Tensor]:
         inputs = self._inputs([u.audio for u in batch])
         ids = [self.tokenizer(self._text(u.text)).input_ids for u in batch]
-        labels = torch.full((len(ids), max(len(x) for x in ids)), -100, dtype=torch.long)
+        # width at least 1: a batch of empty transcripts (silence) is all padding, and CTC scores it as all blanks
+        labels = torch.full((len(ids), max(1, max(len(x) for x in ids))), -100, dtype=torch.long)
         for i, x in enumerate(ids):
             labels[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         return {**inputs, "labels": labels}
+
+    def output_mask(self, batch, logits: torch.Tensor) -> torch.Tensor:
+        """Frames of real audio (padding frames left out when the batch carries an attention mask)."""
+        mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        if "attention_mask" in batch:
+            lengths = self._frames(batch["attention_mask"].sum(-1))
+            mask = torch.arange(logits.shape[1], device=logits.device)[None, :] < lengths[:, None].to(logits.device)
+        return mask
+
+    def _frames(self, samples: torch.Tensor) -> torch.Tensor:
+        """Output frames of the convolutional feature encoder for inputs of ``samples`` samples."""
+        frames = samples
+        for kernel, stride in zip(self.conv_kernel, self.conv_stride, strict=True):
+            frames = torch.div(frames - kernel, stride, rounding_mode="floor") + 1
+        return frames
 
     @torch.no_grad()
     def transcribe(self, model: torch.nn.Module, audios: Sequence[np.ndarray]) -> list[str]:
@@ -174,9 +202,12 @@ class CTCBackbone(Backbone):
     def load_saved(self, directory: Path) -> torch.nn.Module:
         from transformers import AutoModelForCTC, AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(directory)
+        try:
+            processor = AutoProcessor.from_pretrained(directory)
+            model = AutoModelForCTC.from_pretrained(directory)
+        except Exception as exc:  # OSError for missing files; safetensors and torch errors for damaged ones
+            raise ModelFormatError(f"{directory}: cannot load the saved CTC model: {type(exc).__name__}") from None
         self.tokenizer, self.feature_extractor = processor.tokenizer, processor.feature_extractor
-        model = AutoModelForCTC.from_pretrained(directory)
         self.use_attention_mask = getattr(model.config, "feat_extract_norm", "layer") == "layer"
         self.unit = "words" if "|" in self.tokenizer.get_vocab() else "phones"
         return model

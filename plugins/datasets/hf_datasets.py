@@ -83,8 +83,12 @@ class HFDataset(Dataset):
         ds = ds.with_format("numpy", columns=["_audio16k"], output_all_columns=True)
         out = []
         for i, row in enumerate(ds):
+            text = row[o.text_column]
+            if not isinstance(text, str) or not text.strip():
+                raise ParpkitError(f"hf_dataset {o.path!r} split {o.splits[split]!r}: row {i} has no transcript in column "
+                                   f"{o.text_column!r} (got {text!r})")
             speaker = str(row[o.speaker_column]) if o.speaker_column else ""
-            out.append(Utterance(f"{split}-{i:06d}", row["_audio16k"].astype("float32"), 16000, str(row[o.text_column]), speaker))
+            out.append(Utterance(f"{split}-{i:06d}", row["_audio16k"].astype("float32"), 16000, text, speaker))
         return out
 
 

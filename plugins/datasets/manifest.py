@@ -6,6 +6,7 @@ libsndfile reads is mixed to mono and resampled to 16 kHz."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,23 +26,33 @@ class ManifestOptions(PluginOptions):
     id_column: str | None = None
     #: words (WER/CER) or phones (space-separated labels, PER)
     unit: Literal["words", "phones"] = "words"
+    #: skip (and count in metrics.json) rows whose audio cannot be read or whose transcript is missing
+    #: (null, absent or blank), instead of stopping at the first
     skip_unreadable: bool = False
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The manifest's rows as mappings (a UTF-8 byte-order mark, as spreadsheet programs write, is fine)."""
     suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParpkitError(f"{path}: cannot read the manifest ({exc})") from None
     if suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ParpkitError(f"{path}:{n}: not a JSON object: {exc}") from None
+                if not isinstance(row, dict):
+                    raise ParpkitError(f"{path}:{n}: expected a JSON object with the columns, got {type(row).__name__} "
+                                       f"{line.strip()[:40]!r}")
+                rows.append(row)
         return rows
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
     raise ParpkitError(f"{path}: unknown manifest type {suffix!r}; expected .csv, .tsv or .jsonl")
 
 
@@ -69,12 +80,26 @@ class Manifest(Dataset):
         rows = read_rows(path)
         if not rows:
             raise ParpkitError(f"{path}: the manifest has no rows")
-        for col in (o.audio_column, o.text_column, o.speaker_column, o.id_column):
+        for col in (o.audio_column, o.speaker_column, o.id_column):
             if col and col not in rows[0]:
                 raise ParpkitError(f"{path}: no column {col!r}; columns are {', '.join(rows[0])}")
+        # a manifest without the text column is unlabelled audio: a training split of it needs distillation
+        # (the teacher transcribes it); the engine refuses it anywhere else
+        labelled = o.text_column in rows[0]
         out = []
         with progress.task(f"reading {split}", total=len(rows)) as task:
             for i, row in enumerate(rows):
+                text = row.get(o.text_column)
+                if labelled and (not isinstance(text, str) or not text.strip()):
+                    why = "no transcript" if text is None or isinstance(text, str) else f"a transcript that is not text ({text!r})"
+                    if not o.skip_unreadable:
+                        raise ParpkitError(f"{path}: row {i + 1} has {why} in column {o.text_column!r}; fix it, or set "
+                                           "skip_unreadable: true to skip such rows")
+                    self.skipped.append(f"row {i + 1}: {why}")
+                    task.advance()
+                    continue
+                if row.get(o.audio_column) in (None, ""):
+                    raise ParpkitError(f"{path}: row {i + 1} has no audio path in column {o.audio_column!r}")
                 audio_path = Path(str(row[o.audio_column])).expanduser()
                 if not audio_path.is_absolute():
                     audio_path = path.parent / audio_path
@@ -88,7 +113,7 @@ class Manifest(Dataset):
                     continue
                 uid = str(row[o.id_column]) if o.id_column else f"{split}-{i:06d}"
                 speaker = str(row[o.speaker_column]) if o.speaker_column else ""
-                out.append(Utterance(uid, audio, 16000, str(row[o.text_column]), speaker))
+                out.append(Utterance(uid, audio, 16000, text if labelled else None, speaker))
                 task.advance()
         return out
 

@@ -61,11 +61,14 @@ def is_ct2_dir(path: Path) -> bool:
     return (path / "model.bin").exists()  # transformers directories hold model.safetensors or pytorch_model.bin
 
 
-def _digest(path: Path) -> str:
+def _digest(paths: list[Path]) -> str:
+    """One digest of the contents of every file a conversion reads."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
+    for path in paths:
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -74,7 +77,8 @@ def convert_ct2(directory: Path, cache_dir: Path) -> Path:
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     ct2.check_directory(directory)
-    target = cache_dir / "whisper-ct2" / _digest(directory / "model.bin")
+    # keyed on every file the conversion reads: a changed tokenizer or config is a new conversion
+    target = cache_dir / "whisper-ct2" / _digest([directory / f for f in ct2.REQUIRED_FILES])
     if (target / "COMPLETE").exists():
         return target
     variables = ct2.read_model_bin(directory / "model.bin")
@@ -145,9 +149,14 @@ class WhisperBackbone(Backbone):
             raise ParpkitError("whisper: give exactly one of `model` (pretrained) or `config` (random initialisation)")
         if o.config is not None and o.tokenizer is None:
             raise ParpkitError("whisper: a random-initialised `config` needs `tokenizer` (a tokenizer.json)")
+        if o.config is not None:
+            from transformers import WhisperConfig
+
+            self.check_config_keys(WhisperConfig, o.config)
         self.tokenizer = None
         self.feature_extractor = None
         self.multilingual, self.task = False, None
+        self.max_target_positions = 448
 
     # ------------------------------------------------------------------------------ loading
     def _local_dir(self) -> Path | str:
@@ -190,7 +199,20 @@ class WhisperBackbone(Backbone):
         if not self.multilingual and (o.language or o.task):
             raise ParpkitError(f"whisper: {o.model or 'this config'} is English-only (vocabulary of {config.vocab_size}); "
                                "remove backbone.options.language and task")
+        if o.language:
+            from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+            if o.language.lower() not in LANGUAGES and o.language.lower() not in TO_LANGUAGE_CODE:
+                raise ParpkitError(f"whisper: unknown language {o.language!r}; give a code such as en, de, fr or a name "
+                                   "such as english")
+        if o.task not in (None, "transcribe", "translate"):
+            raise ParpkitError(f"whisper: task must be transcribe or translate, got {o.task!r}")
         self.task = (o.task or "transcribe") if self.multilingual else None
+        prompt = 4 if self.multilingual else 2  # <|startoftranscript|> [language, task] <|notimestamps|>
+        if o.max_new_tokens + prompt > config.max_target_positions:
+            raise ParpkitError(f"whisper: max_new_tokens {o.max_new_tokens} and the {prompt}-token prompt do not fit the "
+                               f"decoder's {config.max_target_positions} positions; use at most "
+                               f"{config.max_target_positions - prompt}")
 
     def _apply_window(self, config) -> None:
         if self.options.encoder_window_s is not None:
@@ -219,8 +241,8 @@ class WhisperBackbone(Backbone):
             source = self._local_dir()
             try:
                 model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
-            except OSError as exc:
-                raise ParpkitError(f"whisper: cannot load {o.model!r}: {str(exc).splitlines()[0]}") from None
+            except Exception as exc:  # OSError for missing files; safetensors and torch errors for damaged ones
+                raise ModelFormatError(f"whisper: cannot load {o.model!r}: {_first_line(exc)}") from None
             self.tokenizer = _load_tokenizer(resolve_source(o.tokenizer)) if o.tokenizer else _auto_tokenizer(source)
         full = model.config.max_source_positions
         self._apply_window(model.config)
@@ -235,6 +257,7 @@ class WhisperBackbone(Backbone):
         self.feature_extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins,
                                                          chunk_length=positions // 50)  # 2 frames of 10 ms each
         self._check_prompt(model.config)
+        self.max_target_positions = model.config.max_target_positions
         if self.multilingual:
             self.tokenizer.set_prefix_tokens(language=o.language, task=self.task, predict_timestamps=False)
         else:
@@ -259,11 +282,20 @@ class WhisperBackbone(Backbone):
         ids = [self.tokenizer(u.text).input_ids for u in batch]
         start = self.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
         ids = [x[1:] if x and x[0] == start else x for x in ids]  # the model prepends the start token itself
+        limit = self.max_target_positions
+        for u, x in zip(batch, ids, strict=True):
+            if len(x) > limit:
+                raise ParpkitError(f"whisper: the transcript of utterance {u.id!r} is {len(x)} tokens; the decoder holds "
+                                   f"{limit}")
         width = max(len(x) for x in ids)
         labels = torch.full((len(ids), width), -100, dtype=torch.long)
         for i, x in enumerate(ids):
             labels[i, : len(x)] = torch.tensor(x)
         return {"input_features": feats, "labels": labels}
+
+    def output_mask(self, batch, logits: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder positions that predict a label token."""
+        return batch["labels"] != -100
 
     @torch.no_grad()
     def transcribe(self, model: torch.nn.Module, audios: Sequence[np.ndarray]) -> list[str]:
@@ -286,9 +318,12 @@ class WhisperBackbone(Backbone):
     def load_saved(self, directory: Path) -> torch.nn.Module:
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-        processor = WhisperProcessor.from_pretrained(directory)
+        try:
+            processor = WhisperProcessor.from_pretrained(directory)
+            model = WhisperForConditionalGeneration.from_pretrained(directory)
+        except Exception as exc:  # OSError for missing files; safetensors and torch errors for damaged ones
+            raise ModelFormatError(f"{directory}: cannot load the saved whisper model: {_first_line(exc)}") from None
         self.tokenizer, self.feature_extractor = processor.tokenizer, processor.feature_extractor
-        model = WhisperForConditionalGeneration.from_pretrained(directory)
         self._check_prompt(model.config)
         self.tokenizer.set_prefix_tokens(language=self.options.language, task=self.task, predict_timestamps=False)
         return model
@@ -307,6 +342,11 @@ def structured_groups(model: torch.nn.Module) -> list:
             for attn in ("self_attn", "encoder_attn") if side == "decoder" else ("self_attn",):
                 groups.append(head_group(model, f"{base}.{attn}"))
     return groups
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _auto_tokenizer(source: Path | str):

@@ -5,7 +5,9 @@ disk at 16 kHz. A cache left half-written by a killed process is detected and re
 The ``ood`` split is out of domain on purpose: voice variants the other splits never use, rates and
 pitches outside their ranges, flat or exaggerated intonation, text from other sources (public-domain
 prose, and sentences with numbers, dates, money and names written as words), and optionally noise
-and reverberation. A model that only learned this synthesiser's in-domain voice and grammar shows it here."""
+and reverberation. ``ood_flite`` reads other sentences of the same sources with another synthesiser,
+flite (where installed: Debian's ``flite`` package), whose voices tiny.en transcribes about as well as
+real speech: what a model forgets of speech in general shows there."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import json
 import multiprocessing
 import random
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,8 +29,10 @@ from parpkit import Dataset, ParpkitError, PluginOptions, Progress, Utterance, h
 
 GENERATOR_VERSION = 2  # bump when sentences, speakers or audio processing change
 SAMPLE_RATE = 16000
-SPLITS = ("train", "validation", "test", "ood")
+SPLITS = ("train", "validation", "test", "ood", "ood_flite")
 IN_DOMAIN = ("train", "validation", "test")
+#: flite's 16 kHz English voices (kal, 8 kHz, left out)
+FLITE_VOICES = ["slt", "rms", "awb", "kal16"]
 
 # espeak-ng variants that sound unlike the training ones (m1..m7, f1..f5): measured by the distance of
 # their long-term spectra (2 dB and more) on espeak-ng 1.52; whispered variants left out (no voicing)
@@ -56,11 +61,15 @@ class SyntheticOptions(PluginOptions):
     # the out-of-domain split (sizes.ood > 0): its own variants, prosody and text
     ood_variants: list[str] = Field(default_factory=lambda: list(OOD_VARIANTS))
     #: words-per-minute ranges, outside the training range (slow and fast)
-    ood_rate: list[tuple[int, int]] = Field(default_factory=lambda: [(80, 125), (205, 300)])
+    ood_rate: list[tuple[int, int]] = Field(default_factory=lambda: [(95, 125), (205, 250)])
     #: pitch ranges (0..100), outside the training range (low and high)
-    ood_pitch: list[tuple[int, int]] = Field(default_factory=lambda: [(0, 20), (80, 100)])
+    ood_pitch: list[tuple[int, int]] = Field(default_factory=lambda: [(10, 25), (75, 95)])
     #: intonation ranges (espeak's 0..100; the other splits use its default, 50)
-    ood_intonation: list[int] = Field(default_factory=lambda: [0, 10, 85, 100])
+    ood_intonation: list[int] = Field(default_factory=lambda: [15, 30, 70, 85])
+    #: the ood_flite split's voices, and their speaking-time stretch and pitch (Hz) ranges
+    flite_voices: list[str] = Field(default_factory=lambda: list(FLITE_VOICES))
+    flite_stretch: tuple[float, float] = (0.85, 1.2)
+    flite_pitch: tuple[int, int] = (90, 180)
     #: share of sentences with numbers, dates, money and names; the rest is public-domain prose
     ood_numbers: float = Field(default=0.3, ge=0, le=1)
     #: share of utterances with added noise (5..20 dB SNR) and with reverberation (RT60 0.3..0.9 s)
@@ -84,6 +93,9 @@ class SyntheticOptions(PluginOptions):
             raise ValueError(f"ood_variants must differ from the training variants; both have {sorted(shared)}")
         if self.sizes.get("ood", 0) > 0 and not self.ood_variants:
             raise ValueError("the ood split needs ood_variants")
+        unknown = set(self.flite_voices) - set(FLITE_VOICES)
+        if unknown:
+            raise ValueError(f"unknown flite voice {sorted(unknown)}; flite_voices are from {', '.join(FLITE_VOICES)}")
         return self
 
 
@@ -93,6 +105,15 @@ class SyntheticSpeech(Dataset):
 
     def split_names(self) -> list[str]:
         return [s for s in SPLITS if self.options.sizes.get(s, 0) > 0]
+
+    def check(self) -> None:
+        """The plan (speakers, sentences) fits what the synthesisers and the text sources have."""
+        try:
+            self.plan()
+        except ValueError as exc:
+            raise ParpkitError(f"synthetic_speech: {exc}") from None
+        if "ood_flite" in self.split_names():
+            _flite()
 
     # --------------------------------------------------------------------------- planning
     def _key(self) -> str:
@@ -126,16 +147,39 @@ class SyntheticSpeech(Dataset):
                              "seed": o.seed * 1_000_003 + start_t + i, **spk})
             start_t += sizes[split]
             plan[split] = rows
+        texts = self._ood_texts()
         if "ood" in self.split_names():
-            plan["ood"] = self._plan_ood()
+            plan["ood"] = self._plan_ood(texts[:o.sizes["ood"]])
+        if "ood_flite" in self.split_names():
+            plan["ood_flite"] = self._plan_flite(texts[o.sizes.get("ood", 0):])
         return plan
 
-    def _plan_ood(self) -> list[dict]:
-        """Out-of-domain rows, from a generator of their own (the other splits stay as they were)."""
+    def _ood_texts(self) -> list[tuple[str, str]]:
+        """(kind, sentence) for the out-of-domain splits, ``ood`` first: prose and, for a share
+        ``ood_numbers``, sentences with numbers and names. Disjoint between the two splits."""
         from .prose import PROSE, numbers_and_names
 
         o = self.options
-        n = o.sizes["ood"]
+        out: list[tuple[str, str]] = []
+        if not any(o.sizes.get(s, 0) for s in ("ood", "ood_flite")):
+            return out
+        rng = random.Random(o.seed * 7919 + 3)
+        prose = rng.sample(PROSE, len(PROSE))
+        numbers = numbers_and_names(o.seed, sum(round(o.ood_numbers * o.sizes.get(s, 0)) for s in ("ood", "ood_flite")))
+        for split in ("ood", "ood_flite"):
+            n = o.sizes.get(split, 0)
+            k = round(o.ood_numbers * n)
+            if n - k > len(prose):
+                raise ValueError(f"the ood splits ask for more prose sentences than the {len(PROSE)} there are")
+            part = [("prose", t) for t in prose[:n - k]] + [("numbers", t) for t in numbers[:k]]
+            prose, numbers = prose[n - k:], numbers[k:]
+            random.Random(o.seed * 7919 + len(out)).shuffle(part)
+            out += part
+        return out
+
+    def _plan_ood(self, texts: list[tuple[str, str]]) -> list[dict]:
+        """Out-of-domain rows, from a generator of their own (the other splits stay as they were)."""
+        o = self.options
         rng = random.Random(o.seed * 7919 + 1)
         combos = list(itertools.product(o.voices, o.ood_variants))
         rng.shuffle(combos)
@@ -147,23 +191,7 @@ class SyntheticSpeech(Dataset):
             plo, phi = rng.choice(o.ood_pitch)
             speakers.append({"voice": f"{voice}+{variant}", "rate": rng.randint(lo, hi), "pitch": rng.randint(plo, phi),
                              "intonation": rng.choice(o.ood_intonation)})
-        n_numbers = round(o.ood_numbers * n)
-        if n - n_numbers > len(PROSE):
-            raise ValueError(f"the ood split asks for {n - n_numbers} prose sentences; there are {len(PROSE)}")
-        texts = [("prose", t) for t in rng.sample(PROSE, n - n_numbers)]
-        texts += [("numbers", t) for t in numbers_and_names(o.seed, n_numbers)]
-        rng.shuffle(texts)
-
-        def seconds(text: str, rate: int) -> float:  # espeak pauses at punctuation: a generous estimate
-            return len(text.split()) * 60 / rate * 1.15 + 0.4
-
-        for i in range(len(texts)):  # a sentence too long for its speaker swaps with the next that fits
-            rate = speakers[i % len(speakers)]["rate"]
-            if seconds(texts[i][1], rate) > o.ood_max_seconds:
-                j = next((j for j in range(i + 1, len(texts)) if seconds(texts[j][1], rate) <= o.ood_max_seconds
-                          and seconds(texts[i][1], speakers[j % len(speakers)]["rate"]) <= o.ood_max_seconds), None)
-                if j is not None:
-                    texts[i], texts[j] = texts[j], texts[i]
+        texts = _fit(texts, [spk["rate"] for spk in speakers], o.ood_max_seconds)
         rows = []
         for i, (kind, text) in enumerate(texts):
             spk = speakers[i % len(speakers)]
@@ -175,6 +203,23 @@ class SyntheticSpeech(Dataset):
             if rng.random() < o.ood_reverb:
                 row["reverb_rt60_s"] = round(rng.uniform(0.3, 0.9), 2)
             rows.append(row)
+        return rows
+
+    def _plan_flite(self, texts: list[tuple[str, str]]) -> list[dict]:
+        """Rows read by flite voices at several speaking rates and pitches."""
+        o = self.options
+        rng = random.Random(o.seed * 7919 + 2)
+        n_speakers = o.speakers["ood_flite"]
+        speakers = [{"engine": "flite", "voice": o.flite_voices[k % len(o.flite_voices)],
+                     "stretch": round(rng.uniform(*o.flite_stretch), 2), "f0": rng.randint(*o.flite_pitch)}
+                    for k in range(n_speakers)]
+        # flite reads at about 170 words a minute; a stretch of 1.2 is about 140
+        texts = _fit(texts, [170 / spk["stretch"] for spk in speakers], o.ood_max_seconds)
+        rows = []
+        for i, (kind, text) in enumerate(texts):
+            spk = speakers[i % len(speakers)]
+            rows.append({"id": f"ood_flite-{i:05d}", "text": text, "kind": kind,
+                         "speaker": f"flite:{spk['voice']}@{spk['stretch']}/{spk['f0']}", **spk})
         return rows
 
     # --------------------------------------------------------------------------- cache
@@ -204,6 +249,8 @@ class SyntheticSpeech(Dataset):
         plan = self.plan()
         if "ood" in plan:
             _check_variants(self.options.ood_variants)
+        if "ood_flite" in plan:
+            _flite()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
@@ -271,9 +318,13 @@ def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
             pieces, offset = [], 0
             with (out / f"{split}.jsonl").open("w") as meta:
                 for row in rows:
-                    raw = engine.synth(row["text"], row["voice"], row["rate"], row["pitch"], seed=row["seed"],
-                                       intonation=row.get("intonation"))
-                    audio = soxr.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
+                    if row.get("engine") == "flite":
+                        raw, rate = flite_synth(row["text"], row["voice"], row["stretch"], row["f0"])
+                        audio = soxr.resample(raw, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else raw
+                    else:
+                        raw = engine.synth(row["text"], row["voice"], row["rate"], row["pitch"], seed=row["seed"],
+                                           intonation=row.get("intonation"))
+                        audio = soxr.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
                     if "reverb_rt60_s" in row:
                         audio = reverberate(audio, row["reverb_rt60_s"], np.random.default_rng(row["seed"]), SAMPLE_RATE)
                     if "noise_snr_db" in row:
@@ -292,6 +343,47 @@ def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
+
+
+def _fit(texts: list[tuple[str, str]], rates: list[float], max_seconds: float) -> list[tuple[str, str]]:
+    """Reorder ``texts`` (spoken in turn by speakers of these words-per-minute ``rates``) so that a
+    sentence too long for its speaker swaps with a later one that fits both."""
+    texts = list(texts)
+
+    def seconds(text: str, rate: float) -> float:  # pauses at punctuation: a generous estimate
+        return len(text.split()) * 60 / rate * 1.15 + 0.4
+
+    for i in range(len(texts)):
+        rate = rates[i % len(rates)]
+        if seconds(texts[i][1], rate) > max_seconds:
+            j = next((j for j in range(i + 1, len(texts)) if seconds(texts[j][1], rate) <= max_seconds
+                      and seconds(texts[i][1], rates[j % len(rates)]) <= max_seconds), None)
+            if j is not None:
+                texts[i], texts[j] = texts[j], texts[i]
+    return texts
+
+
+def _flite() -> str:
+    import shutil as _shutil
+
+    path = _shutil.which("flite")
+    if path is None:
+        raise ParpkitError("synthetic_speech: the ood_flite split needs the flite synthesiser (Debian/Ubuntu: apt-get install "
+                           "flite); set its size to 0 to go without it")
+    return path
+
+
+def flite_synth(text: str, voice: str, stretch: float, f0: int) -> tuple[np.ndarray, int]:
+    """float32 samples and their rate from the flite command line (deterministic)."""
+    import soundfile as sf
+
+    with tempfile.NamedTemporaryFile(suffix=".wav") as wav:
+        subprocess.run([_flite(), "-voice", voice, "--setf", f"duration_stretch={stretch}", "--setf", f"int_f0_target_mean={f0}",
+                        "-t", text, "-o", wav.name], check=True, capture_output=True)
+        audio, rate = sf.read(wav.name, dtype="float32")
+    if audio.ndim > 1:
+        audio = audio.mean(axis=1)
+    return audio, rate
 
 
 def _check_variants(names: list[str]) -> None:

@@ -543,6 +543,8 @@ def numbers_and_names(seed: int, n: int) -> list[str]:
     on every machine and Python 3 version)."""
     r = random.Random(seed)
     out: dict[str, None] = {}
+    if n <= 0:
+        return []
     for _ in range(max(100, n * 50)):
         t = r.choice(_templates(r))
         out.setdefault(t, None)

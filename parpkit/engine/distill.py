@@ -1,0 +1,107 @@
+"""Distillation from the dense teacher: the loss mixes the task loss with the divergence between the
+student's and the teacher's output distributions (whisper: the decoder's token distributions under
+teacher forcing; CTC: the frame posteriors), optionally with hidden states matched layer by layer.
+
+The teacher is the pretrained model as loaded, before the first prune (or a model directory), frozen,
+in eval mode, in the training precision, on the training device. It also transcribes training audio
+that comes without transcripts, so that unlabelled recordings can be trained on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from parpkit.engine.rundir import atomic_write
+from parpkit.errors import ParpkitError
+from parpkit.interfaces import Backbone, Utterance
+from parpkit.progress import Progress
+from parpkit.recipe import DistillationSection
+
+
+@dataclass
+class Distiller:
+    teacher: torch.nn.Module
+    backbone: Backbone
+    settings: DistillationSection
+    seconds: float = 0.0  # spent in teacher forward passes
+
+    @property
+    def memory_mb(self) -> float:
+        tensors = list(self.teacher.parameters()) + list(self.teacher.buffers())
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values()) / 2**20
+
+    def loss(self, task: torch.Tensor, student: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(1 - w) * task + w * T^2 * KL(teacher || student) over real output positions, plus the hidden-state
+        term. With w = 1 the task loss is left out altogether."""
+        d = self.settings
+        started = time.perf_counter()
+        with torch.no_grad():
+            teacher = self.teacher(**inputs, output_hidden_states=d.hidden_weight > 0)
+        self.seconds += time.perf_counter() - started
+        t = d.temperature
+        mask = self.backbone.output_mask(inputs, student.logits).to(student.logits.device)
+        log_s = F.log_softmax(student.logits.float() / t, dim=-1)
+        log_t = F.log_softmax(teacher.logits.float() / t, dim=-1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+        divergence = (kl * mask).sum() / mask.sum().clamp(min=1) * t * t
+        loss = divergence if d.weight == 1 else (1 - d.weight) * task + d.weight * divergence
+        if d.hidden_weight > 0:
+            pairs = [(a, b) for name in ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
+                     for a, b in zip(getattr(student, name, None) or (), getattr(teacher, name, None) or (), strict=True)]
+            if not pairs:
+                raise ParpkitError("distillation.hidden_weight: the model returns no hidden states to match")
+            loss = loss + d.hidden_weight * sum(F.mse_loss(a.float(), b.float()) for a, b in pairs) / len(pairs)
+        return loss
+
+
+def make_teacher(settings: DistillationSection, model: torch.nn.Module, backbone: Backbone, device: torch.device,
+                 precision: str) -> Distiller:
+    """The frozen teacher: a copy of ``model`` (the pretrained one, before any prune) or a saved model of
+    the same class from ``settings.teacher``."""
+    if settings.teacher is None:
+        teacher = copy.deepcopy(model)
+    else:
+        path = Path(settings.teacher).expanduser()
+        try:
+            teacher = type(model).from_pretrained(path)
+        except Exception as exc:  # OSError, safetensors or shape errors all mean: not a usable teacher here
+            raise ParpkitError(f"distillation.teacher: cannot load {path} as a {type(model).__name__}: "
+                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        if teacher.get_output_embeddings() is not None and model.get_output_embeddings() is not None and \
+                teacher.get_output_embeddings().weight.shape != model.get_output_embeddings().weight.shape:
+            raise ParpkitError(f"distillation.teacher: {path} has another vocabulary than the model it teaches")
+    teacher.requires_grad_(False)
+    teacher.eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    teacher.to(device=device, dtype=dtype)
+    return Distiller(teacher, backbone, settings)
+
+
+def pseudo_label(distiller: Distiller, utterances: Sequence[Utterance], progress: Progress, batch_size: int,
+                 cache: Path | None) -> list[Utterance]:
+    """Utterances without a transcript get the teacher's (greedy decoding); kept in ``cache`` (JSONL)
+    so that a resumed run trains on exactly the same targets without decoding again."""
+    missing = [u for u in utterances if u.text is None]
+    known: dict[str, str] = {}
+    if cache is not None and cache.is_file():
+        known = {row["id"]: row["text"] for row in map(json.loads, cache.read_text().splitlines())}
+    todo = [u for u in missing if u.id not in known]
+    if todo:
+        with progress.task("teacher transcribing unlabelled audio", total=len(todo)) as task:
+            for i in range(0, len(todo), batch_size):
+                chunk = todo[i:i + batch_size]
+                hyps = distiller.backbone.transcribe(distiller.teacher, [u.audio for u in chunk])
+                known.update({u.id: h for u, h in zip(chunk, hyps, strict=True)})
+                task.advance(len(chunk))
+        if cache is not None:
+            atomic_write(cache, "".join(json.dumps({"id": u.id, "text": known[u.id]}) + "\n" for u in missing))
+    return [replace(u, text=known[u.id]) if u.text is None else u for u in utterances]

@@ -1,0 +1,339 @@
+"""What a demanding user tries: two runs in one directory, bad manifests, stale caches, mistakes that
+must fail before compute with one line naming the file and what was expected, damaged checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from parpkit.cli import main
+from parpkit.errors import RecipeError
+from parpkit.recipe import load_recipe
+from tests.conftest import requires_offline, same_results, tiny_ctc_recipe, tiny_recipe, write_recipe
+
+
+def _err(capsys) -> str:
+    return " ".join(capsys.readouterr().err.split())
+
+
+# ------------------------------------------------------------------------------------ one run per directory
+
+#: a run that stops after its second step until it is killed
+HOLDING = """
+import sys, time
+from pathlib import Path
+from transformers import TrainerCallback
+import parpkit
+
+class Hold(TrainerCallback):
+    def on_step_end(self, args, state, *a, **k):
+        if state.global_step == 2:
+            Path(sys.argv[3]).write_text("holding")
+            time.sleep(600)
+
+parpkit.run(sys.argv[1], output_dir=sys.argv[2], progress=False, callbacks=[Hold()])
+"""
+
+
+@requires_offline
+def test_a_second_process_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 4, "training.save_steps": 2}))
+    other = write_recipe(tmp_path / "o.yaml", tiny_recipe(**{"training.max_steps": 3}))
+    out, holding = tmp_path / "out", tmp_path / "holding"
+    first = subprocess.Popen([sys.executable, "-c", HOLDING, str(path), str(out), str(holding)])
+    deadline = time.time() + 180
+    while not holding.exists():
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-m", "parpkit.cli", "run", str(path), "--output-dir", str(out), "--quiet"],
+                            capture_output=True, text=True)
+    assert second.returncode == 2
+    message = " ".join(second.stderr.split())
+    assert f"is in use by pid {first.pid} on " in message and "started 20" in message
+    # another recipe with --fresh would have wiped the first run's files under it: refused too
+    assert main(["run", str(other), "--output-dir", str(out), "--quiet", "--fresh"]) == 2
+    assert f"in use by pid {first.pid}" in _err(capsys)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert (out / ".lock").exists()  # left behind by the killed process, and no obstacle:
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    events = [json.loads(line)["event"] for line in (out / "log.jsonl").open()]
+    assert events.count("done") == 1
+
+
+# ------------------------------------------------------------------------------------ manifests
+
+def _wav(path: Path, seconds: float = 0.5) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (np.random.default_rng(0).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32), 16000)
+    return str(path)
+
+
+def _manifest(tmp_path, name: str, text: str, **options):
+    from parpkit.progress import QUIET
+    from parpkit_plugins.datasets.manifest import Manifest, ManifestOptions
+
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    m = Manifest(ManifestOptions(splits={"train": str(tmp_path / name)}, **options), cache_dir=tmp_path)
+    return m, lambda: m.load_split("train", QUIET)
+
+
+def test_a_missing_transcript_is_an_error_naming_the_row_or_skipped_and_counted(tmp_path):
+    from parpkit.errors import ParpkitError
+
+    a, b = _wav(tmp_path / "a.wav"), _wav(tmp_path / "b.wav")
+    jsonl = json.dumps({"audio": a, "text": "hello there"}) + "\n" + json.dumps({"audio": b, "text": None}) + "\n"
+    _, load = _manifest(tmp_path, "m.jsonl", jsonl)
+    with pytest.raises(ParpkitError, match=r"m\.jsonl: row 2 has no transcript in column 'text'"):
+        load()
+    m, load = _manifest(tmp_path, "m.jsonl", jsonl, skip_unreadable=True)
+    assert [u.text for u in load()] == ["hello there"]  # not the string "None"
+    assert m.report()["skipped_unreadable"] == 1 and "row 2: no transcript" in m.report()["skipped_files"][0]
+    _, load = _manifest(tmp_path, "m.csv", f"audio,text\n{a},hello\n{b},\n")
+    with pytest.raises(ParpkitError, match=r"m\.csv: row 2 has no transcript"):
+        load()
+
+
+def test_manifest_lines_that_are_not_objects_and_csv_byte_order_marks(tmp_path):
+    from parpkit.errors import ParpkitError
+
+    a = _wav(tmp_path / "a.wav")
+    _, load = _manifest(tmp_path, "m.jsonl", json.dumps({"audio": a, "text": "hi"}) + "\n[1, 2]\n")
+    with pytest.raises(ParpkitError, match=r"m\.jsonl:2: expected a JSON object with the columns, got list"):
+        load()
+    # a spreadsheet program's UTF-8 byte-order mark before the first column name
+    _, load = _manifest(tmp_path, "bom.csv", f"\ufeffaudio,text\n{a},hello\n")
+    assert [u.text for u in load()] == ["hello"]
+
+
+# ------------------------------------------------------------------------------------ caches
+
+@requires_offline
+def test_the_ctranslate2_conversion_is_keyed_on_every_file_it_reads(tmp_path):
+    from parpkit_plugins.backbones.whisper import WhisperBackbone, WhisperOptions
+    from tests.conftest import TINY_WHISPER, offline_file
+    from tests.ct2_writer import write_ct2
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=51864, **TINY_WHISPER, decoder_start_token_id=50257, pad_token_id=50256, eos_token_id=50256,
+                        bos_token_id=50257)
+    src = write_ct2(WhisperForConditionalGeneration(cfg), tmp_path / "ct2", offline_file("model/tokenizer.json"))
+
+    def converted() -> set[str]:
+        WhisperBackbone(WhisperOptions(model=str(src), max_new_tokens=8), cache_dir=tmp_path / "cache").load()
+        return {p.name for p in (tmp_path / "cache" / "whisper-ct2").iterdir() if (p / "COMPLETE").exists()}
+
+    first = converted()
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["added_tokens"] = tok["added_tokens"][:-1]  # a different tokenizer beside the same model.bin
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    second = converted()
+    assert len(first) == 1 and len(second) == 2  # converted again, not the stale conversion reused
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "suppress_ids": [1, 2, 3]}))
+    assert len(converted()) == 3
+
+
+# ------------------------------------------------------------------------------------ before compute
+
+@pytest.mark.parametrize("changes, message", [
+    ({"training.adam_beta1": 5}, r"training\.adam_beta1: Input should be less than 1"),
+    ({"training.max_steps": True}, r"training\.max_steps: expected a number, got True"),
+    ({"pruning.schedule.options": {"interval": True}}, None),  # plugin options: checked at resolve (below)
+])
+def test_numbers_are_numbers(tmp_path, changes, message):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**changes))
+    if message is None:
+        from parpkit.registry import Plugins
+        from parpkit.resolve import resolve
+
+        with pytest.raises(RecipeError, match=r"pruning\.schedule\.options\.interval: expected a number, got True"):
+            resolve(load_recipe(path)[0], Plugins(), str(path))
+        return
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_yaml_1_1_floats_without_a_dot_are_numbers(tmp_path):
+    text = write_recipe(tmp_path / "r.yaml", tiny_recipe()).read_text().replace("sparsity: 0.5", "sparsity: 5e-1")
+    (tmp_path / "r.yaml").write_text(text + "\n")
+    recipe, _ = load_recipe(tmp_path / "r.yaml", ["training.learning_rate=3e-4"])
+    assert recipe.pruning.sparsity == 0.5 and recipe.training.learning_rate == 3e-4
+
+
+@requires_offline
+@pytest.mark.parametrize("changes, message", [
+    ({"backbone.options.max_new_tokens": 80}, r"max_new_tokens 80 and the 2-token prompt do not fit the decoder's 64 positions"),
+    ({"backbone.options.config.encoder_layer": 3}, r"backbone\.options: config: WhisperConfig has no key 'encoder_layer' "
+                                                   r"\(did you mean 'encoder_layers'\?\)"),
+    ({"dataset.options.speakers": {"train": 90, "test": 10}}, r"100 speakers asked for, but only 96 voice/variant pairs exist"),
+    ({"backbone.options.config.vocab_size": 51865, "backbone.options.language": "klingon"}, r"unknown language 'klingon'"),
+])
+def test_mistakes_are_caught_by_validate_and_before_run_loads_anything(tmp_path, capsys, changes, message):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**changes))
+    assert main(["validate", str(path)]) == 2
+    assert __import__("re").search(message, _err(capsys))
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    assert __import__("re").search(message, _err(capsys))
+    assert not (tmp_path / "out" / "recipe.yaml").exists()  # nothing claimed, nothing computed
+
+
+@requires_offline
+def test_a_run_that_failed_before_training_does_not_block_its_corrected_rerun(tmp_path, capsys):
+    a = _wav(tmp_path / "a.wav")
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"audio": a, "text": "..."}) + "\n")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"audio": a, "text": "hello there"}) + "\n")
+    dataset = {"name": "manifest", "options": {"splits": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "empty.jsonl")}}}
+    bad = write_recipe(tmp_path / "bad.yaml", tiny_recipe(**{"dataset": dataset, "training.max_steps": 1}))
+    out = tmp_path / "out"
+    assert main(["run", str(bad), "--output-dir", str(out), "--quiet"]) == 2
+    assert "split 'test' has nothing to score: every one of its 1 transcripts is empty once normalised" in _err(capsys)
+    dataset["options"]["splits"]["test"] = str(tmp_path / "train.jsonl")
+    good = write_recipe(tmp_path / "good.yaml", tiny_recipe(**{"dataset": dataset, "training.max_steps": 1}))
+    assert main(["run", str(good), "--output-dir", str(out), "--quiet"]) == 0  # not "a different recipe"
+    assert (out / "metrics.json").exists()
+
+
+def test_a_yaml_alias_bomb_fails_at_once(tmp_path):
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(8):
+        prev, cur = chr(97 + i), chr(98 + i)
+        lines.append(f"{cur}: &{cur} [{', '.join(['*' + prev] * 9)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nname: x\n")
+    started = time.perf_counter()
+    with pytest.raises(RecipeError, match="expands to more than 100,000 values once its YAML aliases are followed"):
+        load_recipe(bomb)
+    assert time.perf_counter() - started < 5  # was minutes and gigabytes; here it is milliseconds (suite timing shows it)
+    run_dir = tmp_path / "run"
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(bomb.read_text())
+    assert main(["export", str(run_dir), "--compact"]) == 2  # export re-reads recipe.yaml through the same guard
+
+
+# ------------------------------------------------------------------------------------ one line, no traceback
+
+@requires_offline
+def test_damaged_model_and_mask_files_are_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 1}))), "--output-dir", str(out),
+                 "--quiet"]) == 0
+    weights = out / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    recipe = tiny_recipe(**{"training.max_steps": 1})
+    recipe["backbone"]["options"] = {"model": str(out / "model"), "encoder_window_s": 6, "max_new_tokens": 8}
+    assert main(["run", str(write_recipe(tmp_path / "m.yaml", recipe)), "--output-dir", str(tmp_path / "m"), "--quiet"]) == 2
+    err = _err(capsys)
+    assert f"whisper: cannot load '{out / 'model'}'" in err and "Traceback" not in err
+    (tmp_path / "not-masks.safetensors").write_text("these are not masks")
+    taker = tiny_recipe(**{"pruning.schedule": {"name": "fixed"}, "pruning.mask_from": str(tmp_path / "not-masks.safetensors")})
+    assert main(["run", str(write_recipe(tmp_path / "t.yaml", taker)), "--output-dir", str(tmp_path / "t"), "--quiet"]) == 2
+    assert "not-masks.safetensors is not a readable safetensors mask file" in _err(capsys)
+    weights.unlink()
+    assert main(["export", str(out), "--compact"]) == 2
+    assert "model: no model weights (model.safetensors)" in _err(capsys)
+
+
+@requires_offline
+def test_an_output_directory_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 1}))
+    (tmp_path / "file").write_text("x")
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "file"), "--quiet"]) == 2
+    assert "the run directory is a file" in _err(capsys)
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anyway: no read-only folder to test with here
+            pytest.skip("running as root: a read-only folder is writable")
+        assert main(["run", str(path), "--output-dir", str(locked / "out"), "--quiet"]) == 2
+        assert "cannot write the run directory (Permission denied)" in _err(capsys)
+    finally:
+        locked.chmod(0o700)
+
+
+@requires_offline
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    from parpkit.engine import rundir
+
+    def full(self, metrics):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path / "metrics.json"))
+
+    monkeypatch.setattr(rundir.RunDir, "write_metrics", full)
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 1}))
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    err = _err(capsys)
+    assert f"error: {tmp_path / 'out' / 'metrics.json'}: No space left on device" in err and "Traceback" not in err
+
+
+@requires_offline
+def test_report_skips_a_damaged_run_and_writes_csv_into_a_new_folder(tmp_path, capsys):
+    good, bad = tmp_path / "runs" / "good", tmp_path / "runs" / "bad"
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 1}))), "--output-dir", str(good),
+                 "--quiet"]) == 0
+    bad.mkdir()
+    (bad / "metrics.json").write_text('{"stages": {"final": ')
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "runs"), "--csv", str(tmp_path / "new" / "folder" / "r.csv")]) == 0
+    err = _err(capsys)
+    assert f"skipped {bad / 'metrics.json'}: unreadable (JSONDecodeError" in err
+    assert (tmp_path / "new" / "folder" / "r.csv").read_text().count("\n") == 2
+
+
+def test_a_ctc_batch_of_empty_transcripts_is_all_blank_not_a_crash(tmp_path):
+    from parpkit.interfaces import Utterance
+    from parpkit_plugins.backbones.wav2vec2 import CTCBackbone, CTCOptions
+    from tests.conftest import TINY_WAV2VEC2
+
+    b = CTCBackbone(CTCOptions(config=dict(TINY_WAV2VEC2), mask_time_prob=0.0), cache_dir=tmp_path)
+    b.prepare([Utterance("x", np.zeros(1), 16000, "some words")], "words")
+    model = b.load()
+    utts = [Utterance(str(i), (np.random.default_rng(i).standard_normal(8000) * 0.1).astype(np.float32), 16000, "") for i in range(2)]
+    batch = b.collate(utts)
+    assert batch["labels"].shape == (2, 1) and (batch["labels"] == -100).all()
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss > 0
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoints
+
+@requires_offline
+@pytest.mark.parametrize("damage", ["parpkit_state.json", "model.safetensors", "optimizer.pt"])
+def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 6, "training.save_steps": 2,
+                                                            "training.learning_rate": 3e-3}))
+    alone, hurt = tmp_path / "alone", tmp_path / "hurt"
+    assert main(["run", str(path), "--output-dir", str(alone), "--quiet"]) == 0
+    assert main(["run", str(path), "--output-dir", str(hurt), "--quiet"]) == 0
+    (hurt / "metrics.json").unlink()
+    newest = hurt / "checkpoints" / "phase-0" / "checkpoint-6"
+    assert (newest / "COMPLETE").exists()
+    data = (newest / damage).read_bytes()
+    (newest / damage).write_bytes(data[: len(data) // 2])  # damaged after it was marked complete
+    capsys.readouterr()
+    assert main(["run", str(path), "--output-dir", str(hurt), "--quiet"]) == 0
+    err = _err(capsys)
+    assert f"{newest} is damaged" in err and "passing over it" in err
+    resume = [json.loads(line) for line in (hurt / "log.jsonl").open() if '"resume"' in line]
+    assert resume[-1]["checkpoint"].endswith("checkpoint-4")
+    same_results(alone, hurt)
+
+
+@requires_offline
+def test_wav2vec2_config_keys_are_checked(tmp_path, capsys):
+    recipe = tiny_ctc_recipe()
+    recipe["backbone"]["options"]["config"]["num_layers"] = 3
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
+    assert "Wav2Vec2Config has no key 'num_layers' (did you mean 'num_hidden_layers'?)" in _err(capsys)
