@@ -117,6 +117,9 @@ class Backbone(_Plugin, ABC):
     #: regular expressions (``re.fullmatch`` on parameter names) of the default pruning pool
     default_pool: ClassVar[list[str]] = []
     sample_rate: ClassVar[int] = 16000
+    #: batches are padded to their longest input (CTC models), so training groups utterances of similar
+    #: length into batches unless ``training.group_by_length`` says otherwise
+    pads_to_longest: ClassVar[bool] = False
 
     def __init__(self, options: PluginOptions | None = None, *, cache_dir: Path, **kw: Any):
         super().__init__(options, **kw)

@@ -136,6 +136,9 @@ class TrainingSection(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     logging_steps: int = Field(default=10, gt=0)
     dataloader_workers: int = Field(default=0, ge=0)
+    #: batches of utterances of similar length (less padding); null: yes for backbones that pad each
+    #: batch to its longest input (CTC), no for those with a fixed input length (whisper)
+    group_by_length: bool | None = None
     #: checkpoint (weights, optimizer, masks, schedule state) every this many steps; null: none
     save_steps: int | None = Field(default=None, gt=0)
     #: complete checkpoints kept per phase

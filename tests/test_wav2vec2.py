@@ -83,7 +83,8 @@ def test_parp_on_a_timit_tree_with_phone_targets(tmp_path):
     out, metrics = _run(tmp_path, **{"dataset": {"name": "timit", "options": {"root": str(tree), "targets": "phones"},
                                                  "train_split": "train", "eval_split": "core_test"},
                                      "training.max_steps": 3})
-    assert set(metrics["stages"]["final"]) == {"per", "pool_sparsity", "model_sparsity"}
+    final = metrics["stages"]["final"]
+    assert set(final) == {"per", "pool_sparsity", "model_sparsity", "splits"} and final["splits"] == {"core_test": {"per": final["per"]}}
     assert metrics["eval_utterances"] == 2 and metrics["train_utterances"] == 6
     _, processor, text = _plain_transformers_decode(out / "model", np.zeros(16000, np.float32))
     assert "h#" in processor.tokenizer.get_vocab() and "|" not in processor.tokenizer.get_vocab()

@@ -286,7 +286,8 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
     r, schedule, pruner = s.recipe, s.resolved.schedule, s.pruner
     phase = s.phases[index]
     phase_dir = s.rundir.checkpoints / f"phase-{index}"
-    args = training_arguments(r, phase_dir, phase.steps)
+    group = r.training.group_by_length if r.training.group_by_length is not None else s.resolved.backbone.pads_to_longest
+    args = training_arguments(r, phase_dir, phase.steps, group_by_length=group)
     t0 = time.time()
     label = "fine-tuning" if len(s.phases) == 1 else f"fine-tuning ({phase.name})"
     validate = (lambda step: validate_now(s, step, index)) if r.evaluation.every_steps and s.main else None
@@ -312,6 +313,7 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
                                "limits, then rerun into this directory to resume") from None
     s.seconds["train"] += time.time() - t0
     s.phase_loss[phase.name] = float(result.training_loss)
+    s.log.write("phase", phase=phase.name, **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     s.model = trainer.model
 
 

@@ -44,7 +44,7 @@ class ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def training_arguments(recipe: Recipe, output_dir: Path, steps: int):
+def training_arguments(recipe: Recipe, output_dir: Path, steps: int, group_by_length: bool = False):
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -60,6 +60,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, steps: int):
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=None,
         eval_strategy="no", report_to=t.report_to, seed=recipe.seed, data_seed=recipe.seed,
         dataloader_num_workers=t.dataloader_workers, dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_persistent_workers=t.dataloader_workers > 0,  # workers keep their state (feature caches) across epochs
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
         remove_unused_columns=False, disable_tqdm=True,
         # several CPU processes (torchrun without GPUs): accelerate sets up gloo DDP only when told "cpu"
         use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -98,6 +100,15 @@ def trainer_class():
         """The Trainer, plus the gradient hooks and a stop on a non-finite loss before the bad update."""
 
         parp: PhaseDriver
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            dataset = train_dataset or self.train_dataset  # utterances: their lengths are their audio's
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, dataset=dataset,
+                                        lengths=[len(u.audio) for u in dataset.items])
 
         def create_scheduler(self, num_training_steps, optimizer=None):
             t = self.parp.training

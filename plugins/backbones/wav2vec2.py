@@ -71,6 +71,7 @@ class CTCBackbone(Backbone):
     name = "wav2vec2"
     Options = CTCOptions
     default_pool = DEFAULT_POOL
+    pads_to_longest = True
 
     def __init__(self, options: CTCOptions | None = None, **kw: Any):
         super().__init__(options, **kw)

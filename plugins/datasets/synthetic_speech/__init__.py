@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from parpkit import Dataset, ParpkitError, PluginOptions, Progress, Utterance, hookimpl, install_atomically
 
-GENERATOR_VERSION = 2  # bump when sentences, speakers or audio processing change
+GENERATOR_VERSION = 3  # bump when sentences, speakers or audio processing change
 SAMPLE_RATE = 16000
 SPLITS = ("train", "validation", "test", "ood", "ood_flite")
 IN_DOMAIN = ("train", "validation", "test")
@@ -147,37 +147,34 @@ class SyntheticSpeech(Dataset):
                              "seed": o.seed * 1_000_003 + start_t + i, **spk})
             start_t += sizes[split]
             plan[split] = rows
-        texts = self._ood_texts()
+        pools = self._ood_texts()
         if "ood" in self.split_names():
-            plan["ood"] = self._plan_ood(texts[:o.sizes["ood"]])
+            plan["ood"] = self._plan_ood(pools["ood"])
         if "ood_flite" in self.split_names():
-            plan["ood_flite"] = self._plan_flite(texts[o.sizes.get("ood", 0):])
+            plan["ood_flite"] = self._plan_flite(pools["ood_flite"])
         return plan
 
-    def _ood_texts(self) -> list[tuple[str, str]]:
-        """(kind, sentence) for the out-of-domain splits, ``ood`` first: prose and, for a share
-        ``ood_numbers``, sentences with numbers and names. Disjoint between the two splits."""
+    def _ood_texts(self) -> dict[str, dict[str, list[str]]]:
+        """Per out-of-domain split, candidate sentences of each kind (twice what it needs, so that slow
+        speakers find ones short enough): public-domain prose and sentences with numbers and names.
+        The two splits draw from disjoint candidates."""
         from .prose import PROSE, numbers_and_names
 
         o = self.options
-        out: list[tuple[str, str]] = []
-        if not any(o.sizes.get(s, 0) for s in ("ood", "ood_flite")):
-            return out
-        rng = random.Random(o.seed * 7919 + 3)
-        prose = rng.sample(PROSE, len(PROSE))
-        numbers = numbers_and_names(o.seed, sum(round(o.ood_numbers * o.sizes.get(s, 0)) for s in ("ood", "ood_flite")))
-        for split in ("ood", "ood_flite"):
-            n = o.sizes.get(split, 0)
+        needs = {s: o.sizes.get(s, 0) for s in ("ood", "ood_flite")}
+        prose = random.Random(o.seed * 7919 + 3).sample(PROSE, len(PROSE))
+        numbers = numbers_and_names(o.seed, 2 * sum(round(o.ood_numbers * n) for n in needs.values()))
+        pools: dict[str, dict[str, list[str]]] = {}
+        for split, n in needs.items():
             k = round(o.ood_numbers * n)
-            if n - k > len(prose):
+            take = min(2 * (n - k), len(prose))
+            if take < n - k:
                 raise ValueError(f"the ood splits ask for more prose sentences than the {len(PROSE)} there are")
-            part = [("prose", t) for t in prose[:n - k]] + [("numbers", t) for t in numbers[:k]]
-            prose, numbers = prose[n - k:], numbers[k:]
-            random.Random(o.seed * 7919 + len(out)).shuffle(part)
-            out += part
-        return out
+            pools[split] = {"prose": prose[:take], "numbers": numbers[:2 * k], "share": [n - k, k]}
+            prose, numbers = prose[take:], numbers[2 * k:]
+        return pools
 
-    def _plan_ood(self, texts: list[tuple[str, str]]) -> list[dict]:
+    def _plan_ood(self, pools: dict) -> list[dict]:
         """Out-of-domain rows, from a generator of their own (the other splits stay as they were)."""
         o = self.options
         rng = random.Random(o.seed * 7919 + 1)
@@ -191,7 +188,8 @@ class SyntheticSpeech(Dataset):
             plo, phi = rng.choice(o.ood_pitch)
             speakers.append({"voice": f"{voice}+{variant}", "rate": rng.randint(lo, hi), "pitch": rng.randint(plo, phi),
                              "intonation": rng.choice(o.ood_intonation)})
-        texts = _fit(texts, [spk["rate"] for spk in speakers], o.ood_max_seconds)
+        texts = _fit(pools, [speakers[i % len(speakers)]["rate"] for i in range(o.sizes["ood"])], o.ood_max_seconds,
+                     random.Random(o.seed * 7919 + 4), per_word=1.0)
         rows = []
         for i, (kind, text) in enumerate(texts):
             spk = speakers[i % len(speakers)]
@@ -205,7 +203,7 @@ class SyntheticSpeech(Dataset):
             rows.append(row)
         return rows
 
-    def _plan_flite(self, texts: list[tuple[str, str]]) -> list[dict]:
+    def _plan_flite(self, pools: dict) -> list[dict]:
         """Rows read by flite voices at several speaking rates and pitches."""
         o = self.options
         rng = random.Random(o.seed * 7919 + 2)
@@ -214,7 +212,8 @@ class SyntheticSpeech(Dataset):
                      "stretch": round(rng.uniform(*o.flite_stretch), 2), "f0": rng.randint(*o.flite_pitch)}
                     for k in range(n_speakers)]
         # flite reads at about 170 words a minute; a stretch of 1.2 is about 140
-        texts = _fit(texts, [170 / spk["stretch"] for spk in speakers], o.ood_max_seconds)
+        texts = _fit(pools, [170 / speakers[i % len(speakers)]["stretch"] for i in range(o.sizes["ood_flite"])],
+                     o.ood_max_seconds, random.Random(o.seed * 7919 + 5), per_word=0.85)
         rows = []
         for i, (kind, text) in enumerate(texts):
             spk = speakers[i % len(speakers)]
@@ -345,22 +344,29 @@ def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
         conn.close()
 
 
-def _fit(texts: list[tuple[str, str]], rates: list[float], max_seconds: float) -> list[tuple[str, str]]:
-    """Reorder ``texts`` (spoken in turn by speakers of these words-per-minute ``rates``) so that a
-    sentence too long for its speaker swaps with a later one that fits both."""
-    texts = list(texts)
-
-    def seconds(text: str, rate: float) -> float:  # pauses at punctuation: a generous estimate
-        return len(text.split()) * 60 / rate * 1.15 + 0.4
-
-    for i in range(len(texts)):
-        rate = rates[i % len(rates)]
-        if seconds(texts[i][1], rate) > max_seconds:
-            j = next((j for j in range(i + 1, len(texts)) if seconds(texts[j][1], rate) <= max_seconds
-                      and seconds(texts[i][1], rates[j % len(rates)]) <= max_seconds), None)
-            if j is not None:
-                texts[i], texts[j] = texts[j], texts[i]
-    return texts
+def _fit(pools: dict, rates: list[float], max_seconds: float, rng: random.Random, per_word: float) -> list[tuple[str, str]]:
+    """(kind, sentence) for each row i, spoken at ``rates[i]`` words a minute, within ``max_seconds``:
+    the rows' kinds follow the pools' share (shuffled); the most constrained rows (slowest speakers) choose
+    first, each the first candidate of its kind (in the pools' random order) short enough. The duration
+    estimate (measured on espeak-ng and flite: at most 1.08 and 1.57 times words / rate, the latter for
+    short sentences) is words / rate * 1.05 + 0.6 s; a split whose sentences cannot fit is refused."""
+    prose_n, numbers_n = pools["share"]
+    kinds = ["prose"] * prose_n + ["numbers"] * numbers_n
+    rng.shuffle(kinds)
+    left = {"prose": list(pools["prose"]), "numbers": list(pools["numbers"])}
+    limits = [int((max_seconds - 0.6) / 1.05 * per_word * rate / 60) for rate in rates]
+    out: list[tuple[str, str] | None] = [None] * len(rates)
+    for i in sorted(range(len(rates)), key=lambda i: (limits[i], i)):
+        for kind in (kinds[i], "numbers" if kinds[i] == "prose" else "prose"):
+            text = next((t for t in left[kind] if len(t.split()) <= limits[i]), None)
+            if text is not None:
+                left[kind].remove(text)
+                out[i] = (kind, text)
+                break
+        else:
+            raise ValueError(f"the out-of-domain sentences do not all fit a {max_seconds:g} s utterance at their speakers' "
+                             "rates; raise ood_max_seconds or narrow the slow rate ranges")
+    return out  # type: ignore[return-value]
 
 
 def _flite() -> str:

