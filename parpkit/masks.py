@@ -6,7 +6,6 @@ in place after optimizer steps: no ``weight_orig`` copies, no forward hooks.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Criterion, StructuredCriterion
+from parpkit.selection import PoolLayout, keep_masks
 from parpkit.units import UnitGroup, select_units, unit_masks
 
 
@@ -43,46 +43,11 @@ def select_pool(names: Iterable[str], include: list[str], exclude: list[str] = (
     return pool
 
 
-def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly ``k`` lowest entries of a flat tensor; ties go to the lower index."""
-    prune = torch.zeros_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return prune
-    if k >= scores.numel():
-        return ~prune
-    threshold = torch.kthvalue(scores, k).values
-    prune = scores < threshold
-    need = k - int(prune.sum())
-    if need > 0:
-        ties = torch.nonzero(scores == threshold).flatten()[:need]
-        prune[ties] = True
-    return prune
-
-
-def per_tensor_counts(sizes: list[int], sparsity: float) -> list[int]:
-    """How many to prune in each tensor so that the total is exactly round(s·N) and each tensor gets
-    floor or ceil of s·n (largest remainders first, ties to the earlier tensor)."""
-    total = round(sparsity * sum(sizes))
-    exact = [sparsity * n for n in sizes]
-    counts = [math.floor(x) for x in exact]
-    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
 def compute_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
-    """Keep-masks at ``sparsity`` from criterion scores; prunes exactly round(s·N) of N positions."""
-    names = list(scores)
-    flats = [scores[n].detach().reshape(-1).float() for n in names]
-    sizes = [f.numel() for f in flats]
-    if scope == "global":
-        pruned = _lowest_k(torch.cat(flats), round(sparsity * sum(sizes))).split(sizes)
-    elif scope == "per_tensor":
-        pruned = [_lowest_k(f, k) for f, k in zip(flats, per_tensor_counts(sizes, sparsity), strict=True)]
-    else:
-        raise ValueError(f"unknown scope {scope!r}; expected 'global' or 'per_tensor'")
-    return OrderedDict((n, (~p).reshape(scores[n].shape)) for n, p in zip(names, pruned, strict=True))
+    """Keep-masks at ``sparsity`` from criterion scores; prunes exactly round(s·N) of N positions, the
+    lowest scores, ties to the lower index (see ``parpkit.selection``)."""
+    masks, _ = keep_masks(PoolLayout({n: t.shape for n, t in scores.items()}), scores.__getitem__, sparsity, scope)
+    return masks
 
 
 class PoolPruner:
@@ -107,6 +72,9 @@ class PoolPruner:
         self.prune_count = 0  # how many times masks were computed
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
+        self.layout = PoolLayout({n: p.shape for n, p in self.params.items()})
+        self._scores: torch.Tensor | None = None  # the global scope's score buffer, reused between prunes
+        self._multipliers: list[torch.Tensor] = []  # the masks as the mask upkeep multiplies by them
 
     @property
     def size(self) -> int:
@@ -121,8 +89,8 @@ class PoolPruner:
             masks = unit_masks(pruned, self.groups, {n: p.shape for n, p in self.params.items()})
             masks = {n: masks.get(n, torch.ones(p.shape, dtype=torch.bool)) for n, p in self.params.items()}
         else:
-            scores = {n: self.criterion.scores(n, p) for n, p in self.params.items()}
-            masks = compute_masks(scores, sparsity, self.scope)
+            masks, self._scores = keep_masks(self.layout, lambda n: self.criterion.scores(n, self.params[n]), sparsity,
+                                             self.scope, self._scores)
         self.set_masks(masks)
         self.sparsity = sparsity
         self.prune_count += 1
@@ -145,23 +113,30 @@ class PoolPruner:
         if missing:
             raise ParpkitError(f"mask set lacks {len(missing)} pool tensors, first: {missing[:3]}")
         self.masks = OrderedDict((n, masks[n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
+        self._multipliers = []
         self.apply()
+
+    def multipliers(self) -> list[torch.Tensor]:
+        """The masks as the upkeep multiplies by them: bool on accelerators; in the parameters' dtype on the
+        CPU, where multiplying by a bool tensor first makes a float copy of it (every time)."""
+        if not self._multipliers and self.masks is not None:
+            self._multipliers = [m if p.device.type != "cpu" else m.to(p.dtype) for m, p in zip(self.masks.values(),
+                                                                                               self.params.values(), strict=True)]
+        return self._multipliers
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero pruned weights in place."""
-        if self.masks is None:
-            return
-        for n, p in self.params.items():
-            p.mul_(self.masks[n])
+        """Zero pruned weights in place (one fused multi-tensor multiply)."""
+        if self.masks is not None:
+            torch._foreach_mul_(list(self.params.values()), self.multipliers())
 
     @torch.no_grad()
     def zero_pruned_grads(self) -> None:
         if self.masks is None:
             return
-        for n, p in self.params.items():
-            if p.grad is not None:
-                p.grad.mul_(self.masks[n])
+        pairs = [(p.grad, m) for p, m in zip(self.params.values(), self.multipliers(), strict=True) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     @torch.no_grad()
     def reset_optimizer_state(self, where: Mapping[str, torch.Tensor]) -> int:
@@ -202,6 +177,7 @@ class PoolPruner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state["masks"] is not None:
             self.masks = OrderedDict((n, state["masks"][n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
+            self._multipliers = []
         self.sparsity = float(state["sparsity"])
         self.prune_count = int(state["prune_count"])
         self.snapshots.update(state["snapshots"])
@@ -209,9 +185,9 @@ class PoolPruner:
     # ----------------------------------------------------------------------------- measurements
     @torch.no_grad()
     def zero_fraction(self) -> float:
-        """Fraction of pool weights that are exactly zero now (whatever the masks say)."""
-        zeros = sum(int((p == 0).sum()) for p in self.params.values())
-        return zeros / self.size
+        """Fraction of pool weights that are exactly zero now (whatever the masks say); one host sync."""
+        zeros = torch.stack([torch.count_nonzero(p == 0) for p in self.params.values()]).sum()
+        return int(zeros) / self.size
 
     def per_tensor_rows(self) -> list[dict]:
         rows = []

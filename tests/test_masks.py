@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from parpkit.errors import RecipeError
-from parpkit.masks import PoolPruner, compute_masks, per_tensor_counts, select_pool
+from parpkit.masks import PoolPruner, compute_masks, select_pool
+from parpkit.selection import per_tensor_counts
 from parpkit_plugins.criteria import Magnitude, Random, RandomOptions
 
 
@@ -107,3 +108,68 @@ def test_structured_unit_selection_is_exact_and_keeps_one_unit_per_group():
     masks = unit_masks(pruned, groups, shapes)
     assert masks["up0"][:3].sum() == 0 and masks["up0"][3].all() and masks["down0"][:, :3].sum() == 0
     assert masks["q"][:3].sum() == 0 and masks["q"][3:].all() and masks["o"][:, :3].sum() == 0 and masks["o"][:, 3:].all()
+
+
+# ------------------------------------------------------------------------------------------ fast selection
+
+def _reference(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The definition: a stable sort by score, the first k positions."""
+    prune = torch.zeros(flat.numel(), dtype=torch.bool)
+    prune[torch.sort(flat, stable=True).indices[:k]] = True
+    return prune
+
+
+def _tied_pool(seed: int, n: int, kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "integers":  # a few distinct values: ties everywhere
+        return torch.randint(0, 5, (n,), generator=g).float()
+    if kind == "zeros":  # a re-prune: most of the pool exactly zero, the rest |randn|
+        x = torch.randn(n, generator=g).abs()
+        x[torch.rand(n, generator=g) < 0.6] = 0
+        return x
+    if kind == "equal":
+        return torch.full((n,), 0.25)
+    return torch.randn(n, generator=g)  # signed, as movement scores are
+
+
+@pytest.mark.parametrize("kind", ["integers", "zeros", "equal", "signed"])
+@pytest.mark.parametrize("n", [1, 7, 1000, 70_001])
+def test_selection_equals_a_stable_sort_with_many_ties(kind, n):
+    from parpkit.selection import _mask_without_sync, kth_smallest, lowest_k
+
+    flat = _tied_pool(n, n, kind)
+    for k in sorted({0, 1, n // 3, n // 2, (6 * n) // 10, n - 1, n}):
+        expected = _reference(flat, k)
+        assert torch.equal(lowest_k(flat, k), expected), (kind, n, k)
+        if 0 < k < n:  # the CUDA path (no host sync) gives the same mask, run here on the CPU
+            got = _mask_without_sync(flat, kth_smallest(flat, k), k, torch.empty(n, dtype=torch.bool))
+            assert torch.equal(got, expected), (kind, n, k)
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_pool_masks_equal_the_sort_reference_for_both_scopes(scope):
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a": (64, 130), "b": (130,), "c": (7, 9, 11), "d": (1,), "e": (300, 300)}
+    scores = {n: torch.randint(0, 9, s, generator=g).float() * (torch.rand(s, generator=g) < 0.7) for n, s in shapes.items()}
+    for s in (0.0, 0.3, 0.5, 0.77, 0.95):
+        masks = compute_masks(scores, s, scope)
+        if scope == "global":
+            flat = torch.cat([t.reshape(-1) for t in scores.values()])
+            expected = (~_reference(flat, round(s * flat.numel()))).split([t.numel() for t in scores.values()])
+        else:
+            counts = per_tensor_counts([t.numel() for t in scores.values()], s)
+            expected = [~_reference(t.reshape(-1), k) for t, k in zip(scores.values(), counts, strict=True)]
+        for (name, mask), want in zip(masks.items(), expected, strict=True):
+            assert mask.shape == scores[name].shape and torch.equal(mask.reshape(-1), want), (scope, s, name)
+
+
+def test_mask_upkeep_zeroes_weights_and_gradients_exactly():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    pruner = PoolPruner(model, ["0.weight", "0.bias", "1.weight"], Magnitude(), "global")
+    pruner.prune(0.5)
+    model(torch.randn(3, 8)).sum().backward()
+    pruner.zero_pruned_grads()
+    for n, p in pruner.params.items():
+        assert not p[~pruner.masks[n]].any() and not p.grad[~pruner.masks[n]].any()
+        assert p.grad[pruner.masks[n]].abs().sum() > 0
+    assert pruner.zero_fraction() == pytest.approx(0.5, abs=1 / pruner.size)

@@ -12,7 +12,6 @@ Nothing is lost on a crash: see ``parpkit.engine.checkpoints``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -251,7 +250,7 @@ def calibrate(s: Session) -> None:
 def train_phase(s: Session, index: int, offset: int, resume_ckpt: Path | None, extra_callbacks: Sequence[Any]) -> int:
     """Fine-tune phase ``index`` (resuming its checkpoint if given, or taking it from the shared folder
     when another run trained it identically); returns the step offset after it."""
-    r, schedule, pruner = s.recipe, s.resolved.schedule, s.pruner
+    schedule, pruner = s.resolved.schedule, s.pruner
     phase = s.phases[index]
     if resume_ckpt is None:
         schedule.on_phase_start(index, pruner)

@@ -1,0 +1,158 @@
+"""Exact selection of the k lowest scores, fast on the CPU and on CUDA.
+
+The rule every mask follows: exactly ``k`` entries are pruned, the lowest scores, and among scores
+equal to the threshold (the k-th smallest value) the lower flat index goes first. For the global scope
+the flat index is the position in the concatenation of the pool's tensors, in pool order.
+
+Two steps. The threshold: on the CPU numpy's introselect (``np.partition``; ``torch.kthvalue`` is
+several times slower), guarded against huge groups of equal scores (a re-prune at the same sparsity
+finds half the pool at exactly zero, where introselect degrades badly); on CUDA ``torch.topk`` of the
+smaller side (``kthvalue`` is slow there). Then the mask from the threshold: on the CPU everything at or
+below it, giving back the highest-index surplus ties; on CUDA without any host synchronisation, the ties
+cut per 1024-entry block (block counts, a cumsum over blocks, ``searchsorted``, a cumsum inside one block).
+
+The scores of a pool go into one reusable float32 buffer, one tensor at a time, so a criterion's scores
+never exist twice; the masks are views of one flat bool tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+_SAMPLE = 4096   # entries sampled to spot a huge group of equal scores near the threshold
+_HEAVY = 0.02    # … a value holding this share of the sample
+_BLOCK = 1024    # tie-search block on CUDA (entries; a multiple of 8, at most 2040 for the byte-lane sums)
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1 <= k <= N) of a 1-D tensor, as a 0-dim tensor on its device."""
+    n = flat.numel()
+    if flat.device.type != "cpu":
+        if k <= n - k + 1:
+            return torch.topk(flat, k, largest=False, sorted=False).values.max()
+        return torch.topk(flat, n - k + 1, largest=True, sorted=False).values.min()
+    a = flat.detach().float().numpy()
+    if n >= 16 * _SAMPLE:  # is the threshold inside a huge group of equal values? then count, do not select
+        g = torch.Generator().manual_seed(n ^ k)
+        sample = np.sort(a[torch.randint(0, n, (_SAMPLE,), generator=g).numpy()])
+        values, counts = np.unique(sample, return_counts=True)
+        for v in values[counts >= _HEAVY * _SAMPLE]:
+            below = int(np.count_nonzero(a < v))
+            if below < k <= below + int(np.count_nonzero(a == v)):
+                return torch.tensor(float(v), dtype=torch.float32)
+    work = a.copy()
+    work.partition(k - 1)
+    return torch.tensor(float(work[k - 1]), dtype=torch.float32)
+
+
+def mask_from_threshold(flat: torch.Tensor, thr: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (bool, True = prune): the ``k`` lowest entries of ``flat``, whose k-th smallest is ``thr``."""
+    if flat.device.type != "cpu":
+        return _mask_without_sync(flat, thr, k, out)
+    torch.le(flat, thr, out=out)
+    surplus = int(torch.count_nonzero(out)) - k  # ties at thr beyond k: give back the highest-index ones
+    if surplus > 0:
+        ties = torch.nonzero(flat == thr).flatten()
+        out[ties[-surplus:]] = False
+    return out
+
+
+def _mask_without_sync(flat: torch.Tensor, thr: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """``mask_from_threshold`` with no host synchronisation (for CUDA; it runs anywhere): the first
+    ``need`` ties in index order, found block by block. Temporaries: one N-byte comparison, N/1024 counts."""
+    n = flat.numel()
+    torch.lt(flat, thr, out=out)
+    need = (k - torch.count_nonzero(out)).reshape(1)
+    nb = n // _BLOCK
+    main = nb * _BLOCK
+    tail_need = need
+    if nb:
+        eq = flat[:main] == thr
+        words = eq.view(torch.int64).view(nb, _BLOCK // 8).sum(1)  # 8 bools per int64 word; a byte lane <= 128
+        counts = words & 0xFF
+        for shift in range(8, 64, 8):
+            counts += (words >> shift) & 0xFF
+        cum = counts.cumsum(0)
+        b = torch.searchsorted(cum, need)  # the block where the need-th tie lies (nb: none)
+        bc = b.clamp(max=nb - 1)
+        rem = torch.where(b < nb, need - (cum[bc] - counts[bc]), 0)
+        before = (torch.arange(nb, device=flat.device) < b).unsqueeze(1)
+        out[:main].view(nb, _BLOCK).logical_or_(eq.view(nb, _BLOCK) & before)  # every tie of earlier blocks
+        row = eq.view(nb, _BLOCK).index_select(0, bc)
+        grid = out[:main].view(nb, _BLOCK)
+        grid.index_copy_(0, bc, grid.index_select(0, bc) | (row & (row.cumsum(1) <= rem.unsqueeze(1))))
+        tail_need = need - cum[-1:]
+    if main < n:
+        eq = flat[main:] == thr
+        out[main:] |= eq & (eq.cumsum(0) <= tail_need)
+    return out
+
+
+def lowest_k(flat: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask (True = prune) of exactly the ``k`` lowest entries of a 1-D tensor, ties to the lower index."""
+    n = flat.numel()
+    out = torch.empty(n, dtype=torch.bool, device=flat.device) if out is None else out
+    if k <= 0:
+        return out.fill_(False)
+    if k >= n:
+        return out.fill_(True)
+    return mask_from_threshold(flat, kth_smallest(flat, k), k, out)
+
+
+def per_tensor_counts(sizes: Sequence[int], sparsity: float) -> list[int]:
+    """How many to prune in each tensor so that the total is exactly round(s·N) and each tensor gets
+    floor or ceil of s·n (largest remainders first, ties to the earlier tensor)."""
+    total = round(sparsity * sum(sizes))
+    exact = [sparsity * n for n in sizes]
+    counts = [math.floor(x) for x in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class PoolLayout:
+    """Names, shapes and flat offsets of the pool's tensors, in order."""
+
+    def __init__(self, shapes: dict[str, torch.Size]):
+        self.names = list(shapes)
+        self.shapes = [torch.Size(shapes[n]) for n in self.names]
+        self.sizes = [s.numel() for s in self.shapes]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.numel = sum(self.sizes)
+
+    def views(self, flat: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Per-tensor views (no copies) of a flat tensor laid out like the pool."""
+        return OrderedDict((n, part.view(shape)) for n, part, shape in
+                           zip(self.names, flat.split(self.sizes), self.shapes, strict=True))
+
+
+def keep_masks(layout: PoolLayout, score: Callable[[str], torch.Tensor], sparsity: float, scope: str,
+               buffer: torch.Tensor | None = None) -> tuple[OrderedDict[str, torch.Tensor], torch.Tensor | None]:
+    """Keep-masks (True = kept) pruning exactly round(s·N) of the pool's N entries, as views of one flat
+    bool tensor. ``score(name)`` is called once per tensor. Global scope copies the scores into one
+    float32 ``buffer`` (allocated when None or the wrong size; returned for reuse at the next prune)."""
+    spans = list(zip(layout.names, layout.offsets, layout.sizes, layout.shapes, strict=True))
+    prune = None
+    if scope == "global":
+        for name, offset, size, shape in spans:
+            s = score(name).detach()
+            if buffer is None or buffer.numel() != layout.numel or buffer.device != s.device:
+                buffer = torch.empty(layout.numel, dtype=torch.float32, device=s.device)
+            buffer[offset:offset + size].view(shape).copy_(s)
+            del s
+        prune = lowest_k(buffer, round(sparsity * layout.numel))
+    elif scope == "per_tensor":
+        for (name, offset, size, _), k in zip(spans, per_tensor_counts(layout.sizes, sparsity), strict=True):
+            s = score(name).detach().reshape(-1).float()
+            prune = torch.empty(layout.numel, dtype=torch.bool, device=s.device) if prune is None else prune
+            lowest_k(s, k, out=prune[offset:offset + size])
+            del s
+    else:
+        raise ValueError(f"unknown scope {scope!r}; expected 'global' or 'per_tensor'")
+    return layout.views(torch.logical_not(prune, out=prune)), buffer
