@@ -309,14 +309,24 @@ def test_a_ctc_batch_of_empty_transcripts_is_all_blank_not_a_crash(tmp_path):
 
 # ------------------------------------------------------------------------------------ damaged checkpoints
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A recipe and one finished run of it, with its checkpoints."""
+    tmp = tmp_path_factory.mktemp("finished")
+    path = write_recipe(tmp / "r.yaml", tiny_recipe(**{"training.max_steps": 6, "training.save_steps": 2,
+                                                       "training.learning_rate": 3e-3}))
+    assert main(["run", str(path), "--output-dir", str(tmp / "alone"), "--quiet"]) == 0
+    return path, tmp / "alone"
+
+
 @requires_offline
 @pytest.mark.parametrize("damage", ["parpkit_state.json", "model.safetensors", "optimizer.pt"])
-def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage):
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 6, "training.save_steps": 2,
-                                                            "training.learning_rate": 3e-3}))
-    alone, hurt = tmp_path / "alone", tmp_path / "hurt"
-    assert main(["run", str(path), "--output-dir", str(alone), "--quiet"]) == 0
-    assert main(["run", str(path), "--output-dir", str(hurt), "--quiet"]) == 0
+def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage, finished_run):
+    import shutil
+
+    path, alone = finished_run
+    hurt = tmp_path / "hurt"
+    shutil.copytree(alone, hurt)  # the same run, killed after its last checkpoint was marked complete
     (hurt / "metrics.json").unlink()
     newest = hurt / "checkpoints" / "phase-0" / "checkpoint-6"
     assert (newest / "COMPLETE").exists()
