@@ -498,7 +498,7 @@ def write(s: Session) -> dict[str, Any]:
         "shared_phases": s.shared_phases,
         "distillation": None if s.distiller is None else {
             **r.distillation.model_dump(mode="json"), "teacher_memory_mb": round(s.distiller.memory_mb, 1),
-            "teacher_seconds": round(s.distiller.seconds, 1), "pseudo_labelled": s.pseudo_labelled},
+            "teacher_seconds": round(s.distiller.seconds, 4), "pseudo_labelled": s.pseudo_labelled},
         "wall_time_s": {"total": round(time.time() - s.started, 1), "train": round(s.seconds["train"], 1),
                         "evaluate": round(s.seconds["evaluate"], 1)},
     }
