@@ -6,10 +6,12 @@ the flat index is the position in the concatenation of the pool's tensors, in po
 
 Two steps. The threshold: on the CPU numpy's introselect (``np.partition``; ``torch.kthvalue`` is
 several times slower), guarded against huge groups of equal scores (a re-prune at the same sparsity
-finds half the pool at exactly zero, where introselect degrades badly); on CUDA ``torch.topk`` of the
-smaller side (``kthvalue`` is slow there). Then the mask from the threshold: on the CPU everything at or
-below it, giving back the highest-index surplus ties; on CUDA without any host synchronisation, the ties
-cut per 1024-entry block (block counts, a cumsum over blocks, ``searchsorted``, a cumsum inside one block).
+finds half the pool at exactly zero, where introselect degrades badly): such a group is counted, and the
+selection runs only on the side of it where the k-th value lies; on CUDA ``torch.topk`` of the smaller
+side (``kthvalue`` is slow there). Then the mask from the threshold: on the CPU everything at or below
+it, when that is exactly k entries; otherwise, and always on CUDA, everything below it plus the first
+ties in index order, found without listing them and without any host synchronisation: ties cut per
+1024-entry block (block counts, a cumsum over blocks, ``searchsorted``, a cumsum inside one block).
 
 The scores of a pool go into one reusable float32 buffer, one tensor at a time, so a criterion's scores
 never exist twice; the masks are views of one flat bool tensor.
@@ -37,15 +39,22 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
             return torch.topk(flat, k, largest=False, sorted=False).values.max()
         return torch.topk(flat, n - k + 1, largest=True, sorted=False).values.min()
     a = flat.detach().float().numpy()
-    if n >= 16 * _SAMPLE:  # is the threshold inside a huge group of equal values? then count, do not select
-        g = torch.Generator().manual_seed(n ^ k)
+    work = None
+    if n >= 16 * _SAMPLE:  # a huge group of equal scores (a re-prune finds the last mask's zeros): count it,
+        g = torch.Generator().manual_seed(n ^ k)  # then select only on the side of it where the k-th lies
         sample = np.sort(a[torch.randint(0, n, (_SAMPLE,), generator=g).numpy()])
         values, counts = np.unique(sample, return_counts=True)
-        for v in values[counts >= _HEAVY * _SAMPLE]:
-            below = int(np.count_nonzero(a < v))
-            if below < k <= below + int(np.count_nonzero(a == v)):
+        heavy = values[counts >= _HEAVY * _SAMPLE]
+        if len(heavy):
+            v = heavy[np.argmax(counts[counts >= _HEAVY * _SAMPLE])]
+            lower = a < v
+            below = int(np.count_nonzero(lower))
+            equal = int(np.count_nonzero(a == v))
+            if below < k <= below + equal:
                 return torch.tensor(float(v), dtype=torch.float32)
-    work = a.copy()
+            work = a[lower] if k <= below else a[a > v]
+            k = k if k <= below else k - below - equal
+    work = a.copy() if work is None else work
     work.partition(k - 1)
     return torch.tensor(float(work[k - 1]), dtype=torch.float32)
 
@@ -56,9 +65,8 @@ def mask_from_threshold(flat: torch.Tensor, thr: torch.Tensor, k: int, out: torc
         return _mask_without_sync(flat, thr, k, out)
     torch.le(flat, thr, out=out)
     surplus = int(torch.count_nonzero(out)) - k  # ties at thr beyond k: give back the highest-index ones
-    if surplus > 0:
-        ties = torch.nonzero(flat == thr).flatten()
-        out[ties[-surplus:]] = False
+    if surplus > 0:  # rare with float scores, but a re-prune's zeros can be half the pool: no list of ties
+        return _mask_without_sync(flat, thr, k, out)
     return out
 
 
