@@ -167,8 +167,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", nargs="+", default=["whisper-tiny", "wav2vec2-base"], choices=["whisper-tiny", "wav2vec2-base"])
-    parser.add_argument("--batch", type=int, help="per step (default: 64 whisper / 32 wav2vec2 on cuda, 4 on cpu)")
-    parser.add_argument("--steps", type=int, help="per run (default: 120 on cuda, 24 on cpu)")
+    parser.add_argument("--batch", type=int, help="per step (default: 64 whisper / 32 wav2vec2 on cuda, 2 on cpu)")
+    parser.add_argument("--steps", type=int, help="per run (default: 120 on cuda, 56 on cpu: PARP re-prunes at step 50 either way)")
     parser.add_argument("--warm", type=int, default=4, help="first steps of each run left out")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the median is reported")
     parser.add_argument("--threads", type=int, default=2)
@@ -183,9 +183,9 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
                "models": {}}
     for model in args.models:
-        batch = args.batch or ((64 if model == "whisper-tiny" else 32) if device == "cuda" else 4)
-        steps = args.steps or (120 if device == "cuda" else 24)
-        seconds = 10.0 if model == "whisper-tiny" and device == "cuda" else 4.0
+        batch = args.batch or ((64 if model == "whisper-tiny" else 32) if device == "cuda" else 2)
+        steps = args.steps or (120 if device == "cuda" else 56)
+        seconds = (10.0 if model == "whisper-tiny" else 4.0) if device == "cuda" else 3.0
         rates: dict[str, list[float]] = {k: [] for k in ("bare", "prune-hooks", "dense", "fixed", "parp")}
         for _ in range(args.repeats):
             rates["bare"].append(bare_rate(model, device, batch, steps, seconds, False, args.warm))
