@@ -4,14 +4,19 @@ Random-initialised models of the real shapes (whisper-tiny, wav2vec2-base) on ra
 transcripts. Measured side by side in one process, interleaved over repeats, steady state (the first
 steps of every run are left out):
 
-- ``bare``: forward, backward, clip, AdamW step on pre-collated batches (no data loading, no Trainer);
+- ``bare``: forward, backward, clip, AdamW step on pre-collated batches (no data loading, no Trainer),
+  with the fused AdamW the Trainer uses by default;
 - ``prune-hooks``: the same with ``torch.nn.utils.prune.global_unstructured`` at 50% on the pool
   (``weight_orig * mask`` in every forward), the usual way to keep a mask fixed;
 - ``dense``, ``fixed``, ``parp`` (interval 50): ``parpkit.run`` through the Trainer, data loading and
   collation included, the pool at 50% for the last two; ``dense`` never prunes.
 
 The engine's steps per second against ``dense`` say what the schedules cost; against ``bare`` (in samples
-per second) what the whole training loop reaches of the model's own pace.
+per second) what the whole training loop reaches of the model's own pace. Repeats run the five in turn
+forward and reversed, so a machine that speeds up or slows down over the run does not favour one of them
+(use an even ``--repeats``). Because ratios of whole runs carry the machine's noise (a few percent on a shared CPU), the pruned
+runs also time their mask work directly (every call of the pruner: masks, gradient zeroing, re-applying,
+counting zeros): ``mask share`` is that time over the steady-state time of the run.
 
     python benchmarks/train_speed.py [--device cpu|cuda] [--models whisper-tiny wav2vec2-base] [--json out.json]
 """
@@ -118,15 +123,56 @@ def steady_rate(times: list[float], warm: int) -> float:
     return (len(times) - 1 - warm) / (times[-1] - times[warm])
 
 
-def engine_rate(model: str, device: str, batch: int, steps: int, seconds: float, name: str, warm: int) -> float:
+class MaskWork:
+    """Times every call of the pruner's mask work (``PoolPruner`` methods) while installed."""
+
+    METHODS = ("prune", "apply", "zero_pruned_grads", "zero_fraction", "reset_optimizer_state")
+
+    def __init__(self, device: str):
+        self.device = device
+        self.calls: list[tuple[float, float]] = []  # (start, duration)
+
+    def __enter__(self):
+        from parpkit.masks import PoolPruner
+
+        self.saved = {m: getattr(PoolPruner, m) for m in self.METHODS}
+        for m, fn in self.saved.items():
+            setattr(PoolPruner, m, self.timed(fn))
+        return self
+
+    def __exit__(self, *exc):
+        from parpkit.masks import PoolPruner
+
+        for m, fn in self.saved.items():
+            setattr(PoolPruner, m, fn)
+
+    def timed(self, fn):
+        def wrapper(*args, **kw):
+            sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+            sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                sync()
+                self.calls.append((start, time.perf_counter() - start))
+        return wrapper
+
+    def seconds_between(self, start: float, end: float) -> float:
+        return sum(d for s, d in self.calls if start <= s < end)
+
+
+def engine_rate(model: str, device: str, batch: int, steps: int, seconds: float, name: str, warm: int) -> tuple[float, float]:
+    """Steady-state steps per second, and the share of that time spent in mask work."""
     schedules = {"dense": ({"name": "bench_dense"}, 0.0), "fixed": ({"name": "fixed"}, 0.5),
                  "parp": ({"name": "parp", "options": {"interval": 50}}, 0.5)}
     schedule, sparsity = schedules[name]
     timer = StepTimer()
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, MaskWork(device) as work:
         parpkit.run(recipe(model, device, batch, steps, seconds, schedule, sparsity), output_dir=out, progress=False,
                     plugins=[BenchPlugin()], callbacks=[timer.callback])
-    return steady_rate(timer.times, warm)
+    start, end = timer.times[warm], timer.times[-1]
+    return steady_rate(timer.times, warm), work.seconds_between(start, end) / (end - start)
 
 
 def bare_rate(model: str, device: str, batch: int, steps: int, seconds: float, hooks: bool, warm: int) -> float:
@@ -148,7 +194,8 @@ def bare_rate(model: str, device: str, batch: int, steps: int, seconds: float, h
         prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=0.5)
     batches = [{k: v.to(device) for k, v in resolved.backbone.collate(train[i * batch:(i + 1) * batch]).items()}
                for i in range(len(train) // batch)]
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0,
+                            fused=True)  # as the Trainer's default optimizer (adamw_torch_fused)
     times = []
     for step in range(steps):
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -186,25 +233,36 @@ def main() -> int:
         batch = args.batch or ((64 if model == "whisper-tiny" else 32) if device == "cuda" else 2)
         steps = args.steps or (120 if device == "cuda" else 56)
         seconds = (10.0 if model == "whisper-tiny" else 4.0) if device == "cuda" else 3.0
-        rates: dict[str, list[float]] = {k: [] for k in ("bare", "prune-hooks", "dense", "fixed", "parp")}
-        for _ in range(args.repeats):
-            rates["bare"].append(bare_rate(model, device, batch, steps, seconds, False, args.warm))
-            rates["prune-hooks"].append(bare_rate(model, device, batch, steps, seconds, True, args.warm))
-            for name in ("dense", "fixed", "parp"):
-                rates[name].append(engine_rate(model, device, batch, steps, seconds, name, args.warm))
+        kinds = ["bare", "prune-hooks", "dense", "fixed", "parp"]
+        rates: dict[str, list[float]] = {k: [] for k in kinds}
+        shares: dict[str, list[float]] = {k: [] for k in ("fixed", "parp")}
+        for repeat in range(args.repeats):
+            for name in kinds if repeat % 2 == 0 else kinds[::-1]:  # forward, then reversed: no one always goes first
+                if name in ("bare", "prune-hooks"):
+                    rates[name].append(bare_rate(model, device, batch, steps, seconds, name == "prune-hooks", args.warm))
+                else:
+                    rate, share = engine_rate(model, device, batch, steps, seconds, name, args.warm)
+                    rates[name].append(rate)
+                    if name in shares:
+                        shares[name].append(share)
+                print(f"  {model} repeat {repeat + 1}: {name} {rates[name][-1] * batch:.2f} samples/s", file=sys.stderr, flush=True)
         med = {k: statistics.median(v) for k, v in rates.items()}
         results["models"][model] = {"batch": batch, "steps": steps, "audio_seconds": seconds, "steps_per_s": med,
                                     "samples_per_s": {k: v * batch for k, v in med.items()}, "all_runs": rates,
                                     "vs_dense": {k: med[k] / med["dense"] for k in ("fixed", "parp")},
+                                    "mask_share": {k: statistics.median(v) for k, v in shares.items()},
+                                    "mask_share_runs": shares,
                                     "engine_vs_bare": med["dense"] / med["bare"]}
     print(f"device: {results['device']}")
     print(f"{'model':<15}{'batch':>6}{'bare':>10}{'hooks':>10}{'dense':>10}{'fixed':>10}{'parp':>10}"
-          f"{'fixed/dense':>13}{'parp/dense':>12}{'engine/bare':>13}")
+          f"{'fixed/dense':>13}{'parp/dense':>12}{'engine/bare':>13}{'fixed mask':>12}{'parp mask':>11}")
     for model, r in results["models"].items():
         s = r["samples_per_s"]
         print(f"{model:<15}{r['batch']:>6}{s['bare']:>10.1f}{s['prune-hooks']:>10.1f}{s['dense']:>10.1f}{s['fixed']:>10.1f}"
-              f"{s['parp']:>10.1f}{r['vs_dense']['fixed']:>13.3f}{r['vs_dense']['parp']:>12.3f}{r['engine_vs_bare']:>13.3f}")
-    print("(samples per second, steady state; ratios of steps per second)")
+              f"{s['parp']:>10.1f}{r['vs_dense']['fixed']:>13.3f}{r['vs_dense']['parp']:>12.3f}{r['engine_vs_bare']:>13.3f}"
+              f"{r['mask_share']['fixed']:>12.2%}{r['mask_share']['parp']:>11.2%}")
+    print("(samples per second, steady state; ratios of steps per second; mask: share of the steady-state time "
+          "spent in mask work)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
