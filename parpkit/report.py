@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from parpkit.errors import ParpkitError
+from parpkit.sweep import axis_text
 
 COLUMNS = ["run", "method", "backbone", "dataset", "criterion", "schedule", "scope", "seed", "target_sparsity", "pool_sparsity",
            "model_sparsity", "wer", "cer", "per", "dense_wer", "dense_cer", "dense_per", "mask_iou_initial", "steps",
@@ -49,17 +50,27 @@ def _labels(run_dir: Path) -> dict[str, Any]:
     return {}
 
 
+#: the axes a method's rows vary over: the table's sparsity column, and seeds averaged in one row
+ROW_AXES = ("pruning.sparsity", "seed")
+
+
 def method_of(metrics: dict, labels: dict) -> str:
     """What the point compares: the sweep's ``method`` label, else the schedule (with a criterion other
-    than magnitude); ``dense`` at sparsity 0."""
+    than magnitude); ``dense`` at sparsity 0. The point's other axes are added (``parp learning_rate=0.001``),
+    so points that differ in more than sparsity and seed are never averaged as if they were seeds."""
     if "method" in labels:
-        return str(labels["method"])
-    if metrics["target_sparsity"] == 0:
-        return "dense"
-    schedule, criterion = metrics["plugins"]["schedule"], metrics["plugins"]["criterion"]
-    if criterion == "random" and schedule == "fixed":
-        return "random"
-    return schedule if criterion == "magnitude" else f"{schedule}+{criterion}"
+        base = str(labels["method"])
+    elif metrics["target_sparsity"] == 0:
+        base = "dense"
+    else:
+        schedule, criterion = metrics["plugins"]["schedule"], metrics["plugins"]["criterion"]
+        if criterion == "random" and schedule == "fixed":
+            base = "random"
+        else:
+            base = schedule if criterion == "magnitude" else f"{schedule}+{criterion}"
+    extra = [f"{axis.rsplit('.', 1)[-1]}={axis_text(value)}" for axis, value in labels.items()
+             if axis != "method" and axis not in ROW_AXES]
+    return " ".join([base, *extra])
 
 
 def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:

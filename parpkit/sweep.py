@@ -80,7 +80,8 @@ class Point:
         return dict(self.axes).get(axis)
 
 
-def _text(value: Any) -> str:
+def axis_text(value: Any) -> str:
+    """An axis value as point names and report labels show it (mappings and lists by a short digest)."""
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (dict, list)):
@@ -89,7 +90,7 @@ def _text(value: Any) -> str:
 
 
 def _name(axes: tuple[tuple[str, Any], ...]) -> str:
-    parts = [f"{axis.rsplit('.', 1)[-1]}-{_text(value)}" for axis, value in axes]
+    parts = [f"{axis.rsplit('.', 1)[-1]}-{axis_text(value)}" for axis, value in axes]
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts)) or "point"
 
 

@@ -49,6 +49,23 @@ def test_points_cross_zip_and_deduplicate():
         SweepSection.model_validate({"grids": [{"zip": {"seed": [0, 1], "pruning.sparsity": [0.5]}}]})
 
 
+def test_report_rows_keep_points_apart_that_differ_in_more_than_sparsity_and_seed():
+    from parpkit.report import grouped, method_of
+
+    metrics = {"target_sparsity": 0.5, "plugins": {"schedule": "parp", "criterion": "magnitude"}}
+    labels = [{"method": "parp", "pruning.sparsity": 0.5, "seed": seed} for seed in (0, 1)]
+    labels.append({"method": "parp", "pruning.sparsity": 0.5, "training.learning_rate": 0.001})
+    labels.append({"pruning.schedule.options.interval": 20, "pruning.sparsity": 0.5})
+    methods = [method_of(metrics, lab) for lab in labels]
+    assert methods == ["parp", "parp", "parp learning_rate=0.001", "parp interval=20"]
+    rows = [{"method": m, "target_sparsity": 0.5, "seed": i, "wer": w, "cer": None, "per": None, "splits": {"test": {"wer": w}},
+             "pool_sparsity": 0.5, "model_sparsity": 0.4, "steps": 2, "wall_time_s": 1.0, "mask_iou_initial": None}
+            for i, (m, w) in enumerate(zip(methods, [0.2, 0.4, 0.9, 0.7]))]
+    groups = {g["method"]: g for g in grouped(rows)}
+    assert groups["parp"]["seeds"] == 2 and groups["parp"]["scores"]["test"] == pytest.approx((0.3, 0.1))
+    assert groups["parp learning_rate=0.001"]["seeds"] == 1 and groups["parp learning_rate=0.001"]["scores"]["test"] == (0.9, 0.0)
+
+
 def test_a_sweep_killed_after_its_first_point_finishes_on_rerun_and_reports(tmp_path, capsys):
     path = write_recipe(tmp_path / "sweep.yaml", _sweep_recipe([{"method": ["parp", "fixed"], "pruning.sparsity": [0.3, 0.6]}]))
     out = tmp_path / "grid"
