@@ -14,8 +14,8 @@ steps of every run are left out):
 The engine's steps per second against ``dense`` say what the schedules cost; against ``bare`` (in samples
 per second) what the whole training loop reaches of the model's own pace. Repeats run the five in turn
 forward and reversed, so a machine that speeds up or slows down over the run does not favour one of them
-(use an even ``--repeats``). Because ratios of whole runs carry the machine's noise (a few percent on a shared CPU), the pruned
-runs also time their mask work directly (every call of the pruner: masks, gradient zeroing, re-applying,
+(use an even ``--repeats``). Because ratios of whole runs carry the machine's noise (a few percent on a
+shared CPU), the pruned runs also time their mask work directly (every call of the pruner: masks, gradient zeroing, re-applying,
 counting zeros): ``mask share`` is that time over the steady-state time of the run.
 
     python benchmarks/train_speed.py [--device cpu|cuda] [--models whisper-tiny wav2vec2-base] [--json out.json]
@@ -134,6 +134,7 @@ class MaskWork:
     def __init__(self, device: str):
         self.device = device
         self.calls: list[tuple[float, float]] = []  # (start, duration)
+        self.depth = 0
 
     def __enter__(self):
         from parpkit.masks import PoolPruner
@@ -151,12 +152,16 @@ class MaskWork:
 
     def timed(self, fn):
         def wrapper(*args, **kw):
+            if self.depth:  # inside another timed call (prune applies its masks): counted there
+                return fn(*args, **kw)
             sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
             sync()
             start = time.perf_counter()
+            self.depth += 1
             try:
                 return fn(*args, **kw)
             finally:
+                self.depth -= 1
                 sync()
                 self.calls.append((start, time.perf_counter() - start))
         return wrapper
