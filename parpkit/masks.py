@@ -70,6 +70,7 @@ class PoolPruner:
         self.masks: OrderedDict[str, torch.Tensor] | None = None
         self.sparsity = 0.0  # sparsity of the current masks
         self.prune_count = 0  # how many times masks were computed
+        self._previous: OrderedDict[str, torch.Tensor] | None = None  # the masks before the last set_masks
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.layout = PoolLayout({n: p.shape for n, p in self.params.items()})
@@ -112,6 +113,7 @@ class PoolPruner:
         missing = [n for n in self.params if n not in masks]
         if missing:
             raise ParpkitError(f"mask set lacks {len(missing)} pool tensors, first: {missing[:3]}")
+        self._previous = self.masks  # new masks are new tensors: no copy needed
         self.masks = OrderedDict((n, masks[n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
         self._multipliers = []
         self.apply()
@@ -178,11 +180,27 @@ class PoolPruner:
         if state["masks"] is not None:
             self.masks = OrderedDict((n, state["masks"][n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
             self._multipliers = []
+            self._previous = None
         self.sparsity = float(state["sparsity"])
         self.prune_count = int(state["prune_count"])
         self.snapshots.update(state["snapshots"])
 
     # ----------------------------------------------------------------------------- measurements
+    @torch.no_grad()
+    def regrown(self) -> int | None:
+        """Weights the current masks keep that the masks before them pruned (None for a run's first mask);
+        one host sync."""
+        if self._previous is None or self.masks is None:
+            return None
+        return int(torch.stack([torch.count_nonzero(m & ~self._previous[n]) for n, m in self.masks.items()]).sum())
+
+    def prune_event(self) -> dict[str, Any]:
+        """What the log's ``prune`` event records of the masks just set: their sparsity, the pool's exact
+        zeros, and how many weights they let back (``regrown``: how far a re-prune moved the mask)."""
+        event = {"sparsity": self.sparsity, "pool_zero_fraction": self.zero_fraction(), "regrown": self.regrown()}
+        self._previous = None  # counted: free it
+        return event
+
     @torch.no_grad()
     def zero_fraction(self) -> float:
         """Fraction of pool weights that are exactly zero now (whatever the masks say); one host sync."""

@@ -176,3 +176,17 @@ def test_schedules_refuse_mask_from_when_they_find_their_own(tmp_path, capsys):
     path = write_recipe(tmp_path / "o.yaml", tiny_recipe(**{"pruning.schedule": {"name": "omp"}, "pruning.mask_from": str(donor)}))
     assert main(["run", str(path), "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
     assert "finds its own masks" in capsys.readouterr().err
+
+
+def test_prune_events_count_the_weights_a_re_prune_lets_back(tmp_path):
+    """PARP at lr 1e-2 re-prunes once, at the end: its event's ``regrown`` is exactly the weights the final
+    mask keeps and the first one pruned; MPI-fixed never moves its mask."""
+    out, metrics = _run(tmp_path, tiny_recipe(**{"pruning.schedule": {"name": "parp", "options": {"interval": 6}}}), "parp")
+    prunes = _prunes(out)
+    assert [p["step"] for p in prunes] == [0, 6] and prunes[0]["regrown"] is None
+    first, final = load_file(str(out / "masks_initial.safetensors")), load_file(str(out / "masks.safetensors"))
+    moved = sum(int((final[n] & ~first[n]).sum()) for n in first)
+    assert moved > 0 and prunes[1]["regrown"] == moved
+    assert metrics["mask_iou_initial"] < 1
+    out, _ = _run(tmp_path, tiny_recipe(**{"pruning.schedule": {"name": "fixed"}}), "fixed")
+    assert [p["regrown"] for p in _prunes(out)] == [None]

@@ -214,7 +214,7 @@ def start(s: Session, *, fresh: bool, resume: bool) -> Path | None:
     calibrate(s)
     s.resolved.schedule.on_start(s.pruner)
     if s.pruner.masks is not None:
-        s.log.write("prune", step=0, sparsity=s.pruner.sparsity, pool_zero_fraction=s.pruner.zero_fraction())
+        s.log.write("prune", step=0, **s.pruner.prune_event())
         if s.main:  # how far the final mask moves from this one is part of the answer (metrics: mask_iou_initial)
             s.pruner.save_masks(s.rundir.path / "masks_initial.safetensors")
         if s.recipe.evaluation.after_prune:
@@ -269,7 +269,7 @@ def train_phase(s: Session, index: int, offset: int, resume_ckpt: Path | None, e
     schedule.on_phase_end(index, pruner)
     last = index == len(s.phases) - 1
     if pruner.prune_count != before:
-        s.log.write("prune", step=offset + phase.steps, sparsity=pruner.sparsity, pool_zero_fraction=pruner.zero_fraction())
+        s.log.write("prune", step=offset + phase.steps, **pruner.prune_event())
         if s.main and not last:
             pruner.save_masks(s.rundir.path / f"masks_{phase.name}.safetensors")
     offset += phase.steps

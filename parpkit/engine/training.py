@@ -90,7 +90,7 @@ class PhaseDriver:
         self.schedule.on_gradients(step, self.pruner)
 
     def log_prune(self, step: int) -> None:
-        self.log.write("prune", step=step, sparsity=self.pruner.sparsity, pool_zero_fraction=self.pruner.zero_fraction())
+        self.log.write("prune", step=step, **self.pruner.prune_event())
 
 
 def trainer_class():
