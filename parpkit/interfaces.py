@@ -261,6 +261,10 @@ class Pruner(Protocol):
         """Zero the optimizer's per-weight state (e.g. Adam's moments) where ``where[name]`` is True;
         returns how many weights were reset."""
 
+    def regrown_masks(self) -> dict[str, torch.Tensor] | None:
+        """Per pool tensor, True where the current masks keep a weight the masks before them pruned
+        (None before a second mask was set)."""
+
 
 @dataclass(frozen=True)
 class Phase:

@@ -187,12 +187,18 @@ class PoolPruner:
 
     # ----------------------------------------------------------------------------- measurements
     @torch.no_grad()
-    def regrown(self) -> int | None:
-        """Weights the current masks keep that the masks before them pruned (None for a run's first mask);
-        one host sync."""
+    def regrown_masks(self) -> dict[str, torch.Tensor] | None:
+        """Per pool tensor, True where the current masks keep a weight the masks before them pruned (None
+        for a run's first mask)."""
         if self._previous is None or self.masks is None:
             return None
-        return int(torch.stack([torch.count_nonzero(m & ~self._previous[n]) for n, m in self.masks.items()]).sum())
+        return {n: m & ~self._previous[n] for n, m in self.masks.items()}
+
+    @torch.no_grad()
+    def regrown(self) -> int | None:
+        """How many weights ``regrown_masks`` marks; one host sync."""
+        regrown = self.regrown_masks()
+        return None if regrown is None else int(torch.stack([torch.count_nonzero(m) for m in regrown.values()]).sum())
 
     def prune_event(self) -> dict[str, Any]:
         """What the log's ``prune`` event records of the masks just set: their sparsity, the pool's exact

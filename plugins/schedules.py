@@ -36,10 +36,10 @@ class Parp(Schedule):
         pruner.initial_mask(self.target)
 
     def reprune(self, sparsity: float, pruner: Pruner) -> None:
-        before = {n: m.clone() for n, m in pruner.masks.items()} if self.options.reset_moments == "regrown" else None
         pruner.prune(sparsity)
-        if before is not None:
-            self.moments_reset += pruner.reset_optimizer_state({n: pruner.masks[n] & ~before[n] for n in before})
+        regrown = pruner.regrown_masks() if self.options.reset_moments == "regrown" else None
+        if regrown is not None:
+            self.moments_reset += pruner.reset_optimizer_state(regrown)
 
     def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
         if step % self.options.interval == 0:
