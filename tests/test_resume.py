@@ -53,6 +53,15 @@ def test_an_incomplete_checkpoint_is_never_used(tmp_path):
     resume = [json.loads(line) for line in (broken / "log.jsonl").open() if json.loads(line)["event"] == "resume"]
     assert resume[-1]["checkpoint"].endswith("checkpoint-8")
     same_results(alone, broken)
+    # the resumed run's wall time counts the first attempt up to checkpoint-8, then its own
+    before = json.loads((broken / "checkpoints" / "phase-0" / "checkpoint-8" / "parpkit_state.json").read_text())["elapsed"]
+    done = [json.loads(line) for line in (broken / "log.jsonl").open() if json.loads(line)["event"] == "done"][-1]
+    wall = json.loads((broken / "metrics.json").read_text())["wall_time_s"]
+    assert before["attempts"] == 1 and wall["attempts"] == 2
+    assert 0 < before["train"] <= before["total"]
+    assert wall["total"] == pytest.approx(before["total"] + done["time_s"], abs=0.5)
+    assert wall["train"] > before["train"] and wall["evaluate"] > before["evaluate"]
+    assert json.loads((alone / "metrics.json").read_text())["wall_time_s"]["attempts"] == 1
 
 
 def test_finished_runs_and_other_recipes_in_the_same_directory(tmp_path, capsys):

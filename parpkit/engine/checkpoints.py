@@ -1,7 +1,8 @@
 """Checkpoints: parpkit's state beside the Trainer's, counted only once complete.
 
 A checkpoint directory holds the Trainer's files plus ``parpkit_state.json`` (JSON values of the pruner,
-schedule and criterion ``state_dict``s, the stages evaluated so far, the phase and step offset) and
+schedule and criterion ``state_dict``s, the stages evaluated so far, the phase and step offset, the wall
+time so far) and
 ``parpkit_tensors.safetensors`` (their tensors). The ``COMPLETE`` marker is written last: a directory
 without it (a process killed while saving) is never used. Phase ends are kept the same way, with the
 model's weights, because the next phase starts from them after the schedule acted.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,11 @@ class RunState:
     the stages evaluated so far, the run's own record (``extra``: learning curve, best checkpoint), the
     phase and the step offset."""
 
-    def __init__(self, pruner, schedule, criterion, stages: dict, extra: dict | None = None):
+    def __init__(self, pruner, schedule, criterion, stages: dict, extra: dict | None = None,
+                 clock: Callable[[], dict] | None = None):
         self.pruner, self.schedule, self.criterion, self.stages = pruner, schedule, criterion, stages
         self.extra = extra if extra is not None else {}
+        self.clock = clock  # the run's wall time so far, kept so that a resumed run can count it
 
     def write(self, directory: Path, *, phase: int, offset: int, weights: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -92,7 +95,9 @@ class RunState:
         if weights:
             state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.pruner.model.state_dict().items()}
             save_file(state, str(directory / "weights.safetensors"))
-        (directory / "parpkit_state.json").write_text(json.dumps({"phase": phase, "offset": offset, "stages": self.stages, **tree}))
+        elapsed = {} if self.clock is None else {"elapsed": self.clock()}
+        (directory / "parpkit_state.json").write_text(json.dumps({"phase": phase, "offset": offset, "stages": self.stages,
+                                                                  **elapsed, **tree}))
         atomic_write(directory / MARKER, "ok\n")  # last: a checkpoint without it is never used
 
     def read(self, directory: Path) -> dict:

@@ -61,6 +61,9 @@ class Session:
     state: RunState | None = None
     started: float = field(default_factory=time.time)
     seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "evaluate": 0.0})
+    training_since: float | None = None  # when the phase now training began (its time is not in ``seconds`` yet)
+    #: wall time of earlier attempts up to the checkpoint this one resumed from (a resumed run counts them)
+    earlier: dict[str, float] = field(default_factory=lambda: {"total": 0.0, "train": 0.0, "evaluate": 0.0, "attempts": 0})
     phase_loss: dict[str, float] = field(default_factory=dict)  # mean training loss of each phase trained here
     first_phase: int = 0
     shared: SharedWork = field(default_factory=lambda: SharedWork(None))
@@ -73,6 +76,16 @@ class Session:
     @property
     def recipe(self):
         return self.resolved.recipe
+
+    def elapsed(self) -> dict[str, float]:
+        """Wall time so far, earlier attempts included (up to the checkpoint resumed from; work they did after
+        it is redone, and counted, here), and the number of attempts (processes) it took."""
+        now = time.time()
+        training = now - self.training_since if self.training_since is not None else 0.0
+        return {"total": round(self.earlier["total"] + now - self.started, 1),
+                "train": round(self.earlier["train"] + self.seconds["train"] + training, 1),
+                "evaluate": round(self.earlier["evaluate"] + self.seconds["evaluate"], 1),
+                "attempts": int(self.earlier["attempts"]) + 1}
 
     @property
     def log(self):
@@ -101,7 +114,8 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
             return done if rundir.main else {}
         preflight(resolved)
         rundir.write_recipe()
-        s = Session(resolved, progress, rundir, probe.device, rundir.main, probe.world_size)
+        s = Session(resolved, progress, rundir, probe.device, rundir.main, probe.world_size,
+                    started=rundir.log.start)  # the wall time and the log's time_s count from the same moment
         s.shared = SharedWork(shared if probe.world_size == 1 else None)
 
         prepare(s)
@@ -175,7 +189,7 @@ def prepare(s: Session) -> None:
     s.pruner = PoolPruner(s.model, s.pool, criterion, r.pruning.scope, groups=groups, donor_masks=donor)
     s.pruner.snapshot("pretrained")
     s.phases = s.resolved.schedule.phases(r.training.max_steps)
-    s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra)
+    s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
                 pool_parameters=s.pruner.size, batch=batch_sizes(s))
 
@@ -203,7 +217,8 @@ def start(s: Session, *, fresh: bool, resume: bool) -> Path | None:
                            "(set training.save_steps to write them)")
     s.first_phase = first
     if resuming:
-        s.state.read(resume_ckpt or boundary)  # a phase end also carries the weights the next phase starts from
+        meta = s.state.read(resume_ckpt or boundary)  # a phase end also carries the weights the next phase starts from
+        s.earlier.update(meta.get("elapsed", {}))  # checkpoints written before parpkit kept it have none
         s.log.write("resume", phase=first, checkpoint=str(resume_ckpt or boundary))
         s.progress.console.print(f"resuming from {resume_ckpt or boundary}", soft_wrap=True, markup=False)
         return resume_ckpt
@@ -287,7 +302,7 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
     phase_dir = s.rundir.checkpoints / f"phase-{index}"
     group = r.training.group_by_length if r.training.group_by_length is not None else s.resolved.backbone.pads_to_longest
     args = training_arguments(r, phase_dir, phase.steps, group_by_length=group)
-    t0 = time.time()
+    t0 = s.training_since = time.time()
     label = "fine-tuning" if len(s.phases) == 1 else f"fine-tuning ({phase.name})"
     validate = (lambda step: validate_now(s, step, index)) if r.evaluation.every_steps and s.main else None
     with s.progress.task(label, total=phase.steps) as task, tensorboard_dir(r.training.report_to, s.rundir.path / "tensorboard" / phase.name):
@@ -311,6 +326,7 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
             raise ParpkitError(f"{exc}; stopped, {keep}. Lower the learning rate or raise max_grad_norm "
                                "limits, then rerun into this directory to resume") from None
     s.seconds["train"] += time.time() - t0
+    s.training_since = None
     s.phase_loss[phase.name] = float(result.training_loss)
     s.log.write("phase", phase=phase.name, **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     s.model = trainer.model
@@ -499,8 +515,7 @@ def write(s: Session) -> dict[str, Any]:
         "distillation": None if s.distiller is None else {
             **r.distillation.model_dump(mode="json"), "teacher_memory_mb": round(s.distiller.memory_mb, 1),
             "teacher_seconds": round(s.distiller.seconds, 4), "pseudo_labelled": s.pseudo_labelled},
-        "wall_time_s": {"total": round(time.time() - s.started, 1), "train": round(s.seconds["train"], 1),
-                        "evaluate": round(s.seconds["evaluate"], 1)},
+        "wall_time_s": s.elapsed(),
     }
     rundir.write_metrics(metrics)
     s.log.write("done", **metrics["wall_time_s"])
