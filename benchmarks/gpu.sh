@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
   set -e
   export PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}  # the tested versions
+  [ -f ../shared/tools/device_wheels.sh ] || { echo "--prepare needs ../shared/tools/device_wheels.sh (the project's workspace); elsewhere install parpkit on the GPU machine (pip install -e .) and run benchmarks/gpu.sh there without --prepare" >&2; exit 2; }
   rm -rf .whl
   bash ../shared/tools/device_wheels.sh
   mkdir -p .bench
