@@ -143,6 +143,9 @@ class TrainingSection(_Strict):
     save_steps: int | None = Field(default=None, gt=0)
     #: complete checkpoints kept per phase
     keep_checkpoints: int = Field(default=2, gt=0)
+    #: keep checkpoints/ once the run is complete (by default it is deleted then: nothing resumes from it,
+    #: and a sweep of multi-phase points would otherwise keep every phase end's weights and optimizer)
+    keep_checkpoints_when_done: bool = False
     #: the Trainer's reporting integrations: "none", "tensorboard", "wandb", "mlflow", "all" or a list
     report_to: str | list[str] = "none"
 

@@ -252,7 +252,8 @@ def thirdparty(tmp_path_factory):
 
 def _thirdparty_recipe(**changes):
     return tiny_recipe(**{"pruning.criterion": {"name": "fisher"}, "pruning.schedule": {"name": "parp_reset", "options": {"interval": 3}},
-                          "training.max_steps": 9, "training.save_steps": 3, "training.learning_rate": 3e-3, **changes})
+                          "training.max_steps": 9, "training.save_steps": 3, "training.learning_rate": 3e-3,
+                          "training.keep_checkpoints_when_done": True, **changes})
 
 
 @requires_offline

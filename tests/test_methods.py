@@ -96,7 +96,7 @@ def test_omp_rewinds_to_pretrained_weights_with_the_fine_tuned_mask(tmp_path, ma
 def test_imp_rounds_reach_the_target_and_save_each_mask(tmp_path, make):
     out, metrics = _run(tmp_path, make(**{
         "pruning.schedule": {"name": "imp", "options": {"fraction": 0.3, "round_steps": 2, "rewind": "step:1"}},
-        "pruning.sparsity": 0.6, "training.max_steps": 2}))
+        "pruning.sparsity": 0.6, "training.max_steps": 2, "training.keep_checkpoints_when_done": True}))
     expected = [1 - 0.7, 1 - 0.7 ** 2, 0.6]  # 30% of the remaining each round, the last clamped to the target
     phases = [p["name"] for p in metrics["phases"]]
     assert phases == ["round_1", "round_2", "round_3", "final"]

@@ -314,7 +314,8 @@ def finished_run(tmp_path_factory):
     """A recipe and one finished run of it, with its checkpoints."""
     tmp = tmp_path_factory.mktemp("finished")
     path = write_recipe(tmp / "r.yaml", tiny_recipe(**{"training.max_steps": 6, "training.save_steps": 2,
-                                                       "training.learning_rate": 3e-3}))
+                                                       "training.learning_rate": 3e-3,
+                                                       "training.keep_checkpoints_when_done": True}))
     assert main(["run", str(path), "--output-dir", str(tmp / "alone"), "--quiet"]) == 0
     return path, tmp / "alone"
 

@@ -37,10 +37,11 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
     events = [json.loads(line)["event"] for line in (killed / "log.jsonl").open()]
     assert "resume" in events
     same_results(alone, killed)
+    assert not (killed / "checkpoints").exists() and not (alone / "checkpoints").exists()  # complete runs drop them
 
 
 def test_an_incomplete_checkpoint_is_never_used(tmp_path):
-    path = write_recipe(tmp_path / "r.yaml", _recipe())
+    path = write_recipe(tmp_path / "r.yaml", _recipe(**{"training.keep_checkpoints_when_done": True}))
     alone, broken = tmp_path / "alone", tmp_path / "broken"
     assert main(["run", str(path), "--output-dir", str(alone), "--quiet"]) == 0
     assert main(["run", str(path), "--output-dir", str(broken), "--quiet"]) == 0

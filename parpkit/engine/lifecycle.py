@@ -128,7 +128,10 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
             s.log.write("best", step=s.extra["best"]["step"], **s.extra["best"]["rates"])
         s.resolved.schedule.before_evaluate(s.pruner)
         judge(s, "final")
-        return write(s)
+        metrics = write(s)
+        if s.main and not recipe.training.keep_checkpoints_when_done:
+            shutil.rmtree(rundir.checkpoints, ignore_errors=True)  # metrics.json is written: the run is complete
+        return metrics
     finally:
         rundir.release()
 
@@ -335,7 +338,7 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
 # ------------------------------------------------------------------------------------------ shared phases
 
 #: training settings that change no number (where and how often things are written)
-_BOOKKEEPING = {"save_steps", "keep_checkpoints", "logging_steps", "report_to", "dataloader_workers", "max_steps"}
+_BOOKKEEPING = {"save_steps", "keep_checkpoints", "keep_checkpoints_when_done", "logging_steps", "report_to", "dataloader_workers", "max_steps"}
 
 
 def phase_key(s: Session, index: int) -> dict | None:
