@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def cmd_report(args) -> int:
         table.add_column(col, justify="left" if col == "method" else "right")
     fmt = lambda v: "" if v != v else f"{v:.3f}"  # noqa: E731  (NaN: not measured)
     for g in groups:
-        scores = [g["scores"][s] for s in splits]
+        scores = [g["scores"].get(s, (math.nan, math.nan)) for s in splits]  # runs scored on other splits
         table.add_row(g["method"], f"{g['sparsity']:g}", str(g["seeds"]),
                       *[fmt(m) + (f" ± {d:.3f}" if g["seeds"] > 1 and d == d else "") for m, d in scores],
                       f"{g['pool_sparsity']:.4f}", fmt(g["mask_iou_initial"][0]), str(g["steps"]))
@@ -207,8 +208,11 @@ def cmd_report(args) -> int:
         console.print(f"wrote {args.csv}")
     out = Path(args.output) if args.output else (paths[0] / "report" if len(paths) == 1 and (paths[0] / "sweep.json").is_file() else None)
     if out is not None:
-        for path in write_report(rows, out):
+        notes: list[str] = []
+        for path in write_report(rows, out, notes):
             console.print(f"wrote {path}")
+        for note in notes:
+            err_console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -287,21 +291,57 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def disk_full(exc: BaseException, *folders: Path) -> bool:
+    """Whether an error (or one it was raised from) says the disk is full, or came while one of ``folders``
+    had under 64 MiB free. Writers other than Python's own raise their own types: safetensors has ENOSPC
+    only in its message, and torch.save only "unexpected pos"."""
+    import errno
+    import shutil
+
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left on device" in str(seen) or "os error 28" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    for folder in folders:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            if shutil.disk_usage(folder).free < 64 * 2**20:
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_transformers()
     try:
         return args.fn(args)
-    except ParpkitError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return 2
-    except OSError as exc:  # a full disk, a read-only or missing folder: say which file, no traceback
-        where = f"{exc.filename}: " if exc.filename else ""
-        err_console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", highlight=False, soft_wrap=True)
-        return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except Exception as exc:
+        if isinstance(exc, ParpkitError):
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            return 2
+        resume = "free space and rerun the same command: runs resume from their last complete checkpoint"
+        folders = [Path.cwd(), *([Path(args.output_dir).absolute()] if getattr(args, "output_dir", None) else [])]
+        if isinstance(exc, OSError):  # a full disk, a read-only or missing folder: say which file, no traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            hint = f"; {resume}" if disk_full(exc) else ""
+            err_console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)) + hint)}", highlight=False,
+                              soft_wrap=True)
+            return 2
+        if disk_full(exc, *folders):  # safetensors' and torch's writers raise their own error types
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            err_console.print(f"[bold red]error:[/] the disk is full ({escape(first)}); {resume}", highlight=False,
+                              soft_wrap=True)
+            return 2
+        raise  # a bug: keep the traceback
 
 
 if __name__ == "__main__":

@@ -21,19 +21,58 @@ COLUMNS = ["run", "method", "backbone", "dataset", "criterion", "schedule", "sco
            "wall_time_s"]
 
 
-def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories holding a metrics.json (folders are searched one level down)."""
+def _is_run(path: Path) -> bool:
+    """A run directory, finished or not (what ``parpkit run`` writes first)."""
+    return any((path / name).is_file() for name in ("metrics.json", "recipe.yaml", "log.jsonl"))
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """Run directories holding a metrics.json (folders are searched one level down), each once; and the
+    runs that have not finished (started ones, and a sweep's points without a metrics.json), named."""
     found: list[Path] = []
+    unfinished: list[Path] = []
     for p in paths:
         if (p / "metrics.json").is_file():
             found.append(p)
+        elif _is_run(p):
+            unfinished.append(p)
         elif p.is_dir():
-            found += sorted(c for c in p.iterdir() if (c / "metrics.json").is_file())
+            children = sorted(c for c in p.iterdir() if c.is_dir())
+            found += [c for c in children if (c / "metrics.json").is_file()]
+            unfinished += [c for c in children if _is_run(c) and not (c / "metrics.json").is_file()]
+            unfinished += [p / name for name in _sweep_points(p) if not (p / name).exists()]
         elif not p.exists():
             raise ParpkitError(f"{p}: no such run or sweep directory")
+    found = list(OrderedDict((r.resolve(), r) for r in found).values())  # a run named twice counts once
+    unfinished = list(OrderedDict((r.resolve(), r) for r in unfinished).values())
     if not found:
         raise ParpkitError(f"no finished runs (metrics.json) in {', '.join(map(str, paths))}")
-    return found
+    return found, [f"{r}: not finished (no metrics.json)" for r in unfinished]
+
+
+def unique_labels(paths: list[Path]) -> list[str]:
+    """Short names that tell the paths apart: a run's folder name (a mask file's own folder for
+    ``masks*.safetensors``), with as many parent folders as it takes to make them differ."""
+    parts = [(p.parent if p.is_file() and p.name.startswith("masks") else p).resolve().parts for p in paths]
+    depth = [1] * len(paths)
+    labels = ["/".join(ps[-d:]) for ps, d in zip(parts, depth, strict=True)]
+    for _ in range(max((len(ps) for ps in parts), default=0)):
+        counts = {label: labels.count(label) for label in labels}
+        if all(c == 1 for c in counts.values()):
+            break
+        depth = [d + 1 if counts[label] > 1 and d < len(ps) else d for ps, d, label in zip(parts, depth, labels, strict=True)]
+        labels = ["/".join(ps[-d:]) for ps, d in zip(parts, depth, strict=True)]
+    if len(set(labels)) < len(labels):  # the same path twice
+        labels = [f"{label} ({i + 1})" for i, label in enumerate(labels)]
+    return labels
+
+
+def _sweep_points(folder: Path) -> list[str]:
+    """The point names a sweep folder's ``sweep.json`` lists (none if it has no readable one)."""
+    try:
+        return [point["name"] for point in json.loads((folder / "sweep.json").read_text())["points"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _labels(run_dir: Path) -> dict[str, Any]:
@@ -74,8 +113,10 @@ def method_of(metrics: dict, labels: dict) -> str:
 
 
 def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
-    """One row per finished run; damaged metrics.json files are skipped and named."""
-    found, skipped = find_runs(paths), []
+    """One row per finished run; damaged metrics.json files and unfinished runs are skipped and named.
+    Runs that would fall in one row but share a seed (they differ in something no sweep axis names, such
+    as the pool) are labelled with their directory names instead of being averaged as seeds."""
+    found, skipped = find_runs(paths)
     rows = []
     for run_dir in found:
         try:
@@ -98,6 +139,13 @@ def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
         rows.append(row)
     if not rows:
         raise ParpkitError("no readable runs: " + "; ".join(skipped))
+    seeds: defaultdict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        seeds[(r["method"], r["target_sparsity"], r["seed"])].append(r)
+    for same in seeds.values():
+        if len(same) > 1:
+            for r, label in zip(same, unique_labels([Path(r["run"]) for r in same]), strict=True):
+                r["method"] = f"{r['method']} [{label}]"
     rows.sort(key=lambda r: (r["backbone"], r["dataset"], r["method"], r["target_sparsity"], r["seed"] or 0))
     return rows, skipped
 
@@ -313,7 +361,7 @@ def iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: list[str]
 def compare_masks(runs: list[Path], labels: list[str] | None = None) -> dict[str, Any]:
     """IoU matrix of the runs' kept weights, overall and per layer."""
     masks = [load_run_masks(r) for r in runs]
-    labels = labels or [r.name if r.is_dir() else r.stem for r in runs]
+    labels = labels or unique_labels(runs)
     names = list(masks[0])
     for r, m in zip(runs, masks, strict=True):
         if set(m) != set(names) or any(m[n].shape != masks[0][n].shape for n in names):
@@ -367,9 +415,19 @@ def write_overlap(result: dict[str, Any], directory: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------ all of it
 
-def write_report(rows: list[dict], directory: Path) -> list[Path]:
+def write_report(rows: list[dict], directory: Path, notes: list[str] | None = None) -> list[Path]:
     """Everything ``parpkit report`` writes: table.md, table.csv, wer_vs_sparsity.png, learning_curves.png
-    (where periodic evaluation ran), heatmaps/<run>.png and the mask overlap of the runs that pruned."""
+    (where periodic evaluation ran), heatmaps/<run>.png and the mask overlap of the runs that pruned (left
+    out, with a line in ``notes``, when their masks cover different pools)."""
+    pruned = [Path(r["run"]) for r in rows if (Path(r["run"]) / "masks.safetensors").is_file() and r["target_sparsity"] > 0]
+    overlap = None
+    if len(pruned) > 1:
+        try:
+            overlap = compare_masks(pruned)
+        except ParpkitError as exc:
+            if notes is None:
+                raise
+            notes.append(f"no mask overlap: {exc}")
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     (directory / "table.md").write_text(markdown(rows))
@@ -385,7 +443,6 @@ def write_report(rows: list[dict], directory: Path) -> list[Path]:
             plot_heatmap(run_dir, directory / "heatmaps" / f"{run_dir.name}.png")
     if (directory / "heatmaps").is_dir():
         written.append(directory / "heatmaps")
-    pruned = [Path(r["run"]) for r in rows if (Path(r["run"]) / "masks.safetensors").is_file() and r["target_sparsity"] > 0]
-    if len(pruned) > 1:
-        written += write_overlap(compare_masks(pruned), directory)
+    if overlap is not None:
+        written += write_overlap(overlap, directory)
     return written

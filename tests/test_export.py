@@ -25,6 +25,8 @@ def test_compact_export_is_smaller_and_computes_the_same(tmp_path, make, capsys)
     assert main(["export", str(out), "--compact"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "attention heads" in text
+    assert main(["export", str(out), "--compact"]) == 0  # an earlier export in the way is replaced
+    assert not (out / "compact.partial").exists()
 
     compact = load_compact(out / "compact")
     if make is tiny_recipe:
@@ -51,6 +53,28 @@ def test_compact_export_is_smaller_and_computes_the_same(tmp_path, make, capsys)
         with torch.no_grad():
             assert torch.allclose(masked(x).logits, compact(x).logits, atol=1e-4)
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in masked.parameters())
+
+
+def test_export_refuses_outputs_it_would_destroy_and_models_it_cannot_shrink(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"pruning.schedule": {"name": "fixed"}, "training.max_steps": 1}))
+    run = tmp_path / "run"
+    assert main(["run", str(path), "--output-dir", str(run), "--quiet"]) == 0
+    weights = (run / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    # magnitude pruning removes no whole neuron or head: nothing to compact, nothing written
+    assert main(["export", str(run), "--compact"]) == 2
+    assert "no FFN neuron or attention head is wholly pruned" in capsys.readouterr().err
+    assert not (run / "compact").exists() and not (run / "compact.partial").exists()
+    # the run's own model, or a folder of other files, is never written into
+    for target in (run / "model", run):
+        assert main(["export", str(run), "--compact", "--output", str(target)]) == 2
+        assert "would overwrite the run's own model" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert main(["export", str(run), "--compact", "--output", str(other)]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert (run / "model" / "model.safetensors").read_bytes() == weights and (other / "keep.txt").read_text() == "mine"
 
 
 def test_export_of_something_that_is_not_a_run(tmp_path, capsys):

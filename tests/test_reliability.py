@@ -278,6 +278,33 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     assert f"error: {tmp_path / 'out' / 'metrics.json'}: No space left on device" in err and "Traceback" not in err
 
 
+def test_a_full_disk_under_other_writers_is_one_line_and_other_errors_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import parpkit.api
+
+    def failing(error):
+        def run(*args, **kw):
+            raise error
+        return run
+
+    argv = ["run", str(tmp_path / "r.yaml"), "--output-dir", str(tmp_path / "out"), "--quiet"]
+    # safetensors' own error type, ENOSPC only in its message (seen when a sweep filled the disk)
+    monkeypatch.setattr(parpkit.api, "run", failing(RuntimeError("Error while serializing: I/O error: No space left on "
+                                                                 "device (os error 28)")))
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert "error: the disk is full (Error while serializing" in err and "resume" in err and "Traceback" not in err
+    # torch.save says only "unexpected pos": a full disk is recognised by the free space left
+    pos = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 60948096 vs 60947988")
+    monkeypatch.setattr(parpkit.api, "run", failing(pos))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # plenty of space: a bug, with its traceback
+        main(argv)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    assert main(argv) == 2
+    assert "error: the disk is full ([enforce fail" in _err(capsys)
+
+
 @requires_offline
 def test_report_skips_a_damaged_run_and_writes_csv_into_a_new_folder(tmp_path, capsys):
     good, bad = tmp_path / "runs" / "good", tmp_path / "runs" / "bad"

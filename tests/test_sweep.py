@@ -174,3 +174,55 @@ def test_compare_masks_matrix_and_layers(tmp_path, capsys):
     # a run's mask against its first mask: PARP at a high learning rate moves it
     assert 0 < a.metrics["mask_iou_initial"] <= 1
     assert torch.equal(torch.tensor(b.metrics["mask_iou_initial"]), torch.tensor(1.0))  # random scores never move
+
+
+def _fake_run(folder, *, seed=0, wer=0.5, splits=("test",), pool=("a",), finished=True):
+    """A run directory as `parpkit run` leaves it, without running anything: recipe, metrics, masks."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(f"name: fake\nseed: {seed}\n")
+    if not finished:
+        return folder
+    scores = {s: {"wer": wer + i / 10, "cer": wer / 2} for i, s in enumerate(splits)}
+    final = {**scores[splits[0]], "pool_sparsity": 0.5, "model_sparsity": 0.3, "splits": scores}
+    (folder / "metrics.json").write_text(json.dumps({
+        "stages": {"final": final}, "plugins": {"backbone": "whisper", "dataset": "d", "criterion": "magnitude", "schedule": "parp"},
+        "scope": "global", "target_sparsity": 0.5, "steps": 2, "wall_time_s": {"total": 1.0}, "eval_split": list(splits)}))
+    save_file({n: (torch.arange(8) % 2).bool() for n in pool}, str(folder / "masks.safetensors"))
+    return folder
+
+
+def test_report_names_unfinished_runs_counts_each_run_once_and_never_averages_a_repeated_seed(tmp_path, capsys):
+    from parpkit.report import collect
+
+    sweep = tmp_path / "sweep"
+    a = _fake_run(sweep / "a", wer=0.2)
+    _fake_run(sweep / "killed", finished=False)
+    (sweep / "sweep.json").write_text(json.dumps({"points": [{"name": n, "axes": {}} for n in ("a", "killed", "never")]}))
+    rows, skipped = collect([a, sweep / "a", sweep])  # the same run three ways
+    assert [r["run"] for r in rows] == [str(a)]
+    assert skipped == [f"{sweep / 'killed'}: not finished (no metrics.json)", f"{sweep / 'never'}: not finished (no metrics.json)"]
+    # two runs alike but for something no sweep axis names (here the pool), both seed 0: two rows, told apart
+    other = _fake_run(tmp_path / "elsewhere" / "a", wer=0.4, pool=("b",))
+    rows, _ = collect([a, other])
+    assert sorted(r["method"] for r in rows) == ["parp [elsewhere/a]", "parp [sweep/a]"]
+    # report: runs scored on different splits, masks of different pools; the overlap is left out, named
+    third = _fake_run(tmp_path / "third", wer=0.3, splits=("test", "ood"))
+    capsys.readouterr()
+    assert main(["report", str(a), str(other), str(third), "--output", str(tmp_path / "rep")]) == 0
+    out, err = capsys.readouterr()
+    assert "no mask overlap:" in " ".join(err.split()) and "Traceback" not in err
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "| WER test | WER ood |" in table and "0.400" in table  # third's ood score: 0.3 + 0.1
+    assert not (tmp_path / "rep" / "mask_iou.csv").exists()
+
+
+def test_compare_masks_labels_tell_mask_files_and_same_named_runs_apart(tmp_path, capsys):
+    x = _fake_run(tmp_path / "sweepA" / "p")
+    y = _fake_run(tmp_path / "sweepB" / "p")
+    z = _fake_run(tmp_path / "q")
+    assert main(["compare-masks", str(x / "masks.safetensors"), str(y), str(z / "masks.safetensors"),
+                 "--output", str(tmp_path / "cmp")]) == 0
+    with (tmp_path / "cmp" / "mask_iou.csv").open() as f:
+        assert next(csv.reader(f)) == ["run", "sweepA/p", "sweepB/p", "q"]
