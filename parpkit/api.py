@@ -50,20 +50,21 @@ class RunResult:
 
 def run(recipe: str | Path | Mapping[str, Any], *, overrides: Overrides = (), output_dir: str | Path | None = None,
         fresh: bool = False, resume: bool = False, plugins: Sequence[object] = (), progress: bool | Progress = True,
-        callbacks: Sequence[Any] = (), shared: str | Path | None = None) -> RunResult:
+        callbacks: Sequence[Any] = (), shared: str | Path | None = None, file: str | None = None) -> RunResult:
     """Run a recipe (a YAML file or a mapping with the same keys) end to end, or resume it.
 
     ``overrides``: ``{"training.max_steps": 20}`` or ``["training.max_steps=20"]``, as ``--set``.
     ``plugins``: extra plugin objects (with ``@hookimpl`` methods) registered beside the installed ones.
     ``callbacks``: transformers ``TrainerCallback`` objects added to every fine-tuning phase.
     ``shared``: a folder for work that other runs repeat (a sweep's); it never changes a result.
+    ``file``: how errors name a mapping recipe (default ``<recipe>``; a file recipe is named by its path).
     """
     from parpkit.engine import run as run_engine
     from parpkit.registry import Plugins
     from parpkit.resolve import resolve
 
     if isinstance(recipe, Mapping):
-        data, file = recipe, "<recipe>"
+        data, file = recipe, file or "<recipe>"
     else:
         data, file = read_recipe_file(recipe), str(recipe)
     model, mapping = recipe_from_mapping(data, overrides, file)

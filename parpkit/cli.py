@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -128,7 +129,16 @@ def cmd_sweep(args) -> int:
 
     recipe = Path(args.recipe)
     data = read_recipe_file(recipe)
-    plist = points(sweep_of(data, str(recipe)), str(recipe))
+    plist, seen = [], {}
+    for p in points(sweep_of(data, str(recipe)), str(recipe)):  # points whose recipes come out the same run once
+        _, mapping = point_recipe(data, p, args.set or [], f"{recipe} (sweep point {p.name})")
+        key = json.dumps(mapping, sort_keys=True, default=str)
+        if key in seen:
+            err_console.print(f"[yellow]sweep point {p.name} is the same recipe as {seen[key]}: left out[/]", highlight=False)
+            continue
+        seen[key] = p.name
+        plist.append(p)
+    every = plist
     if args.only:
         unknown = sorted(set(args.only) - {p.name for p in plist})
         if unknown:
@@ -153,13 +163,13 @@ def cmd_sweep(args) -> int:
     console.print(table)
     if args.dry_run:
         return 0
-    write_index(out, recipe, points(sweep_of(data, str(recipe)), str(recipe)))
+    write_index(out, recipe, every)
     failed = []
     for i, (p, _, mapping) in enumerate(checked, 1):
         err_console.print(f"[bold]sweep point {i}/{len(checked)}: {p.name}[/]", highlight=False)
         try:
             run(mapping, output_dir=out / p.name, progress=Progress(enabled=not args.quiet, console=err_console),
-                shared=out / "shared")
+                shared=out / "shared", file=f"{recipe} (sweep point {p.name})")
         except ParpkitError as exc:
             err_console.print(f"[bold red]point {p.name} failed:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             failed.append(p.name)
@@ -332,9 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         folders = [Path.cwd(), *([Path(args.output_dir).absolute()] if getattr(args, "output_dir", None) else [])]
         if isinstance(exc, OSError):  # a full disk, a read-only or missing folder: say which file, no traceback
             where = f"{exc.filename}: " if exc.filename else ""
+            what = exc.strerror or str(exc)
+            if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+                blocker = next((p for p in (Path(exc.filename), *Path(exc.filename).parents) if p.is_file()), None)
+                if blocker is not None:  # a folder was asked for where a file is
+                    where, what = f"{blocker}: ", "is a file; expected a folder"
             hint = f"; {resume}" if disk_full(exc) else ""
-            err_console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)) + hint)}", highlight=False,
-                              soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(where + what + hint)}", highlight=False, soft_wrap=True)
             return 2
         if disk_full(exc, *folders):  # safetensors' and torch's writers raise their own error types
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -227,8 +227,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set expects key.path=value, got {text!r}")
     try:
         parsed = parse_yaml(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
+    except yaml.YAMLError as exc:
+        if value.lstrip()[:1] in ("[", "{", '"', "'"):  # meant as a list, mapping or quoted string
+            raise RecipeError(f"--set {text}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        parsed = value  # plain text (e.g. a path with a colon) stays text
     return key.strip().split("."), parsed
 
 
@@ -299,6 +301,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise RecipeError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=file) from None
+    if data is None:
+        raise RecipeError("the recipe is empty (no keys; see the README's recipe reference)", file=file)
     if not isinstance(data, dict):
         raise RecipeError(f"expected a mapping of recipe keys at the top level, got {type(data).__name__}", file=file)
     if count_values(data) > MAX_VALUES:

@@ -15,7 +15,8 @@ are labels for bundles of overrides (``method: {random: {pruning.schedule: {name
         - cross: {method: [parp]}
           zip: {pruning.sparsity: [0.5, 0.7], seed: [1, 2]}
 
-Points are deduplicated; each runs into ``SWEEP_DIR/<name>`` with the work points share (the dense
+Points are deduplicated (same overrides here; ``parpkit sweep`` also drops points whose resolved recipes are
+equal, naming them); each runs into ``SWEEP_DIR/<name>`` with the work points share (the dense
 evaluation, identical fine-tuning phases) kept once in ``SWEEP_DIR/shared``. A point's recipe is the
 base recipe without its ``sweep`` section plus the point's overrides: exactly what ``parpkit run RECIPE
 --set sweep=null --set …`` runs, so points can also be run one per process or per GPU.
@@ -52,6 +53,8 @@ class Grid(_Strict):
 
     @model_validator(mode="after")
     def _lists(self):
+        if not self.cross and not self.zip:
+            raise ValueError("a grid needs at least one axis")
         for part in (self.cross, self.zip):
             for axis, values in part.items():
                 if not values:
@@ -68,6 +71,13 @@ class SweepSection(_Strict):
     #: axis name -> label -> overrides (dotted recipe keys to values)
     variants: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
     grids: list[Grid] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _tables(self):
+        empty = [axis for axis, table in self.variants.items() if not table]
+        if empty:
+            raise ValueError(f"variants table {empty[0]!r} has no labels")
+        return self
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,16 @@ def test_mistakes_are_caught_by_validate_and_before_run_loads_anything(tmp_path,
     assert not (tmp_path / "out" / "recipe.yaml").exists()  # nothing claimed, nothing computed
 
 
+def test_an_empty_recipe_and_a_broken_set_value_are_named(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert main(["validate", str(tmp_path / "empty.yaml")]) == 2
+    assert "empty.yaml: the recipe is empty" in _err(capsys)
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
+    assert main(["validate", str(path), "--set", "pruning.exclude=[a, b"]) == 2  # meant as a list: not taken as text
+    assert "--set pruning.exclude=[a, b: the value is not valid YAML" in _err(capsys)
+    assert main(["validate", str(path), "--set", "output_dir=runs/a: b: c"]) == 0  # plain text that is not YAML stays text
+
+
 @requires_offline
 def test_a_run_that_failed_before_training_does_not_block_its_corrected_rerun(tmp_path, capsys):
     a = _wav(tmp_path / "a.wav")

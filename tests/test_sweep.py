@@ -226,3 +226,23 @@ def test_compare_masks_labels_tell_mask_files_and_same_named_runs_apart(tmp_path
                  "--output", str(tmp_path / "cmp")]) == 0
     with (tmp_path / "cmp" / "mask_iou.csv").open() as f:
         assert next(csv.reader(f)) == ["run", "sweepA/p", "sweepB/p", "q"]
+
+
+def test_sweep_points_that_come_out_the_same_recipe_run_once_and_errors_name_the_point(tmp_path, capsys):
+    base = _sweep_recipe([{"method": ["fixed"], "pruning.sparsity": [0.5]}, {"method": ["fixed"]}])  # 0.5 is the base value
+    base["pruning"]["sparsity"] = 0.5
+    path = write_recipe(tmp_path / "sweep.yaml", base)
+    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "grid"), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 points" in out and "sweep point method-fixed is the same recipe as method-fixed_sparsity-0.5: left out" in " ".join(err.split())
+    with pytest.raises(ValueError, match="a grid needs at least one axis"):
+        SweepSection.model_validate({"grids": [{}]})
+    with pytest.raises(ValueError, match="variants table 'method' has no labels"):
+        SweepSection.model_validate({"variants": {"method": {}}, "grids": [{"seed": [0]}]})
+    # a point that fails at run time is named by the recipe file and the point, not "<recipe>"
+    bad = _sweep_recipe([{"pruning.mask_from": [str(tmp_path / "missing")]}], **{"pruning.schedule": {"name": "fixed"}})
+    path = write_recipe(tmp_path / "bad.yaml", bad)
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "bad"), "--quiet"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{path} (sweep point mask_from-" in err and "<recipe>" not in err
