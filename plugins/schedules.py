@@ -244,10 +244,9 @@ class Imp(_Rewinding):
         return rounds + [Phase("final", max_steps)]
 
     def phase_key(self, index: int, phase: Phase) -> dict[str, Any] | None:
-        """Round 1 is a dense fine-tune (OMP's, when the steps agree); round r > 1 is fixed by the masks
-        before it: IMP at 0.5 and at 0.9 share their first five rounds."""
-        if index >= len(self.schedule):
-            return None  # the final fine-tune depends on the target
+        """Round 1 is a dense fine-tune (OMP's, when the steps agree); every later phase is fixed by the
+        masks before it: IMP at 0.5 and at 0.9 share their first five rounds, and IMP at 0.5's final
+        fine-tune is IMP at 0.9's sixth round when rounds and the final fine-tune take the same steps."""
         rewind = {} if self.rewind_step is None else {"rewind_step": self.rewind_step}
         if index == 0:
             return {"kind": "dense", **rewind}

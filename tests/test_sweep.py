@@ -246,3 +246,20 @@ def test_sweep_points_that_come_out_the_same_recipe_run_once_and_errors_name_the
     assert main(["sweep", str(path), "--output-dir", str(tmp_path / "bad"), "--quiet"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"{path} (sweep point mask_from-" in err and "<recipe>" not in err
+
+
+def test_imp_at_a_lower_target_shares_its_final_fine_tune_with_the_next_round_of_a_higher_one(tmp_path):
+    imp = {"pruning.schedule": {"name": "imp", "options": {"step": 0.3, "round_steps": 2, "evaluate_rounds": False}}}
+    recipe = tiny_recipe(**{"training.max_steps": 2, **imp})
+    recipe["sweep"] = {"grids": [{"pruning.sparsity": [0.3, 0.6]}]}
+    out = tmp_path / "grid"
+    assert main(["sweep", str(write_recipe(tmp_path / "sweep.yaml", recipe)), "--output-dir", str(out), "--quiet"]) == 0
+    low, high = (json.loads((out / f"sparsity-{s}" / "metrics.json").read_text()) for s in ("0.3", "0.6"))
+    assert low["shared_phases"] == [] and high["shared_phases"] == ["round_1", "round_2"]
+    taken = [json.loads(line) for line in (out / "sparsity-0.6" / "log.jsonl").open() if '"shared"' in line]
+    assert [e["trained_by"] for e in taken if e.get("phase") == "round_2"] == [str(out / "sparsity-0.3")]
+    # the same point alone, nothing shared: the same masks, weights and scores
+    alone = parpkit.run(tiny_recipe(**{"training.max_steps": 2, "pruning.sparsity": 0.6, **imp}), output_dir=tmp_path / "alone",
+                        progress=False)
+    assert alone.metrics["shared_phases"] == []
+    same_results(tmp_path / "alone", out / "sparsity-0.6")

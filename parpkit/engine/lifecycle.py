@@ -346,9 +346,9 @@ def phase_key(s: Session, index: int) -> dict | None:
     schedule says the phase can be shared (``Schedule.phase_key``); None otherwise."""
     phase = s.phases[index]
     k = s.resolved.schedule.phase_key(index, phase)
-    if k is None:
-        return None
     r = s.recipe
+    if k is None or (r.evaluation.keep_best and index == len(s.phases) - 1):
+        return None  # keep_best keeps weights of the last phase only: another run's phase would not have them
     dump = lambda section: section.model_dump(mode="json", exclude_defaults=True)  # noqa: E731  (new keys keep old entries)
     return {"schedule": k, "steps": phase.steps, "seed": r.seed, "backbone": dump(r.backbone), "dataset": dump(r.dataset),
             "training": {k: v for k, v in dump(r.training).items() if k not in _BOOKKEEPING},
