@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,15 +250,25 @@ def test_sweep_points_that_come_out_the_same_recipe_run_once_and_errors_name_the
 
 
 def test_imp_at_a_lower_target_shares_its_final_fine_tune_with_the_next_round_of_a_higher_one(tmp_path):
-    imp = {"pruning.schedule": {"name": "imp", "options": {"step": 0.3, "round_steps": 2, "evaluate_rounds": False}}}
+    imp = {"pruning.schedule": {"name": "imp", "options": {"step": 0.3, "round_steps": 2, "evaluate_rounds": False}},
+           "training.keep_checkpoints_when_done": True}
     recipe = tiny_recipe(**{"training.max_steps": 2, **imp})
     recipe["sweep"] = {"grids": [{"pruning.sparsity": [0.3, 0.6]}]}
     out = tmp_path / "grid"
-    assert main(["sweep", str(write_recipe(tmp_path / "sweep.yaml", recipe)), "--output-dir", str(out), "--quiet"]) == 0
+    path = write_recipe(tmp_path / "sweep.yaml", recipe)
+    assert main(["sweep", str(path), "--output-dir", str(out), "--quiet"]) == 0
     low, high = (json.loads((out / f"sparsity-{s}" / "metrics.json").read_text()) for s in ("0.3", "0.6"))
     assert low["shared_phases"] == [] and high["shared_phases"] == ["round_1", "round_2"]
     taken = [json.loads(line) for line in (out / "sparsity-0.6" / "log.jsonl").open() if '"shared"' in line]
     assert [e["trained_by"] for e in taken if e.get("phase") == "round_2"] == [str(out / "sparsity-0.3")]
+    # killed in its final phase, resumed: the phases its first attempt took are still reported
+    (out / "sparsity-0.6" / "metrics.json").unlink()
+    shutil.rmtree(out / "sparsity-0.6" / "checkpoints" / "phase-2")
+    assert main(["sweep", str(path), "--output-dir", str(out), "--quiet", "--only", "sparsity-0.6"]) == 0
+    again = json.loads((out / "sparsity-0.6" / "metrics.json").read_text())
+    # (its final phase, stored by its first attempt, is taken back from the shared folder too)
+    assert again["shared_phases"] == ["round_1", "round_2", "final"] and again["wall_time_s"]["attempts"] == 2
+    assert again["stages"] == high["stages"]
     # the same point alone, nothing shared: the same masks, weights and scores
     alone = parpkit.run(tiny_recipe(**{"training.max_steps": 2, "pruning.sparsity": 0.6, **imp}), output_dir=tmp_path / "alone",
                         progress=False)

@@ -67,11 +67,11 @@ class Session:
     phase_loss: dict[str, float] = field(default_factory=dict)  # mean training loss of each phase trained here
     first_phase: int = 0
     shared: SharedWork = field(default_factory=lambda: SharedWork(None))
-    shared_phases: list[str] = field(default_factory=list)
     distiller: Distiller | None = None
     pseudo_labelled: int = 0  # training utterances the teacher transcribed
-    #: what checkpoints keep beside the stages: the learning curve and the best validation checkpoint
-    extra: dict[str, Any] = field(default_factory=lambda: {"curve": [], "best": None})
+    #: what checkpoints keep beside the stages: the learning curve, the best validation checkpoint and the
+    #: phases taken from other runs (a resumed run still reports those its earlier attempts took)
+    extra: dict[str, Any] = field(default_factory=lambda: {"curve": [], "best": None, "shared_phases": []})
 
     @property
     def recipe(self):
@@ -387,7 +387,7 @@ def load_shared_phase(s: Session, index: int, folder: Path) -> None:
         else:
             s.resolved.schedule.before_evaluate(s.pruner)
             judge(s, phase.stage)
-    s.shared_phases.append(phase.name)
+    s.extra.setdefault("shared_phases", []).append(phase.name)  # checkpoints before parpkit kept it have none
     s.log.write("shared", phase=phase.name, entry=str(folder), trained_by=meta["run"])
     s.progress.console.print(f"{phase.name}: trained identically by {meta['run']}; reusing it ({folder.name})",
                              soft_wrap=True, markup=False)
@@ -514,7 +514,7 @@ def write(s: Session) -> dict[str, Any]:
         "mask_iou_initial": mask_iou_initial(s),
         "curve": s.extra["curve"],
         "best": None if s.extra["best"] is None else {"step": s.extra["best"]["step"], **s.extra["best"]["rates"]},
-        "shared_phases": s.shared_phases,
+        "shared_phases": s.extra.get("shared_phases", []),
         "distillation": None if s.distiller is None else {
             **r.distillation.model_dump(mode="json"), "teacher_memory_mb": round(s.distiller.memory_mb, 1),
             "teacher_seconds": round(s.distiller.seconds, 4), "pseudo_labelled": s.pseudo_labelled},
