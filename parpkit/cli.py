@@ -129,15 +129,17 @@ def cmd_sweep(args) -> int:
 
     recipe = Path(args.recipe)
     data = read_recipe_file(recipe)
-    plist, seen = [], {}
-    for p in points(sweep_of(data, str(recipe)), str(recipe)):  # points whose recipes come out the same run once
+    plist, seen, dropped = [], {}, []
+    for p in points(sweep_of(data, str(recipe)), str(recipe), dropped):  # points whose recipes come out the same run once
         _, mapping = point_recipe(data, p, args.set or [], f"{recipe} (sweep point {p.name})")
         key = json.dumps(mapping, sort_keys=True, default=str)
         if key in seen:
-            err_console.print(f"[yellow]sweep point {p.name} is the same recipe as {seen[key]}: left out[/]", highlight=False)
+            dropped.append((p.name, seen[key]))
             continue
         seen[key] = p.name
         plist.append(p)
+    for name, same in dropped:
+        err_console.print(f"[yellow]sweep point {name} is the same recipe as {same}: left out[/]", highlight=False)
     every = plist
     if args.only:
         unknown = sorted(set(args.only) - {p.name for p in plist})

@@ -104,10 +104,11 @@ def _name(axes: tuple[tuple[str, Any], ...]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts)) or "point"
 
 
-def points(sweep: SweepSection, file: str = "<recipe>") -> list[Point]:
-    """Every point of every grid, in order, without duplicates (same overrides)."""
+def points(sweep: SweepSection, file: str = "<recipe>", dropped: list[tuple[str, str]] | None = None) -> list[Point]:
+    """Every point of every grid, in order, without duplicates (same overrides); each duplicate left out
+    is added to ``dropped`` as (its name, the name of the point it repeats)."""
     out: list[Point] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for g, grid in enumerate(sweep.grids):
         crossed = list(itertools.product(*[[(a, v) for v in vals] for a, vals in grid.cross.items()]))
         zipped = list(zip(*[[(a, v) for v in vals] for a, vals in grid.zip.items()], strict=True)) or [()]
@@ -126,8 +127,10 @@ def points(sweep: SweepSection, file: str = "<recipe>") -> list[Point]:
                         overrides[axis] = value
                 canon = json.dumps(overrides, sort_keys=True, default=str)
                 if canon in seen:
+                    if dropped is not None and _name(axes) != seen[canon]:
+                        dropped.append((_name(axes), seen[canon]))
                     continue
-                seen.add(canon)
+                seen[canon] = _name(axes)
                 out.append(Point(_name(axes), axes, overrides))
     names = [p.name for p in out]
     clashes = {n for n in names if names.count(n) > 1}

@@ -236,6 +236,12 @@ def test_sweep_points_that_come_out_the_same_recipe_run_once_and_errors_name_the
     assert main(["sweep", str(path), "--output-dir", str(tmp_path / "grid"), "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert "1 points" in out and "sweep point method-fixed is the same recipe as method-fixed_sparsity-0.5: left out" in " ".join(err.split())
+    # two variant labels with the same overrides: one point, and the sweep says which label it dropped
+    twins = _sweep_recipe([{"method": ["fixed", "also_fixed"]}])
+    twins["sweep"]["variants"]["method"]["also_fixed"] = {"pruning.schedule": {"name": "fixed"}}
+    assert main(["sweep", str(write_recipe(tmp_path / "twins.yaml", twins)), "--output-dir", str(tmp_path / "t"), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 points" in out and "sweep point method-also_fixed is the same recipe as method-fixed: left out" in " ".join(err.split())
     with pytest.raises(ValueError, match="a grid needs at least one axis"):
         SweepSection.model_validate({"grids": [{}]})
     with pytest.raises(ValueError, match="variants table 'method' has no labels"):
