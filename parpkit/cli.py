@@ -129,15 +129,17 @@ def cmd_sweep(args) -> int:
 
     recipe = Path(args.recipe)
     data = read_recipe_file(recipe)
-    plist, seen, dropped = [], {}, []
+    where = lambda p: f"{recipe} (sweep point {p.name})"  # noqa: E731  (how errors name a point)
+    plist, recipes, seen, dropped = [], {}, {}, []
     for p in points(sweep_of(data, str(recipe)), str(recipe), dropped):  # points whose recipes come out the same run once
-        _, mapping = point_recipe(data, p, args.set or [], f"{recipe} (sweep point {p.name})")
+        model, mapping = point_recipe(data, p, args.set or [], where(p))
         key = json.dumps(mapping, sort_keys=True, default=str)
         if key in seen:
             dropped.append((p.name, seen[key]))
             continue
         seen[key] = p.name
         plist.append(p)
+        recipes[p.name] = (model, mapping)
     for name, same in dropped:
         err_console.print(f"[yellow]sweep point {name} is the same recipe as {same}: left out[/]", highlight=False)
     every = plist
@@ -146,12 +148,11 @@ def cmd_sweep(args) -> int:
         if unknown:
             raise RecipeError(f"no sweep point {', '.join(unknown)}; points: {', '.join(p.name for p in plist)}", file=str(recipe))
         plist = [p for p in plist if p.name in args.only]
-    base, _ = point_recipe(data, plist[0], args.set or [], str(recipe))
-    out = Path(args.output_dir) if args.output_dir else base.run_dir()
+    out = Path(args.output_dir) if args.output_dir else recipes[plist[0].name][0].run_dir()
     plugins = Plugins()
-    checked = [(p, *point_recipe(data, p, args.set or [], f"{recipe} (sweep point {p.name})")) for p in plist]
+    checked = [(p, *recipes[p.name]) for p in plist]
     for p, model, _ in checked:  # every point resolves before any runs
-        resolve(model, plugins, f"{recipe} (sweep point {p.name})")
+        resolve(model, plugins, where(p))
     if args.print_commands:
         for p in plist:
             console.print(run_command(recipe, p, out / p.name, out / "shared", args.set or []), markup=False, highlight=False)
@@ -171,7 +172,7 @@ def cmd_sweep(args) -> int:
         err_console.print(f"[bold]sweep point {i}/{len(checked)}: {p.name}[/]", highlight=False)
         try:
             run(mapping, output_dir=out / p.name, progress=Progress(enabled=not args.quiet, console=err_console),
-                shared=out / "shared", file=f"{recipe} (sweep point {p.name})")
+                shared=out / "shared", file=where(p))
         except ParpkitError as exc:
             err_console.print(f"[bold red]point {p.name} failed:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             failed.append(p.name)
@@ -341,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             return 2
         resume = "free space and rerun the same command: runs resume from their last complete checkpoint"
-        folders = [Path.cwd(), *([Path(args.output_dir).absolute()] if getattr(args, "output_dir", None) else [])]
         if isinstance(exc, OSError):  # a full disk, a read-only or missing folder: say which file, no traceback
             where = f"{exc.filename}: " if exc.filename else ""
             what = exc.strerror or str(exc)
@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             hint = f"; {resume}" if disk_full(exc) else ""
             err_console.print(f"[bold red]error:[/] {escape(where + what + hint)}", highlight=False, soft_wrap=True)
             return 2
+        folders = [Path.cwd(), *([Path(args.output_dir).absolute()] if getattr(args, "output_dir", None) else [])]
         if disk_full(exc, *folders):  # safetensors' and torch's writers raise their own error types
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             err_console.print(f"[bold red]error:[/] the disk is full ({escape(first)}); {resume}", highlight=False,

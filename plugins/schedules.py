@@ -37,8 +37,7 @@ class Parp(Schedule):
 
     def reprune(self, sparsity: float, pruner: Pruner) -> None:
         pruner.prune(sparsity)
-        regrown = pruner.regrown_masks() if self.options.reset_moments == "regrown" else None
-        if regrown is not None:
+        if self.options.reset_moments == "regrown" and (regrown := pruner.regrown_masks()) is not None:
             self.moments_reset += pruner.reset_optimizer_state(regrown)
 
     def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
