@@ -8,19 +8,26 @@ from parpkit.api import RunResult, run
 from parpkit.audio import AudioError, read_audio, resample
 from parpkit.cache import install_atomically
 from parpkit.compact import load_compact
+from parpkit.context import CalibrationBatch, RunContext, TrainingSettings, layer_blocks
 from parpkit.errors import ModelFormatError, ParpkitError, PluginError, RecipeError
 from parpkit.hookspecs import hookimpl
-from parpkit.interfaces import (Backbone, Criterion, Dataset, Phase, PluginOptions, Pruner, PruningCriterion, Schedule,
-                                StructuredCriterion, Utterance)
+from parpkit.interfaces import (Backbone, Criterion, Dataset, Phase, PluginOptions, Pruner, PruningCriterion,
+                                ReconstructingCriterion, Schedule, StructuredCriterion, Utterance)
 from parpkit.metrics import error_rates, normalise, normalise_units
 from parpkit.progress import Progress, Task
+from parpkit.ramps import cubic_ramp, linear_ramp
+from parpkit.selection import as_rows, lowest_k, lowest_k_rows, split_count
 from parpkit.units import Member, UnitGroup, ffn_group, head_group
 
 __version__ = "0.1.0"
 __all__ = [
     # plugin interfaces and registration
-    "Backbone", "Dataset", "Utterance", "Criterion", "PruningCriterion", "StructuredCriterion", "Schedule", "Phase",
-    "Pruner", "PluginOptions", "hookimpl",
+    "Backbone", "Dataset", "Utterance", "Criterion", "PruningCriterion", "StructuredCriterion", "ReconstructingCriterion",
+    "Schedule", "Phase", "Pruner", "PluginOptions", "hookimpl",
+    # what plugins may read of a run, and calibration
+    "RunContext", "TrainingSettings", "CalibrationBatch", "layer_blocks",
+    # for schedule authors; exact selection for criteria that choose their own masks
+    "linear_ramp", "cubic_ramp", "lowest_k", "lowest_k_rows", "split_count", "as_rows",
     # helpers for plugins
     "ParpkitError", "RecipeError", "PluginError", "ModelFormatError", "AudioError", "read_audio", "resample",
     "install_atomically", "Progress", "Task", "error_rates", "normalise", "normalise_units",

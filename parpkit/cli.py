@@ -34,10 +34,10 @@ def cmd_validate(args) -> int:
     from parpkit.registry import Plugins
     from parpkit.resolve import pool_groups, resolve
 
+    from parpkit.engine.lifecycle import preflight
+
     resolved, _ = _load(args)
-    resolved.dataset.check()
-    model = resolved.backbone.skeleton()
-    pool = resolved.select_pool(model)
+    model, pool = preflight(resolved)  # the same checks parpkit run makes before it loads anything
     total = sum(p.numel() for p in model.parameters())
     groups = pool_groups(model, pool)
     r = resolved.recipe
@@ -63,9 +63,9 @@ def cmd_validate(args) -> int:
         data = read_recipe_file(args.recipe)
         plist = points(sweep_of(data, str(args.recipe)), str(args.recipe))
         plugins = Plugins()
-        for point in plist:  # every point resolves (plugin names and options) before anything runs
-            resolve(point_recipe(data, point, args.set or [], f"{args.recipe} (sweep point {point.name})")[0], plugins,
-                    f"{args.recipe} (sweep point {point.name})")
+        for point in plist:  # every point passes the same checks before anything runs
+            where = f"{args.recipe} (sweep point {point.name})"
+            preflight(resolve(point_recipe(data, point, args.set or [], where)[0], plugins, where))
         console.print(f"sweep: {len(plist)} points, each valid")
     console.print("[green]recipe is valid[/]")
     return 0

@@ -7,6 +7,9 @@ Kinds: ``Backbone`` (a model), ``Dataset`` (a corpus), criteria (``PruningCriter
 weights, ``StructuredCriterion`` whole units) and ``Schedule`` (when and how much). Schedules act through
 a ``Pruner``, the engine's object that holds the pool and its masks (a protocol: what schedules may call).
 
+Criteria and schedules read the run through ``parpkit.RunContext`` (``parpkit/context.py``, which builds on
+this module, so the annotations here name it without importing it).
+
 State that must survive a crash uses one naming everywhere: ``state_dict()`` returns a nested mapping of
 JSON values and tensors, ``load_state_dict(state)`` takes it back. Checkpoints store it; resuming restores it.
 """
@@ -153,6 +156,11 @@ class Backbone(_Plugin, ABC):
         by default all; a seq2seq model's label positions, a CTC model's unpadded frames."""
         return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
 
+    def position_mask(self, module: str, batch: CalibrationBatch, positions: int) -> torch.Tensor | None:
+        """Which of the ``positions`` of ``module``'s input are real (not padding), as a bool (batch,
+        positions) tensor, for calibration statistics; None: all of them (the default)."""
+        return None
+
     def structured_groups(self, model: torch.nn.Module) -> list[UnitGroup]:
         """Coupled slices that form whole units (FFN neurons, attention heads), for structured criteria
         and compact export. Backbones declare them; nothing is traced."""
@@ -179,22 +187,38 @@ class Backbone(_Plugin, ABC):
 # ------------------------------------------------------------------------------------------ criteria
 
 class Criterion(_Plugin, ABC):
-    """What both kinds of criterion share: they may watch training and keep state. The engine passes
+    """What every kind of criterion shares: they may watch training and keep state. The engine passes
     the recipe's ``seed`` as a keyword (criteria that draw random numbers use it; others ignore it).
 
-    ``observe`` is called before every optimizer update with the pool's live parameters, gradients ready
-    (summed over accumulation steps, before masking and clipping), weights not yet updated. A criterion
-    that ranks by gradients accumulates what it needs there, in tensors it returns from ``state_dict``.
+    ``needs`` declares what a criterion must see besides the weights:
 
-    Before the first mask there has been no update: the engine feeds ``calibration_batches`` training
-    batches forward and backward (no update) and calls ``observe(0, params)`` after each.
+    - ``None``: nothing (magnitude, random).
+    - ``"gradients"``: ``observe`` is called before every optimizer update with the pool's live
+      parameters, gradients ready (summed over accumulation steps, before masking and clipping), weights
+      not yet updated. Before the first mask there has been no update: the engine feeds
+      ``calibration_batches`` training batches forward and backward (no update) and calls
+      ``observe(0, params)`` after each.
+    - ``"activations"``: ``calibrate(context)`` is called before every prune (the first mask and each
+      re-prune) with the live model; it reads layer inputs through ``context.capture_inputs`` (forward
+      only, padding left out, hooks scoped by the engine) over ``calibration_batches`` batches.
 
-    Scores are computed under ``torch.no_grad``; higher means more worth keeping. Scope (global or per
-    tensor) is the engine's business, so every criterion works with every scope and schedule.
+    Scores are computed under ``torch.no_grad``; higher means more worth keeping. Scope is the engine's
+    business; ``scopes`` lists those a criterion can be ranked in (checked before anything loads).
     """
 
-    #: training batches to observe before the first mask (gradient-based criteria need some)
+    #: what the criterion must see besides the weights: None, "gradients" or "activations"
+    needs: ClassVar[str | None] = None
+    #: the scopes it can be ranked in
+    scopes: ClassVar[tuple[str, ...]] = ("global", "per_tensor", "per_row")
+    #: batches to observe (gradients) or feed forward (activations) before a mask
     calibration_batches: int = 0
+
+    def check(self, context: RunContext) -> None:
+        """Preflight, before any data or weights load: ``context.model`` is the skeleton (meta tensors,
+        module types and shapes). Raise ParpkitError or ValueError; the engine adds the recipe key."""
+
+    def calibrate(self, context: RunContext) -> None:
+        """``needs == "activations"``: read what the coming scores need (``context.capture_inputs``)."""
 
     def observe(self, step: int, params: Mapping[str, torch.nn.Parameter]) -> None:
         """Gradients of update ``step`` are in ``params[name].grad`` (``step`` 0: calibration)."""
@@ -218,9 +242,29 @@ class StructuredCriterion(Criterion):
     """Scores whole units of the groups a backbone declares (FFN neurons, attention heads); masks then
     cover every slice of a unit."""
 
+    scopes: ClassVar[tuple[str, ...]] = ("global", "per_tensor")
+
     @abstractmethod
     def unit_scores(self, group: UnitGroup, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor:
         """One score per unit of ``group``."""
+
+
+class ReconstructingCriterion(Criterion):
+    """Chooses its masks itself and may change the weights it keeps: one-shot, layer-wise methods that
+    reconstruct each layer's output from its inputs (SparseGPT, OBS/OBC-style). Used wherever a criterion
+    is (the first mask of every schedule, PARP's re-prunes); the engine applies the masks it returns.
+
+    ``counts`` gives how many weights each pool tensor must lose, exactly; with scope ``per_row`` every
+    row (output neuron) of a tensor loses ``counts[name] // rows`` (a 1-D tensor is one row). The engine
+    checks the returned masks against them.
+    """
+
+    needs: ClassVar[str | None] = "activations"
+    scopes: ClassVar[tuple[str, ...]] = ("per_tensor", "per_row")
+
+    @abstractmethod
+    def reconstruct(self, context: RunContext, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        """Keep-masks (bool, True = kept) for every pool tensor; update kept weights in place (no_grad)."""
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -293,6 +337,10 @@ class Schedule(_Plugin, ABC):
     def __init__(self, options: PluginOptions | None = None, *, target: float, **kw: Any):
         super().__init__(options, **kw)
         self.target = target
+
+    def check(self, context: RunContext) -> None:
+        """Preflight, before any data or weights load: ``context.training`` and ``context.phases`` hold the
+        recipe's settings. Raise ParpkitError or ValueError; the engine adds the recipe key."""
 
     def phases(self, max_steps: int) -> list[Phase]:
         """The fine-tuning runs; by default one of ``training.max_steps`` updates."""

@@ -10,15 +10,18 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from parpkit.errors import ParpkitError, RecipeError
-from parpkit.interfaces import Criterion, StructuredCriterion
-from parpkit.selection import PoolLayout, keep_masks
+from parpkit.interfaces import Criterion, ReconstructingCriterion, StructuredCriterion
+from parpkit.selection import PoolLayout, as_rows, keep_masks, scope_counts
 from parpkit.units import UnitGroup, select_units, unit_masks
+
+if TYPE_CHECKING:
+    from parpkit.context import RunContext
 
 
 def select_pool(names: Iterable[str], include: list[str], exclude: list[str] = (),
@@ -53,10 +56,13 @@ def compute_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str) 
 class PoolPruner:
     """The engine's ``Pruner``: holds the pool and its current masks; schedules call it to (re-)prune,
     enforce masks, and rewind. With a ``StructuredCriterion`` masks cover whole units of the backbone's
-    declared groups (FFN neurons, attention heads) instead of single weights."""
+    declared groups (FFN neurons, attention heads) instead of single weights; a ``ReconstructingCriterion``
+    returns its masks (and updated weights) itself. ``context``: the run context that criteria needing
+    activations calibrate with."""
 
     def __init__(self, model: torch.nn.Module, pool: list[str], criterion: Criterion, scope: str,
-                 groups: list[UnitGroup] | None = None, donor_masks: dict[str, torch.Tensor] | None = None):
+                 groups: list[UnitGroup] | None = None, donor_masks: dict[str, torch.Tensor] | None = None,
+                 context: RunContext | None = None):
         params = dict(model.named_parameters())
         self.model = model
         self.params: OrderedDict[str, torch.nn.Parameter] = OrderedDict((n, params[n]) for n in pool)
@@ -67,6 +73,7 @@ class PoolPruner:
             raise ParpkitError(f"criterion {criterion.name!r} prunes whole units, but the backbone declares no "
                                "structured groups inside the pool")
         self.donor_masks = donor_masks
+        self.context = context
         self.masks: OrderedDict[str, torch.Tensor] | None = None
         self.sparsity = 0.0  # sparsity of the current masks
         self.prune_count = 0  # how many times masks were computed
@@ -84,17 +91,41 @@ class PoolPruner:
     @torch.no_grad()
     def prune(self, sparsity: float) -> None:
         """Rank the whole pool now, at ``sparsity``, and zero the losers."""
-        if isinstance(self.criterion, StructuredCriterion):
+        if isinstance(self.criterion, ReconstructingCriterion):
+            masks = self._reconstruct(sparsity)
+        elif isinstance(self.criterion, StructuredCriterion):
             scores = {n: self.criterion.unit_scores(g, self.params) for n, g in self.groups.items()}
             pruned = select_units(scores, self.groups, sparsity, self.scope)
             masks = unit_masks(pruned, self.groups, {n: p.shape for n, p in self.params.items()})
             masks = {n: masks.get(n, torch.ones(p.shape, dtype=torch.bool)) for n, p in self.params.items()}
         else:
+            if self.criterion.needs == "activations":
+                self.criterion.calibrate(self._context())
             masks, self._scores = keep_masks(self.layout, lambda n: self.criterion.scores(n, self.params[n]), sparsity,
                                              self.scope, self._scores)
         self.set_masks(masks)
         self.sparsity = sparsity
         self.prune_count += 1
+
+    def _context(self) -> RunContext:
+        if self.context is None:
+            raise ParpkitError(f"criterion {self.criterion.name!r} needs activations, and this pruner has no run context")
+        return self.context
+
+    def _reconstruct(self, sparsity: float) -> dict[str, torch.Tensor]:
+        """Masks (and updated weights) from a reconstructing criterion, checked against the exact counts."""
+        counts = OrderedDict(zip(self.params, scope_counts(self.layout.shapes, sparsity, self.scope), strict=True))
+        masks = self.criterion.reconstruct(self._context(), counts)
+        for n, p in self.params.items():
+            m = masks.get(n)
+            if m is None or m.shape != p.shape:
+                raise ParpkitError(f"criterion {self.criterion.name!r} returned no mask of shape {tuple(p.shape)} for {n}")
+            rows, cols = as_rows(p.shape)
+            pruned = (~m.bool()).reshape(rows, cols).sum(1)
+            if int(pruned.sum()) != counts[n] or (self.scope == "per_row" and bool((pruned != counts[n] // rows).any())):
+                raise ParpkitError(f"criterion {self.criterion.name!r} pruned {int(pruned.sum())} weights of {n}; the "
+                                   f"{self.scope} scope asks for exactly {counts[n]}")
+        return masks
 
     def initial_mask(self, sparsity: float) -> None:
         """The first mask of a run: from the criterion, or the donor mask a recipe's ``mask_from`` names."""

@@ -92,7 +92,9 @@ class PruningSection(_Strict):
     criterion: PluginRef
     schedule: PluginRef
     sparsity: float
-    scope: Literal["global", "per_tensor"] = "global"
+    #: global: one ranking over the pool; per_tensor: each tensor loses its share; per_row: each output row
+    #: (neuron) of each tensor loses its share (a bias is one row), as Wanda and SparseGPT compare
+    scope: Literal["global", "per_tensor", "per_row"] = "global"
     #: regexes (full match on parameter names) replacing the backbone's default pool
     include: list[str] | None = None
     #: regexes removed from the pool after ``include``
@@ -119,7 +121,8 @@ class PruningSection(_Strict):
 
 
 class TrainingSection(_Strict):
-    max_steps: int = Field(gt=0)
+    #: optimizer updates of fine-tuning; 0: one-shot (prune, then judge, with no training at all)
+    max_steps: int = Field(ge=0)
     batch_size: int = Field(default=8, gt=0)
     gradient_accumulation_steps: int = Field(default=1, gt=0)
     learning_rate: float = Field(default=5e-5, gt=0)

@@ -77,7 +77,9 @@ class Plugins:
         try:
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {exc.plugin!r} implements a hook parpkit does not define: {exc}") from None
+            known = ", ".join(hook for hook, _ in KINDS.values())
+            raise PluginError(f"plugin {exc.plugin!r} implements a hook parpkit does not define: {exc}; parpkit's hooks "
+                              f"are {known} (see parpkit.hookspecs)") from None
         self.pm = pm
         providers = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
         self.registries = {kind: Registry(kind, base) for kind, (_, base) in KINDS.items()}

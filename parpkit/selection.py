@@ -124,6 +124,54 @@ def per_tensor_counts(sizes: Sequence[int], sparsity: float) -> list[int]:
     return counts
 
 
+def split_count(total: int, sizes: Sequence[int]) -> list[int]:
+    """``total`` split over parts of ``sizes`` in proportion, exactly (largest remainders first, ties to the
+    earlier part)."""
+    whole = sum(sizes)
+    exact = [total * n / whole if whole else 0.0 for n in sizes]
+    counts = [math.floor(x) for x in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def as_rows(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, columns) of a tensor as the ``per_row`` scope sees it: an output row (neuron) of a matrix
+    (or of a convolution, its output channel); a 1-D tensor (a bias) is one row."""
+    n = math.prod(shape)
+    rows = shape[0] if len(shape) >= 2 else 1
+    return rows, (n // rows if rows else 0)
+
+
+def row_count(shape: Sequence[int], sparsity: float) -> int:
+    """How many entries each row loses under ``per_row``: round(s·columns), the same for every row."""
+    return round(sparsity * as_rows(shape)[1])
+
+
+def scope_counts(shapes: Sequence[Sequence[int]], sparsity: float, scope: str) -> list[int]:
+    """How many entries each tensor loses: per_tensor exactly (floor or ceil of s·n, summing to round(s·N));
+    per_row every row round(s·columns). The global scope has no per-tensor count."""
+    if scope == "per_tensor":
+        return per_tensor_counts([math.prod(s) for s in shapes], sparsity)
+    if scope == "per_row":
+        return [as_rows(s)[0] * row_count(s, sparsity) for s in shapes]
+    raise ValueError(f"scope {scope!r} has no per-tensor counts")
+
+
+def lowest_k_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool (rows, columns), True = prune: in every row exactly its ``k`` lowest scores, ties to the lower
+    index (a stable sort per row)."""
+    rows, cols = scores.shape
+    out = torch.zeros(rows, cols, dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return out
+    if k >= cols:
+        return out.fill_(True)
+    order = torch.argsort(scores.float(), dim=1, stable=True)[:, :k]
+    return out.scatter_(1, order, True)
+
+
 class PoolLayout:
     """Names, shapes and flat offsets of the pool's tensors, in order."""
 
@@ -142,8 +190,8 @@ class PoolLayout:
 
 def keep_masks(layout: PoolLayout, score: Callable[[str], torch.Tensor], sparsity: float, scope: str,
                buffer: torch.Tensor | None = None) -> tuple[OrderedDict[str, torch.Tensor], torch.Tensor | None]:
-    """Keep-masks (True = kept) pruning exactly round(s·N) of the pool's N entries, as views of one flat
-    bool tensor. ``score(name)`` is called once per tensor. Global scope copies the scores into one
+    """Keep-masks (True = kept) pruning exactly round(s·N) of the pool's N entries (global, per_tensor) or
+    round(s·columns) of every row (per_row, see ``as_rows``), as views of one flat bool tensor. ``score(name)`` is called once per tensor. Global scope copies the scores into one
     float32 ``buffer`` (allocated when None or the wrong size; returned for reuse at the next prune)."""
     spans = list(zip(layout.names, layout.offsets, layout.sizes, layout.shapes, strict=True))
     prune = None
@@ -161,6 +209,13 @@ def keep_masks(layout: PoolLayout, score: Callable[[str], torch.Tensor], sparsit
             prune = torch.empty(layout.numel, dtype=torch.bool, device=s.device) if prune is None else prune
             lowest_k(s, k, out=prune[offset:offset + size])
             del s
+    elif scope == "per_row":
+        for name, offset, size, shape in spans:
+            s = score(name).detach()
+            prune = torch.empty(layout.numel, dtype=torch.bool, device=s.device) if prune is None else prune
+            rows, cols = as_rows(shape)
+            prune[offset:offset + size].view(rows, cols).copy_(lowest_k_rows(s.reshape(rows, cols), row_count(shape, sparsity)))
+            del s
     else:
-        raise ValueError(f"unknown scope {scope!r}; expected 'global' or 'per_tensor'")
+        raise ValueError(f"unknown scope {scope!r}; expected 'global', 'per_tensor' or 'per_row'")
     return layout.views(torch.logical_not(prune, out=prune)), buffer

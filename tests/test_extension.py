@@ -221,9 +221,51 @@ PACKAGE = {
                 self.resets = [list(r) for r in state["resets"]]
 
 
+        class EnergyOptions(PluginOptions):
+            calibration_batches: int = Field(default=1, gt=0)
+
+
+        class InputEnergy(PruningCriterion):
+            """|w| times the mean absolute value of the input feature it multiplies, measured before every prune."""
+
+            name = "input_energy"
+            needs = "activations"
+            Options = EnergyOptions
+
+            def __init__(self, options=None, **kw):
+                super().__init__(options, **kw)
+                self.calibration_batches = self.options.calibration_batches
+                self.energy, self.calls = {}, 0
+
+            def check(self, context):
+                for param in context.pool:
+                    owner, attr = context.module_of(param)
+                    if attr == "weight" and not isinstance(context.modules[owner], torch.nn.Linear):
+                        raise ValueError(f"{param} is not a linear layer's weight")
+
+            def calibrate(self, context):
+                weights = {context.module_of(p)[0]: p for p in context.pool if context.module_of(p)[1] == "weight"}
+                sums = {}
+                rows = context.capture_inputs(weights, lambda m, x: sums.__setitem__(m, sums.get(m, 0) + x.abs().sum(0)),
+                                              batches=self.calibration_batches)
+                self.energy = {weights[m]: sums[m] / rows[m] for m in sums}
+                self.calls += 1
+
+            def scores(self, name, param):
+                energy = self.energy.get(name)
+                return param.detach().abs() * (energy.to(param.device) if energy is not None else 1.0)
+
+            def state_dict(self):
+                return {"calls": self.calls}
+
+            def load_state_dict(self, state):
+                self.calls = int(state["calls"])
+
+
         @hookimpl
         def register_criteria(register):
             register(Fisher)
+            register(InputEnergy)
 
 
         @hookimpl
@@ -279,3 +321,21 @@ def test_a_third_party_package_plugs_in_through_its_entry_point_and_resumes_afte
     assert set(state["criterion"]["sq"]) == set(state["pruner"]["masks"])  # one Fisher accumulator per pool tensor
     resumed = json.loads((killed / "checkpoints" / "phase-0" / "checkpoint-9" / "parpkit_state.json").read_text())
     assert resumed["schedule"]["resets"] == resets
+
+
+@requires_offline
+def test_a_third_party_activation_criterion_calibrates_before_every_prune_and_resumes_after_sigkill(thirdparty, tmp_path):
+    """Written with only parpkit.__all__: it reads layer inputs through the run context, is calibrated before the
+    first mask and every re-prune, and a run killed mid-way resumes to the same masks and weights."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(thirdparty), os.environ.get("PYTHONPATH", "")])}
+    path = write_recipe(tmp_path / "r.yaml", _thirdparty_recipe(**{"pruning.criterion": {"name": "input_energy"},
+                                                                   "pruning.scope": "per_row", "evaluation.dense": False}))
+    alone, killed = tmp_path / "alone", tmp_path / "killed"
+    assert main(["run", str(path), "--output-dir", str(alone), "--quiet"]) == 0
+    run_and_kill(path, killed, env=env)
+    assert main(["run", str(path), "--output-dir", str(killed), "--quiet"]) == 0
+    same_results(alone, killed)
+    state = json.loads((alone / "checkpoints" / "phase-0" / "checkpoint-9" / "parpkit_state.json").read_text())
+    assert state["criterion"]["calls"] == 4  # the first mask and the re-prunes at steps 3, 6 and 9
+    masks = parpkit.RunResult(alone, {}).masks()
+    assert all(int((~m).reshape(m.shape[0] if m.dim() > 1 else 1, -1).sum(1).unique().numel()) == 1 for m in masks.values())

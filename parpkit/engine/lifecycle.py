@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from parpkit.engine.rundir import RunDir
 from parpkit.engine.shared import SharedWork
 from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, callbacks, tensorboard_dir, trainer_class,
                                      training_arguments)
-from parpkit.errors import ParpkitError
+from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
+from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
 from parpkit.masks import PoolPruner, load_donor_masks, model_zero_fraction
 from parpkit.metrics import normalise, normalise_units
@@ -56,6 +57,7 @@ class Session:
     model: torch.nn.Module | None = None
     pool: list[str] = field(default_factory=list)
     pruner: PoolPruner | None = None
+    context: RunContext | None = None
     phases: list[Phase] = field(default_factory=list)
     stages: dict[str, dict] = field(default_factory=dict)
     state: RunState | None = None
@@ -103,6 +105,7 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
     hf_logging.set_verbosity_error()
     recipe = resolved.recipe
     mapping = resolved_mapping if resolved_mapping is not None else recipe.model_dump(mode="json")
+    preflight(resolved)  # before the directory exists: a recipe that fails its checks leaves nothing behind
     probe = training_arguments(recipe, Path(output_dir or recipe.run_dir()), 1)  # sets up the process group (torchrun)
     rundir = RunDir(Path(output_dir or recipe.run_dir()), yaml.safe_dump(mapping, sort_keys=False), main=probe.process_index == 0)
     rundir.acquire()
@@ -112,7 +115,6 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
             progress.console.print(f"{rundir.path}: this run is complete (pass --fresh to run it again)", soft_wrap=True,
                                    markup=False)
             return done if rundir.main else {}
-        preflight(resolved)
         rundir.write_recipe()
         s = Session(resolved, progress, rundir, probe.device, rundir.main, probe.world_size,
                     started=rundir.log.start)  # the wall time and the log's time_s count from the same moment
@@ -136,11 +138,45 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
         rundir.release()
 
 
-def preflight(resolved: Resolved) -> None:
-    """What ``parpkit validate`` checks, before any data loads or the directory is claimed: the dataset's
-    layout and plan, the model's architecture and the pool."""
-    resolved.dataset.check()
-    resolved.select_pool(resolved.backbone.skeleton())
+def located(file: str, key: str, check: Callable[[], Any]) -> Any:
+    """Run a plugin's check; its error (ParpkitError or ValueError) names the recipe file and key."""
+    try:
+        return check()
+    except RecipeError:
+        raise
+    except (ParpkitError, ValueError) as exc:
+        raise RecipeError(str(exc), file=file, key=key) from None
+
+
+def training_settings(recipe) -> TrainingSettings:
+    t = recipe.training
+    return TrainingSettings(max_steps=t.max_steps, batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                            learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, warmup_steps=t.warmup_steps,
+                            precision=t.precision)
+
+
+def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
+    """Every check that needs no data and no weights, the same for ``parpkit validate`` and ``parpkit run``
+    (which runs it before the directory is claimed): the dataset's layout and plan, the model's architecture
+    and the pool, and what criterion and schedule declare (scopes, a starting mask, their own ``check``
+    with the training settings and phases). Returns the model's skeleton and the pool."""
+    r, file = resolved.recipe, resolved.file
+    criterion, schedule = resolved.criterion, resolved.schedule
+    located(file, "dataset.options", resolved.dataset.check)
+    model = located(file, "backbone.options", resolved.backbone.skeleton)
+    pool = resolved.select_pool(model)
+    if r.pruning.scope not in criterion.scopes:
+        raise RecipeError(f"criterion {criterion.name!r} ranks in scope {' or '.join(criterion.scopes)}, not "
+                          f"{r.pruning.scope!r}", file=file, key="pruning.scope")
+    if r.pruning.mask_from and not schedule.accepts_mask_from:
+        raise RecipeError(f"schedule {schedule.name!r} finds its own masks and takes no starting mask; remove mask_from "
+                          "or use a schedule that starts from a given mask (fixed, parp …)", file=file, key="pruning.mask_from")
+    phases = located(file, "pruning.schedule.options", lambda: schedule.phases(r.training.max_steps))
+    context = RunContext(model, pool, training=training_settings(r), phases=phases, sparsity=r.pruning.sparsity,
+                         scope=r.pruning.scope, seed=r.seed, file=file, loaded=False)
+    located(file, "pruning.criterion", lambda: criterion.check(context))
+    located(file, "pruning.schedule", lambda: schedule.check(context))
+    return model, pool
 
 
 # ------------------------------------------------------------------------------------------ prepare
@@ -184,14 +220,14 @@ def prepare(s: Session) -> None:
     groups = restrict(backbone.structured_groups(s.model), set(s.pool)) if isinstance(criterion, StructuredCriterion) else []
     donor = None
     if r.pruning.mask_from:
-        if not s.resolved.schedule.accepts_mask_from:
-            raise ParpkitError(f"schedule {r.pruning.schedule.name!r} finds its own masks; pruning.mask_from "
-                               "works with parp, parp_progressive and fixed")
         params = dict(s.model.named_parameters())
         donor = load_donor_masks(r.pruning.mask_from, {n: params[n] for n in s.pool}, file=s.resolved.file)
-    s.pruner = PoolPruner(s.model, s.pool, criterion, r.pruning.scope, groups=groups, donor_masks=donor)
-    s.pruner.snapshot("pretrained")
     s.phases = s.resolved.schedule.phases(r.training.max_steps)
+    s.context = RunContext(s.model, s.pool, training=training_settings(r), phases=s.phases, sparsity=r.pruning.sparsity,
+                           scope=r.pruning.scope, seed=r.seed, file=s.resolved.file, batches=CalibrationSource(s),
+                           positions=backbone.position_mask)
+    s.pruner = PoolPruner(s.model, s.pool, criterion, r.pruning.scope, groups=groups, donor_masks=donor, context=s.context)
+    s.pruner.snapshot("pretrained")
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
                 pool_parameters=s.pruner.size, batch=batch_sizes(s))
@@ -229,10 +265,12 @@ def start(s: Session, *, fresh: bool, resume: bool) -> Path | None:
         shutil.rmtree(root, ignore_errors=True)
     if s.recipe.evaluation.dense:
         judge_dense(s)
+    s.model.to(s.device)
+    t0 = time.time()
     calibrate(s)
     s.resolved.schedule.on_start(s.pruner)
-    if s.pruner.masks is not None:
-        s.log.write("prune", step=0, **s.pruner.prune_event())
+    if s.pruner.masks is not None:  # seconds: the first mask's calibration and selection (and reconstruction)
+        s.log.write("prune", step=0, seconds=round(time.time() - t0, 2), **s.pruner.prune_event())
         if s.main:  # how far the final mask moves from this one is part of the answer (metrics: mask_iou_initial)
             s.pruner.save_masks(s.rundir.path / "masks_initial.safetensors")
         if s.recipe.evaluation.after_prune:
@@ -240,22 +278,38 @@ def start(s: Session, *, fresh: bool, resume: bool) -> Path | None:
     return None
 
 
+class CalibrationSource:
+    """The run's calibration batches: training batches in an order drawn with the recipe's seed (the same
+    on every call, rank and resumed attempt), collated once and kept."""
+
+    def __init__(self, s: Session):
+        self.s = s
+        self.batches: list[CalibrationBatch] = []
+
+    def __call__(self, n: int) -> list[CalibrationBatch]:
+        s, bs = self.s, self.s.recipe.training.batch_size
+        if len(self.batches) < n:
+            order = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(s.recipe.seed)).tolist()
+            for b in range(len(self.batches), n):
+                utts = tuple(s.train[order[(b * bs + i) % len(order)]] for i in range(bs))
+                self.batches.append(CalibrationBatch(s.resolved.backbone.collate(utts), utts))
+        return self.batches[:n]
+
+
 def calibrate(s: Session) -> None:
     """Let a gradient-based criterion see ``calibration_batches`` training batches before the first mask:
-    forward and backward in eval mode (deterministic), no update, ``observe(0, params)`` after each."""
+    forward and backward in eval mode (deterministic), no update, ``observe(0, params)`` after each.
+    (Criteria that need activations calibrate before each prune, through the run context.)"""
     criterion = s.resolved.criterion
     n = criterion.calibration_batches
-    if n <= 0:
+    if n <= 0 or criterion.needs == "activations":
         return
-    bs = s.recipe.training.batch_size
-    order = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(s.recipe.seed)).tolist()
     model = s.model.to(s.device)
     model.eval()
     with s.progress.task(f"calibrating {criterion.name}", total=n) as task:
-        for b in range(n):
-            batch = s.resolved.backbone.collate([s.train[order[(b * bs + i) % len(order)]] for i in range(bs)])
+        for batch in s.context.calibration_batches(n):
             model.zero_grad(set_to_none=True)
-            model(**{k: v.to(s.device) for k, v in batch.items()}).loss.backward()
+            model(**{k: v.to(s.device) for k, v in batch.inputs.items()}).loss.backward()
             criterion.observe(0, s.pruner.params)
             task.advance()
     model.zero_grad(set_to_none=True)
@@ -276,7 +330,8 @@ def train_phase(s: Session, index: int, offset: int, resume_ckpt: Path | None, e
         if entry is not None and entry.done:
             load_shared_phase(s, index, entry.path)
         else:
-            fine_tune(s, index, offset, resume_ckpt, extra_callbacks)
+            if phase.steps:  # a phase of 0 steps (training.max_steps: 0, one-shot pruning) trains nothing
+                fine_tune(s, index, offset, resume_ckpt, extra_callbacks)
             if phase.stage:
                 schedule.before_evaluate(pruner)
                 judge(s, phase.stage)

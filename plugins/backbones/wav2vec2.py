@@ -179,6 +179,11 @@ class CTCBackbone(Backbone):
             mask = torch.arange(logits.shape[1], device=logits.device)[None, :] < lengths[:, None].to(logits.device)
         return mask
 
+    def position_mask(self, module: str, batch, positions: int) -> torch.Tensor | None:
+        """Frames of real audio (the feature encoder's output frames of each utterance's samples)."""
+        lengths = self._frames(torch.tensor([len(u.audio) for u in batch.utterances]))
+        return torch.arange(positions)[None, :] < lengths.clamp(max=positions)[:, None]
+
     def _frames(self, samples: torch.Tensor) -> torch.Tensor:
         """Output frames of the convolutional feature encoder for inputs of ``samples`` samples."""
         frames = samples

@@ -311,6 +311,16 @@ class WhisperBackbone(Backbone):
         """Teacher-forced decoder positions that predict a label token."""
         return batch["labels"] != -100
 
+    def position_mask(self, module: str, batch, positions: int) -> torch.Tensor | None:
+        """Decoder positions whose input is the start token or a label (the rest is padding no real position
+        attends to). Every encoder frame counts, the silence the window is padded with included: whisper's
+        encoder has no attention mask, so those frames feed every real frame's attention and the decoder's
+        cross-attention (a layer reconstructed without them ruins the model's output)."""
+        if ".encoder." in module or module.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj")):
+            return None
+        labels = batch.inputs["labels"]
+        return (labels != -100)[:, :positions] if labels.shape[1] >= positions else None
+
     @torch.no_grad()
     def transcribe(self, model: torch.nn.Module, audios: Sequence[np.ndarray]) -> list[str]:
         device = next(model.parameters()).device
