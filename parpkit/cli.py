@@ -30,14 +30,14 @@ def _load(args):
 
 
 def cmd_validate(args) -> int:
+    from parpkit.engine.distill import check_teacher
+    from parpkit.engine.lifecycle import preflight
     from parpkit.recipe import read_recipe_file
     from parpkit.registry import Plugins
     from parpkit.resolve import pool_groups, resolve
 
     resolved, _ = _load(args)
-    resolved.dataset.check()
-    model = resolved.backbone.skeleton()
-    pool = resolved.select_pool(model)
+    model, pool = preflight(resolved)  # what a run checks before it claims its directory
     total = sum(p.numel() for p in model.parameters())
     groups = pool_groups(model, pool)
     r = resolved.recipe
@@ -63,9 +63,16 @@ def cmd_validate(args) -> int:
         data = read_recipe_file(args.recipe)
         plist = points(sweep_of(data, str(args.recipe)), str(args.recipe))
         plugins = Plugins()
+        teachers = set()
         for point in plist:  # every point resolves (plugin names and options) before anything runs
-            resolve(point_recipe(data, point, args.set or [], f"{args.recipe} (sweep point {point.name})")[0], plugins,
-                    f"{args.recipe} (sweep point {point.name})")
+            where = f"{args.recipe} (sweep point {point.name})"
+            rp = resolve(point_recipe(data, point, args.set or [], where)[0], plugins, where)
+            p = rp.recipe
+            if p.distillation is not None and p.distillation.teacher is not None:  # a point may name its own teacher
+                key = json.dumps([p.backbone.model_dump(mode="json"), p.distillation.teacher, p.distillation.hidden_weight > 0])
+                if key not in teachers:
+                    teachers.add(key)
+                    check_teacher(p.distillation, rp.backbone, where)
         console.print(f"sweep: {len(plist)} points, each valid")
     console.print("[green]recipe is valid[/]")
     return 0

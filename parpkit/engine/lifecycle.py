@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from parpkit.engine.distill import Distiller, make_teacher, pseudo_label
+from parpkit.engine.distill import Distiller, check_teacher, make_teacher, pseudo_label
 from parpkit.engine.checkpoints import RunState, checkpoints, find_resume_point, is_complete, join_tensors, split_tensors
 from parpkit.engine.evaluation import evaluate
 from parpkit.engine.rundir import RunDir
@@ -136,11 +136,15 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
         rundir.release()
 
 
-def preflight(resolved: Resolved) -> None:
+def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     """What ``parpkit validate`` checks, before any data loads or the directory is claimed: the dataset's
-    layout and plan, the model's architecture and the pool."""
+    layout and plan, the model's architecture and the pool, and a distillation teacher given by
+    directory or hub id. Returns the model's skeleton (meta device) and the pool."""
     resolved.dataset.check()
-    resolved.select_pool(resolved.backbone.skeleton())
+    model = resolved.backbone.skeleton()
+    pool = resolved.select_pool(model)
+    check_teacher(resolved.recipe.distillation, resolved.backbone, resolved.file)
+    return model, pool
 
 
 # ------------------------------------------------------------------------------------------ prepare
@@ -167,7 +171,8 @@ def prepare(s: Session) -> None:
     backbone.prepare(labelled, ds.unit)
     s.model = backbone.load()
     if r.distillation is not None:  # before the first prune: the teacher is the dense pretrained model
-        s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, r.training.precision)
+        s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, r.training.precision,
+                                   s.resolved.file)
         s.log.write("teacher", source=r.distillation.teacher or "pretrained", memory_mb=round(s.distiller.memory_mb, 1),
                     parameters=sum(p.numel() for p in s.distiller.teacher.parameters()))
     if len(labelled) < len(s.train):
