@@ -30,11 +30,10 @@ def _load(args):
 
 
 def cmd_validate(args) -> int:
+    from parpkit.engine.lifecycle import preflight
     from parpkit.recipe import read_recipe_file
     from parpkit.registry import Plugins
     from parpkit.resolve import pool_groups, resolve
-
-    from parpkit.engine.lifecycle import preflight
 
     resolved, _ = _load(args)
     model, pool = preflight(resolved)  # the same checks parpkit run makes before it loads anything

@@ -170,6 +170,33 @@ class Backbone(_Plugin, ABC):
         """Load a model this backbone saved (``save``), for export; also readies tokenizer and features."""
         raise NotImplementedError(f"backbone {self.name!r} cannot reload a saved run")
 
+    def check_teacher(self, source: str, *, hidden_states: bool = False) -> None:
+        """Cheap checks (configs only, no weights) that the model at ``source`` (a directory or hub id) can
+        teach this backbone's model: it must take exactly the student's batches and give outputs over the
+        same vocabulary (and, with ``hidden_states``, hidden states of the same shapes). Raise ParpkitError
+        saying what differs; the engine names ``distillation.teacher``. Called by ``parpkit validate`` and
+        before a run loads anything. By default nothing is checked here (``load_teacher`` still compares
+        the output vocabulary)."""
+
+    def load_teacher(self, source: str, student: torch.nn.Module) -> torch.nn.Module:
+        """The distillation teacher at ``source``, shaped by this backbone's options exactly as ``load``
+        shapes ``student`` (input window, prompt …), so that it takes the student's batches. Called after
+        ``load``; raise ParpkitError saying what differs. The engine freezes it and moves it to the
+        training device and precision. By default: ``student``'s class loaded from ``source``, refused when
+        its output layer has another shape."""
+        path = Path(source).expanduser()
+        try:
+            teacher = type(student).from_pretrained(path if path.exists() else source)
+        except Exception as exc:  # OSError, safetensors or shape errors all mean: not a usable teacher here
+            text = str(exc).strip()
+            raise ParpkitError(f"cannot load {source} as a {type(student).__name__}: {type(exc).__name__}"
+                               + (f": {text.splitlines()[0]}" if text else "")) from None
+        ours, theirs = student.get_output_embeddings(), teacher.get_output_embeddings()
+        if ours is not None and theirs is not None and ours.weight.shape != theirs.weight.shape:
+            raise ParpkitError(f"{source} has another vocabulary than the model it teaches (output layer "
+                               f"{tuple(theirs.weight.shape)}, the student's {tuple(ours.weight.shape)})")
+        return teacher
+
     @staticmethod
     def check_config_keys(config_class: type, keys: Iterable[str]) -> None:
         """Refuse keys a transformers config class does not know: it would keep them as attributes and

@@ -191,8 +191,9 @@ class DistillationSection(_Strict):
     weight: float = Field(default=0.5, ge=0, le=1)
     #: softmax temperature of both distributions
     temperature: float = Field(default=2.0, gt=0)
-    #: null: the pretrained model before the first prune; or a directory holding a model of the same
-    #: architecture and vocabulary (e.g. a dense fine-tune's run directory model/)
+    #: null: the pretrained model before the first prune; or a directory (or hub id) holding a model of
+    #: the same architecture, vocabulary and input features (e.g. a dense fine-tune's run directory
+    #: model/), loaded shaped like the student (its encoder window …): see ``Backbone.load_teacher``
     teacher: str | None = None
     #: weight of the mean squared difference of every layer's hidden states, added to the loss (0: none)
     hidden_weight: float = Field(default=0.0, ge=0)

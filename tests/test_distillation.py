@@ -146,3 +146,194 @@ def test_parp_can_reset_adam_moments_of_regrown_weights():
     assert not state["exp_avg"][regrown].any() and not state["exp_avg_sq"][regrown].any()
     assert state["exp_avg_sq"][pruner.masks["weight"] & first].all()  # kept all along: untouched
     assert Parp(ParpOptions(), target=0.5).options.reset_moments == "keep"  # the reference keeps them
+
+
+def _whisper(path):
+    recipe, _ = load_recipe(path)
+    return resolve(recipe, Plugins(), str(path))
+
+
+def _save_full_window_teacher(tmp_path):
+    """The tiny whisper with whisper's full 30 s window, saved as a run saves its model."""
+    full = tiny_recipe()
+    del full["backbone"]["options"]["encoder_window_s"]
+    backbone = _whisper(write_recipe(tmp_path / "full.yaml", full)).backbone
+    model = backbone.load()
+    assert model.config.max_source_positions == 1500
+    backbone.save(model, tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+@requires_offline
+def test_a_teacher_directory_takes_the_students_encoder_window(tmp_path):
+    from transformers import WhisperForConditionalGeneration
+
+    from parpkit.engine.distill import Distiller, make_teacher
+    from parpkit.progress import QUIET
+
+    directory = _save_full_window_teacher(tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{  # encoder_window_s: 6
+        "distillation": {"weight": 0.5, "teacher": str(directory), "hidden_weight": 0.1}, "training.max_steps": 3,
+        "training.logging_steps": 1, "evaluation.dense": False, "evaluation.after_prune": False}))
+    resolved = _whisper(path)
+    backbone = resolved.backbone
+    student = backbone.load()
+    assert student.config.max_source_positions == 300
+    loaded = make_teacher(resolved.recipe.distillation, student, backbone, torch.device("cpu"), "fp32", str(path))
+    # the same weights with the window cut by hand
+    by_hand = WhisperForConditionalGeneration.from_pretrained(directory).eval()
+    encoder = by_hand.model.encoder
+    cut = torch.nn.Embedding(300, encoder.embed_positions.embedding_dim)
+    cut.weight.data.copy_(encoder.embed_positions.weight.data[:300])
+    encoder.embed_positions, encoder.max_source_positions, by_hand.config.max_source_positions = cut, 300, 300
+    assert torch.equal(loaded.teacher.model.encoder.embed_positions.weight, cut.weight)
+    batch = backbone.collate(list(resolved.dataset.load_split("train", QUIET))[:4])
+    assert batch["input_features"].shape[-1] == 600  # the student's 6 s, not 30 s
+    out = student(**batch, output_hidden_states=True)
+    a = loaded.loss(out.loss, out, batch)
+    b = Distiller(by_hand.requires_grad_(False), backbone, resolved.recipe.distillation).loss(out.loss, out, batch)
+    assert torch.isfinite(a) and torch.equal(a, b)
+    # and a run distils from it to the end
+    result = parpkit.run(path, output_dir=tmp_path / "out", progress=False)
+    losses = [json.loads(line)["loss"] for line in (result.run_dir / "log.jsonl").open() if '"loss"' in line]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert result.metrics["distillation"]["teacher"] == str(directory) and result.metrics["steps"] == 3
+
+
+@requires_offline
+def test_a_whisper_teacher_with_another_tokenizer_is_refused_before_compute(tmp_path):
+    from transformers import AutoTokenizer
+
+    from parpkit.engine.distill import make_teacher
+    from parpkit.errors import RecipeError
+
+    directory = _save_full_window_teacher(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.add_tokens(["<|not-the-students|>"])
+    tokenizer.save_pretrained(directory)
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"distillation": {"teacher": str(directory)}}))
+    resolved = _whisper(path)
+    resolved.backbone.check_teacher(str(directory))  # the configs agree: only the tokens differ
+    student = resolved.backbone.load()
+    with pytest.raises(RecipeError, match=r"distillation\.teacher: .* has another tokenizer than the student "
+                                          r"\(e\.g\. token '<\|not-the-students\|>'\)"):
+        make_teacher(resolved.recipe.distillation, student, resolved.backbone, torch.device("cpu"), "fp32", str(path))
+
+
+def _whisper_teacher(directory, **config):
+    from transformers import WhisperConfig
+
+    from tests.conftest import TINY_WHISPER
+
+    WhisperConfig(**{**TINY_WHISPER, "vocab_size": 51864, "decoder_start_token_id": 50257, "bos_token_id": 50257,
+                     "eos_token_id": 50256, "pad_token_id": 50256, **config}).save_pretrained(directory)
+    return directory
+
+
+@requires_offline
+@pytest.mark.parametrize("teacher, hidden_weight, says", [
+    ({"vocab_size": 51865}, 0.0, "a vocabulary of 51865 tokens (the student's 51864)"),
+    ({"num_mel_bins": 128}, 0.0, "128 mel bins (the student's 80)"),
+    ({"max_source_positions": 100}, 0.0, "an encoder of 2 s (the student's window: 6 s)"),
+    ({"d_model": 32}, 0.1, "d_model 32 (the student's 16) (distillation.hidden_weight matches hidden states"),
+    ("wav2vec2", 0.0, "is a wav2vec2 model; a whisper student needs a whisper teacher"),
+    ("missing", 0.0, "no such model directory"),
+    ("./missing", 0.0, "no such model directory"),
+    ("runs/dense/model", 0.0, "runs/dense/model: no such model directory"),
+])
+def test_validate_refuses_a_teacher_that_cannot_take_the_students_batches(tmp_path, capsys, teacher, hidden_weight, says):
+    from transformers import Wav2Vec2Config
+
+    if teacher == "wav2vec2":
+        source = str(tmp_path / "t")
+        Wav2Vec2Config().save_pretrained(source)
+    elif teacher == "missing":
+        source = str(tmp_path / "no" / "such" / "dir")
+    elif teacher in ("./missing", "runs/dense/model"):
+        source = "./no-such-teacher" if teacher == "./missing" else teacher
+    else:
+        source = str(_whisper_teacher(tmp_path / "t", **teacher))
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"distillation": {"teacher": source, "hidden_weight": hidden_weight}}))
+    assert main(["validate", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err and f"{path}: distillation.teacher: " in err and says in err, err
+    assert len(err.splitlines()) == 1
+
+
+@requires_offline
+def test_a_teacher_of_another_size_teaches_without_hidden_state_matching(tmp_path, capsys):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from parpkit.engine.distill import make_teacher
+    from parpkit.progress import QUIET
+
+    source = _whisper_teacher(tmp_path / "t", d_model=32, encoder_layers=2)  # a bigger whisper: outputs still compare
+    WhisperForConditionalGeneration(WhisperConfig.from_pretrained(source)).save_pretrained(source)
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"distillation": {"teacher": str(source)}}))
+    assert main(["validate", str(path)]) == 0
+    assert "recipe is valid" in capsys.readouterr().out
+    resolved = _whisper(path)
+    student = resolved.backbone.load()
+    distiller = make_teacher(resolved.recipe.distillation, student, resolved.backbone, torch.device("cpu"), "fp32", str(path))
+    assert distiller.teacher.model.encoder.embed_positions.weight.shape == (300, 32)
+    batch = resolved.backbone.collate(list(resolved.dataset.load_split("train", QUIET))[:2])
+    out = student(**batch)
+    assert torch.isfinite(distiller.loss(out.loss, out, batch))
+
+
+@requires_offline
+@pytest.mark.parametrize("teacher, says", [
+    ("whisper", "is a whisper model; this wav2vec2 student is a wav2vec2"),
+    ("pretrained", "no trained CTC head (it is a Wav2Vec2ForPreTraining; give a fine-tuned CTC model)"),
+    ("conv", "conv_stride [5, 2, 2, 2, 2, 2, 4] (the student's [5, 2, 2, 2, 2, 2, 2])"),
+])
+def test_validate_refuses_a_ctc_teacher_of_another_kind(tmp_path, capsys, teacher, says):
+    from transformers import Wav2Vec2Config
+
+    from tests.conftest import TINY_WAV2VEC2
+
+    source = tmp_path / "t"
+    if teacher == "whisper":
+        _whisper_teacher(source)
+    else:
+        config = Wav2Vec2Config(**TINY_WAV2VEC2, **({"conv_stride": [5, 2, 2, 2, 2, 2, 4]} if teacher == "conv" else {}))
+        config.architectures = ["Wav2Vec2ForPreTraining" if teacher == "pretrained" else "Wav2Vec2ForCTC"]
+        config.save_pretrained(source)
+    path = write_recipe(tmp_path / "r.yaml", tiny_ctc_recipe(**{"distillation": {"teacher": str(source)}}))
+    assert main(["validate", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err and f"{path}: distillation.teacher: {source} " in err and says in err, err
+
+
+@requires_offline
+def test_a_ctc_teacher_must_have_the_vocabulary_the_run_builds(tmp_path):
+    from dataclasses import replace
+
+    from parpkit.engine.distill import make_teacher
+    from parpkit.errors import RecipeError
+    from parpkit.progress import QUIET
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_ctc_recipe(**{"distillation": {"teacher": str(tmp_path / "teacher")}}))
+    resolved = _whisper(path)
+    backbone, settings = resolved.backbone, resolved.recipe.distillation
+    train = list(resolved.dataset.load_split("train", QUIET))
+    backbone.prepare(train, "words")
+    student = backbone.load()
+    backbone.save(student, tmp_path / "teacher")
+    backbone.check_teacher(settings.teacher)  # config only: a CTC model of the same architecture
+    teacher = make_teacher(settings, student, backbone, torch.device("cpu"), "fp32", str(path)).teacher
+    assert teacher.lm_head.weight.shape == student.lm_head.weight.shape
+    backbone.prepare([replace(u, text="zzz qqq") for u in train], "words")  # another vocabulary this time
+    other = backbone.load()
+    with pytest.raises(RecipeError, match=r"distillation\.teacher: .*CTC head of \d+ outputs; the vocabulary this run built"):
+        make_teacher(settings, other, backbone, torch.device("cpu"), "fp32", str(path))
+
+
+@requires_offline
+def test_validate_checks_the_teacher_of_every_sweep_point(tmp_path, capsys):
+    good = _whisper_teacher(tmp_path / "good")
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{
+        "distillation": {"weight": 0.5}, "sweep": {"grids": [{"distillation.teacher": [str(good), str(tmp_path / "gone")]}]}}))
+    assert main(["validate", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err and "(sweep point" in err and f"distillation.teacher: {tmp_path / 'gone'}: no such model directory" in err

@@ -2,9 +2,11 @@
 student's and the teacher's output distributions (whisper: the decoder's token distributions under
 teacher forcing; CTC: the frame posteriors), optionally with hidden states matched layer by layer.
 
-The teacher is the pretrained model as loaded, before the first prune (or a model directory), frozen,
-in eval mode, in the training precision, on the training device. It also transcribes training audio
-that comes without transcripts, so that unlabelled recordings can be trained on.
+The teacher is the pretrained model as loaded, before the first prune, or a model directory (or hub id)
+that the backbone loads shaped as the student (``Backbone.load_teacher``: the same encoder window,
+prompt …) after checking it can teach it (``Backbone.check_teacher``); frozen, in eval mode, in the
+training precision, on the training device. It also transcribes training audio that comes without
+transcripts, so that unlabelled recordings can be trained on.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from parpkit.engine.rundir import atomic_write
-from parpkit.errors import ParpkitError
+from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Backbone, Utterance
 from parpkit.progress import Progress
 from parpkit.recipe import DistillationSection
@@ -63,22 +65,37 @@ class Distiller:
         return loss
 
 
+def teacher_error(exc: ParpkitError, file: str | None) -> RecipeError:
+    """A backbone's word on a teacher, located at the recipe's ``distillation.teacher``."""
+    return RecipeError(str(exc), file=file, key="distillation.teacher")
+
+
+def check_teacher(settings: DistillationSection | None, backbone: Backbone, file: str | None = None) -> None:
+    """Refuse a ``teacher`` the backbone says cannot teach its model (configs only: for ``parpkit validate``
+    and before a run loads anything). Nothing to check without distillation or with the pretrained teacher."""
+    if settings is None or settings.teacher is None:
+        return
+    try:
+        backbone.check_teacher(settings.teacher, hidden_states=settings.hidden_weight > 0)
+    except RecipeError:
+        raise
+    except ParpkitError as exc:
+        raise teacher_error(exc, file) from None
+
+
 def make_teacher(settings: DistillationSection, model: torch.nn.Module, backbone: Backbone, device: torch.device,
-                 precision: str) -> Distiller:
-    """The frozen teacher: a copy of ``model`` (the pretrained one, before any prune) or a saved model of
-    the same class from ``settings.teacher``."""
+                 precision: str, file: str | None = None) -> Distiller:
+    """The frozen teacher: a copy of ``model`` (the pretrained one, before any prune) or the model at
+    ``settings.teacher``, loaded by the backbone shaped as ``model`` (``Backbone.load_teacher``)."""
     if settings.teacher is None:
         teacher = copy.deepcopy(model)
     else:
-        path = Path(settings.teacher).expanduser()
         try:
-            teacher = type(model).from_pretrained(path)
-        except Exception as exc:  # OSError, safetensors or shape errors all mean: not a usable teacher here
-            raise ParpkitError(f"distillation.teacher: cannot load {path} as a {type(model).__name__}: "
-                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-        if teacher.get_output_embeddings() is not None and model.get_output_embeddings() is not None and \
-                teacher.get_output_embeddings().weight.shape != model.get_output_embeddings().weight.shape:
-            raise ParpkitError(f"distillation.teacher: {path} has another vocabulary than the model it teaches")
+            teacher = backbone.load_teacher(settings.teacher, model)
+        except RecipeError:
+            raise
+        except ParpkitError as exc:
+            raise teacher_error(exc, file) from None
     teacher.requires_grad_(False)
     teacher.eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

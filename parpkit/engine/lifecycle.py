@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from parpkit.engine.distill import Distiller, make_teacher, pseudo_label
+from parpkit.engine.distill import Distiller, check_teacher, make_teacher, pseudo_label
 from parpkit.engine.checkpoints import RunState, checkpoints, find_resume_point, is_complete, join_tensors, split_tensors
 from parpkit.engine.evaluation import evaluate
 from parpkit.engine.rundir import RunDir
@@ -158,8 +158,9 @@ def training_settings(recipe) -> TrainingSettings:
 def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     """Every check that needs no data and no weights, the same for ``parpkit validate`` and ``parpkit run``
     (which runs it before the directory is claimed): the dataset's layout and plan, the model's architecture
-    and the pool, and what criterion and schedule declare (scopes, a starting mask, their own ``check``
-    with the training settings and phases). Returns the model's skeleton and the pool."""
+    and the pool, what criterion and schedule declare (scopes, a starting mask, their own ``check`` with
+    the training settings and phases), and a distillation teacher given by directory or hub id. Returns the
+    model's skeleton and the pool."""
     r, file = resolved.recipe, resolved.file
     criterion, schedule = resolved.criterion, resolved.schedule
     located(file, "dataset.options", resolved.dataset.check)
@@ -176,6 +177,7 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
                          scope=r.pruning.scope, seed=r.seed, file=file, loaded=False)
     located(file, "pruning.criterion", lambda: criterion.check(context))
     located(file, "pruning.schedule", lambda: schedule.check(context))
+    check_teacher(r.distillation, resolved.backbone, file)
     return model, pool
 
 
@@ -203,7 +205,8 @@ def prepare(s: Session) -> None:
     backbone.prepare(labelled, ds.unit)
     s.model = backbone.load()
     if r.distillation is not None:  # before the first prune: the teacher is the dense pretrained model
-        s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, r.training.precision)
+        s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, r.training.precision,
+                                   s.resolved.file)
         s.log.write("teacher", source=r.distillation.teacher or "pretrained", memory_mb=round(s.distiller.memory_mb, 1),
                     parameters=sum(p.numel() for p in s.distiller.teacher.parameters()))
     if len(labelled) < len(s.train):

@@ -221,6 +221,52 @@ class CTCBackbone(Backbone):
     def structured_groups(self, model: torch.nn.Module) -> list:
         return structured_groups(model)
 
+    # ------------------------------------------------------------------------------ distillation teacher
+    def _teacher_config(self, source: str):
+        from transformers import AutoConfig
+
+        path = Path(source).expanduser()
+        if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):  # not a hub id either
+            raise ModelFormatError(f"{path}: no such model directory")
+        try:
+            return AutoConfig.from_pretrained(path if path.exists() else source)
+        except Exception as exc:  # OSError: no config.json, no such hub id offline; ValueError: unknown model_type
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            hint = "" if path.exists() else " (nor is there a directory of that name)"
+            raise ParpkitError(f"cannot read the config of {source!r}{hint}: {type(exc).__name__}: {text}") from None
+
+    def check_teacher(self, source: str, *, hidden_states: bool = False) -> None:
+        """Configs only: the CTC vocabulary is built from the training transcripts, so ``load_teacher``
+        compares it, once they are read."""
+        _refuse_teacher(self.name, source, self._teacher_config(source), self._config(32, 0), hidden_states)
+
+    def load_teacher(self, source: str, student: torch.nn.Module) -> torch.nn.Module:
+        """A fine-tuned CTC model whose head covers the vocabulary this run built from its transcripts."""
+        from transformers import AutoModelForCTC, AutoTokenizer
+
+        _refuse_teacher(self.name, source, self._teacher_config(source), student.config, hidden_states=False)
+        path = Path(source).expanduser()
+        where = path if path.exists() else source
+        try:
+            teacher = AutoModelForCTC.from_pretrained(where, dtype=torch.float32)
+        except Exception as exc:  # OSError for missing files; safetensors and torch errors for damaged ones
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelFormatError(f"cannot load {source!r} as a CTC model: {type(exc).__name__}: {text}") from None
+        ours = self.tokenizer.get_vocab()
+        theirs = None  # without a vocab.json (or from the hub) the head's size is all there is to compare
+        if path.exists() and (path / "vocab.json").is_file():
+            try:
+                theirs = AutoTokenizer.from_pretrained(path).get_vocab()
+            except Exception as exc:
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ModelFormatError(f"{source}: cannot read its tokenizer: {type(exc).__name__}: {text}") from None
+        if teacher.config.vocab_size != len(ours) or (theirs is not None and theirs != ours):
+            has = f"a CTC head of {teacher.config.vocab_size} outputs" if teacher.config.vocab_size != len(ours) else \
+                "a CTC head over other symbols"
+            raise ParpkitError(f"{source} has {has}; the vocabulary this run built from its training transcripts has "
+                               f"{len(ours)} symbols, and the teacher must be fine-tuned on the same ones")
+        return teacher
+
 
 def structured_groups(model: torch.nn.Module) -> list:
     """FFN neurons and attention heads of every transformer block."""
@@ -232,6 +278,24 @@ def structured_groups(model: torch.nn.Module) -> list:
                                 f"{layer}.feed_forward.output_dense"))
         groups.append(head_group(model, f"{layer}.attention"))
     return groups
+
+
+def _refuse_teacher(name: str, source: str, teacher, student, hidden_states: bool) -> None:
+    """Refuse, in one line, a teacher whose config says it cannot take the student's batches (the same
+    architecture and convolutional frame rate) or has no CTC head."""
+    if teacher.model_type != student.model_type:
+        raise ParpkitError(f"{source} is a {teacher.model_type} model; this {name} student is a {student.model_type}")
+    differs = [f"{key} {list(getattr(teacher, key))} (the student's {list(getattr(student, key))})"
+               for key in ("conv_kernel", "conv_stride") if list(getattr(teacher, key)) != list(getattr(student, key))]
+    shapes = [f"{key} {getattr(teacher, key)} (the student's {getattr(student, key)})"
+              for key in ("hidden_size", "num_hidden_layers") if getattr(teacher, key) != getattr(student, key)]
+    architectures = getattr(teacher, "architectures", None) or []
+    if architectures and not any(a.endswith("ForCTC") for a in architectures):
+        differs.append(f"no trained CTC head (it is a {architectures[0]}; give a fine-tuned CTC model)")
+    shapes = shapes if hidden_states else []
+    if differs or shapes:
+        why = " (distillation.hidden_weight matches hidden states layer by layer)" if shapes else ""
+        raise ParpkitError(f"{source} cannot teach this {name} model: it has {', '.join(differs + shapes)}{why}")
 
 
 @hookimpl

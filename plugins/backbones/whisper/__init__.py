@@ -4,6 +4,7 @@ config. Evaluation decodes with ``generate``; the encoder input can be cut to a 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import shutil
@@ -163,9 +164,10 @@ class WhisperBackbone(Backbone):
         self._feature_cache: dict[tuple[str, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------ loading
-    def _local_dir(self) -> Path | str:
-        """A transformers directory or hub id for ``model``; CTranslate2 sources are converted first."""
-        source = resolve_source(self.options.model)
+    def _local_dir(self, model: str | None = None) -> Path | str:
+        """A transformers directory or hub id for ``model`` (by default the options' own); CTranslate2
+        sources are converted first."""
+        source = resolve_source(model if model is not None else self.options.model)
         if isinstance(source, Path):
             if not source.exists():
                 raise ModelFormatError(f"{source}: no such model directory")
@@ -248,16 +250,8 @@ class WhisperBackbone(Backbone):
             except Exception as exc:  # OSError for missing files; safetensors and torch errors for damaged ones
                 raise ModelFormatError(f"whisper: cannot load {o.model!r}: {_first_line(exc)}") from None
             self.tokenizer = _load_tokenizer(resolve_source(o.tokenizer)) if o.tokenizer else _auto_tokenizer(source)
-        full = model.config.max_source_positions
         self._apply_window(model.config)
-        positions = model.config.max_source_positions
-        if positions < full:
-            emb = model.model.encoder.embed_positions
-            new = torch.nn.Embedding(positions, emb.embedding_dim)
-            new.weight.data.copy_(emb.weight.data[:positions])
-            new.weight.requires_grad_(False)
-            model.model.encoder.embed_positions = new
-            model.model.encoder.max_source_positions = positions
+        positions = cut_encoder_window(model, model.config.max_source_positions)
         self.feature_extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins,
                                                          chunk_length=positions // 50)  # 2 frames of 10 ms each
         self._check_prompt(model.config)
@@ -266,8 +260,51 @@ class WhisperBackbone(Backbone):
             self.tokenizer.set_prefix_tokens(language=o.language, task=self.task, predict_timestamps=False)
         else:
             self.tokenizer.set_prefix_tokens(predict_timestamps=False)
-        model.model.encoder.embed_positions.requires_grad_(False)
         return model
+
+    # ------------------------------------------------------------------------------ distillation teacher
+    def _teacher_config(self, source: str, directory: Path | str):
+        """The config of the teacher at ``source`` (``directory``: what ``_local_dir`` made of it)."""
+        from transformers import AutoConfig
+
+        if isinstance(directory, str) and directory.count("/") > 1:  # not a hub id either
+            raise ModelFormatError(f"{source}: no such model directory")
+        try:
+            return AutoConfig.from_pretrained(directory)
+        except Exception as exc:  # OSError: no config.json, no such hub id offline; ValueError: unknown model_type
+            hint = " (nor is there a directory of that name)" if isinstance(directory, str) else ""
+            raise ParpkitError(f"cannot read the config of {source!r}{hint}: {_first_line(exc)}") from None
+
+    def check_teacher(self, source: str, *, hidden_states: bool = False) -> None:
+        student = self._config()
+        self._apply_window(student)
+        _refuse_teacher(source, self._teacher_config(source, self._local_dir(source)), student, hidden_states)
+
+    def load_teacher(self, source: str, student: torch.nn.Module) -> torch.nn.Module:
+        """The teacher at ``source`` loaded as ``load`` loads ``model`` (CTranslate2 directories converted),
+        its encoder cut to the student's window and decoding with the student's generation settings, so
+        that it takes the student's batches and transcribes with its prompt."""
+        from transformers import WhisperForConditionalGeneration
+
+        directory = self._local_dir(source)  # CTranslate2 directories converted, as for ``model``
+        _refuse_teacher(source, self._teacher_config(source, directory), student.config, hidden_states=False)
+        try:
+            teacher = WhisperForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+        except Exception as exc:  # OSError for missing files; safetensors and torch errors for damaged ones
+            raise ModelFormatError(f"cannot load {source!r} as a whisper model: {_first_line(exc)}") from None
+        theirs = None  # without tokenizer files (or from the hub) the vocabulary size compared above is all there is
+        if isinstance(directory, Path) and any((directory / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+            try:
+                theirs = _auto_tokenizer(directory).get_vocab()
+            except Exception as exc:
+                raise ModelFormatError(f"{source}: cannot read its tokenizer: {_first_line(exc)}") from None
+        if theirs is not None and self.tokenizer is not None and theirs != self.tokenizer.get_vocab():
+            changed = sorted(set(theirs.items()) ^ set(self.tokenizer.get_vocab().items()), key=lambda kv: kv[1])
+            raise ParpkitError(f"{source} has another tokenizer than the student (e.g. token {changed[0][0]!r}); the "
+                               "teacher must read the student's label ids")
+        cut_encoder_window(teacher, student.config.max_source_positions)
+        teacher.generation_config = copy.deepcopy(student.generation_config)  # same prompt, same stopping
+        return teacher
 
     # ------------------------------------------------------------------------------ batches
     def _features(self, audios: Sequence[np.ndarray], ids: Sequence[str] = ()) -> torch.Tensor:
@@ -354,6 +391,46 @@ class WhisperBackbone(Backbone):
 
     def structured_groups(self, model: torch.nn.Module) -> list:
         return structured_groups(model)
+
+
+def cut_encoder_window(model: torch.nn.Module, positions: int) -> int:
+    """Cut a whisper model's encoder to its first ``positions`` positions (2 per 10 ms frame pair: 500 for
+    10 s), slicing the positional embedding; frozen either way. Returns the positions it keeps."""
+    encoder = model.model.encoder
+    full = encoder.embed_positions.num_embeddings
+    if positions > full:
+        raise ParpkitError(f"the encoder holds {full / 50:g} s; it cannot take a {positions / 50:g} s window")
+    if positions < full:
+        emb = encoder.embed_positions
+        new = torch.nn.Embedding(positions, emb.embedding_dim, device=emb.weight.device, dtype=emb.weight.dtype)
+        new.weight.data.copy_(emb.weight.data[:positions])
+        encoder.embed_positions = new
+    model.config.max_source_positions = encoder.max_source_positions = positions
+    encoder.embed_positions.requires_grad_(False)
+    return positions
+
+
+def _refuse_teacher(source: str, teacher, student, hidden_states: bool) -> None:
+    """Refuse, in one line, a teacher whose config says it cannot take the student's batches or give
+    outputs over its vocabulary (``student``: the student's config with its encoder window applied)."""
+    if teacher.model_type != "whisper":
+        raise ParpkitError(f"{source} is a {teacher.model_type} model; a whisper student needs a whisper teacher")
+    def differing(keys: dict[str, str]) -> list[str]:
+        return [f"{what.format(getattr(teacher, key))} (the student's {getattr(student, key)})"
+                for key, what in keys.items() if getattr(teacher, key) != getattr(student, key)]
+
+    differs = differing({"vocab_size": "a vocabulary of {} tokens", "num_mel_bins": "{} mel bins",
+                         "decoder_start_token_id": "decoder start token {}"})
+    if teacher.max_source_positions < student.max_source_positions:
+        differs.append(f"an encoder of {teacher.max_source_positions / 50:g} s (the student's window: "
+                       f"{student.max_source_positions / 50:g} s)")
+    if teacher.max_target_positions < student.max_target_positions:
+        differs.append(f"{teacher.max_target_positions} decoder positions (the student's {student.max_target_positions})")
+    shapes = differing({"d_model": "d_model {}", "encoder_layers": "{} encoder layers",
+                        "decoder_layers": "{} decoder layers"}) if hidden_states else []
+    if differs or shapes:
+        why = " (distillation.hidden_weight matches hidden states layer by layer)" if shapes else ""
+        raise ParpkitError(f"{source} cannot teach this whisper model: it has {', '.join(differs + shapes)}{why}")
 
 
 def structured_groups(model: torch.nn.Module) -> list:
