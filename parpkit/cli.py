@@ -225,6 +225,20 @@ def cmd_report(args) -> int:
             console.print(f"wrote {path}")
         for note in notes:
             err_console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
+    if args.compare:
+        from parpkit.report import compare, compare_markdown
+
+        pairs = [p for a, b in args.compare for p in compare(rows, a, b)]
+        table = Table(title="paired bootstrap over utterances: final error rate of A minus B")
+        for col in ("A", "B", "sparsity", "split", "seeds", "A − B", f"{pairs[0]['level']:.0%} interval", "P(A worse)"):
+            table.add_column(col, justify="left" if col in ("A", "B", "split") else "right")
+        for p in pairs:
+            table.add_row(escape(p["a"]), escape(p["b"]), f"{p['sparsity']:g}", p["split"], f"{p['seeds_a']}/{p['seeds_b']}",
+                          f"{p['difference']:+.4f}", f"[{p['low']:+.4f}, {p['high']:+.4f}]", f"{p['p_a_worse']:.3f}")
+        console.print(table)
+        if out is not None:
+            (out / "compare.md").write_text(compare_markdown(pairs))
+            console.print(f"wrote {out / 'compare.md'}")
     return 0
 
 
@@ -285,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="also write one row per run to this CSV file")
     p.add_argument("--output", help="write table.md, table.csv, wer_vs_sparsity.png, learning_curves.png, heatmaps/ and the "
                                     "mask overlap here (default for a sweep directory: SWEEP_DIR/report)")
+    p.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
+                   help="method A against method B: the difference of final error rates with a paired bootstrap interval "
+                        "over utterances, at every sparsity and split both have (repeatable; written to compare.md)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("compare-masks", help="intersection over union of the kept weights between runs (matrix, per layer)")
     p.add_argument("runs", nargs="+", help="run directories (their masks.safetensors) or mask files")

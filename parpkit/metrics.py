@@ -33,16 +33,21 @@ def whisper_normaliser():
     return lambda text: normalise(english(text))
 
 
+def text_normaliser(unit: str = "words", normalizer: str = "basic"):
+    """The normalisation scores use: unit sequences as they are (lower case, single spaces); words by the
+    ``normalizer`` ("basic" or "whisper")."""
+    if unit != "words":
+        return normalise_units
+    return whisper_normaliser() if normalizer == "whisper" else normalise
+
+
 def error_rates(references: list[str], hypotheses: list[str], unit: str = "words", normalizer: str = "basic") -> dict[str, float]:
     """Over the whole set (errors summed over utterances, divided by reference length): WER and CER
     for ``unit="words"``; PER for ``unit="phones"`` (space-separated phone labels). ``normalizer``
     ("basic" or "whisper") applies to words."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    if unit != "words":
-        norm = normalise_units
-    else:
-        norm = whisper_normaliser() if normalizer == "whisper" else normalise
+    norm = text_normaliser(unit, normalizer)
     refs = [norm(r) for r in references]
     hyps = [norm(h) for h in hypotheses]
     keep = [i for i, r in enumerate(refs) if r]

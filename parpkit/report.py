@@ -194,29 +194,35 @@ def grouped(rows: list[dict]) -> list[dict]:
                  "steps": rs[0]["steps"], "wall_time_s": sum(r["wall_time_s"] for r in rs),
                  "mask_iou_initial": _spread([r["mask_iou_initial"] for r in rs]),
                  "scores": {s: _spread([r["splits"].get(s, {}).get(rate) for r in rs]) for s in splits},
+                 "values": {s: [r["splits"].get(s, {}).get(rate) for r in rs] for s in splits},  # one per seed, in seed order
                  "cer": {s: _spread([r["splits"].get(s, {}).get("cer") for r in rs]) for s in splits}}
         out.append(entry)
     return out
 
 
-def _fmt(mean_spread: tuple[float, float], seeds: int) -> str:
+def _fmt(mean_spread: tuple[float, float], seeds: int, values: list | None = None) -> str:
+    """``mean`` for one seed; ``mean ± half range (every seed's value)`` for several."""
     mean, spread = mean_spread
     if math.isnan(mean):
         return ""
-    return f"{mean:.3f} ± {spread:.3f}" if seeds > 1 else f"{mean:.3f}"
+    if seeds == 1:
+        return f"{mean:.3f}"
+    each = ", ".join("–" if v is None else f"{v:.3f}" for v in values) if values else ""
+    return f"{mean:.3f} ± {spread:.3f}" + (f" ({each})" if each else "")
 
 
 def markdown(rows: list[dict]) -> str:
-    """method × sparsity: error rates per split (mean ± half the range over seeds), sparsity, steps, time."""
+    """method × sparsity: error rates per split (mean ± half the range over seeds, then every seed's value),
+    sparsity, compute (optimizer steps, those that found the mask included; wall time of all seeds), time."""
     groups = grouped(rows)
     splits = list(OrderedDict.fromkeys(s for g in groups for s in g["splits"]))
     rate = groups[0]["rate"].upper()
     head = ["method", "sparsity", "seeds"] + [f"{rate} {s}" for s in splits] + [f"CER {s}" for s in splits if rate == "WER"]
-    head += ["pool sparsity", "model sparsity", "mask IoU with first", "steps", "wall time (s)"]
+    head += ["pool sparsity", "model sparsity", "mask IoU with first", "steps (mask finding included)", "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["method"], f"{g['sparsity']:g}", str(g["seeds"])]
-        cells += [_fmt(g["scores"].get(s, (math.nan, math.nan)), g["seeds"]) for s in splits]
+        cells += [_fmt(g["scores"].get(s, (math.nan, math.nan)), g["seeds"], g["values"].get(s)) for s in splits]
         if rate == "WER":
             cells += [_fmt(g["cer"].get(s, (math.nan, math.nan)), g["seeds"]) for s in splits]
         iou = g["mask_iou_initial"]
@@ -229,6 +235,49 @@ def markdown(rows: list[dict]) -> str:
         lines.append("")
         lines.append(f"Pretrained model before fine-tuning (zero-shot): {rate} {zero}.")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ paired comparisons
+
+def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """Method ``a`` against method ``b`` at every sparsity both have, on every split: the difference of
+    final error rates A − B with a paired bootstrap interval over utterances (``parpkit.stats``). Where a
+    method has several seeds, each utterance's edits are averaged over them first."""
+    from parpkit.stats import paired_bootstrap, read_utterance_errors
+
+    methods = {r["method"] for r in rows}
+    for name in (a, b):
+        if name not in methods:
+            raise ParpkitError(f"--compare: no method {name!r} among the runs; methods: {', '.join(sorted(methods))}")
+    out = []
+    for sparsity in sorted({r["target_sparsity"] for r in rows if r["method"] == a} & {r["target_sparsity"] for r in rows
+                                                                                         if r["method"] == b}):
+        runs = {m: [r for r in rows if r["method"] == m and r["target_sparsity"] == sparsity] for m in (a, b)}
+        splits = [s for s in runs[a][0]["splits"] if all(s in r["splits"] for rs in runs.values() for r in rs)]
+        for split in splits:
+            per = {m: [read_utterance_errors(Path(r["run"]) / "transcripts_final.jsonl", split)
+                       if (Path(r["run"]) / "transcripts_final.jsonl").is_file() else {} for r in rs] for m, rs in runs.items()}
+            ids = sorted(set.intersection(*[set(e) for es in per.values() for e in es]))
+            if not ids:
+                continue  # runs written before per-utterance errors were recorded
+            mean = {m: [(sum(e[i][0] for e in es) / len(es), es[0][i][1]) for i in ids] for m, es in per.items()}
+            result = paired_bootstrap(mean[a], mean[b], resamples=resamples, seed=seed)
+            out.append({"a": a, "b": b, "sparsity": sparsity, "split": split, "seeds_a": len(runs[a]), "seeds_b": len(runs[b]),
+                        **result})
+    if not out:
+        raise ParpkitError(f"--compare: {a!r} and {b!r} share no sparsity with per-utterance errors on a common split")
+    return out
+
+
+def compare_markdown(pairs: list[dict]) -> str:
+    level = pairs[0]["level"]
+    lines = [f"| A | B | sparsity | split | seeds A | seeds B | A − B | {level:.0%} interval | P(A worse) | utterances |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['a']} | {p['b']} | {p['sparsity']:g} | {p['split']} | {p['seeds_a']} | {p['seeds_b']} | "
+                     f"{p['difference']:+.4f} | [{p['low']:+.4f}, {p['high']:+.4f}] | {p['p_a_worse']:.3f} | {p['utterances']} |")
+    return "\n".join(lines) + (f"\n\nPaired bootstrap over utterances ({pairs[0]['resamples']} resamples); an interval that "
+                               "excludes 0 is a difference at that level.\n")
 
 
 # ------------------------------------------------------------------------------------------ plots

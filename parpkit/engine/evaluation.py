@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from parpkit.interfaces import Backbone, Dataset, Utterance
-from parpkit.metrics import error_rates
+from parpkit.metrics import error_rates, text_normaliser
+from parpkit.stats import edit_counts
 from parpkit.progress import Progress
 
 
@@ -17,7 +18,8 @@ def evaluate(backbone: Backbone, dataset: Dataset, model: torch.nn.Module, utter
              progress: Progress, label: str, device: torch.device, batch_size: int,
              transcripts: Path | None = None, normalizer: str = "basic", split: str | None = None) -> dict[str, float]:
     """Error rates of ``model`` on ``utterances``, decoding in batches; optionally every hypothesis
-    appended to ``transcripts`` (JSONL: split, id, reference, hypothesis)."""
+    appended to ``transcripts`` (JSONL: split, id, reference, hypothesis, and the utterance's edits and
+    reference words (or phones) after normalisation, for paired comparisons)."""
     was_training = model.training
     model.eval()
     model.to(device)
@@ -29,10 +31,13 @@ def evaluate(backbone: Backbone, dataset: Dataset, model: torch.nn.Module, utter
             task.advance(len(chunk))
     if was_training:
         model.train()
-    rates = error_rates([dataset.score_text(u.text) for u in utterances], [dataset.score_text(h) for h in hyps], dataset.unit,
-                        normalizer)
-    if transcripts is not None:
+    refs, scored = [dataset.score_text(u.text) for u in utterances], [dataset.score_text(h) for h in hyps]
+    rates = error_rates(refs, scored, dataset.unit, normalizer)
+    if transcripts is not None:  # with each utterance's edits and reference length as the rates count them
+        norm = text_normaliser(dataset.unit, normalizer)
         with transcripts.open("a") as f:
-            for u, h in zip(utterances, hyps, strict=True):
-                f.write(json.dumps({"split": split, "id": u.id, "reference": u.text, "hypothesis": h}) + "\n")
+            for u, h, r, x in zip(utterances, hyps, refs, scored, strict=True):
+                edits, words = edit_counts(norm(r), norm(x))
+                f.write(json.dumps({"split": split, "id": u.id, "reference": u.text, "hypothesis": h, "edits": edits,
+                                    "words": words}) + "\n")
     return rates

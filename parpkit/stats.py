@@ -1,0 +1,61 @@
+"""Per-utterance errors and paired bootstrap intervals: how sure a difference between two methods is.
+
+Every evaluation writes each utterance's edit count and reference length (after the same normalisation the
+scores use) into ``transcripts_<stage>.jsonl``. Two methods scored on the same split are compared on the same
+utterances: resampling utterances with replacement, the difference of their corpus-level error rates
+(errors summed over utterances, divided by reference words) gives a percentile confidence interval.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import jiwer
+import numpy as np
+
+
+def edit_counts(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(word edits, reference words) of one normalised pair; an empty hypothesis is all deletions, an empty
+    reference counts nothing (the rates leave such utterances out)."""
+    words = len(reference.split())
+    if not words:
+        return 0, 0
+    if not hypothesis.strip():
+        return words, words
+    out = jiwer.process_words(reference, hypothesis)
+    return out.substitutions + out.deletions + out.insertions, words
+
+
+def read_utterance_errors(transcripts: Path, split: str) -> dict[str, tuple[int, int]]:
+    """utterance id -> (edits, reference words) of one split of a ``transcripts_<stage>.jsonl``; rows
+    without counts (written before parpkit recorded them) are left out."""
+    out = {}
+    with transcripts.open() as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("split") == split and "edits" in row:
+                out[row["id"]] = (int(row["edits"]), int(row["words"]))
+    return out
+
+
+def paired_bootstrap(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]], *, resamples: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Difference of corpus error rates A − B over the same utterances (``a[i]`` and ``b[i]`` are one
+    utterance's (edits, words) under each method), with a percentile interval over ``resamples`` draws of
+    the utterances with replacement. ``p_a_worse``: the share of draws where A's rate is above B's."""
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"paired bootstrap needs the same utterances under both methods ({len(a)} and {len(b)})")
+    ea, wa = np.array(a, dtype=np.float64).T
+    eb, wb = np.array(b, dtype=np.float64).T
+    if not np.array_equal(wa, wb):
+        raise ValueError("the two methods' reference lengths differ: they were not scored on the same utterances")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    words = wa[idx].sum(1)
+    diffs = (ea[idx].sum(1) - eb[idx].sum(1)) / np.maximum(words, 1)
+    tail = (1 - level) / 2
+    return {"difference": float((ea.sum() - eb.sum()) / max(wa.sum(), 1)), "low": float(np.quantile(diffs, tail)),
+            "high": float(np.quantile(diffs, 1 - tail)), "p_a_worse": float((diffs > 0).mean()), "utterances": len(a),
+            "resamples": resamples, "level": level}

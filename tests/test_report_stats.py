@@ -1,0 +1,106 @@
+"""Statistics in reports: per-utterance errors as the rates count them, paired bootstrap intervals that cover a
+known difference, and every seed's value in table.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from parpkit.cli import main
+from parpkit.engine.evaluation import evaluate
+from parpkit.interfaces import Utterance
+from parpkit.progress import Progress
+from parpkit.report import collect, compare, markdown
+from parpkit.stats import edit_counts, paired_bootstrap
+
+WORDS = [f"w{i}" for i in range(10)]
+
+
+def _fake_run(root: Path, name: str, schedule: str, seed: int, drops: list[int]) -> Path:
+    """A finished run whose final transcripts drop ``drops[i]`` of utterance i's ten words."""
+    run = root / name
+    run.mkdir(parents=True)
+    rows, edits, words = [], 0, 0
+    for i, k in enumerate(drops):
+        ref, hyp = " ".join(WORDS), " ".join(WORDS[k:])
+        e, w = edit_counts(ref, hyp)
+        edits, words = edits + e, words + w
+        rows.append(json.dumps({"split": "test", "id": f"u{i}", "reference": ref, "hypothesis": hyp, "edits": e, "words": w}))
+    (run / "transcripts_final.jsonl").write_text("\n".join(rows) + "\n")
+    wer = edits / words
+    (run / "recipe.yaml").write_text(f"name: {name}\nseed: {seed}\n")
+    (run / "metrics.json").write_text(json.dumps({
+        "plugins": {"backbone": "whisper", "dataset": "synthetic_speech", "criterion": "magnitude", "schedule": schedule},
+        "scope": "global", "target_sparsity": 0.5, "eval_split": "test", "steps": 10, "wall_time_s": {"total": 1.0},
+        "mask_iou_initial": None, "curve": [],
+        "stages": {"final": {"wer": wer, "pool_sparsity": 0.5, "model_sparsity": 0.2, "splits": {"test": {"wer": wer}}}}}))
+    return run
+
+
+def test_edit_counts_sum_to_the_corpus_rate():
+    pairs = [("a b c d", "a x c d"), ("a b", ""), ("a b c", "a b c d e"), ("", "noise")]
+    counts = [edit_counts(r, h) for r, h in pairs]
+    assert counts == [(1, 4), (2, 2), (2, 3), (0, 0)]  # an empty reference counts nothing, as the rates leave it out
+
+
+def test_evaluation_records_each_utterance_as_the_rates_count_it(tmp_path):
+    class Backbone:
+        said = iter(["The cat sat", "twenty one dogs", ""])
+
+        def transcribe(self, model, audios):
+            return [next(self.said) for _ in audios]
+
+    class Dataset:
+        unit = "words"
+
+        def score_text(self, text):
+            return text
+
+    utts = [Utterance(f"u{i}", np.zeros(10, np.float32), 16000, t) for i, t in
+            enumerate(["the cat sat down", "21 dogs", "hello there"])]
+    out = tmp_path / "t.jsonl"
+    rates = evaluate(Backbone(), Dataset(), torch.nn.Linear(1, 1), utts, Progress(enabled=False), "x", torch.device("cpu"), 2,
+                     out, "whisper", "test")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["edits"], r["words"]) for r in rows] == [(1, 4), (0, 2), (2, 2)]  # whisper's normaliser: 21 == twenty one
+    assert rates["wer"] == pytest.approx(sum(r["edits"] for r in rows) / sum(r["words"] for r in rows))
+
+
+def test_paired_bootstrap_intervals_cover_a_known_difference_and_zero_when_there_is_none(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 400
+    worse = [rng.binomial(10, 0.3, n).tolist() for _ in range(2)]  # two seeds of a method dropping 30% of the words
+    better = rng.binomial(10, 0.2, n).tolist()                    # one dropping 20%: the true difference is 0.1
+    for s, drops in enumerate(worse):
+        _fake_run(tmp_path, f"parp-{s}", "parp", s, drops)
+    _fake_run(tmp_path, "fixed-0", "fixed", 0, better)
+    rows, _ = collect([tmp_path])
+    [pair] = compare(rows, "parp", "fixed")
+    assert pair["seeds_a"] == 2 and pair["utterances"] == n and pair["split"] == "test"
+    observed = (np.mean(worse, axis=0).sum() - sum(better)) / (10 * n)
+    assert pair["difference"] == pytest.approx(observed)
+    assert 0 < pair["low"] < 0.1 < pair["high"] and pair["p_a_worse"] == 1.0
+    # the same method against itself on other draws of one rate: the interval holds 0
+    same = paired_bootstrap([(k, 10) for k in rng.binomial(10, 0.2, n)], [(k, 10) for k in rng.binomial(10, 0.2, n)])
+    assert same["low"] < 0 < same["high"]
+    # every seed's value is in the table, beside mean and half range
+    table = markdown(rows)
+    a, b = (np.sum(d) / (10 * n) for d in worse)
+    assert f"({a:.3f}, {b:.3f})" in table
+
+
+def test_report_compare_prints_and_writes_the_intervals(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    for name, schedule, p in (("a", "parp", 0.3), ("b", "fixed", 0.1)):
+        _fake_run(tmp_path / "runs", name, schedule, 0, rng.binomial(10, p, 200).tolist())
+    assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "rep"), "--compare", "parp", "fixed"]) == 0
+    out = capsys.readouterr().out
+    assert "paired bootstrap" in out and "parp" in out
+    written = (tmp_path / "rep" / "compare.md").read_text()
+    assert "| parp | fixed | 0.5 | test | 1 | 1 | +0.2" in written
+    assert main(["report", str(tmp_path / "runs"), "--compare", "parp", "omp"]) == 2
+    assert "no method 'omp'" in capsys.readouterr().err
