@@ -18,12 +18,17 @@ class ParpOptions(PluginOptions):
     #: at each re-prune, Adam's moments of weights that were pruned, grew back and are kept: keep them (as
     #: the reference does) or reset them to zero (as AC/DC does), so their updates start afresh
     reset_moments: Literal["keep", "regrown"] = "keep"
+    #: from this optimizer step on the mask is fixed (a last re-prune there, then pruned weights stay zero
+    #: as in ``fixed``, and no re-prune before evaluation): the control arm that tells the mask PARP found
+    #: from the shock of re-pruning weights trained dense until the end; null: never
+    fix_from_step: int | None = Field(default=None, gt=0)
 
 
 class Parp(Schedule):
     """Initial mask from the pretrained weights at the target, zeroed once; then train with no mask
     enforcement (pruned weights get gradients and may regrow) and re-rank the whole pool every
-    ``interval`` steps and before every evaluation and save, so what is judged is exactly at target."""
+    ``interval`` steps and before every evaluation and save, so what is judged is exactly at target.
+    With ``fix_from_step`` the last stretch trains with the mask fixed."""
 
     name = "parp"
     Options = ParpOptions
@@ -32,29 +37,60 @@ class Parp(Schedule):
         super().__init__(options, **kw)
         self.last_prune_step = 0
         self.moments_reset = 0  # weights whose optimizer state was reset, over all re-prunes
+        self.step = 0
+        self.fixed = False  # the mask is fixed (fix_from_step reached)
+
+    def check(self, context: RunContext) -> None:
+        fix = self.options.fix_from_step
+        if fix is not None and fix > context.max_steps:
+            raise ValueError(f"fix_from_step {fix} is past training.max_steps {context.max_steps}: the mask would never "
+                             "be fixed")
+
+    def sparsity_at(self, step: int) -> float:
+        return self.target
 
     def on_start(self, pruner: Pruner) -> None:
-        pruner.initial_mask(self.target)
+        pruner.initial_mask(self.sparsity_at(0))
 
     def reprune(self, sparsity: float, pruner: Pruner) -> None:
         pruner.prune(sparsity)
         if self.options.reset_moments == "regrown" and (regrown := pruner.regrown_masks()) is not None:
             self.moments_reset += pruner.reset_optimizer_state(regrown)
 
+    def on_gradients(self, step: int, pruner: Pruner) -> None:
+        if self.fixed:
+            pruner.zero_pruned_grads()
+
     def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
-        if step % self.options.interval == 0:
-            self.reprune(self.target, pruner)
-            self.last_prune_step = step
+        self.step = step
+        if self.fixed:
+            return
+        fix = self.options.fix_from_step
+        if fix is not None and step >= fix:  # the last re-prune; from here the mask stays as in `fixed`
+            self.reprune(self.sparsity_at(step), pruner)
+            pruner.reset_optimizer_state({n: ~m for n, m in pruner.masks.items()})  # Adam would move pruned weights
+            self.fixed = True
+        elif step % self.options.interval == 0:
+            self.reprune(self.sparsity_at(step), pruner)
+        else:
+            return
+        self.last_prune_step = step
 
     def before_evaluate(self, pruner: Pruner) -> None:
-        pruner.prune(self.target)
+        if self.fixed:
+            pruner.apply()
+        else:
+            pruner.prune(self.sparsity_at(self.step))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_prune_step": self.last_prune_step, "moments_reset": self.moments_reset}
+        return {"last_prune_step": self.last_prune_step, "moments_reset": self.moments_reset, "step": self.step,
+                "fixed": self.fixed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_prune_step = int(state.get("last_prune_step", 0))
         self.moments_reset = int(state.get("moments_reset", 0))
+        self.step = int(state.get("step", 0))
+        self.fixed = bool(state.get("fixed", False))
 
 
 class Fixed(Schedule):
@@ -99,12 +135,16 @@ class ParpProgressive(Parp):
         if self.options.start > self.target:
             raise ValueError(f"start ({self.options.start}) is above the target sparsity ({self.target})")
         self.ramp_steps = self.options.ramp_steps
-        self.step = 0
 
     def check(self, context: RunContext) -> None:
+        super().check(context)
         if self.ramp_steps is not None and self.ramp_steps > context.max_steps:
             raise ValueError(f"ramp_steps {self.ramp_steps} is past training.max_steps {context.max_steps}: the run would "
                              f"end below the target sparsity {self.target}; use at most {context.max_steps}")
+        ramp_end = self.ramp_steps or context.max_steps
+        if self.options.fix_from_step is not None and self.options.fix_from_step < ramp_end:
+            raise ValueError(f"fix_from_step {self.options.fix_from_step} comes before the ramp reaches the target (step "
+                             f"{ramp_end}): the fixed mask would stay below the target sparsity")
 
     def phases(self, max_steps: int) -> list[Phase]:
         self.ramp_steps = self.ramp_steps or max_steps
@@ -114,24 +154,11 @@ class ParpProgressive(Parp):
         ramp = linear_ramp if self.options.ramp == "linear" else cubic_ramp
         return ramp(self.options.start, self.target, step / self.ramp_steps if self.ramp_steps else 1.0)
 
-    def on_start(self, pruner: Pruner) -> None:
-        pruner.initial_mask(self.options.start)
-
-    def on_optimizer_step(self, step: int, pruner: Pruner) -> None:
-        self.step = step
-        if step % self.options.interval == 0:
-            self.reprune(self.sparsity_at(step), pruner)
-            self.last_prune_step = step
-
-    def before_evaluate(self, pruner: Pruner) -> None:
-        pruner.prune(self.sparsity_at(self.step))
-
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "step": self.step, "ramp_steps": self.ramp_steps}
+        return {**super().state_dict(), "ramp_steps": self.ramp_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.step = int(state.get("step", 0))
         self.ramp_steps = state.get("ramp_steps", self.ramp_steps)
 
 

@@ -85,3 +85,29 @@ def test_random_criterion_with_fixed_schedule_is_the_random_baseline(tmp_path, r
     # a random mask prunes large weights too (a magnitude mask would not)
     assert w.abs()[kept].min() < w.abs().max() / 10
     assert rows[-1]["zeros"] == round(0.3 * pruner.size)
+
+
+def test_parp_with_fix_from_step_reprunes_until_then_and_keeps_the_mask_fixed_after():
+    """The control arm: PARP's re-prunes until fix_from_step, one there, then the mask of `fixed`."""
+    from parpkit.testing import TINY_POOL, FakePruner, drive, tiny_model
+    from parpkit_plugins.criteria import Magnitude
+    from parpkit_plugins.schedules import Parp, ParpOptions
+
+    pruner = FakePruner(tiny_model(), TINY_POOL, Magnitude(), "global")
+    parp = Parp(ParpOptions(interval=2, fix_from_step=5), target=0.5)
+    drive(parp, pruner, 8)
+    prunes = [i for i, (name, _) in enumerate(pruner.calls) if name in ("prune", "initial_mask")]
+    grads = [i for i, (name, _) in enumerate(pruner.calls) if name == "zero_pruned_grads"]
+    assert len(pruner.history) == 1 + 3  # the first mask, steps 2 and 4, and the last one at step 5; none to evaluate
+    assert parp.fixed and parp.last_prune_step == 5
+    assert len(grads) == 3 and min(grads) > max(prunes)  # pruned gradients zeroed at steps 6, 7 and 8 only
+    assert ("reset_optimizer_state", ()) in pruner.calls
+
+
+def test_fix_from_step_past_max_steps_is_refused_before_anything_loads(tmp_path, capsys):
+    from parpkit.cli import main
+    from tests.conftest import tiny_recipe, write_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"pruning.schedule": {"name": "parp", "options": {"fix_from_step": 9}}}))
+    assert main(["validate", str(path)]) == 2
+    assert "pruning.schedule: fix_from_step 9 is past training.max_steps 6" in capsys.readouterr().err
