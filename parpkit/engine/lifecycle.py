@@ -148,11 +148,15 @@ def located(file: str, key: str, check: Callable[[], Any]) -> Any:
         raise RecipeError(str(exc), file=file, key=key) from None
 
 
-def training_settings(recipe) -> TrainingSettings:
-    t = recipe.training
-    return TrainingSettings(max_steps=t.max_steps, batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-                            learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, warmup_steps=t.warmup_steps,
-                            precision=t.precision)
+def run_context(resolved: Resolved, model: torch.nn.Module, pool: list[str], phases: list[Phase], **live: Any) -> RunContext:
+    """The context plugins read: the recipe's settings with the skeleton (``loaded=False``) at check time,
+    or the live model with its calibration batches (``batches``, ``positions``)."""
+    r, t = resolved.recipe, resolved.recipe.training
+    training = TrainingSettings(max_steps=t.max_steps, batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, warmup_steps=t.warmup_steps,
+                                precision=t.precision)
+    return RunContext(model, pool, training=training, phases=phases, sparsity=r.pruning.sparsity, scope=r.pruning.scope,
+                      seed=r.seed, file=resolved.file, **live)
 
 
 def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
@@ -173,8 +177,7 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
         raise RecipeError(f"schedule {schedule.name!r} finds its own masks and takes no starting mask; remove mask_from "
                           "or use a schedule that starts from a given mask (fixed, parp …)", file=file, key="pruning.mask_from")
     phases = located(file, "pruning.schedule.options", lambda: schedule.phases(r.training.max_steps))
-    context = RunContext(model, pool, training=training_settings(r), phases=phases, sparsity=r.pruning.sparsity,
-                         scope=r.pruning.scope, seed=r.seed, file=file, loaded=False)
+    context = run_context(resolved, model, pool, phases, loaded=False)
     located(file, "pruning.criterion", lambda: criterion.check(context))
     located(file, "pruning.schedule", lambda: schedule.check(context))
     check_teacher(r.distillation, resolved.backbone, file)
@@ -226,9 +229,7 @@ def prepare(s: Session) -> None:
         params = dict(s.model.named_parameters())
         donor = load_donor_masks(r.pruning.mask_from, {n: params[n] for n in s.pool}, file=s.resolved.file)
     s.phases = s.resolved.schedule.phases(r.training.max_steps)
-    s.context = RunContext(s.model, s.pool, training=training_settings(r), phases=s.phases, sparsity=r.pruning.sparsity,
-                           scope=r.pruning.scope, seed=r.seed, file=s.resolved.file, batches=CalibrationSource(s),
-                           positions=backbone.position_mask)
+    s.context = run_context(s.resolved, s.model, s.pool, s.phases, batches=CalibrationSource(s), positions=backbone.position_mask)
     s.pruner = PoolPruner(s.model, s.pool, criterion, r.pruning.scope, groups=groups, donor_masks=donor, context=s.context)
     s.pruner.snapshot("pretrained")
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
