@@ -295,7 +295,8 @@ class CalibrationSource:
             order = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(s.recipe.seed)).tolist()
             for b in range(len(self.batches), n):
                 utts = tuple(s.train[order[(b * bs + i) % len(order)]] for i in range(bs))
-                self.batches.append(CalibrationBatch(s.resolved.backbone.collate(utts), utts))
+                backbone = s.resolved.backbone
+                self.batches.append(CalibrationBatch(backbone.model_inputs(backbone.collate(utts)), utts))
         return self.batches[:n]
 
 
@@ -368,7 +369,7 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
     validate = (lambda step: validate_now(s, step, index)) if r.evaluation.every_steps and s.main else None
     with s.progress.task(label, total=phase.steps) as task, tensorboard_dir(r.training.report_to, s.rundir.path / "tensorboard" / phase.name):
         driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training, validate,
-                             r.evaluation.every_steps, s.distiller)
+                             r.evaluation.every_steps, s.distiller, s.resolved.backbone.batch_extras)
         trainer = trainer_class()(model=s.model, args=args, train_dataset=ListDataset(s.train),
                                   data_collator=s.resolved.backbone.collate,
                                   callbacks=[*callbacks(driver, s.state, index, r.training.keep_checkpoints), *extra_callbacks])
