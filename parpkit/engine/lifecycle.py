@@ -483,7 +483,7 @@ def judge_dense(s: Session) -> None:
 def validate_now(s: Session, step: int, phase: int) -> None:
     """Score the model as it would be judged now on the validation split, then put training back as it
     was (weights, masks): the learning curve does not change the run. Keeps the best checkpoint of the
-    last phase when ``evaluation.keep_best``."""
+    last phase when ``evaluation.keep_best``, among the points at the target sparsity (``at_target``)."""
     e, pruner = s.recipe.evaluation, s.pruner
     split = e.validation_split or s.recipe.dataset.eval_splits[0]
     weights = {n: p.detach().clone() for n, p in pruner.params.items()}
@@ -493,17 +493,26 @@ def validate_now(s: Session, step: int, phase: int) -> None:
     rates = evaluate(s.resolved.backbone, s.resolved.dataset, s.model, s.validation, s.progress, f"validating at {step}",
                      s.device, e.batch_size, normalizer=e.normalizer, split=split)
     s.seconds["evaluate"] += time.time() - t0
-    point = {"step": step, "phase": phase, "split": split, **rates, "pool_sparsity": pruner.zero_fraction()}
+    point = {"step": step, "phase": phase, "split": split, **rates, "sparsity": pruner.sparsity,
+             "pool_sparsity": pruner.zero_fraction()}
     s.extra["curve"].append(point)
     s.log.write("validate", **point)
     key = next(iter(rates))  # wer (or per)
     best = s.extra["best"]
-    if e.keep_best and phase == len(s.phases) - 1 and (best is None or rates[key] < best["rates"][key]):
+    if (e.keep_best and phase == len(s.phases) - 1 and at_target(s, pruner.sparsity)
+            and (best is None or rates[key] < best["rates"][key])):
         s.extra["best"] = {"step": step, "rates": rates,
                            "weights": {k: v.detach().to("cpu", copy=True) for k, v in s.model.state_dict().items()}}
     for n, p in pruner.params.items():
         p.copy_(weights[n])
     pruner.load_state_dict(state)
+
+
+def at_target(s: Session, sparsity: float) -> bool:
+    """A learning-curve point may be the best checkpoint only when its masks are at the recipe's target
+    sparsity (within one weight): a schedule that ramps (PARP-P, GMP) scores points below it on the way,
+    and a sparser model is not comparable with them."""
+    return abs(sparsity - s.recipe.pruning.sparsity) * s.pruner.size <= 1
 
 
 # ------------------------------------------------------------------------------------------ judge
