@@ -34,7 +34,7 @@ from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, ca
 from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
 from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
-from parpkit.masks import PoolPruner, load_donor_masks, model_zero_fraction
+from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model_zero_fraction
 from parpkit.metrics import normalise, normalise_units
 from parpkit.progress import Progress
 from parpkit.resolve import Resolved
@@ -172,6 +172,8 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     if r.pruning.mask_from and not schedule.accepts_mask_from:
         raise RecipeError(f"schedule {schedule.name!r} finds its own masks and takes no starting mask; remove mask_from "
                           "or use a schedule that starts from a given mask (fixed, parp …)", file=file, key="pruning.mask_from")
+    if r.pruning.mask_from:
+        check_donor_scope(r.pruning.mask_from, r.pruning.scope, file=file)
     phases = located(file, "pruning.schedule.options", lambda: schedule.phases(r.training.max_steps))
     context = RunContext(model, pool, training=training_settings(r), phases=phases, sparsity=r.pruning.sparsity,
                          scope=r.pruning.scope, seed=r.seed, file=file, loaded=False)
