@@ -72,7 +72,8 @@ def teacher_error(exc: ParpkitError, file: str | None) -> RecipeError:
 
 def check_teacher(settings: DistillationSection | None, backbone: Backbone, file: str | None = None) -> None:
     """Refuse a ``teacher`` the backbone says cannot teach its model (configs only: for ``parpkit validate``
-    and before a run loads anything). Nothing to check without distillation or with the pretrained teacher."""
+    and before a run loads anything), and a null teacher (the pretrained model as loaded) where the backbone
+    says that model cannot teach (``Backbone.needs_teacher_dir``). Nothing to check without distillation."""
     if settings is None:
         return
     if settings.teacher is None:
