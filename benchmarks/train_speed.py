@@ -213,7 +213,8 @@ def bare_rate(setup: Setup, hooks: bool) -> float:
         pool = set(resolved.select_pool(net))
         targets = [(net.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in pool]
         prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=0.5)
-    batches = [{k: v.to(device) for k, v in resolved.backbone.collate(train[i * batch:(i + 1) * batch]).items()}
+    backbone = resolved.backbone
+    batches = [{k: v.to(device) for k, v in backbone.model_inputs(backbone.collate(train[i * batch:(i + 1) * batch])).items()}
                for i in range(len(train) // batch)]
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0,
                             fused=True)  # as the Trainer's default optimizer (adamw_torch_fused)

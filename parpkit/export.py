@@ -4,6 +4,7 @@ and write a smaller one that gives the same outputs."""
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 from pathlib import Path
 
@@ -52,6 +53,11 @@ def export_compact(run_dir: Path, output: Path | None = None) -> dict:
             shutil.copy2(f, partial / f.name)
     reloaded = load_compact(partial)
     diff = max_output_difference(backbone, masked, reloaded)
+    if not math.isfinite(diff):  # NaN compares false with any tolerance: it would pass for "the same outputs"
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ParpkitError(f"{run_dir}: the compact model's outputs could not be compared with the run's: their largest "
+                           f"difference is {diff} (a model gives {'NaN' if math.isnan(diff) else 'infinite'} outputs; "
+                           "the run's own model may hold non-finite weights); nothing was written")
     shutil.rmtree(output, ignore_errors=True)  # check_output allowed only an earlier compact export there
     partial.rename(output)
     return {"output": str(output), "parameters_before": before, "parameters_after": sum(p.numel() for p in reloaded.parameters()),
@@ -78,5 +84,5 @@ def max_output_difference(backbone, a: torch.nn.Module, b: torch.nn.Module, seco
     rng = np.random.default_rng(0)
     utts = [Utterance(str(i), (rng.standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32), 16000, "a test")
             for i in range(2)]
-    batch = backbone.collate(utts)
+    batch = backbone.model_inputs(backbone.collate(utts))
     return float((a(**batch).logits - b(**batch).logits).abs().max())

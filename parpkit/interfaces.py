@@ -123,6 +123,9 @@ class Backbone(_Plugin, ABC):
     #: batches are padded to their longest input (CTC models), so training groups utterances of similar
     #: length into batches unless ``training.group_by_length`` says otherwise
     pads_to_longest: ClassVar[bool] = False
+    #: keys ``collate`` may add beside the model inputs (e.g. each utterance's length, for ``output_mask``);
+    #: the engine removes them before every forward (``model_inputs``)
+    batch_extras: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: PluginOptions | None = None, *, cache_dir: Path, **kw: Any):
         super().__init__(options, **kw)
@@ -141,7 +144,12 @@ class Backbone(_Plugin, ABC):
 
     @abstractmethod
     def collate(self, batch: Sequence[Utterance]) -> dict[str, torch.Tensor]:
-        """A training batch: model inputs with ``labels``, so that ``model(**batch).loss`` works."""
+        """A training batch: model inputs with ``labels``, so that ``model(**self.model_inputs(batch)).loss``
+        works (and any of ``batch_extras``)."""
+
+    def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` without the ``batch_extras``: what the model takes."""
+        return {k: v for k, v in batch.items() if k not in self.batch_extras}
 
     @abstractmethod
     def transcribe(self, model: torch.nn.Module, audios: Sequence[np.ndarray]) -> list[str]:
@@ -169,6 +177,13 @@ class Backbone(_Plugin, ABC):
     def load_saved(self, directory: Path) -> torch.nn.Module:
         """Load a model this backbone saved (``save``), for export; also readies tokenizer and features."""
         raise NotImplementedError(f"backbone {self.name!r} cannot reload a saved run")
+
+    def needs_teacher_dir(self) -> str | None:
+        """Why the pretrained model as ``load`` gives it cannot be a distillation teacher (e.g. its output layer
+        is built fresh for each run, randomly initialised), so that a recipe that distils or trains on
+        unlabelled audio must name a trained ``distillation.teacher``; None (the default): it can. Checked
+        by ``parpkit validate`` and before a run loads anything; the engine names the recipe key."""
+        return None
 
     def check_teacher(self, source: str, *, hidden_states: bool = False) -> None:
         """Cheap checks (configs only, no weights) that the model at ``source`` (a directory or hub id) can
@@ -221,8 +236,9 @@ class Criterion(_Plugin, ABC):
 
     - ``None``: nothing (magnitude, random).
     - ``"gradients"``: ``observe`` is called before every optimizer update with the pool's live
-      parameters, gradients ready (summed over accumulation steps, before masking and clipping), weights
-      not yet updated. Before the first mask there has been no update: the engine feeds
+      parameters, gradients ready (summed over accumulation steps, before masking and clipping, unscaled
+      under fp16; an update the fp16 loss scaler skips for non-finite gradients is not observed),
+      weights not yet updated. Before the first mask there has been no update: the engine feeds
       ``calibration_batches`` training batches forward and backward (no update) and calls
       ``observe(0, params)`` after each.
     - ``"activations"``: ``calibrate(context)`` is called before every prune (the first mask and each

@@ -272,11 +272,33 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def donor_path(source: str | Path) -> Path:
+    path = Path(source).expanduser()
+    return path / "masks.safetensors" if path.is_dir() else path
+
+
+def check_donor_scope(source: str | Path, scope: str, *, file: str | None = None) -> None:
+    """Refuse a donor mask ranked in another scope than the recipe's: the first mask would not be what
+    ``pruning.scope`` (and every report of the run) says, e.g. a global mask is not 50% in each tensor.
+    Reads only the file's header (the scope its run wrote); a file that says nothing passes, and a missing or
+    unreadable one is left to ``load_donor_masks``."""
+    from safetensors import safe_open
+
+    path = donor_path(source)
+    try:
+        with safe_open(str(path), "pt") as f:
+            donor = (f.metadata() or {}).get("scope")
+    except Exception:  # not there, or not safetensors: load_donor_masks says so
+        return
+    if donor is not None and donor != scope:
+        raise RecipeError(f"the mask in {path} was ranked with scope {donor}, but pruning.scope is {scope}: the first "
+                          f"mask would not be {scope} (its tensors' sparsities differ) while the run reports {scope}; set "
+                          f"pruning.scope: {donor}, or take a mask ranked {scope}", file=file, key="pruning.mask_from")
+
+
 def load_donor_masks(source: str | Path, params: dict[str, torch.Tensor], *, file: str | None = None) -> dict[str, torch.Tensor]:
     """Masks saved by another run (its ``masks.safetensors`` or its run directory), checked against this pool."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / "masks.safetensors"
+    path = donor_path(source)
     if not path.is_file():
         raise RecipeError(f"no mask file at {path} (give a run directory or a masks.safetensors)", file=file, key="pruning.mask_from")
     try:

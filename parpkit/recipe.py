@@ -157,6 +157,10 @@ class TrainingSection(_Strict):
         from parpkit.lr import check_scheduler
 
         check_scheduler(self.lr_scheduler, self.lr_scheduler_kwargs)
+        if self.lr_scheduler == "tri_stage" and self.warmup_steps:
+            raise ValueError("warmup_steps does not apply to lr_scheduler tri_stage, whose warm-up is the first share "
+                             "of lr_scheduler_kwargs.phase_ratio (it would be ignored); set warmup_steps: 0 and give "
+                             "the warm-up share in phase_ratio")
         return self
 
 

@@ -3,6 +3,7 @@ selection of whole units (FFN neurons, attention heads) at a sparsity, as masks 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,13 +41,22 @@ def restrict(groups: list[UnitGroup], pool: set[str]) -> list[UnitGroup]:
     return [g for g in groups if all(m.param in pool for m in g.members)]
 
 
+def unit_count(sparsity: float, units: int) -> int:
+    """Units to prune of ``units`` at ``sparsity``: rounded down (never above the target), with a margin for
+    products such as 0.29 * 100 = 28.999999999999996."""
+    return math.floor(sparsity * units + 1e-9)
+
+
 def select_units(scores: dict[str, torch.Tensor], groups: dict[str, UnitGroup], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
     """Pruned units per group (bool, True = pruned). Global scope ranks each kind (neurons, heads) over all
-    layers together; per-tensor scope prunes each group on its own. Every group keeps at least one unit."""
+    layers together; per-tensor scope prunes each group on its own. Every group keeps at least one unit.
+    Counts round down (``unit_count``): no kind loses more than ``sparsity`` of its units, so the pool's
+    weight sparsity never exceeds the target (units of a kind are all the same size, and weights outside
+    every unit are never pruned)."""
     pruned = {n: torch.zeros(g.units, dtype=torch.bool) for n, g in groups.items()}
     if scope == "per_tensor":
         for n, g in groups.items():
-            k = min(round(sparsity * g.units), g.units - 1)
+            k = min(unit_count(sparsity, g.units), g.units - 1)
             if k > 0:
                 pruned[n][torch.argsort(scores[n].float(), stable=True)[:k]] = True
         return pruned
@@ -57,7 +67,7 @@ def select_units(scores: dict[str, torch.Tensor], groups: dict[str, UnitGroup], 
         offsets = [0]
         for n in names:
             offsets.append(offsets[-1] + groups[n].units)
-        target = round(sparsity * len(flat))
+        target = unit_count(sparsity, len(flat))
         left = [groups[n].units for n in names]
         done = 0
         for idx in torch.argsort(flat, stable=True).tolist():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -45,17 +45,23 @@ class Random(PruningCriterion):
 
 
 class _Accumulating(PruningCriterion):
-    needs = "gradients"
-
     """A criterion that keeps one float32 accumulator per pool tensor, updated in ``observe`` and saved
-    in checkpoints. A tensor never observed scores zero (so a criterion that needs gradients and saw
-    none prunes by index order; set ``calibration_batches`` above zero)."""
+    in checkpoints. A tensor never observed would score zero, and all-zero scores rank by index order
+    (whole tensors pruned): ``calibration_batches`` of 0 is refused before anything loads."""
+
+    needs = "gradients"
 
     def __init__(self, options=None, **kw: Any):
         super().__init__(options, **kw)
         self.calibration_batches = self.options.calibration_batches
         self.acc: dict[str, torch.Tensor] = {}
         self.observed = 0
+
+    def check(self, context) -> None:
+        if self.calibration_batches < 1:
+            raise ValueError(f"{self.name} ranks by the gradients it has observed, and the first mask comes before any "
+                             "update: with calibration_batches: 0 it has seen none, every score is zero and the ranking "
+                             "falls to index order, pruning whole tensors; set options.calibration_batches to 1 or more")
 
     def scores(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
         acc = self.acc.get(name)
@@ -75,7 +81,9 @@ class MovementOptions(PluginOptions):
 
 
 class Movement(_Accumulating):
-    """Movement pruning (Sanh, Wolf & Rush 2020): S = -Σ_t g_t·w_t summed over every observed update.
+    """Movement scores after Sanh, Wolf & Rush 2020, as the plain-gradient sum S = -Σ_t g_t·w_t over every
+    observed update (not their learned scores: hard/soft movement pruning trains S through a straight-
+    through estimator of the masked model; this is the first-order sum they derive it approximates).
     Weights that training pushes away from zero score high, weights it pulls toward zero score low,
     whatever their size: a large weight shrinking is pruned before a small one growing."""
 
@@ -95,15 +103,18 @@ class Movement(_Accumulating):
 class TaylorOptions(PluginOptions):
     #: training batches seen (forward and backward, no update) before the first mask
     calibration_batches: int = Field(default=4, ge=0)
-    #: weight of the past in the running average of |w·g| (0: the last observed update only)
+    #: weight of the past in the running average (0: the last observed update only)
     decay: float = Field(default=0.9, ge=0, lt=1)
+    #: squared: (g·w)², Molchanov et al. 2019's importance; abs: |g·w|, the variant of Molchanov et al. 2017
+    form: Literal["squared", "abs"] = "squared"
 
 
 class Taylor(_Accumulating):
     """First-order Taylor importance (Molchanov et al. 2019): the loss change from removing a weight is
-    about |w·g|; the score is its running average over observed updates (an exponential average with
-    ``decay``; the first observation starts it). A large weight the loss does not depend on is pruned
-    before a small one it depends on strongly."""
+    about g·w; the score is the running average of (g·w)² over observed updates (``form: abs``: of |g·w|,
+    the 2017 variant), an exponential average with ``decay`` where the paper averages over batches (the
+    first observation starts it). A large weight the loss does not depend on is pruned before a small
+    one it depends on strongly."""
 
     name = "taylor"
     Options = TaylorOptions
@@ -114,7 +125,8 @@ class Taylor(_Accumulating):
         for name, p in params.items():
             if p.grad is None:
                 continue
-            value = (p.grad.float() * p.detach().float()).abs_()
+            value = p.grad.float() * p.detach().float()
+            value = value.square_() if self.options.form == "squared" else value.abs_()
             acc = self.acc.get(name)
             if acc is None:
                 self.acc[name] = value

@@ -114,13 +114,94 @@ def test_label_free_training_audio_needs_distillation_and_gets_the_teachers_tran
     assert result.metrics["distillation"]["pseudo_labelled"] == 4
 
 
+def _group_norm_ctc(**changes) -> dict:
+    """The tiny wav2vec2 as wav2vec2-base is built: group-norm feature encoder, no attention mask."""
+    mapping = tiny_ctc_recipe(**changes)
+    mapping["backbone"]["options"]["config"].update(feat_extract_norm="group", do_stable_layer_norm=False)
+    return mapping
+
+
+def _ctc_teacher(tmp_path, mapping):
+    """A CTC model over the vocabulary the run builds, saved as a run saves its model (a stand-in fine-tune)."""
+    from parpkit.progress import QUIET
+
+    resolved = _whisper(write_recipe(tmp_path / "teacher.yaml", mapping))
+    backbone = resolved.backbone
+    backbone.prepare(list(resolved.dataset.load_split("train", QUIET)), "words")
+    torch.manual_seed(1)
+    model = backbone.load()
+    with torch.no_grad():
+        model.lm_head.weight.normal_()  # another head than the student's: a divergence to learn
+    backbone.save(model, tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
 @requires_offline
 def test_ctc_distillation_matches_frame_posteriors(tmp_path):
-    result = parpkit.run(tiny_ctc_recipe(**{"distillation": {"weight": 0.5, "temperature": 1.0}, "training.max_steps": 2,
-                                            "training.logging_steps": 1}), output_dir=tmp_path / "out", progress=False)
+    teacher = _ctc_teacher(tmp_path, _group_norm_ctc())
+    result = parpkit.run(_group_norm_ctc(**{"distillation": {"weight": 0.5, "temperature": 1.0, "teacher": str(teacher)},
+                                            "training.max_steps": 2, "training.logging_steps": 1}),
+                         output_dir=tmp_path / "out", progress=False)
     losses = [json.loads(line)["loss"] for line in (result.run_dir / "log.jsonl").open() if '"loss"' in line]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert result.metrics["distillation"]["teacher_seconds"] > 0
+
+
+@requires_offline
+def test_ctc_distillation_leaves_padding_frames_out_without_an_attention_mask(tmp_path):
+    """wav2vec2-base takes no attention mask: the utterances' lengths travel beside the model inputs, and
+    the divergence averages over real frames only."""
+    import torch.nn.functional as F
+
+    from parpkit.engine.distill import Distiller
+    from parpkit.interfaces import Utterance
+    from parpkit.recipe import DistillationSection
+
+    resolved = _whisper(write_recipe(tmp_path / "r.yaml", _group_norm_ctc()))
+    backbone = resolved.backbone
+    rng = np.random.default_rng(0)
+    utts = [Utterance(str(i), (rng.standard_normal(n) * 0.1).astype(np.float32), 16000, "ab ba")
+            for i, n in enumerate((8000, 16000))]
+    backbone.prepare(utts, "words")
+    student, teacher = backbone.load().eval(), backbone.load().eval()
+    with torch.no_grad():
+        teacher.lm_head.weight.normal_()
+    batch = backbone.collate(utts)
+    assert "attention_mask" not in batch and batch["input_lengths"].tolist() == [8000, 16000]
+    with torch.no_grad():
+        out = student(**backbone.model_inputs(batch))
+        t = teacher(**backbone.model_inputs(batch)).logits
+    frames = backbone._frames(torch.tensor([8000, 16000])).tolist()
+    assert frames[0] < frames[1] == out.logits.shape[1]
+    mask = backbone.output_mask(batch, out.logits)
+    assert mask.sum(1).tolist() == frames  # not every frame of the padded batch
+    settings = DistillationSection(weight=1.0, temperature=1.0)
+    loss = Distiller(teacher.requires_grad_(False), backbone, settings).loss(out.loss, out, batch)
+    kl = lambda a, b: (F.softmax(b, -1) * (F.log_softmax(b, -1) - F.log_softmax(a, -1))).sum(-1)  # noqa: E731
+    real = torch.cat([kl(out.logits[0, :frames[0]], t[0, :frames[0]]), kl(out.logits[1], t[1])])
+    assert float(loss) == pytest.approx(float(real.mean()), rel=1e-5)
+    assert float(loss) != pytest.approx(float(kl(out.logits, t).mean()), rel=1e-3)  # what counting padding gives
+
+
+def test_ctc_distillation_from_the_pretrained_model_is_refused_before_anything_loads(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_ctc_recipe(**{"distillation": {"weight": 0.5}}))
+    assert main(["validate", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{path}: distillation.teacher: null (the pretrained model as loaded) cannot teach" in err
+    assert "CTC head" in err and "randomly initialised" in err and "a fine-tuned CTC teacher directory is needed" in err
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_free_ctc_training_without_transcripts_to_build_a_vocabulary_is_refused(tmp_path):
+    from parpkit.errors import ParpkitError
+    from parpkit_plugins.backbones.wav2vec2 import CTCBackbone, CTCOptions
+    from tests.conftest import TINY_WAV2VEC2
+
+    b = CTCBackbone(CTCOptions(config=dict(TINY_WAV2VEC2)), cache_dir=tmp_path)
+    with pytest.raises(ParpkitError, match="CTC vocabulary is built from the training transcripts, and no training "
+                                           "utterance has one"):
+        b.prepare([], "words")
 
 
 def test_parp_can_reset_adam_moments_of_regrown_weights():

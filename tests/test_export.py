@@ -80,3 +80,23 @@ def test_export_refuses_outputs_it_would_destroy_and_models_it_cannot_shrink(tmp
 def test_export_of_something_that_is_not_a_run(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--compact"]) == 2
     assert "not a finished parpkit run" in capsys.readouterr().err
+
+
+def test_export_refuses_a_nan_output_difference(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    mapping = tiny_ctc_recipe(**{"pruning.criterion": {"name": "structured"}, "pruning.scope": "per_tensor",
+                                 "pruning.schedule": {"name": "fixed"}, "training.max_steps": 1,
+                                 "evaluation.dense": False, "evaluation.after_prune": False})
+    run = tmp_path / "run"
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", mapping)), "--output-dir", str(run), "--quiet"]) == 0
+    weights_file = run / "model" / "model.safetensors"
+    weights = load_file(str(weights_file))
+    head = next(k for k in weights if k.startswith("lm_head") and k.endswith("bias"))
+    weights[head][0] = float("nan")  # every frame's first logit is NaN: so is every difference
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["export", str(run), "--compact"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "largest difference is nan" in err and "NaN outputs" in err
+    assert not (run / "compact").exists() and not (run / "compact.partial").exists()

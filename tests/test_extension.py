@@ -55,15 +55,77 @@ def test_movement_keeps_weights_moving_away_from_zero_whatever_their_size():
     assert _kept(*_one_layer(weights)[:1], Magnitude()) == [True, False, True, False]
 
 
-def test_taylor_keeps_weights_the_loss_depends_on_whatever_their_size():
-    weights, grads = [3.0, 0.1, 2.0, 0.2], [0.0, 5.0, 0.01, 1.0]  # |w·g| = 0, 0.5, 0.02, 0.2
+def test_taylor_averages_the_square_of_g_times_w_as_molchanov_2019():
+    weights, grads = [3.0, 0.1, 2.0, 0.2], [0.0, 5.0, -0.01, -1.0]  # g·w = 0, 0.5, -0.02, -0.2
     model, params = _one_layer(weights)
     taylor = Taylor(TaylorOptions(decay=0.9))
+    assert taylor.options.form == "squared"
+    _observe(taylor, params, grads)
+    assert taylor.acc["weight"][0].tolist() == pytest.approx([0.0, 0.25, 0.0004, 0.04])
+    _observe(taylor, params, [0.1, 0.0, 0.0, 0.0])  # (3·0.1)² = 0.09 enters with weight 0.1
+    assert taylor.acc["weight"][0].tolist() == pytest.approx([0.009, 0.225, 0.00036, 0.036])
+    assert _kept(model, taylor) == [False, True, False, True]
+
+
+def test_taylor_abs_form_averages_the_absolute_value():
+    weights, grads = [3.0, 0.1, 2.0, 0.2], [0.0, 5.0, 0.01, 1.0]  # |w·g| = 0, 0.5, 0.02, 0.2
+    model, params = _one_layer(weights)
+    taylor = Taylor(TaylorOptions(decay=0.9, form="abs"))
     _observe(taylor, params, grads)
     assert taylor.acc["weight"][0].tolist() == pytest.approx([0.0, 0.5, 0.02, 0.2])
     _observe(taylor, params, [0.1, 0.0, 0.0, 0.0])  # a running average with decay 0.9
     assert taylor.acc["weight"][0].tolist() == pytest.approx([0.03, 0.45, 0.018, 0.18])
     assert _kept(model, taylor) == [False, True, False, True]  # magnitude would keep 3.0 and 2.0
+
+
+def test_gradient_criteria_see_fp16_gradients_unscaled_and_skip_overflow_steps():
+    """Under fp16 the Trainer's loss scaler multiplies gradients by its scale and unscales them only when it
+    clips, after the criterion looked: the engine hands the criterion unscaled gradients, and nothing of an
+    update the scaler skips (a real CPU GradScaler stands in for the Trainer's)."""
+    from parpkit.engine.training import PhaseDriver
+
+    class Log:
+        def __init__(self):
+            self.events = []
+
+        def write(self, event, **fields):
+            self.events.append((event, fields))
+
+    class Schedule:
+        def __init__(self):
+            self.calls = []
+
+        def on_gradients(self, step, pruner):
+            self.calls.append(step)
+
+    weights, grads = [3.0, 0.1, 2.0, 0.2], [1.0, -1.0, -1.0, 1.0]
+    model, params = _one_layer(weights)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    movement, taylor, log, schedule = Movement(MovementOptions()), Taylor(TaylorOptions()), Log(), Schedule()
+    drivers = [PhaseDriver(schedule, c, PoolPruner(model, ["weight"], c, "global"), log, None, 0) for c in (movement, taylor)]
+
+    def update(g):
+        optimizer.zero_grad()
+        scaler.scale((model.weight * torch.tensor([g])).sum()).backward()  # the gradient is g, times the scale
+        assert model.weight.grad[0].tolist() == [x * scaler.get_scale() for x in g]
+        before = model.weight.grad.clone()
+        for d in drivers:
+            d.gradients_ready(0, scaler, list(model.parameters()))
+        assert torch.equal(model.weight.grad, before)  # the optimizer gets them as the scaler left them
+        scaler.step(optimizer)  # the scaler can still unscale (and clip) after the criteria looked
+        scaler.update()
+
+    update(grads)
+    assert movement.acc["weight"][0].tolist() == pytest.approx([-3.0, 0.1, 2.0, -0.2])  # not 1024 times that
+    assert taylor.acc["weight"][0].tolist() == pytest.approx([9.0, 0.01, 4.0, 0.04])
+    update([float("inf"), 0.0, 0.0, 0.0])  # overflow: the scaler skips this update and halves its scale
+    assert scaler.get_scale() == 512.0 and movement.observed == taylor.observed == 1
+    assert movement.acc["weight"][0].tolist() == pytest.approx([-3.0, 0.1, 2.0, -0.2])  # no inf, no NaN
+    assert [e for e, _ in log.events] == ["overflow", "overflow"] and schedule.calls == [0, 0, 0, 0]
+    update(grads)  # at the new scale, the same gradient counts the same
+    assert movement.acc["weight"][0].tolist() == pytest.approx([-6.0, 0.2, 4.0, -0.4])
+    assert taylor.acc["weight"][0].tolist() == pytest.approx([9.0, 0.01, 4.0, 0.04])
 
 
 def test_reset_optimizer_state_zeroes_adam_moments_only_where_asked():
@@ -129,6 +191,18 @@ def test_a_gradient_criterion_is_calibrated_before_the_first_mask(tmp_path):
     w, kept = pretrained[name].detach().abs(), result.masks()[name]
     assert (~kept).any() and w[~kept].max() > w[kept].min()
     assert result.final["pool_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+@requires_offline
+@pytest.mark.parametrize("name", ["movement", "taylor"])
+def test_a_gradient_criterion_without_calibration_is_refused_before_anything_loads(tmp_path, capsys, name):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{
+        "pruning.criterion": {"name": name, "options": {"calibration_batches": 0}}, "pruning.schedule": {"name": "fixed"}}))
+    assert main(["validate", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "pruning.criterion" in err and "calibration_batches: 0" in err and "pruning whole tensors" in err
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------- a third-party package

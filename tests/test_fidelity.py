@@ -139,6 +139,14 @@ def test_learning_rate_schedules_are_checked_when_the_recipe_loads(tmp_path, sch
         load_recipe(path)
 
 
+def test_tri_stage_refuses_warmup_steps_it_would_ignore(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.lr_scheduler": "tri_stage", "training.warmup_steps": 5}))
+    with pytest.raises(RecipeError, match=r"training: warmup_steps does not apply to lr_scheduler tri_stage.*phase_ratio"):
+        load_recipe(path)
+    ok = write_recipe(tmp_path / "ok.yaml", tiny_recipe(**{"training.lr_scheduler": "tri_stage", "training.warmup_steps": 0}))
+    assert load_recipe(ok)[0].training.warmup_steps == 0
+
+
 @requires_offline
 def test_whisper_prompt_must_be_unambiguous(tmp_path, capsys):
     multilingual = tiny_recipe()

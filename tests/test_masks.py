@@ -5,6 +5,7 @@ from parpkit.errors import RecipeError
 from parpkit.masks import PoolPruner, compute_masks, select_pool
 from parpkit.selection import per_tensor_counts
 from parpkit_plugins.criteria import Magnitude, Random, RandomOptions
+from tests.conftest import requires_offline
 
 
 def _scores(seed=0):
@@ -108,6 +109,44 @@ def test_structured_unit_selection_is_exact_and_keeps_one_unit_per_group():
     masks = unit_masks(pruned, groups, shapes)
     assert masks["up0"][:3].sum() == 0 and masks["up0"][3].all() and masks["down0"][:, :3].sum() == 0
     assert masks["q"][:3].sum() == 0 and masks["q"][3:].all() and masks["o"][:, :3].sum() == 0 and masks["o"][:, 3:].all()
+
+
+def test_structured_unit_counts_round_down_so_no_kind_exceeds_the_target():
+    from parpkit.units import Member, UnitGroup, select_units
+
+    groups = {f"l{i}": UnitGroup(f"l{i}", "ffn", 3, 1, (Member(f"up{i}", 0),)) for i in range(2)}
+    groups.update({f"h{i}": UnitGroup(f"h{i}", "heads", 2, 4, (Member(f"q{i}", 0),)) for i in range(3)})
+    scores = {n: torch.arange(g.units, dtype=torch.float32) + i for i, (n, g) in enumerate(groups.items())}
+    per_layer = select_units(scores, groups, 0.5, "per_tensor")
+    assert [int(per_layer[f"l{i}"].sum()) for i in range(2)] == [1, 1]  # 1 of 3 (0.33), not round(1.5) = 2 (0.67)
+    glob = select_units(scores, groups, 0.3, "global")
+    assert sum(int(glob[f"h{i}"].sum()) for i in range(3)) == 1  # 1 of 6 heads: round(1.8) = 2 would be 0.33 > 0.3
+    assert sum(int(glob[f"l{i}"].sum()) for i in range(2)) == 1  # floor(0.3 * 6) = 1
+    assert int(select_units({"l": torch.arange(100.0)}, {"l": UnitGroup("l", "ffn", 100, 1, (Member("u", 0),))}, 0.29,
+                            "per_tensor")["l"].sum()) == 29  # 0.29 * 100 = 28.999999999999996: not 28
+
+
+@requires_offline
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_structured_pruning_never_exceeds_the_target_on_the_tiny_model(tmp_path, scope):
+    from parpkit.recipe import load_recipe
+    from parpkit.registry import Plugins
+    from parpkit.resolve import resolve
+    from parpkit.units import restrict
+    from tests.conftest import tiny_recipe, write_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"pruning.criterion": {"name": "structured"}, "pruning.scope": scope}))
+    r = resolve(load_recipe(path)[0], Plugins(), str(path))
+    model = r.backbone.load()
+    pool = r.select_pool(model)
+    groups = restrict(r.backbone.structured_groups(model), set(pool))
+    reached = []
+    for sparsity in (0.1, 0.3, 0.5, 0.7, 0.9):
+        pruner = PoolPruner(model, pool, r.criterion, scope, groups=groups)
+        pruner.prune(sparsity)
+        reached.append(sum(int((~m).sum()) for m in pruner.masks.values()) / pruner.size)
+    assert all(share <= sparsity for share, sparsity in zip(reached, (0.1, 0.3, 0.5, 0.7, 0.9), strict=True)), reached
+    assert reached[2] == pytest.approx(0.493, abs=1e-3)  # 0.5: half of every kind; the output biases stay
 
 
 # ------------------------------------------------------------------------------------------ fast selection

@@ -146,6 +146,21 @@ def test_mask_from_with_another_shape_lists_the_differences(tmp_path, capsys):
     assert "pruning.mask_from" in err and "model.encoder.layers.0.fc1.weight: shape (32, 16) in the donor, (48, 16) here" in err.replace("\n", "")
 
 
+def test_mask_from_of_another_scope_is_refused_before_anything_loads(tmp_path, capsys):
+    donor, _ = _run(tmp_path, tiny_recipe(**{"training.max_steps": 1}), "donor")  # scope: global
+    shares = [float((~m).float().mean()) for m in load_file(str(donor / "masks.safetensors")).values()]
+    assert max(shares) - min(shares) > 0.01  # global: 50% over the pool, not in each tensor
+    taker = write_recipe(tmp_path / "t.yaml", tiny_recipe(**{"pruning.schedule": {"name": "fixed"}, "pruning.scope": "per_tensor",
+                                                             "pruning.mask_from": str(donor)}))
+    capsys.readouterr()
+    assert main(["validate", str(taker)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"pruning.mask_from: the mask in {donor / 'masks.safetensors'} was ranked with scope global, but pruning.scope " \
+           "is per_tensor" in err and "set pruning.scope: global" in err
+    assert main(["run", str(taker), "--output-dir", str(tmp_path / "t"), "--quiet"]) == 2
+    assert not (tmp_path / "t").exists()
+
+
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
 @pytest.mark.parametrize("make", [tiny_recipe, tiny_ctc_recipe], ids=["whisper", "wav2vec2"])
 def test_structured_criterion_prunes_whole_units_with_any_schedule(tmp_path, make, scope):

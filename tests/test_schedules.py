@@ -3,12 +3,13 @@
 import pytest
 from transformers import TrainerCallback
 
+import parpkit
 from parpkit.engine import run
 from parpkit.progress import QUIET
 from parpkit.recipe import load_recipe
 from parpkit.registry import Plugins
 from parpkit.resolve import resolve
-from tests.conftest import requires_offline
+from tests.conftest import requires_offline, tiny_recipe
 
 pytestmark = requires_offline
 
@@ -111,3 +112,30 @@ def test_fix_from_step_past_max_steps_is_refused_before_anything_loads(tmp_path,
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"pruning.schedule": {"name": "parp", "options": {"fix_from_step": 9}}}))
     assert main(["validate", str(path)]) == 2
     assert "pruning.schedule: fix_from_step 9 is past training.max_steps 6" in capsys.readouterr().err
+
+
+def test_keep_best_chooses_only_among_points_at_the_target_sparsity(tmp_path, monkeypatch):
+    """PARP-P scores points on its ramp, below the target: a less sparse model scores better there, and
+    keep_best must not pick it. (Validation WER is made the model's sparsity, so the ramp's first point
+    would win.)"""
+    from parpkit.engine import lifecycle
+    from parpkit.masks import model_zero_fraction
+
+    real = lifecycle.evaluate
+
+    def evaluate(backbone, dataset, model, utts, progress, label, *a, **k):
+        rates = real(backbone, dataset, model, utts, progress, label, *a, **k)
+        return {**rates, "wer": model_zero_fraction(model)} if label.startswith("validating") else rates
+
+    monkeypatch.setattr(lifecycle, "evaluate", evaluate)
+    result = parpkit.run(tiny_recipe(**{
+        "training.max_steps": 6, "evaluation.every_steps": 2, "evaluation.keep_best": True,
+        "pruning.schedule": {"name": "parp_progressive", "options": {"start": 0.1, "ramp_steps": 4, "interval": 2}}}),
+        output_dir=tmp_path / "out", progress=False)
+    curve = result.metrics["curve"]
+    assert [p["step"] for p in curve] == [2, 4, 6]
+    assert [p["sparsity"] for p in curve] == pytest.approx([0.3, 0.5, 0.5])
+    assert curve[0]["wer"] < min(curve[1]["wer"], curve[2]["wer"])  # the ramp's point scores best
+    assert result.metrics["best"]["step"] in (4, 6)
+    assert result.metrics["best"]["wer"] == min(curve[1]["wer"], curve[2]["wer"])
+    assert result.final["pool_sparsity"] == pytest.approx(0.5, abs=1e-3)

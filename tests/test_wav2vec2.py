@@ -186,6 +186,6 @@ def test_sibling_ctc_models_through_auto_classes(tmp_path, model_type):
     pool = select_pool([n for n, _ in model.named_parameters()], b.default_pool)
     assert len(pool) == 24
     PoolPruner(model, pool, Magnitude(), "global").prune(0.5)
-    loss = model(**b.collate(utts)).loss
+    loss = model(**b.model_inputs(b.collate(utts))).loss
     assert torch.isfinite(loss)
     assert len(b.transcribe(model.eval(), [u.audio for u in utts])) == 3

@@ -47,7 +47,7 @@ class Distiller:
         d = self.settings
         started = time.perf_counter()
         with torch.no_grad():
-            teacher = self.teacher(**inputs, output_hidden_states=d.hidden_weight > 0)
+            teacher = self.teacher(**self.backbone.model_inputs(inputs), output_hidden_states=d.hidden_weight > 0)
         self.seconds += time.perf_counter() - started
         t = d.temperature
         mask = self.backbone.output_mask(inputs, student.logits).to(student.logits.device)
@@ -72,8 +72,13 @@ def teacher_error(exc: ParpkitError, file: str | None) -> RecipeError:
 
 def check_teacher(settings: DistillationSection | None, backbone: Backbone, file: str | None = None) -> None:
     """Refuse a ``teacher`` the backbone says cannot teach its model (configs only: for ``parpkit validate``
-    and before a run loads anything). Nothing to check without distillation or with the pretrained teacher."""
-    if settings is None or settings.teacher is None:
+    and before a run loads anything), and a null teacher (the pretrained model as loaded) where the backbone
+    says that model cannot teach (``Backbone.needs_teacher_dir``). Nothing to check without distillation."""
+    if settings is None:
+        return
+    if settings.teacher is None:
+        if (why := backbone.needs_teacher_dir()) is not None:
+            raise RecipeError(f"null (the pretrained model as loaded) cannot teach: {why}", file=file, key="distillation.teacher")
         return
     try:
         backbone.check_teacher(settings.teacher, hidden_states=settings.hidden_weight > 0)

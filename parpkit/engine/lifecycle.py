@@ -34,7 +34,7 @@ from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, ca
 from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
 from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
-from parpkit.masks import PoolPruner, load_donor_masks, model_zero_fraction
+from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model_zero_fraction
 from parpkit.metrics import normalise, normalise_units
 from parpkit.progress import Progress
 from parpkit.resolve import Resolved
@@ -176,6 +176,8 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     if r.pruning.mask_from and not schedule.accepts_mask_from:
         raise RecipeError(f"schedule {schedule.name!r} finds its own masks and takes no starting mask; remove mask_from "
                           "or use a schedule that starts from a given mask (fixed, parp …)", file=file, key="pruning.mask_from")
+    if r.pruning.mask_from:
+        check_donor_scope(r.pruning.mask_from, r.pruning.scope, file=file)
     phases = located(file, "pruning.schedule.options", lambda: schedule.phases(r.training.max_steps))
     context = run_context(resolved, model, pool, phases, loaded=False)
     located(file, "pruning.criterion", lambda: criterion.check(context))
@@ -296,7 +298,8 @@ class CalibrationSource:
             order = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(s.recipe.seed)).tolist()
             for b in range(len(self.batches), n):
                 utts = tuple(s.train[order[(b * bs + i) % len(order)]] for i in range(bs))
-                self.batches.append(CalibrationBatch(s.resolved.backbone.collate(utts), utts))
+                backbone = s.resolved.backbone
+                self.batches.append(CalibrationBatch(backbone.model_inputs(backbone.collate(utts)), utts))
         return self.batches[:n]
 
 
@@ -369,7 +372,7 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
     validate = (lambda step: validate_now(s, step, index)) if r.evaluation.every_steps and s.main else None
     with s.progress.task(label, total=phase.steps) as task, tensorboard_dir(r.training.report_to, s.rundir.path / "tensorboard" / phase.name):
         driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training, validate,
-                             r.evaluation.every_steps, s.distiller)
+                             r.evaluation.every_steps, s.distiller, s.resolved.backbone.batch_extras)
         trainer = trainer_class()(model=s.model, args=args, train_dataset=ListDataset(s.train),
                                   data_collator=s.resolved.backbone.collate,
                                   callbacks=[*callbacks(driver, s.state, index, r.training.keep_checkpoints), *extra_callbacks])
@@ -483,7 +486,7 @@ def judge_dense(s: Session) -> None:
 def validate_now(s: Session, step: int, phase: int) -> None:
     """Score the model as it would be judged now on the validation split, then put training back as it
     was (weights, masks): the learning curve does not change the run. Keeps the best checkpoint of the
-    last phase when ``evaluation.keep_best``."""
+    last phase when ``evaluation.keep_best``, among the points at the target sparsity (``at_target``)."""
     e, pruner = s.recipe.evaluation, s.pruner
     split = e.validation_split or s.recipe.dataset.eval_splits[0]
     weights = {n: p.detach().clone() for n, p in pruner.params.items()}
@@ -493,17 +496,26 @@ def validate_now(s: Session, step: int, phase: int) -> None:
     rates = evaluate(s.resolved.backbone, s.resolved.dataset, s.model, s.validation, s.progress, f"validating at {step}",
                      s.device, e.batch_size, normalizer=e.normalizer, split=split)
     s.seconds["evaluate"] += time.time() - t0
-    point = {"step": step, "phase": phase, "split": split, **rates, "pool_sparsity": pruner.zero_fraction()}
+    point = {"step": step, "phase": phase, "split": split, **rates, "sparsity": pruner.sparsity,
+             "pool_sparsity": pruner.zero_fraction()}
     s.extra["curve"].append(point)
     s.log.write("validate", **point)
     key = next(iter(rates))  # wer (or per)
     best = s.extra["best"]
-    if e.keep_best and phase == len(s.phases) - 1 and (best is None or rates[key] < best["rates"][key]):
+    if (e.keep_best and phase == len(s.phases) - 1 and at_target(s, pruner.sparsity)
+            and (best is None or rates[key] < best["rates"][key])):
         s.extra["best"] = {"step": step, "rates": rates,
                            "weights": {k: v.detach().to("cpu", copy=True) for k, v in s.model.state_dict().items()}}
     for n, p in pruner.params.items():
         p.copy_(weights[n])
     pruner.load_state_dict(state)
+
+
+def at_target(s: Session, sparsity: float) -> bool:
+    """A learning-curve point may be the best checkpoint only when its masks are at the recipe's target
+    sparsity (within one weight): a schedule that ramps (PARP-P, GMP) scores points below it on the way,
+    and a sparser model is not comparable with them."""
+    return abs(sparsity - s.recipe.pruning.sparsity) * s.pruner.size <= 1
 
 
 # ------------------------------------------------------------------------------------------ judge

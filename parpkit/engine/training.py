@@ -2,7 +2,8 @@
 DDP, LR schedules, reporting integrations), with the schedule and criterion driven around each update.
 
 Around one optimizer update: gradients ready (``ParpTrainer.training_step``, after the last micro-batch)
-→ ``criterion.observe`` → ``schedule.on_gradients`` → the Trainer clips → ``on_pre_optimizer_step`` →
+→ ``criterion.observe`` (gradients unscaled under fp16; not on an overflow step the scaler skips)
+→ ``schedule.on_gradients`` → the Trainer clips → ``on_pre_optimizer_step`` →
 update → ``on_optimizer_step``. Checkpoints add parpkit's state in the public ``on_save`` callback.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,15 +83,50 @@ class PhaseDriver:
     validate: Callable[[int], None] | None = None  # scores a learning-curve point at a step
     every: int | None = None  # … every this many steps
     distiller: Any = None  # parpkit.engine.distill.Distiller, when the recipe distils
+    extras: tuple[str, ...] = ()  # batch keys that are not model inputs (Backbone.batch_extras)
 
-    def gradients_ready(self, done: int) -> None:
-        """``done``: updates of this phase finished before the coming one."""
+    def gradients_ready(self, done: int, scaler: Any = None, others: Iterable[torch.nn.Parameter] = ()) -> None:
+        """``done``: updates of this phase finished before the coming one. ``scaler``: the fp16 loss scaler
+        (None without one); ``others``: every parameter the optimizer updates (the scaler checks them all).
+        The criterion sees the gradients unscaled, and nothing of an update the scaler will skip."""
         step = self.offset + done
-        self.criterion.observe(step, self.pruner.params)
+        with unscaled_gradients(self.pruner.params, scaler, others) as finite:
+            if finite:
+                self.criterion.observe(step, self.pruner.params)
+            else:
+                self.log.write("overflow", step=step + 1, scale=float(scaler.get_scale()))
         self.schedule.on_gradients(step, self.pruner)
 
     def log_prune(self, step: int) -> None:
         self.log.write("prune", step=step, **self.pruner.prune_event())
+
+
+@contextlib.contextmanager
+def unscaled_gradients(params: Mapping[str, torch.nn.Parameter], scaler: Any,
+                       others: Iterable[torch.nn.Parameter] = ()) -> Iterator[bool]:
+    """Gradients as the loss gives them, for criteria. Under fp16 the Trainer's loss scaler has multiplied
+    every gradient by its scale and unscales them only when it clips, after criteria have looked: for the
+    duration, ``params``' gradients are divided by the scale (and multiplied back after, exactly: the
+    scaler's scales are powers of two). Yields False, touching nothing, when any gradient (of ``params``
+    or ``others``) is not finite: the scaler skips that update and lowers its scale, and no criterion
+    should count it. Without a scaler (fp32, bf16): yields True, touching nothing."""
+    if scaler is None or not scaler.is_enabled():
+        yield True
+        return
+    unique = lambda ps: list({id(p): p for p in ps if p.grad is not None}.values())  # noqa: E731
+    pool = unique(params.values())
+    grads = [p.grad for p in unique([*pool, *others])]
+    if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        yield False
+        return
+    scale = float(scaler.get_scale())
+    for p in pool:
+        p.grad.div_(scale)
+    try:
+        yield True
+    finally:
+        for p in pool:
+            p.grad.mul_(scale)
 
 
 def trainer_class():
@@ -121,11 +157,12 @@ def trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             distiller = self.parp.distiller
+            model_inputs = {k: v for k, v in inputs.items() if k not in self.parp.extras}
             if distiller is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            student_inputs = {**inputs, "output_hidden_states": True} if distiller.settings.hidden_weight else inputs
+                return super().compute_loss(model, model_inputs, return_outputs, num_items_in_batch)
+            student_inputs = {**model_inputs, "output_hidden_states": True} if distiller.settings.hidden_weight else model_inputs
             task, outputs = super().compute_loss(model, student_inputs, return_outputs=True)  # a mean over the batch
-            loss = distiller.loss(task, outputs, inputs)
+            loss = distiller.loss(task, outputs, inputs)  # all of the batch: output_mask may read its extras
             return (loss, outputs) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -134,7 +171,8 @@ def trainer_class():
                 raise NonFiniteLoss(self.parp.offset + self.state.global_step + 1, float(loss))
             self.parp.pruner.optimizer = self.optimizer
             if self.accelerator.sync_gradients:  # the last micro-batch: gradients are complete (and all-reduced)
-                self.parp.gradients_ready(self.state.global_step)
+                optimized = [p for group in self.optimizer.param_groups for p in group["params"]]
+                self.parp.gradients_ready(self.state.global_step, getattr(self.accelerator, "scaler", None), optimized)
             return loss
 
     return ParpTrainer

@@ -72,6 +72,8 @@ class CTCBackbone(Backbone):
     Options = CTCOptions
     default_pool = DEFAULT_POOL
     pads_to_longest = True
+    #: samples of each utterance, for output_mask of models that take no attention mask (collate adds it)
+    batch_extras = ("input_lengths",)
 
     def __init__(self, options: CTCOptions | None = None, **kw: Any):
         super().__init__(options, **kw)
@@ -94,6 +96,10 @@ class CTCBackbone(Backbone):
         self.conv_kernel, self.conv_stride = [10, 3, 3, 3, 3, 2, 2], [5, 2, 2, 2, 2, 2, 2]
 
     def prepare(self, train: Sequence[Utterance], unit: str) -> None:
+        if not train:
+            raise ParpkitError(f"{self.name}: the CTC vocabulary is built from the training transcripts, and no training "
+                               "utterance has one; label-free CTC training needs some transcribed utterances in the "
+                               "training split to build it from (a fine-tuned CTC teacher directory then transcribes the rest)")
         self.unit = unit
         self.tokenizer = make_tokenizer(build_vocabulary([u.text for u in train], unit), unit)
 
@@ -169,15 +175,23 @@ class CTCBackbone(Backbone):
         labels = torch.full((len(ids), max(1, max(len(x) for x in ids))), -100, dtype=torch.long)
         for i, x in enumerate(ids):
             labels[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        return {**inputs, "labels": labels}
+        # models without an attention mask (group-norm wav2vec2-base) see zeros as padding: the lengths travel
+        # beside the model inputs, for output_mask
+        lengths = {} if self.use_attention_mask else {"input_lengths": torch.tensor([len(u.audio) for u in batch])}
+        return {**inputs, "labels": labels, **lengths}
 
     def output_mask(self, batch, logits: torch.Tensor) -> torch.Tensor:
-        """Frames of real audio (padding frames left out when the batch carries an attention mask)."""
-        mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        """Frames of real audio: padding frames left out, from the attention mask or, for models that take
+        none, the utterances' lengths that ``collate`` carries (``input_lengths``)."""
         if "attention_mask" in batch:
-            lengths = self._frames(batch["attention_mask"].sum(-1))
-            mask = torch.arange(logits.shape[1], device=logits.device)[None, :] < lengths[:, None].to(logits.device)
-        return mask
+            samples = batch["attention_mask"].sum(-1)
+        elif "input_lengths" in batch:
+            samples = batch["input_lengths"]
+        else:
+            raise ParpkitError(f"{self.name}: a batch without attention_mask or input_lengths: its padding frames are "
+                               "unknown (batches come from collate)")
+        lengths = self._frames(samples.to(logits.device))
+        return torch.arange(logits.shape[1], device=logits.device)[None, :] < lengths.clamp(min=0)[:, None]
 
     def position_mask(self, module: str, batch, positions: int) -> torch.Tensor | None:
         """Frames of real audio (the feature encoder's output frames of each utterance's samples)."""
@@ -234,6 +248,13 @@ class CTCBackbone(Backbone):
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             hint = "" if path.exists() else " (nor is there a directory of that name)"
             raise ParpkitError(f"cannot read the config of {source!r}{hint}: {type(exc).__name__}: {text}") from None
+
+    def needs_teacher_dir(self) -> str | None:
+        """The CTC head is built fresh over the vocabulary of each run's transcripts: as loaded it is random."""
+        return (f"a {self.name} model's CTC head is built fresh over the vocabulary of this run's transcripts and "
+                "starts randomly initialised, so it would distil noise (and transcribe unlabelled audio as <unk>); a "
+                "fine-tuned CTC teacher directory is needed: set distillation.teacher to a fine-tuned CTC model over "
+                "the same vocabulary (e.g. the model/ of a dense fine-tune's run directory)")
 
     def check_teacher(self, source: str, *, hidden_states: bool = False) -> None:
         """Configs only: the CTC vocabulary is built from the training transcripts, so ``load_teacher``
