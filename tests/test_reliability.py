@@ -117,6 +117,28 @@ def test_manifest_lines_that_are_not_objects_and_csv_byte_order_marks(tmp_path):
     assert [u.text for u in load()] == ["hello"]
 
 
+def test_a_tsv_transcript_opening_a_double_quote_keeps_every_row_and_a_csv_one_is_named(tmp_path):
+    from parpkit.errors import ParpkitError
+
+    a = _wav(tmp_path / "a.wav")
+    texts = [f"line {i}" for i in range(8)]
+    texts[2] = '"so he said and went on'  # a quote that never closes: it used to swallow the rows after it
+    _, load = _manifest(tmp_path, "m.tsv", "audio\ttext\n" + "".join(f"{a}\t{t}\n" for t in texts))
+    utts = load()
+    assert [u.text for u in utts] == texts and len(utts) == 8
+    # CSV quotes fields by design; one left open is an error naming where it began, not fewer rows
+    body = "".join(f'{a},{t}\n' for t in texts)
+    _, load = _manifest(tmp_path, "m.csv", "audio,text\n" + body)
+    with pytest.raises(ParpkitError, match=r"m\.csv:4: row 3: .*a double quote without its closing one"):
+        load()
+    quoted = texts[:2] + ['"a quote, closed later', 'on the next line"'] + texts[4:]
+    _, load = _manifest(tmp_path, "q.csv", "audio,text\n" + "".join(f'{a},{t}\n' for t in quoted))
+    with pytest.raises(ParpkitError, match=r"q\.csv:4: row 3 has a field that runs over lines 4-5"):
+        load()
+    _, load = _manifest(tmp_path, "ok.csv", f'audio,text\n{a},"hello, there"\n{a},"say ""hi"""\n')
+    assert [u.text for u in load()] == ["hello, there", 'say "hi"']
+
+
 # ------------------------------------------------------------------------------------ caches
 
 @requires_offline
