@@ -3,6 +3,7 @@ must fail before compute with one line naming the file and what was expected, da
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -236,6 +237,51 @@ def test_a_run_that_failed_before_training_does_not_block_its_corrected_rerun(tm
     good = write_recipe(tmp_path / "good.yaml", tiny_recipe(**{"dataset": dataset, "training.max_steps": 1}))
     assert main(["run", str(good), "--output-dir", str(out), "--quiet"]) == 0  # not "a different recipe"
     assert (out / "metrics.json").exists()
+
+
+@requires_offline
+def test_duplicate_ids_non_finite_audio_and_other_sample_rates_are_refused_when_a_split_loads(tmp_path, capsys):
+    from parpkit.engine import run
+    from parpkit.errors import ParpkitError
+    from parpkit.progress import QUIET
+    from parpkit.registry import Plugins
+    from parpkit.resolve import resolve
+
+    good = [_wav(tmp_path / f"{i}.wav") for i in range(3)]
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.array([0.1, float("nan"), 0.2] * 2000, np.float32), 16000, subtype="FLOAT")
+
+    def manifest(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps({"id": i, "audio": a, "text": "hello there"}) + "\n" for i, a in rows))
+        return str(tmp_path / name)
+
+    def recipe(train, test, **changes):
+        dataset = {"name": "manifest", "options": {"splits": {"train": train, "test": test}, "id_column": "id"}}
+        return write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"dataset": dataset, "training.max_steps": 1, **changes}))
+
+    ok = manifest("ok.jsonl", [("a", good[0]), ("b", good[1])])
+    # the same id twice in a split: with distillation one utterance took the other's pseudo-label
+    twice = manifest("twice.jsonl", [("a", good[0]), ("b", good[1]), ("a", good[2])])
+    assert main(["run", str(recipe(twice, ok)), "--output-dir", str(tmp_path / "o1"), "--quiet"]) == 2
+    assert "dataset: split 'train': utterance id 'a' occurs more than once" in _err(capsys)
+    # NaN audio in an evaluation split was scored silently (and in training became "lower the learning rate")
+    bad = manifest("bad.jsonl", [("a", good[0]), ("n1", str(nan))])
+    assert main(["run", str(recipe(ok, bad)), "--output-dir", str(tmp_path / "o2"), "--quiet"]) == 2
+    assert "dataset: split 'test': utterance 'n1' has 2000 non-finite audio samples (NaN or infinity) of 6000" in _err(capsys)
+    assert main(["run", str(recipe(bad, ok)), "--output-dir", str(tmp_path / "o3"), "--quiet"]) == 2
+    assert "dataset: split 'train': utterance 'n1' has 2000 non-finite" in _err(capsys)
+    # a dataset that hands over audio at another rate than the backbone's
+    path = recipe(ok, ok)
+    resolved = resolve(load_recipe(path)[0], Plugins(), str(path))
+    loader = resolved.dataset.load_split
+
+    def at_8k(split, progress):
+        return [dataclasses.replace(u, sample_rate=8000) if split == "test" else u for u in loader(split, progress)]
+
+    resolved.dataset.load_split = at_8k
+    with pytest.raises(ParpkitError, match=r"dataset: split 'test': utterance 'a' is at 8000 Hz; the backbone takes 16000 Hz"):
+        run(resolved, QUIET, output_dir=tmp_path / "o4")
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "o5"), "--quiet"]) == 0
 
 
 def test_a_yaml_alias_bomb_fails_at_once(tmp_path):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -187,8 +188,8 @@ def prepare(s: Session) -> None:
     """Data, the pretrained model, the pool and the pruner."""
     r, ds, backbone = s.recipe, s.resolved.dataset, s.resolved.backbone
     torch.manual_seed(r.seed)
-    s.train = ds.load_split(r.dataset.train_split, s.progress)
-    s.evals = {split: ds.load_split(split, s.progress) for split in r.dataset.eval_splits}
+    s.train = load_split(s, r.dataset.train_split)
+    s.evals = {split: load_split(s, split) for split in r.dataset.eval_splits}
     for split, utts in s.evals.items():
         norm = normalise if ds.unit == "words" else normalise_units
         if any(u.text is None for u in utts):
@@ -199,7 +200,7 @@ def prepare(s: Session) -> None:
                                "transcripts is empty once normalised")
     if r.evaluation.every_steps:
         split = r.evaluation.validation_split or r.dataset.eval_splits[0]
-        s.validation = s.evals[split] if split in s.evals else ds.load_split(split, s.progress)
+        s.validation = s.evals[split] if split in s.evals else load_split(s, split)
     s.log.write("data", train=len(s.train), eval={k: len(v) for k, v in s.evals.items()}, **ds.report())
     labelled = [u for u in s.train if u.text is not None]
     backbone.prepare(labelled, ds.unit)
@@ -234,6 +235,32 @@ def prepare(s: Session) -> None:
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
                 pool_parameters=s.pruner.size, batch=batch_sizes(s))
+
+
+def load_split(s: Session, split: str) -> Sequence[Utterance]:
+    """A split from the dataset, refused unless every utterance can be used as it is: ids unique within
+    the split (pseudo-labels, transcripts and checkpoints know utterances by id), audio finite and at the
+    backbone's sample rate (what the dataset hands over, after any resampling it does)."""
+    utts = s.resolved.dataset.load_split(split, s.progress)
+    check_utterances(utts, split, s.resolved.backbone.sample_rate)
+    return utts
+
+
+def check_utterances(utts: Sequence[Utterance], split: str, sample_rate: int) -> None:
+    where = f"dataset: split {split!r}"
+    seen: set[str] = set()
+    for u in utts:
+        if u.id in seen:
+            raise ParpkitError(f"{where}: utterance id {u.id!r} occurs more than once; ids must be unique within a split")
+        seen.add(u.id)
+        if u.sample_rate != sample_rate:
+            raise ParpkitError(f"{where}: utterance {u.id!r} is at {u.sample_rate} Hz; the backbone takes {sample_rate} Hz "
+                               "(resample it in the dataset)")
+        audio = np.asarray(u.audio)
+        if not np.isfinite(audio).all():
+            bad = int((~np.isfinite(audio)).sum())
+            raise ParpkitError(f"{where}: utterance {u.id!r} has {bad} non-finite audio sample{'s' if bad != 1 else ''} "
+                               f"(NaN or infinity) of {audio.size}")
 
 
 def batch_sizes(s: Session) -> dict[str, int]:
