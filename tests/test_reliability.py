@@ -73,6 +73,39 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_killed_holder_block
     assert events.count("done") == 1
 
 
+@requires_offline
+def test_fresh_leaves_nothing_of_the_earlier_run_that_a_later_step_could_read(tmp_path, capsys):
+    a, b = _wav(tmp_path / "a.wav", 1.0), _wav(tmp_path / "b.wav", 0.7)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"audio": x}) + "\n" for x in (a, b, a, b)))  # unlabelled
+    (tmp_path / "test.jsonl").write_text(json.dumps({"audio": a, "text": "hello there"}) + "\n")
+    dataset = {"name": "manifest", "options": {"splits": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}}}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{
+        "dataset": dataset, "training.max_steps": 2, "training.save_steps": 1, "training.keep_checkpoints_when_done": True,
+        "distillation": {"weight": 0.5}, "pruning.criterion": {"name": "structured"}, "pruning.schedule": {"name": "fixed"}}))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    assert main(["export", str(out), "--compact"]) == 0
+    earlier = {p.name for p in out.iterdir()}
+    assert {"model", "compact", "masks.safetensors", "masks_initial.safetensors", "sparsity.csv", "pseudo_labels.jsonl",
+            "transcripts_final.jsonl", "checkpoints", "metrics.json"} <= earlier
+    # a fresh run that fails once it has claimed the directory (its test split has nothing to score)
+    (tmp_path / "test.jsonl").write_text(json.dumps({"audio": a, "text": "..."}) + "\n")
+    capsys.readouterr()
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet", "--fresh"]) == 2
+    assert "has nothing to score" in _err(capsys)
+    assert {p.name for p in out.iterdir()} <= {".lock", "recipe.yaml", "log.jsonl"}  # nothing of the earlier run
+    assert main(["export", str(out), "--compact"]) == 2  # used the earlier run's model/
+    assert main(["compare-masks", str(out), str(out), "--output", str(tmp_path / "cmp")]) == 2  # … and its masks
+    capsys.readouterr()
+    # pseudo-labels an earlier run left behind are not trained on by a fresh one
+    (tmp_path / "test.jsonl").write_text(json.dumps({"audio": a, "text": "hello there"}) + "\n")
+    (out / "pseudo_labels.jsonl").write_text("".join(json.dumps({"id": f"train-{i:06d}", "text": "stale words"}) + "\n"
+                                                     for i in range(4)))
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet", "--fresh"]) == 0
+    labels = [json.loads(line)["text"] for line in (out / "pseudo_labels.jsonl").open()]
+    assert len(labels) == 4 and "stale words" not in labels
+
+
 # ------------------------------------------------------------------------------------ manifests
 
 def _wav(path: Path, seconds: float = 0.5) -> str:
