@@ -459,8 +459,9 @@ def finished_run(tmp_path_factory):
 
 
 @requires_offline
-@pytest.mark.parametrize("damage", ["parpkit_state.json", "model.safetensors", "optimizer.pt"])
-def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage, finished_run):
+@pytest.mark.parametrize("damage, in_place", [("parpkit_state.json", False), ("model.safetensors", False), ("optimizer.pt", False),
+                                              ("model.safetensors", True), ("scheduler.pt", True)])
+def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage, in_place, finished_run):
     import shutil
 
     path, alone = finished_run
@@ -470,11 +471,17 @@ def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     newest = hurt / "checkpoints" / "phase-0" / "checkpoint-6"
     assert (newest / "COMPLETE").exists()
     data = (newest / damage).read_bytes()
-    (newest / damage).write_bytes(data[: len(data) // 2])  # damaged after it was marked complete
+    if in_place:  # bytes overwritten, same length: headers and zip directories still read (weights become NaN)
+        middle = len(data) // 2
+        (newest / damage).write_bytes(data[:middle] + b"\xff" * 64 + data[middle + 64:])
+    else:
+        (newest / damage).write_bytes(data[: len(data) // 2])  # damaged after it was marked complete
     capsys.readouterr()
     assert main(["run", str(path), "--output-dir", str(hurt), "--quiet"]) == 0
     err = _err(capsys)
     assert f"{newest} is damaged" in err and "passing over it" in err
+    if in_place:
+        assert f"({damage} does not match the checksum written when it was complete)" in err
     resume = [json.loads(line) for line in (hurt / "log.jsonl").open() if '"resume"' in line]
     assert resume[-1]["checkpoint"].endswith("checkpoint-4")
     same_results(alone, hurt)

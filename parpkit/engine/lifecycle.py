@@ -26,7 +26,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from parpkit.engine.distill import Distiller, check_teacher, make_teacher, pseudo_label
-from parpkit.engine.checkpoints import RunState, checkpoints, find_resume_point, is_complete, join_tensors, split_tensors
+from parpkit.engine.checkpoints import (RunState, checkpoints, find_resume_point, is_complete, join_tensors, problem,
+                                        split_tensors)
 from parpkit.engine.evaluation import evaluate
 from parpkit.engine.rundir import RunDir
 from parpkit.engine.shared import SharedWork
@@ -408,8 +409,9 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
         try:
             result = trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
         except NonFiniteLoss as exc:
-            last = [p for p in checkpoints(phase_dir) if is_complete(p)]
-            keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            # the newest complete checkpoint that is still as it was written (checksums), as resuming picks it
+            good = next((p for p in reversed(checkpoints(phase_dir)) if is_complete(p) and problem(p) is None), None)
+            keep = f"the last good checkpoint is {good}" if good else "no usable checkpoint was written yet"
             s.log.write("error", step=exc.step, message=str(exc))
             raise ParpkitError(f"{exc}; stopped, {keep}. Lower the learning rate or raise max_grad_norm "
                                "limits, then rerun into this directory to resume") from None
