@@ -30,7 +30,7 @@ from parpkit.engine.checkpoints import (RunState, checkpoints, find_resume_point
                                         split_tensors)
 from parpkit.engine.evaluation import evaluate
 from parpkit.engine.rundir import RunDir
-from parpkit.engine.shared import SharedWork
+from parpkit.engine.shared import SharedWork, tensors_digest, utterances_digest
 from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, callbacks, tensorboard_dir, trainer_class,
                                      training_arguments)
 from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
@@ -71,6 +71,9 @@ class Session:
     phase_loss: dict[str, float] = field(default_factory=dict)  # mean training loss of each phase trained here
     first_phase: int = 0
     shared: SharedWork = field(default_factory=lambda: SharedWork(None))
+    #: with sharing on: digests of what the run read (each loaded split, the pretrained weights, an explicit
+    #: teacher's), part of every shared key, so that changed contents under the same paths are never reused
+    contents: dict[str, str] = field(default_factory=dict)
     distiller: Distiller | None = None
     pseudo_labelled: int = 0  # training utterances the teacher transcribed
     #: what checkpoints keep beside the stages: the learning curve, the best validation checkpoint and the
@@ -206,9 +209,13 @@ def prepare(s: Session) -> None:
     labelled = [u for u in s.train if u.text is not None]
     backbone.prepare(labelled, ds.unit)
     s.model = backbone.load()
+    if s.shared.root is not None:
+        s.contents["model"] = tensors_digest(s.model.state_dict())
     if r.distillation is not None:  # before the first prune: the teacher is the dense pretrained model
         s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, r.training.precision,
                                    s.resolved.file)
+        if s.shared.root is not None and r.distillation.teacher is not None:
+            s.contents["teacher"] = tensors_digest(s.distiller.teacher.state_dict())
         s.log.write("teacher", source=r.distillation.teacher or "pretrained", memory_mb=round(s.distiller.memory_mb, 1),
                     parameters=sum(p.numel() for p in s.distiller.teacher.parameters()))
     if len(labelled) < len(s.train):
@@ -244,6 +251,8 @@ def load_split(s: Session, split: str) -> Sequence[Utterance]:
     backbone's sample rate (what the dataset hands over, after any resampling it does)."""
     utts = s.resolved.dataset.load_split(split, s.progress)
     check_utterances(utts, split, s.resolved.backbone.sample_rate)
+    if s.shared.root is not None:
+        s.contents[f"split:{split}"] = utterances_digest(utts)
     return utts
 
 
@@ -441,7 +450,16 @@ def phase_key(s: Session, index: int) -> dict | None:
             "training": {k: v for k, v in dump(r.training).items() if k not in _BOOKKEEPING},
             "pool": {"include": r.pruning.include, "exclude": r.pruning.exclude, "scope": r.pruning.scope,
                      "criterion": dump(r.pruning.criterion)},
-            "evaluation": dump(r.evaluation), "world_size": s.world_size}
+            "evaluation": dump(r.evaluation), "world_size": s.world_size,
+            "distillation": None if r.distillation is None else r.distillation.model_dump(mode="json"),
+            **read_contents(s)}
+
+
+def read_contents(s: Session) -> dict[str, Any]:
+    """What every shared key holds beside the recipe: parpkit's version and the digests of what the run read."""
+    from parpkit import __version__
+
+    return {"parpkit": __version__, "contents": dict(sorted(s.contents.items()))}
 
 
 def store_shared_phase(s: Session, index: int, folder: Path) -> None:
@@ -484,7 +502,8 @@ def dense_key(s: Session) -> dict:
     r = s.recipe
     return {"backbone": r.backbone.model_dump(mode="json", exclude_defaults=True), "dataset": r.dataset.name,
             "options": r.dataset.options, "splits": r.dataset.eval_splits,
-            "evaluation": {"batch_size": r.evaluation.batch_size, "normalizer": r.evaluation.normalizer}}
+            "evaluation": {"batch_size": r.evaluation.batch_size, "normalizer": r.evaluation.normalizer},
+            **read_contents(s)}  # the training split too: a backbone may build its vocabulary from it
 
 
 def judge_dense(s: Session) -> None:
