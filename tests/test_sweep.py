@@ -324,6 +324,6 @@ def test_shared_work_is_keyed_on_contents_distillation_and_version(tmp_path, mon
     distilled, _, took = point("distilled", **{"distillation": {"weight": 0.5}})
     assert took and distilled.metrics["shared_phases"] == []
     # another parpkit version shares nothing with this one
-    monkeypatch.setattr(parpkit, "__version__", parpkit.__version__ + "+other")
+    monkeypatch.setattr(parpkit.version, "__version__", parpkit.__version__ + "+other")
     other, _, took = point("other")
     assert not took and other.metrics["shared_phases"] == [] and other.metrics["stages"] == alone.metrics["stages"]

@@ -25,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import parpkit.version
 from parpkit.engine.distill import Distiller, check_teacher, make_teacher, pseudo_label
 from parpkit.engine.checkpoints import (RunState, checkpoints, find_resume_point, is_complete, join_tensors, problem,
                                         split_tensors)
@@ -457,9 +458,7 @@ def phase_key(s: Session, index: int) -> dict | None:
 
 def read_contents(s: Session) -> dict[str, Any]:
     """What every shared key holds beside the recipe: parpkit's version and the digests of what the run read."""
-    from parpkit import __version__
-
-    return {"parpkit": __version__, "contents": dict(sorted(s.contents.items()))}
+    return {"parpkit": parpkit.version.__version__, "contents": dict(sorted(s.contents.items()))}
 
 
 def store_shared_phase(s: Session, index: int, folder: Path) -> None:
