@@ -4,8 +4,10 @@ A checkpoint directory holds the Trainer's files plus ``parpkit_state.json`` (JS
 schedule and criterion ``state_dict``s, the stages evaluated so far, the phase and step offset, the wall
 time so far) and
 ``parpkit_tensors.safetensors`` (their tensors). The ``COMPLETE`` marker is written last: a directory
-without it (a process killed while saving) is never used. Phase ends are kept the same way, with the
-model's weights, because the next phase starts from them after the schedule acted.
+without it (a process killed while saving) is never used. It holds the sha256 of every other file, so a
+file damaged after it was written (truncated, or overwritten in place) makes the checkpoint unusable
+(``problem``), never resumed. Phase ends are kept the same way, with the model's weights, because the next
+phase starts from them after the schedule acted.
 """
 
 from __future__ import annotations
