@@ -18,8 +18,8 @@ from parpkit.progress import Progress, Task
 from parpkit.ramps import cubic_ramp, linear_ramp
 from parpkit.selection import as_rows, lowest_k, lowest_k_rows, split_count
 from parpkit.units import Member, UnitGroup, ffn_group, head_group
+from parpkit.version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     # plugin interfaces and registration
     "Backbone", "Dataset", "Utterance", "Criterion", "PruningCriterion", "StructuredCriterion", "ReconstructingCriterion",

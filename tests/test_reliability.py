@@ -3,6 +3,7 @@ must fail before compute with one line naming the file and what was expected, da
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -72,6 +73,39 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_killed_holder_block
     assert events.count("done") == 1
 
 
+@requires_offline
+def test_fresh_leaves_nothing_of_the_earlier_run_that_a_later_step_could_read(tmp_path, capsys):
+    a, b = _wav(tmp_path / "a.wav", 1.0), _wav(tmp_path / "b.wav", 0.7)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"audio": x}) + "\n" for x in (a, b, a, b)))  # unlabelled
+    (tmp_path / "test.jsonl").write_text(json.dumps({"audio": a, "text": "hello there"}) + "\n")
+    dataset = {"name": "manifest", "options": {"splits": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}}}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{
+        "dataset": dataset, "training.max_steps": 2, "training.save_steps": 1, "training.keep_checkpoints_when_done": True,
+        "distillation": {"weight": 0.5}, "pruning.criterion": {"name": "structured"}, "pruning.schedule": {"name": "fixed"}}))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    assert main(["export", str(out), "--compact"]) == 0
+    earlier = {p.name for p in out.iterdir()}
+    assert {"model", "compact", "masks.safetensors", "masks_initial.safetensors", "sparsity.csv", "pseudo_labels.jsonl",
+            "transcripts_final.jsonl", "checkpoints", "metrics.json"} <= earlier
+    # a fresh run that fails once it has claimed the directory (its test split has nothing to score)
+    (tmp_path / "test.jsonl").write_text(json.dumps({"audio": a, "text": "..."}) + "\n")
+    capsys.readouterr()
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet", "--fresh"]) == 2
+    assert "has nothing to score" in _err(capsys)
+    assert {p.name for p in out.iterdir()} <= {".lock", "recipe.yaml", "log.jsonl"}  # nothing of the earlier run
+    assert main(["export", str(out), "--compact"]) == 2  # used the earlier run's model/
+    assert main(["compare-masks", str(out), str(out), "--output", str(tmp_path / "cmp")]) == 2  # … and its masks
+    capsys.readouterr()
+    # pseudo-labels an earlier run left behind are not trained on by a fresh one
+    (tmp_path / "test.jsonl").write_text(json.dumps({"audio": a, "text": "hello there"}) + "\n")
+    (out / "pseudo_labels.jsonl").write_text("".join(json.dumps({"id": f"train-{i:06d}", "text": "stale words"}) + "\n"
+                                                     for i in range(4)))
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet", "--fresh"]) == 0
+    labels = [json.loads(line)["text"] for line in (out / "pseudo_labels.jsonl").open()]
+    assert len(labels) == 4 and "stale words" not in labels
+
+
 # ------------------------------------------------------------------------------------ manifests
 
 def _wav(path: Path, seconds: float = 0.5) -> str:
@@ -115,6 +149,28 @@ def test_manifest_lines_that_are_not_objects_and_csv_byte_order_marks(tmp_path):
     # a spreadsheet program's UTF-8 byte-order mark before the first column name
     _, load = _manifest(tmp_path, "bom.csv", f"\ufeffaudio,text\n{a},hello\n")
     assert [u.text for u in load()] == ["hello"]
+
+
+def test_a_tsv_transcript_opening_a_double_quote_keeps_every_row_and_a_csv_one_is_named(tmp_path):
+    from parpkit.errors import ParpkitError
+
+    a = _wav(tmp_path / "a.wav")
+    texts = [f"line {i}" for i in range(8)]
+    texts[2] = '"so he said and went on'  # a quote that never closes: it used to swallow the rows after it
+    _, load = _manifest(tmp_path, "m.tsv", "audio\ttext\n" + "".join(f"{a}\t{t}\n" for t in texts))
+    utts = load()
+    assert [u.text for u in utts] == texts and len(utts) == 8
+    # CSV quotes fields by design; one left open is an error naming where it began, not fewer rows
+    body = "".join(f'{a},{t}\n' for t in texts)
+    _, load = _manifest(tmp_path, "m.csv", "audio,text\n" + body)
+    with pytest.raises(ParpkitError, match=r"m\.csv:4: row 3: .*a double quote without its closing one"):
+        load()
+    quoted = texts[:2] + ['"a quote, closed later', 'on the next line"'] + texts[4:]
+    _, load = _manifest(tmp_path, "q.csv", "audio,text\n" + "".join(f'{a},{t}\n' for t in quoted))
+    with pytest.raises(ParpkitError, match=r"q\.csv:4: row 3 has a field that runs over lines 4-5"):
+        load()
+    _, load = _manifest(tmp_path, "ok.csv", f'audio,text\n{a},"hello, there"\n{a},"say ""hi"""\n')
+    assert [u.text for u in load()] == ["hello, there", 'say "hi"']
 
 
 # ------------------------------------------------------------------------------------ caches
@@ -214,6 +270,51 @@ def test_a_run_that_failed_before_training_does_not_block_its_corrected_rerun(tm
     good = write_recipe(tmp_path / "good.yaml", tiny_recipe(**{"dataset": dataset, "training.max_steps": 1}))
     assert main(["run", str(good), "--output-dir", str(out), "--quiet"]) == 0  # not "a different recipe"
     assert (out / "metrics.json").exists()
+
+
+@requires_offline
+def test_duplicate_ids_non_finite_audio_and_other_sample_rates_are_refused_when_a_split_loads(tmp_path, capsys):
+    from parpkit.engine import run
+    from parpkit.errors import ParpkitError
+    from parpkit.progress import QUIET
+    from parpkit.registry import Plugins
+    from parpkit.resolve import resolve
+
+    good = [_wav(tmp_path / f"{i}.wav") for i in range(3)]
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.array([0.1, float("nan"), 0.2] * 2000, np.float32), 16000, subtype="FLOAT")
+
+    def manifest(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps({"id": i, "audio": a, "text": "hello there"}) + "\n" for i, a in rows))
+        return str(tmp_path / name)
+
+    def recipe(train, test, **changes):
+        dataset = {"name": "manifest", "options": {"splits": {"train": train, "test": test}, "id_column": "id"}}
+        return write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"dataset": dataset, "training.max_steps": 1, **changes}))
+
+    ok = manifest("ok.jsonl", [("a", good[0]), ("b", good[1])])
+    # the same id twice in a split: with distillation one utterance took the other's pseudo-label
+    twice = manifest("twice.jsonl", [("a", good[0]), ("b", good[1]), ("a", good[2])])
+    assert main(["run", str(recipe(twice, ok)), "--output-dir", str(tmp_path / "o1"), "--quiet"]) == 2
+    assert "dataset: split 'train': utterance id 'a' occurs more than once" in _err(capsys)
+    # NaN audio in an evaluation split was scored silently (and in training became "lower the learning rate")
+    bad = manifest("bad.jsonl", [("a", good[0]), ("n1", str(nan))])
+    assert main(["run", str(recipe(ok, bad)), "--output-dir", str(tmp_path / "o2"), "--quiet"]) == 2
+    assert "dataset: split 'test': utterance 'n1' has 2000 non-finite audio samples (NaN or infinity) of 6000" in _err(capsys)
+    assert main(["run", str(recipe(bad, ok)), "--output-dir", str(tmp_path / "o3"), "--quiet"]) == 2
+    assert "dataset: split 'train': utterance 'n1' has 2000 non-finite" in _err(capsys)
+    # a dataset that hands over audio at another rate than the backbone's
+    path = recipe(ok, ok)
+    resolved = resolve(load_recipe(path)[0], Plugins(), str(path))
+    loader = resolved.dataset.load_split
+
+    def at_8k(split, progress):
+        return [dataclasses.replace(u, sample_rate=8000) if split == "test" else u for u in loader(split, progress)]
+
+    resolved.dataset.load_split = at_8k
+    with pytest.raises(ParpkitError, match=r"dataset: split 'test': utterance 'a' is at 8000 Hz; the backbone takes 16000 Hz"):
+        run(resolved, QUIET, output_dir=tmp_path / "o4")
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "o5"), "--quiet"]) == 0
 
 
 def test_a_yaml_alias_bomb_fails_at_once(tmp_path):
@@ -358,8 +459,9 @@ def finished_run(tmp_path_factory):
 
 
 @requires_offline
-@pytest.mark.parametrize("damage", ["parpkit_state.json", "model.safetensors", "optimizer.pt"])
-def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage, finished_run):
+@pytest.mark.parametrize("damage, in_place", [("parpkit_state.json", False), ("model.safetensors", False), ("optimizer.pt", False),
+                                              ("model.safetensors", True), ("scheduler.pt", True)])
+def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage, in_place, finished_run):
     import shutil
 
     path, alone = finished_run
@@ -369,11 +471,17 @@ def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     newest = hurt / "checkpoints" / "phase-0" / "checkpoint-6"
     assert (newest / "COMPLETE").exists()
     data = (newest / damage).read_bytes()
-    (newest / damage).write_bytes(data[: len(data) // 2])  # damaged after it was marked complete
+    if in_place:  # bytes overwritten, same length: headers and zip directories still read (weights become NaN)
+        middle = len(data) // 2
+        (newest / damage).write_bytes(data[:middle] + b"\xff" * 64 + data[middle + 64:])
+    else:
+        (newest / damage).write_bytes(data[: len(data) // 2])  # damaged after it was marked complete
     capsys.readouterr()
     assert main(["run", str(path), "--output-dir", str(hurt), "--quiet"]) == 0
     err = _err(capsys)
     assert f"{newest} is damaged" in err and "passing over it" in err
+    if in_place:
+        assert f"({damage} does not match the checksum written when it was complete)" in err
     resume = [json.loads(line) for line in (hurt / "log.jsonl").open() if '"resume"' in line]
     assert resume[-1]["checkpoint"].endswith("checkpoint-4")
     same_results(alone, hurt)

@@ -78,7 +78,8 @@ def test_finished_runs_and_other_recipes_in_the_same_directory(tmp_path, capsys)
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+def _poisoned(tmp_path, step: int):
+    """A 6-step recipe, resolved, whose ``step``-th training batch makes the loss NaN; and its mapping."""
     path = write_recipe(tmp_path / "r.yaml", _recipe(**{"training.max_steps": 6}))
     recipe, mapping = load_recipe(path)
     resolved = resolve(recipe, Plugins(), str(path))
@@ -88,16 +89,37 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     def poisoned(batch):
         out = collate(batch)
         calls["n"] += 1
-        if calls["n"] == 4:  # the 4th batch: step 4
+        if calls["n"] == step:
             out["input_features"] = out["input_features"] * float("nan")
         return out
 
     resolved.backbone.collate = poisoned
+    return resolved, mapping
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+    resolved, mapping = _poisoned(tmp_path, 4)
     with pytest.raises(ParpkitError, match=r"loss became nan at step 4; stopped, the last good checkpoint is .*checkpoint-2"):
         run(resolved, QUIET, output_dir=tmp_path / "out", resolved_mapping=mapping)
     good = tmp_path / "out" / "checkpoints" / "phase-0" / "checkpoint-2"
     weights = load_file(str(good / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_checkpoint_damaged_in_place_is_never_named_the_last_good_one(tmp_path):
+    from transformers import TrainerCallback
+
+    resolved, mapping = _poisoned(tmp_path, 5)
+
+    class Damage(TrainerCallback):  # after checkpoint-4 is marked complete: bytes overwritten, not truncated
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 4:
+                weights = tmp_path / "out" / "checkpoints" / "phase-0" / "checkpoint-4" / "model.safetensors"
+                data = weights.read_bytes()
+                weights.write_bytes(data[:len(data) // 2] + b"\xff" * 64 + data[len(data) // 2 + 64:])
+
+    with pytest.raises(ParpkitError, match=r"loss became nan at step 5; stopped, the last good checkpoint is .*checkpoint-2\."):
+        run(resolved, QUIET, output_dir=tmp_path / "out", resolved_mapping=mapping, callbacks=[Damage()])
 
 
 def test_resume_flag_without_a_checkpoint_is_an_error(tmp_path, capsys):

@@ -280,3 +280,50 @@ def test_imp_at_a_lower_target_shares_its_final_fine_tune_with_the_next_round_of
                         progress=False)
     assert alone.metrics["shared_phases"] == []
     same_results(tmp_path / "alone", out / "sparsity-0.6")
+
+
+def test_shared_work_is_keyed_on_contents_distillation_and_version(tmp_path, monkeypatch):
+    """Changed transcripts under the same manifest paths, a distillation section, another parpkit version:
+    each gets its own dense scores and dense fine-tune; nothing changed: shared as before."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        sf.write(tmp_path / f"{i}.wav", (rng.standard_normal(8000 + 1000 * i) * 0.1).astype(np.float32), 16000)
+
+    def manifests(words):
+        for split, ids in (("train", range(4)), ("test", range(4, 6))):
+            (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"audio": f"{i}.wav", "text": f"{words} {i}"}) + "\n"
+                                                             for i in ids))
+
+    dataset = {"name": "manifest", "options": {"splits": {s: str(tmp_path / f"{s}.jsonl") for s in ("train", "test")}}}
+    omp = {"dataset": dataset, "training.max_steps": 1, "pruning.schedule": {"name": "omp"}}
+    shared = tmp_path / "shared"
+
+    def point(name, *, share=True, **changes):
+        result = parpkit.run(tiny_recipe(**omp, **changes), output_dir=tmp_path / name, progress=False,
+                             shared=shared if share else None)
+        refs = [json.loads(line)["reference"] for line in (result.run_dir / "transcripts_dense.jsonl").open()]
+        took_dense = any('"stage": "dense"' in line for line in (result.run_dir / "log.jsonl").open() if '"shared"' in line)
+        return result, refs, took_dense
+
+    manifests("hello there")
+    first, refs, took = point("first")
+    assert refs == ["hello there 4", "hello there 5"] and not took and first.metrics["shared_phases"] == []
+    # the same manifests edited in place: new references, new scores, no phase trained on the old ones
+    manifests("good night")
+    edited, refs, took = point("edited")
+    assert refs == ["good night 4", "good night 5"] and not took and edited.metrics["shared_phases"] == []
+    alone, _, _ = point("alone", share=False)
+    assert edited.metrics["stages"] == alone.metrics["stages"]
+    # nothing changed: the dense scores and the dense fine-tune are taken
+    again, refs, took = point("again")
+    assert took and again.metrics["shared_phases"] == ["dense"] and again.metrics["stages"] == alone.metrics["stages"]
+    # a distillation section changes the dense fine-tune (not the pretrained model's scores)
+    distilled, _, took = point("distilled", **{"distillation": {"weight": 0.5}})
+    assert took and distilled.metrics["shared_phases"] == []
+    # another parpkit version shares nothing with this one
+    monkeypatch.setattr(parpkit.version, "__version__", parpkit.__version__ + "+other")
+    other, _, took = point("other")
+    assert not took and other.metrics["shared_phases"] == [] and other.metrics["stages"] == alone.metrics["stages"]

@@ -4,12 +4,15 @@ A checkpoint directory holds the Trainer's files plus ``parpkit_state.json`` (JS
 schedule and criterion ``state_dict``s, the stages evaluated so far, the phase and step offset, the wall
 time so far) and
 ``parpkit_tensors.safetensors`` (their tensors). The ``COMPLETE`` marker is written last: a directory
-without it (a process killed while saving) is never used. Phase ends are kept the same way, with the
-model's weights, because the next phase starts from them after the schedule acted.
+without it (a process killed while saving) is never used. It holds the sha256 of every other file, so a
+file damaged after it was written (truncated, or overwritten in place) makes the checkpoint unusable
+(``problem``), never resumed. Phase ends are kept the same way, with the model's weights, because the next
+phase starts from them after the schedule acted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable, Mapping
@@ -98,7 +101,8 @@ class RunState:
         elapsed = {} if self.clock is None else {"elapsed": self.clock()}
         (directory / "parpkit_state.json").write_text(json.dumps({"phase": phase, "offset": offset, "stages": self.stages,
                                                                   **elapsed, **tree}))
-        atomic_write(directory / MARKER, "ok\n")  # last: a checkpoint without it is never used
+        # last: a checkpoint without it is never used; the checksums catch damage done after it was written
+        atomic_write(directory / MARKER, json.dumps({"sha256": checksums(directory)}, indent=1) + "\n")
 
     def read(self, directory: Path) -> dict:
         meta = json.loads((directory / "parpkit_state.json").read_text())
@@ -115,13 +119,41 @@ class RunState:
         return meta
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """The sha256 of every file in a checkpoint directory (its subfolders included), by relative path."""
+    return {p.relative_to(directory).as_posix(): sha256(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")}
+
+
 def problem(directory: Path) -> str | None:
-    """Why a complete checkpoint cannot be used (a file damaged or missing since), or None. Reads the JSON
-    files, the safetensors headers (which also catch truncation) and the zip directories of torch files."""
+    """Why a complete checkpoint cannot be used (a file damaged or missing since), or None. Compares every
+    file with the checksum its ``COMPLETE`` marker holds (bytes overwritten in place, not only truncation);
+    for markers written before parpkit kept checksums, reads the JSON files, the safetensors headers (which
+    also catch truncation) and the zip directories of torch files."""
     import zipfile
 
     from safetensors import safe_open
 
+    try:
+        marker = json.loads((directory / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        marker = None  # "ok": a marker without checksums (older parpkit)
+    if isinstance(marker, dict) and isinstance(marker.get("sha256"), dict):
+        for name, digest in marker["sha256"].items():
+            if not (directory / name).is_file():
+                return f"{name} is missing"
+            if sha256(directory / name) != digest:
+                return f"{name} does not match the checksum written when it was complete"
+    elif (directory / MARKER).read_bytes().strip() != b"ok":
+        return f"{MARKER} is damaged"
     needed = ["parpkit_state.json", "parpkit_tensors.safetensors"]
     needed += ["weights.safetensors"] if directory.name == "end" else ["trainer_state.json", "model.safetensors"]
     for name in needed:

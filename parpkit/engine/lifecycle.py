@@ -20,15 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import parpkit.version
 from parpkit.engine.distill import Distiller, check_teacher, make_teacher, pseudo_label
-from parpkit.engine.checkpoints import RunState, checkpoints, find_resume_point, is_complete, join_tensors, split_tensors
+from parpkit.engine.checkpoints import (RunState, checkpoints, find_resume_point, is_complete, join_tensors, problem,
+                                        split_tensors)
 from parpkit.engine.evaluation import evaluate
 from parpkit.engine.rundir import RunDir
-from parpkit.engine.shared import SharedWork
+from parpkit.engine.shared import SharedWork, tensors_digest, utterances_digest
 from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, callbacks, tensorboard_dir, trainer_class,
                                      training_arguments)
 from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
@@ -69,6 +72,9 @@ class Session:
     phase_loss: dict[str, float] = field(default_factory=dict)  # mean training loss of each phase trained here
     first_phase: int = 0
     shared: SharedWork = field(default_factory=lambda: SharedWork(None))
+    #: with sharing on: digests of what the run read (each loaded split, the pretrained weights, an explicit
+    #: teacher's), part of every shared key, so that changed contents under the same paths are never reused
+    contents: dict[str, str] = field(default_factory=dict)
     distiller: Distiller | None = None
     pseudo_labelled: int = 0  # training utterances the teacher transcribed
     #: what checkpoints keep beside the stages: the learning curve, the best validation checkpoint and the
@@ -192,8 +198,8 @@ def prepare(s: Session) -> None:
     """Data, the pretrained model, the pool and the pruner."""
     r, ds, backbone = s.recipe, s.resolved.dataset, s.resolved.backbone
     torch.manual_seed(r.seed)
-    s.train = ds.load_split(r.dataset.train_split, s.progress)
-    s.evals = {split: ds.load_split(split, s.progress) for split in r.dataset.eval_splits}
+    s.train = load_split(s, r.dataset.train_split)
+    s.evals = {split: load_split(s, split) for split in r.dataset.eval_splits}
     for split, utts in s.evals.items():
         norm = normalise if ds.unit == "words" else normalise_units
         if any(u.text is None for u in utts):
@@ -204,14 +210,18 @@ def prepare(s: Session) -> None:
                                "transcripts is empty once normalised")
     if r.evaluation.every_steps:
         split = r.evaluation.validation_split or r.dataset.eval_splits[0]
-        s.validation = s.evals[split] if split in s.evals else ds.load_split(split, s.progress)
+        s.validation = s.evals[split] if split in s.evals else load_split(s, split)
     s.log.write("data", train=len(s.train), eval={k: len(v) for k, v in s.evals.items()}, **ds.report())
     labelled = [u for u in s.train if u.text is not None]
     backbone.prepare(labelled, ds.unit)
     s.model = backbone.load()
+    if s.shared.root is not None:
+        s.contents["model"] = tensors_digest(s.model.state_dict())
     if r.distillation is not None:  # before the first prune: the teacher is the dense pretrained model
         s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, r.training.precision,
                                    s.resolved.file)
+        if s.shared.root is not None and r.distillation.teacher is not None:
+            s.contents["teacher"] = tensors_digest(s.distiller.teacher.state_dict())
         s.log.write("teacher", source=r.distillation.teacher or "pretrained", memory_mb=round(s.distiller.memory_mb, 1),
                     parameters=sum(p.numel() for p in s.distiller.teacher.parameters()))
     if len(labelled) < len(s.train):
@@ -237,6 +247,34 @@ def prepare(s: Session) -> None:
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
                 pool_parameters=s.pruner.size, batch=batch_sizes(s))
+
+
+def load_split(s: Session, split: str) -> Sequence[Utterance]:
+    """A split from the dataset, refused unless every utterance can be used as it is: ids unique within
+    the split (pseudo-labels, transcripts and checkpoints know utterances by id), audio finite and at the
+    backbone's sample rate (what the dataset hands over, after any resampling it does)."""
+    utts = s.resolved.dataset.load_split(split, s.progress)
+    check_utterances(utts, split, s.resolved.backbone.sample_rate)
+    if s.shared.root is not None:
+        s.contents[f"split:{split}"] = utterances_digest(utts)
+    return utts
+
+
+def check_utterances(utts: Sequence[Utterance], split: str, sample_rate: int) -> None:
+    where = f"dataset: split {split!r}"
+    seen: set[str] = set()
+    for u in utts:
+        if u.id in seen:
+            raise ParpkitError(f"{where}: utterance id {u.id!r} occurs more than once; ids must be unique within a split")
+        seen.add(u.id)
+        if u.sample_rate != sample_rate:
+            raise ParpkitError(f"{where}: utterance {u.id!r} is at {u.sample_rate} Hz; the backbone takes {sample_rate} Hz "
+                               "(resample it in the dataset)")
+        audio = np.asarray(u.audio)
+        if not np.isfinite(audio).all():
+            bad = int((~np.isfinite(audio)).sum())
+            raise ParpkitError(f"{where}: utterance {u.id!r} has {bad} non-finite audio sample{'s' if bad != 1 else ''} "
+                               f"(NaN or infinity) of {audio.size}")
 
 
 def batch_sizes(s: Session) -> dict[str, int]:
@@ -385,8 +423,9 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
         try:
             result = trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
         except NonFiniteLoss as exc:
-            last = [p for p in checkpoints(phase_dir) if is_complete(p)]
-            keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            # the newest complete checkpoint that is still as it was written (checksums), as resuming picks it
+            good = next((p for p in reversed(checkpoints(phase_dir)) if is_complete(p) and problem(p) is None), None)
+            keep = f"the last good checkpoint is {good}" if good else "no usable checkpoint was written yet"
             s.log.write("error", step=exc.step, message=str(exc))
             raise ParpkitError(f"{exc}; stopped, {keep}. Lower the learning rate or raise max_grad_norm "
                                "limits, then rerun into this directory to resume") from None
@@ -416,7 +455,14 @@ def phase_key(s: Session, index: int) -> dict | None:
             "training": {k: v for k, v in dump(r.training).items() if k not in _BOOKKEEPING},
             "pool": {"include": r.pruning.include, "exclude": r.pruning.exclude, "scope": r.pruning.scope,
                      "criterion": dump(r.pruning.criterion)},
-            "evaluation": dump(r.evaluation), "world_size": s.world_size}
+            "evaluation": dump(r.evaluation), "world_size": s.world_size,
+            "distillation": None if r.distillation is None else r.distillation.model_dump(mode="json"),
+            **read_contents(s)}
+
+
+def read_contents(s: Session) -> dict[str, Any]:
+    """What every shared key holds beside the recipe: parpkit's version and the digests of what the run read."""
+    return {"parpkit": parpkit.version.__version__, "contents": dict(sorted(s.contents.items()))}
 
 
 def store_shared_phase(s: Session, index: int, folder: Path) -> None:
@@ -459,7 +505,8 @@ def dense_key(s: Session) -> dict:
     r = s.recipe
     return {"backbone": r.backbone.model_dump(mode="json", exclude_defaults=True), "dataset": r.dataset.name,
             "options": r.dataset.options, "splits": r.dataset.eval_splits,
-            "evaluation": {"batch_size": r.evaluation.batch_size, "normalizer": r.evaluation.normalizer}}
+            "evaluation": {"batch_size": r.evaluation.batch_size, "normalizer": r.evaluation.normalizer},
+            **read_contents(s)}  # the training split too: a backbone may build its vocabulary from it
 
 
 def judge_dense(s: Session) -> None:

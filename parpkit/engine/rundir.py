@@ -53,6 +53,14 @@ def same_recipe(old_text: str, new_text: str) -> bool:
     return old == new
 
 
+#: everything a run (and ``parpkit export``) writes into its directory, as glob patterns: what a fresh start
+#: removes, so that no later step (resume, pseudo-labelling, export, compare-masks, report) reads an earlier
+#: run's files. ``metrics.json`` first (the run no longer counts as finished), ``recipe.yaml`` last.
+RUN_OUTPUTS = ("metrics.json", "metrics.json.tmp", "checkpoints", "log.jsonl", "model", "masks*.safetensors", "sparsity.csv",
+               "transcripts_*.jsonl", "pseudo_labels.jsonl", "pseudo_labels.jsonl.tmp", "tensorboard", "compact",
+               "compact.partial", "recipe.yaml")
+
+
 class RunDir:
     """``recipe.yaml``, ``metrics.json``, ``log.jsonl``, ``sparsity.csv``, masks, transcripts, ``model/`` and
     ``checkpoints/``. One run at a time: an exclusive lock (``.lock``, naming its holder) is held while a
@@ -116,9 +124,16 @@ class RunDir:
             raise ParpkitError(f"{self.path} holds a run of a different recipe; pass --fresh to start it over, or "
                                "--output-dir for a new directory")
         if fresh or other:
-            for stale in ("metrics.json", "log.jsonl", "recipe.yaml", "masks_initial.safetensors"):
-                (self.path / stale).unlink(missing_ok=True)
-            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            self.clear()
+
+    def clear(self) -> None:
+        """Remove every output of an earlier run (``RUN_OUTPUTS``); the lock and files of others stay."""
+        for pattern in RUN_OUTPUTS:
+            for stale in sorted(self.path.glob(pattern)):
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink(missing_ok=True)
 
     def write_recipe(self) -> None:
         if self.main:

@@ -51,8 +51,24 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                                        f"{line.strip()[:40]!r}")
                 rows.append(row)
         return rows
-    if suffix in (".csv", ".tsv"):
-        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix == ".tsv":  # tab-separated values have no quoting: a quote is part of its field
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        rows: list[dict[str, Any]] = []
+        start = 2  # the line the next row begins on (after the header)
+        try:
+            for row in reader:
+                # a field over several lines is a quote opened and closed rows later: the rows between are gone
+                if any(isinstance(v, str) and ("\n" in v or "\r" in v) for v in row.values()):
+                    raise ParpkitError(f"{path}:{start}: row {len(rows) + 1} has a field that runs over lines {start}-"
+                                       f"{reader.line_num} (a double quote without its closing one?)")
+                rows.append(row)
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise ParpkitError(f"{path}:{start}: row {len(rows) + 1}: {exc} (a double quote without its closing "
+                               "one?)") from None
+        return rows
     raise ParpkitError(f"{path}: unknown manifest type {suffix!r}; expected .csv, .tsv or .jsonl")
 
 
