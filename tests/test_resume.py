@@ -61,7 +61,7 @@ def test_an_incomplete_checkpoint_is_never_used(tmp_path):
     assert before["attempts"] == 1 and wall["attempts"] == 2
     assert 0 < before["train"] <= before["total"]
     assert wall["total"] == pytest.approx(before["total"] + done["time_s"], abs=0.5)
-    assert wall["train"] > before["train"] and wall["evaluate"] > before["evaluate"]
+    assert wall["train"] > before["train"] and wall["evaluate"] >= before["evaluate"]  # (rounded to 0.1 s: a fast evaluation adds 0.0)
     assert json.loads((alone / "metrics.json").read_text())["wall_time_s"]["attempts"] == 1
 
 
