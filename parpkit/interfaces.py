@@ -128,6 +128,11 @@ class Backbone(_Plugin, ABC):
         super().__init__(options, **kw)
         self.cache_dir = Path(cache_dir)
 
+    def min_samples(self) -> int:
+        """The shortest audio (in samples) the model takes: the engine refuses shorter utterances, naming
+        them, before anything trains (a CTC feature encoder needs one frame's receptive field)."""
+        return 1
+
     def prepare(self, train: Sequence[Utterance], unit: str) -> None:
         """Sees the training transcripts before ``load`` (e.g. to build a CTC vocabulary)."""
 

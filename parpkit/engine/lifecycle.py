@@ -148,6 +148,21 @@ def located(file: str, key: str, check: Callable[[], Any]) -> Any:
         raise RecipeError(str(exc), file=file, key=key) from None
 
 
+def build_skeleton(backbone) -> torch.nn.Module:
+    """The backbone's meta-device model. Config values that cannot build a model (a width the heads do not
+    divide, a negative or non-numeric size) fail inside transformers or torch with whatever exception they
+    raise: one line naming the backbone, never a traceback. Building it costs no memory: the real model
+    builds from the same config."""
+    try:
+        return backbone.skeleton()
+    except (ParpkitError, RecipeError):
+        raise
+    except Exception as exc:  # noqa: BLE001  (TypeError, RuntimeError, ZeroDivisionError … from the model's constructor)
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        text = text if len(text) <= 300 else text[:300] + " …"
+        raise ParpkitError(f"{backbone.name}: the config cannot build a model: {text}") from None
+
+
 def training_settings(recipe) -> TrainingSettings:
     t = recipe.training
     return TrainingSettings(max_steps=t.max_steps, batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -164,7 +179,7 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     r, file = resolved.recipe, resolved.file
     criterion, schedule = resolved.criterion, resolved.schedule
     located(file, "dataset.options", resolved.dataset.check)
-    model = located(file, "backbone.options", resolved.backbone.skeleton)
+    model = located(file, "backbone.options", lambda: build_skeleton(resolved.backbone))
     pool = resolved.select_pool(model)
     if r.pruning.scope not in criterion.scopes:
         raise RecipeError(f"criterion {criterion.name!r} ranks in scope {' or '.join(criterion.scopes)}, not "
@@ -200,6 +215,7 @@ def prepare(s: Session) -> None:
     if r.evaluation.every_steps:
         split = r.evaluation.validation_split or r.dataset.eval_splits[0]
         s.validation = s.evals[split] if split in s.evals else ds.load_split(split, s.progress)
+    check_lengths(s)
     s.log.write("data", train=len(s.train), eval={k: len(v) for k, v in s.evals.items()}, **ds.report())
     labelled = [u for u in s.train if u.text is not None]
     backbone.prepare(labelled, ds.unit)
@@ -234,6 +250,24 @@ def prepare(s: Session) -> None:
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
                 pool_parameters=s.pruner.size, batch=batch_sizes(s))
+
+
+def check_lengths(s: Session) -> None:
+    """Every utterance is long enough for the backbone (a 1-sample clip would crash a CTC model's feature
+    encoder mid-training, or mid-evaluation)."""
+    backbone = s.resolved.backbone
+    shortest = backbone.min_samples()
+    splits = {s.recipe.dataset.train_split: s.train, **s.evals}
+    if s.recipe.evaluation.every_steps:
+        splits[s.recipe.evaluation.validation_split or s.recipe.dataset.eval_splits[0]] = s.validation
+    for split, utts in splits.items():
+        short = [u for u in utts if len(u.audio) < shortest]
+        if short:
+            u = short[0]
+            more = f" (and {len(short) - 1} more)" if len(short) > 1 else ""
+            raise ParpkitError(f"dataset: split {split!r}: utterance {u.id} is {len(u.audio)} samples long{more}; "
+                               f"{backbone.name} needs at least {shortest} ({shortest / backbone.sample_rate * 1000:g} ms) "
+                               "to make one output frame; remove it from the split")
 
 
 def batch_sizes(s: Session) -> dict[str, int]:

@@ -1,0 +1,192 @@
+"""Issue 19: inputs that used to fail after compute (or with a traceback, or silently) are refused before
+anything loads, in one line naming the file, the key and what was expected (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from parpkit.cli import main
+from parpkit.errors import RecipeError
+from parpkit.recipe import load_recipe
+from tests.conftest import requires_offline, tiny_ctc_recipe, tiny_recipe, write_recipe
+
+
+def _err(capsys) -> str:
+    return " ".join(capsys.readouterr().err.split())
+
+
+def _refused(tmp_path, capsys, recipe: dict, message: str, *, run: bool = True) -> None:
+    """validate and run both exit 2 with ``message`` (a regex) on one line, no traceback, nothing claimed."""
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["validate", str(path)]) == 2
+    err = _err(capsys)
+    assert re.search(message, err), err
+    assert "Traceback" not in err and err.startswith(f"error: {path}:")
+    if run:
+        assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+        err = _err(capsys)
+        assert re.search(message, err), err
+        assert not (tmp_path / "out").exists()  # nothing claimed, nothing loaded, nothing computed
+
+
+def _whisper_dir(path: Path) -> Path:
+    from transformers import WhisperConfig
+
+    WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1).save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ backbones
+
+@requires_offline
+@pytest.mark.parametrize("value, message", [
+    (31, r"backbone\.options: whisper: the config cannot build a model: embed_dim must be divisible by num_heads"),
+    (-16, r"backbone\.options: whisper: the config cannot build a model: .*negative dimension -16"),
+    ("abc", r"backbone\.options: whisper: the config cannot build a model: .*'d_model'.*expected int"),
+])
+def test_whisper_config_values_that_cannot_build_a_model(tmp_path, capsys, value, message):
+    _refused(tmp_path, capsys, tiny_recipe(**{"backbone.options.config.d_model": value}), message)
+
+
+@pytest.mark.parametrize("value, message", [
+    (31, r"backbone\.options: wav2vec2: the config cannot build a model: .*divisible"),
+    (-32, r"backbone\.options: wav2vec2: the config cannot build a model: .*negative dimension -32"),
+    ("wide", r"backbone\.options: wav2vec2: the config cannot build a model: .*'hidden_size'"),
+])
+def test_wav2vec2_config_values_that_cannot_build_a_model(tmp_path, capsys, value, message):
+    _refused(tmp_path, capsys, tiny_ctc_recipe(**{"backbone.options.config.hidden_size": value}), message, run=False)
+
+
+def test_a_whisper_directory_given_to_wav2vec2_and_empty_model_directories(tmp_path, capsys):
+    whisper = _whisper_dir(tmp_path / "whisper")
+    _refused(tmp_path, capsys, tiny_ctc_recipe(**{"backbone.options": {"model": str(whisper)}}),
+             r"wav2vec2: '.*whisper' is a whisper model, which has no CTC head \(use backbone whisper\)", run=False)
+    (tmp_path / "empty").mkdir()
+    _refused(tmp_path, capsys, tiny_ctc_recipe(**{"backbone.options": {"model": str(tmp_path / "empty")}}),
+             r"backbone\.options: wav2vec2: .*empty: the model directory is empty", run=False)
+    _refused(tmp_path, capsys, tiny_recipe(**{"backbone.options": {"model": str(tmp_path / "empty")}}),
+             r"backbone\.options: whisper: .*empty: the model directory is empty", run=False)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    _refused(tmp_path, capsys, tiny_recipe(**{"backbone.options": {"model": str(tmp_path / "junk")}}),
+             r"whisper: .*junk: holds no config\.json", run=False)
+
+
+# ------------------------------------------------------------------------------------ recipe values
+
+@pytest.mark.parametrize("changes, message", [
+    ({"seed": -1}, r"seed: Input should be greater than or equal to 0, got -1"),
+    ({"seed": 2**32}, r"seed: Input should be less than or equal to 4294967295"),
+    ({"training.learning_rate": float("inf")}, r"training\.learning_rate: Input should be a finite number"),
+    ({"training.learning_rate": float("nan")}, r"training\.learning_rate: Input should be a finite number"),
+    ({"training.max_steps": 10**9}, r"training\.max_steps: 1,000,000,000 optimizer steps is beyond parpkit's cap of 10,000,000"),
+    ({"training.report_to": "tensorbord"}, r"training\.report_to: unknown reporting integration 'tensorbord'; transformers "
+                                           r"knows none, all, .*tensorboard"),
+    ({"training.report_to": ["none", "tensorboard"]}, r"training\.report_to: 'none' stands alone"),
+])
+def test_recipe_values_refused_on_load(tmp_path, changes, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe(**changes)))
+
+
+def test_the_yaml_file_is_read_with_inf_and_nan_and_refused(tmp_path):
+    text = write_recipe(tmp_path / "r.yaml", tiny_recipe()).read_text()
+    for value in (".inf", ".nan", "-.inf"):
+        (tmp_path / "r.yaml").write_text(text.replace("learning_rate: 0.01", f"learning_rate: {value}"))
+        assert value in (tmp_path / "r.yaml").read_text()
+        with pytest.raises(RecipeError, match=r"training\.learning_rate: Input should be a finite number"):
+            load_recipe(tmp_path / "r.yaml")
+
+
+@requires_offline
+def test_a_validation_split_naming_no_split(tmp_path, capsys):
+    _refused(tmp_path, capsys, tiny_recipe(**{"evaluation.validation_split": "dev", "evaluation.every_steps": 2}),
+             r"evaluation\.validation_split: synthetic_speech has no split 'dev'; it has: train, test")
+
+
+@requires_offline
+def test_an_imp_rewind_past_the_first_round_is_located_at_the_schedule_options(tmp_path, capsys):
+    _refused(tmp_path, capsys, tiny_recipe(**{"pruning.schedule": {"name": "imp", "options": {"rewind": "step:50"}}}),
+             r"r\.yaml: pruning\.schedule\.options: rewind step 50 is past the first round's \d+ steps")
+
+
+def test_a_key_given_twice_is_refused_naming_line_and_key(tmp_path):
+    text = write_recipe(tmp_path / "r.yaml", tiny_recipe()).read_text()
+    (tmp_path / "r.yaml").write_text(text + "name: second\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: not valid YAML \(line \d+, column 1\): the key 'name' is given twice in "
+                                          r"one mapping \(first on line 1\)"):
+        load_recipe(tmp_path / "r.yaml")
+    nested = text.replace("  max_steps:", "  learning_rate: 0.5\n  max_steps:", 1)
+    (tmp_path / "r.yaml").write_text(nested)
+    with pytest.raises(RecipeError, match=r"the key 'learning_rate' is given twice"):
+        load_recipe(tmp_path / "r.yaml")
+    (tmp_path / "m.yaml").write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")  # a merge overridden: fine
+    from parpkit.recipe import parse_yaml
+
+    assert parse_yaml((tmp_path / "m.yaml").read_text())["other"] == {"x": 3, "y": 2}
+
+
+def test_variables_referring_to_variables(tmp_path):
+    r = tiny_recipe(**{"name": "run-${tag}", "pruning.sparsity": "${s}"})
+    r["vars"] = {"tag": "${method}-${s}", "method": "parp", "s": 0.25}
+    recipe, mapping = load_recipe(write_recipe(tmp_path / "r.yaml", r))
+    assert recipe.name == "run-parp-0.25" and recipe.pruning.sparsity == 0.25
+    r["vars"] = {"a": "${b}", "b": "x${a}"}
+    with pytest.raises(RecipeError, match=r"vars\.a: variables refer to each other in a cycle: \$\{a\} -> \$\{b\} -> \$\{a\}"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", r))
+    r["vars"] = {"a": "${nope}"}
+    with pytest.raises(RecipeError, match=r"vars\.a: unknown variable \$\{nope\}"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", r))
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+@requires_offline
+def test_an_unknown_espeak_voice_or_variant(tmp_path, capsys):
+    _refused(tmp_path, capsys, tiny_recipe(**{"dataset.options.voices": ["en-us", "en-xx"]}),
+             r"dataset\.options: synthetic_speech: espeak-ng has no voice 'en-xx' \(voices\); its English voices are .*en-us")
+    _refused(tmp_path, capsys, tiny_recipe(**{"dataset.options.variants": ["m1", "nope"]}),
+             r"dataset\.options: synthetic_speech: espeak-ng has no voice variant 'nope' \(variants\)", run=False)
+
+
+def test_a_synthetic_corpus_too_large_to_plan(tmp_path):
+    from parpkit.registry import Plugins
+    from parpkit.resolve import resolve
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"dataset.options.sizes.train": 1e8}))
+    with pytest.raises(RecipeError, match=r"dataset\.options: sizes\.train: 100,000,000 utterances; a split holds 0 to 100,000"):
+        resolve(load_recipe(path)[0], Plugins(), str(path))
+
+
+def _wav(path: Path, samples: int) -> str:
+    sf.write(path, (np.random.default_rng(0).standard_normal(samples) * 0.1).astype(np.float32), 16000)
+    return str(path)
+
+
+def test_missing_manifest_columns_are_refused_before_loading(tmp_path, capsys):
+    a = _wav(tmp_path / "a.wav", 8000)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": a, "text": "hello"}) + "\n")
+    dataset = {"name": "manifest", "options": {"splits": {"train": str(tmp_path / "m.jsonl"), "test": str(tmp_path / "m.jsonl")}}}
+    _refused(tmp_path, capsys, tiny_ctc_recipe(dataset=dataset),
+             r"dataset\.options: .*m\.jsonl: no column 'audio' \(audio_column\); columns are path, text")
+    dataset["options"].update(audio_column="path", speaker_column="who")
+    _refused(tmp_path, capsys, tiny_ctc_recipe(dataset=dataset), r"no column 'who' \(speaker_column\)", run=False)
+
+
+def test_a_one_sample_utterance_for_ctc_is_named_before_training(tmp_path, capsys):
+    rows = [{"audio": _wav(tmp_path / "a.wav", 8000), "text": "hello there"},
+            {"audio": _wav(tmp_path / "b.wav", 1), "text": "hi"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = {"name": "manifest", "options": {"splits": {"train": str(tmp_path / "m.jsonl"), "test": str(tmp_path / "m.jsonl")}}}
+    path = write_recipe(tmp_path / "r.yaml", tiny_ctc_recipe(dataset=dataset, **{"training.max_steps": 2}))
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    err = _err(capsys)
+    assert "dataset: split 'train': utterance train-000001 is 1 samples long; wav2vec2 needs at least 400 (25 ms)" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "transcripts_dense.jsonl").exists()
