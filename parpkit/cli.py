@@ -124,7 +124,8 @@ def cmd_sweep(args) -> int:
     from parpkit.recipe import read_recipe_file
     from parpkit.registry import Plugins
     from parpkit.resolve import resolve
-    from parpkit.sweep import point_recipe, points, run_command, sweep_of, write_index
+    from parpkit.errors import RunDirBusy
+    from parpkit.sweep import Point, point_recipe, points, run_command, sweep_of, write_index
 
     recipe = Path(args.recipe)
     data = read_recipe_file(recipe)
@@ -147,7 +148,12 @@ def cmd_sweep(args) -> int:
         if unknown:
             raise RecipeError(f"no sweep point {', '.join(unknown)}; points: {', '.join(p.name for p in plist)}", file=str(recipe))
         plist = [p for p in plist if p.name in args.only]
-    out = Path(args.output_dir) if args.output_dir else recipes[plist[0].name][0].run_dir()
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise ParpkitError("--output-dir is empty; give the sweep's directory (default: the recipe's output_dir or runs/NAME)")
+    # the base recipe's directory (with --set, without any point's overrides): a point whose axes set name or
+    # output_dir, picked with --only, still runs inside the sweep's directory
+    base, _ = point_recipe(data, Point("base", (), {}), args.set or [], str(recipe))
+    out = Path(args.output_dir) if args.output_dir else base.run_dir()
     plugins = Plugins()
     checked = [(p, *recipes[p.name]) for p in plist]
     for p, model, _ in checked:  # every point resolves before any runs
@@ -166,17 +172,30 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         return 0
     write_index(out, recipe, every)
-    failed = []
+    failed, busy = [], []
     for i, (p, _, mapping) in enumerate(checked, 1):
         err_console.print(f"[bold]sweep point {i}/{len(checked)}: {p.name}[/]", highlight=False)
         try:
             run(mapping, output_dir=out / p.name, progress=Progress(enabled=not args.quiet, console=err_console),
                 shared=out / "shared", file=where(p))
+        except RunDirBusy as exc:  # another sweep process runs this point: not a failure of it
+            err_console.print(f"[yellow]point {p.name} skipped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            busy.append(p.name)
         except ParpkitError as exc:
             err_console.print(f"[bold red]point {p.name} failed:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             failed.append(p.name)
-    console.print(f"sweep: {len(checked) - len(failed)} of {len(checked)} points finished in {out}; "
-                  f"`parpkit report {out}` tabulates and plots them")
+        except Exception as exc:  # noqa: BLE001  (a bug in one point: the others still run; its traceback is shown)
+            import traceback
+
+            err_console.print(escape(traceback.format_exc()), highlight=False, soft_wrap=True)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            err_console.print(f"[bold red]point {p.name} failed unexpectedly:[/] {escape(type(exc).__name__)}: {escape(first)}",
+                              highlight=False, soft_wrap=True)
+            failed.append(p.name)
+    done = len(checked) - len(failed) - len(busy)
+    running = f", {len(busy)} running in another process ({', '.join(busy)})" if busy else ""
+    console.print(f"sweep: {done} of {len(checked)} points finished in {out}{running}; "
+                  f"`parpkit report {out}` tabulates and plots them", markup=False)
     if failed:
         raise ParpkitError(f"{len(failed)} sweep point(s) failed: {', '.join(failed)}; rerun the sweep to retry them")
     return 0

@@ -56,14 +56,25 @@ class RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+class RecipeDumper(yaml.SafeDumper):
+    """Writes values as RecipeLoader reads them back: a string such as ``'1e-3'`` stays quoted (SafeDumper
+    would write it bare, and the loader would read a number)."""
+
+
+for _cls in (RecipeLoader, RecipeDumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                       |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                       |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                       |[-+]?\.(?:inf|Inf|INF)
+                       |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+
+
+def dump_value(value: Any) -> str:
+    """One value as one line of YAML that ``parse_override`` reads back equal (``--set key=VALUE``)."""
+    return yaml.dump(value, Dumper=RecipeDumper, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
 def parse_yaml(text: str) -> Any:
@@ -274,6 +285,15 @@ class Recipe(_Strict):
     distillation: DistillationSection | None = None
     #: a grid of variations of this recipe for `parpkit sweep` (see parpkit.sweep); `parpkit run` ignores it
     sweep: dict[str, Any] | None = None
+
+    @field_validator("name", "output_dir")
+    @classmethod
+    def _a_folder_of_its_own(cls, v: str | None, info) -> str | None:
+        """An empty name would run into ``runs/`` itself, an empty output_dir into the current folder."""
+        if v is not None and v.strip() in ("", ".", ".."):
+            what = "the run directory's name (runs/NAME)" if info.field_name == "name" else "a folder for the run"
+            raise ValueError(f"expected {what}, got {v!r}")
+        return v
 
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")

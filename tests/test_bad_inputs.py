@@ -190,3 +190,159 @@ def test_a_one_sample_utterance_for_ctc_is_named_before_training(tmp_path, capsy
     assert "dataset: split 'train': utterance train-000001 is 1 samples long; wav2vec2 needs at least 400 (25 ms)" in err
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "transcripts_dense.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------ sweeps and run directories
+
+METHODS = {"parp": {"pruning.schedule": {"name": "parp", "options": {"interval": 1}}},
+           "fixed": {"pruning.schedule": {"name": "fixed"}},
+           "half": {"pruning.schedule": {"name": "fixed"}, "pruning.sparsity": 0.5}}
+
+
+def _sweep_recipe(grids, **changes):
+    recipe = tiny_recipe(**{"training.max_steps": 2, **changes})
+    recipe["sweep"] = {"variants": {"method": METHODS}, "grids": grids}
+    return recipe
+
+
+def test_sweep_axes_that_set_the_same_key_are_refused_naming_both(tmp_path, capsys):
+    from parpkit.sweep import SweepSection, points
+
+    with pytest.raises(RecipeError, match=r"sweep\.grids\[0\]: method \(variant half\) and pruning\.sparsity both set "
+                                          r"pruning\.sparsity; which one wins would depend on the order of the axes"):
+        points(SweepSection.model_validate({"variants": {"method": METHODS},
+                                            "grids": [{"method": ["parp", "half"], "pruning.sparsity": [0.3, 0.6]}]}))
+    with pytest.raises(RecipeError, match=r"pruning\.schedule\.options\.interval and method \(variant fixed\) set "
+                                          r"pruning\.schedule\.options\.interval and pruning\.schedule, one inside the other"):
+        points(SweepSection.model_validate({"variants": {"method": METHODS},
+                                            "grids": [{"pruning.schedule.options.interval": [2], "method": ["fixed"]}]}))
+    path = write_recipe(tmp_path / "s.yaml", _sweep_recipe([{"method": ["half"], "pruning.sparsity": [0.3]}]))
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    assert "both set pruning.sparsity" in _err(capsys)
+
+
+def test_print_commands_run_what_the_sweep_runs_for_quoted_values(tmp_path):
+    from parpkit.recipe import parse_override
+    from parpkit.sweep import Point, run_command
+
+    values = {"name": "1e-3", "vars.a": "yes", "vars.b": ".5", "vars.c": [1, "2e5"], "vars.d": "", "vars.e": {"x": "3e2"},
+              "output_dir": "runs/a: b", "vars.f": 1e-3}
+    line = run_command(Path("r.yaml"), Point("p", (), values), Path("out/p"), Path("out/shared"), [])
+    import shlex
+
+    args = shlex.split(line)
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"][1:]  # after sweep=null
+    assert {".".join(k): v for k, v in map(parse_override, sets)} == values
+
+
+def test_an_unexpected_error_in_one_point_does_not_stop_the_sweep_and_a_busy_point_is_skipped(tmp_path, capsys, monkeypatch):
+    import parpkit.api
+    from parpkit.errors import RunDirBusy
+
+    ran = []
+
+    def fake_run(mapping, output_dir, **kw):
+        ran.append(Path(output_dir).name)
+        if mapping["pruning"]["sparsity"] == 0.2:
+            raise KeyError("a bug")
+        if mapping["pruning"]["sparsity"] == 0.4:
+            raise RunDirBusy(f"{output_dir} is in use by pid 1 on elsewhere")
+        return None
+
+    monkeypatch.setattr(parpkit.api, "run", fake_run)
+    path = write_recipe(tmp_path / "s.yaml", _sweep_recipe([{"pruning.sparsity": [0.2, 0.4, 0.6]}]))
+    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "grid"), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    err, out = " ".join(captured.err.split()), " ".join(captured.out.split())
+    assert ran == ["sparsity-0.2", "sparsity-0.4", "sparsity-0.6"]  # the points after the bug still ran
+    assert "point sparsity-0.2 failed unexpectedly: KeyError: 'a bug'" in err
+    assert "point sparsity-0.4 skipped:" in err and "in use by pid 1" in err
+    assert "sweep: 1 of 3 points finished" in out and "1 running in another process (sparsity-0.4)" in out
+    assert "1 sweep point(s) failed: sparsity-0.2;" in err  # the busy point is not a failure
+
+
+@requires_offline
+def test_only_a_point_whose_axis_sets_the_name_still_runs_inside_the_sweep_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tmp_path / "s.yaml", _sweep_recipe([{"name": ["a", "b"]}]))
+    assert main(["sweep", str(path), "--only", "name-b", "--print-commands"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "--output-dir runs/tiny/name-b" in line and "--shared runs/tiny/shared" in line  # not runs/b/name-b
+
+
+@requires_offline
+def test_empty_output_dirs_and_names_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
+    assert main(["run", str(path), "--output-dir", "", "--quiet"]) == 2
+    assert "--output-dir is empty" in _err(capsys)
+    assert main(["run", str(path), "--set", "name=", "--quiet"]) == 2
+    assert "name: expected the run directory's name (runs/NAME), got ''" in _err(capsys)
+    assert main(["run", str(path), "--set", "output_dir= ", "--quiet"]) == 2
+    assert "output_dir: expected a folder for the run" in _err(capsys)
+    sweep = write_recipe(tmp_path / "s.yaml", _sweep_recipe([{"pruning.sparsity": [0.3]}]))
+    assert main(["sweep", str(sweep), "--output-dir", "", "--quiet"]) == 2
+    assert "--output-dir is empty" in _err(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "s.yaml"]  # nothing written here, no runs/
+
+
+@requires_offline
+def test_a_users_own_recipe_yaml_is_not_overwritten_by_a_run_into_its_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mine = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(**{"vars": {"s": 0.5}, "pruning.sparsity": "${s}"}))
+    before = mine.read_text()
+    assert main(["run", "recipe.yaml", "--output-dir", ".", "--quiet"]) == 2
+    assert "recipe.yaml was not written by a parpkit run" in _err(capsys)
+    assert mine.read_text() == before and not (tmp_path / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def distilled_run(tmp_path_factory):
+    """One tiny run with distillation.weight 0 that is also scored on its training split."""
+    import parpkit.engine.lifecycle as lifecycle
+
+    tmp = tmp_path_factory.mktemp("distilled")
+    path = write_recipe(tmp / "r.yaml", tiny_recipe(**{"training.max_steps": 2, "distillation": {"weight": 0.0},
+                                                       "dataset.eval_split": ["test", "train"]}))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lifecycle, "make_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    try:
+        import io
+        import contextlib
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["run", str(path), "--output-dir", str(tmp / "out"), "--quiet"])
+    finally:
+        mp.undo()
+    return path, tmp / "out", code, " ".join(err.getvalue().split())
+
+
+@requires_offline
+def test_distillation_with_weight_0_loads_no_teacher_and_training_on_the_scored_split_warns(distilled_run, capsys):
+    path, out, code, err = distilled_run
+    assert code == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").open()]
+    teacher = [{k: v for k, v in e.items() if k != "time_s"} for e in log if e["event"] == "teacher"]
+    assert teacher == [{"event": "teacher", "skipped": "distillation.weight and hidden_weight are 0"}]
+    assert "the teacher teaches nothing: it is not loaded" in err
+    warnings = [e for e in log if e["event"] == "warning"]
+    assert len(warnings) == 1 and "the training split 'train' is also scored by dataset.eval_split ('train')" in warnings[0]["message"]
+    assert err.count("warning: the training split 'train' is also scored") == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distillation"]["teacher_loaded"] is False
+
+
+@requires_offline
+def test_a_finished_run_on_a_read_only_mount_is_reported_complete(distilled_run, capsys, monkeypatch):
+    from parpkit.engine.rundir import RunDir
+
+    path, out, code, _ = distilled_run
+    assert code == 0
+    monkeypatch.setattr(RunDir, "acquire", lambda self: (_ for _ in ()).throw(
+        PermissionError(13, "Read-only file system", str(self.path / ".lock"))))
+    stamp = (out / "metrics.json").stat().st_mtime_ns
+    assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "this run is complete" in " ".join(captured.err.split())
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp

@@ -108,13 +108,19 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
     preflight(resolved)  # before the directory exists: a recipe that fails its checks leaves nothing behind
     probe = training_arguments(recipe, Path(output_dir or recipe.run_dir()), 1)  # sets up the process group (torchrun)
     rundir = RunDir(Path(output_dir or recipe.run_dir()), yaml.safe_dump(mapping, sort_keys=False), main=probe.process_index == 0)
+
+    def complete(done: dict) -> dict:
+        progress.console.print(f"{rundir.path}: this run is complete (pass --fresh to run it again)", soft_wrap=True,
+                               markup=False)
+        return done if rundir.main else {}
+
+    if not fresh and (done := rundir.complete_run()) is not None:  # before the lock: a read-only mount is fine
+        return complete(done)
     rundir.acquire()
     try:
         rundir.claim(fresh)
         if not fresh and (done := rundir.finished_metrics()) is not None:
-            progress.console.print(f"{rundir.path}: this run is complete (pass --fresh to run it again)", soft_wrap=True,
-                                   markup=False)
-            return done if rundir.main else {}
+            return complete(done)
         rundir.write_recipe()
         s = Session(resolved, progress, rundir, probe.device, rundir.main, probe.world_size,
                     started=rundir.log.start)  # the wall time and the log's time_s count from the same moment
@@ -202,6 +208,9 @@ def prepare(s: Session) -> None:
     """Data, the pretrained model, the pool and the pruner."""
     r, ds, backbone = s.recipe, s.resolved.dataset, s.resolved.backbone
     torch.manual_seed(r.seed)
+    if (warning := training_split_scored(r)) is not None:
+        s.log.write("warning", message=warning)
+        s.progress.console.print(f"warning: {warning}", soft_wrap=True, markup=False)
     s.train = ds.load_split(r.dataset.train_split, s.progress)
     s.evals = {split: ds.load_split(split, s.progress) for split in r.dataset.eval_splits}
     for split, utts in s.evals.items():
@@ -220,7 +229,13 @@ def prepare(s: Session) -> None:
     labelled = [u for u in s.train if u.text is not None]
     backbone.prepare(labelled, ds.unit)
     s.model = backbone.load()
-    if r.distillation is not None:  # before the first prune: the teacher is the dense pretrained model
+    d = r.distillation
+    if d is not None and d.weight == 0 and d.hidden_weight == 0 and len(labelled) == len(s.train):
+        # nothing to learn from the teacher and nothing for it to transcribe: it is not loaded, nor run
+        s.log.write("teacher", skipped="distillation.weight and hidden_weight are 0")
+        s.progress.console.print("distillation: weight and hidden_weight are 0, so the teacher teaches nothing: "
+                                  "it is not loaded (this is fine-tuning without distillation)", soft_wrap=True, markup=False)
+    elif d is not None:  # before the first prune: the teacher is the dense pretrained model
         s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, r.training.precision,
                                    s.resolved.file)
         s.log.write("teacher", source=r.distillation.teacher or "pretrained", memory_mb=round(s.distiller.memory_mb, 1),
@@ -250,6 +265,19 @@ def prepare(s: Session) -> None:
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
                 pool_parameters=s.pruner.size, batch=batch_sizes(s))
+
+
+def training_split_scored(r) -> str | None:
+    """A warning when the split the model trains on is also the one it is scored on (the scores then
+    measure memorisation, not recognition); None otherwise."""
+    train = r.dataset.train_split
+    where = [f"dataset.eval_split ({train!r})"] if train in r.dataset.eval_splits else []
+    if r.evaluation.every_steps and (r.evaluation.validation_split or r.dataset.eval_splits[0]) == train:
+        where.append(f"the learning curve (evaluation.validation_split, {train!r})")
+    if not where:
+        return None
+    return (f"the training split {train!r} is also scored by {' and '.join(where)}: those scores measure how well "
+            "the model memorised its training data, not how well it recognises unseen speech")
 
 
 def check_lengths(s: Session) -> None:
@@ -446,7 +474,8 @@ def phase_key(s: Session, index: int) -> dict | None:
             "training": {k: v for k, v in dump(r.training).items() if k not in _BOOKKEEPING},
             "pool": {"include": r.pruning.include, "exclude": r.pruning.exclude, "scope": r.pruning.scope,
                      "criterion": dump(r.pruning.criterion)},
-            "evaluation": dump(r.evaluation), "world_size": s.world_size}
+            "evaluation": dump(r.evaluation), "world_size": s.world_size,
+            **({} if r.distillation is None else {"distillation": dump(r.distillation)})}
 
 
 def store_shared_phase(s: Session, index: int, folder: Path) -> None:
@@ -607,7 +636,8 @@ def write(s: Session) -> dict[str, Any]:
         "curve": s.extra["curve"],
         "best": None if s.extra["best"] is None else {"step": s.extra["best"]["step"], **s.extra["best"]["rates"]},
         "shared_phases": s.extra.get("shared_phases", []),
-        "distillation": None if s.distiller is None else {
+        "distillation": None if r.distillation is None else {**r.distillation.model_dump(mode="json"), "teacher_loaded": False}
+        if s.distiller is None else {
             **r.distillation.model_dump(mode="json"), "teacher_memory_mb": round(s.distiller.memory_mb, 1),
             "teacher_seconds": round(s.distiller.seconds, 4), "pseudo_labelled": s.pseudo_labelled},
         "wall_time_s": s.elapsed(),
