@@ -230,7 +230,7 @@ def cmd_report(args) -> int:
     fmt = lambda v: "" if v != v else f"{v:.3f}"  # noqa: E731  (NaN: not measured)
     for g in groups:
         scores = [g["scores"].get(s, (math.nan, math.nan)) for s in splits]  # runs scored on other splits
-        table.add_row(g["method"], f"{g['sparsity']:g}", str(g["seeds"]),
+        table.add_row(escape(g["method"]), f"{g['sparsity']:g}", str(g["seeds"]),
                       *[fmt(m) + (f" ± {d:.3f}" if g["seeds"] > 1 and d == d else "") for m, d in scores],
                       f"{g['pool_sparsity']:.4f}", fmt(g["mask_iou_initial"][0]), str(g["steps"]))
     console.print(table)
@@ -254,9 +254,9 @@ def cmd_compare_masks(args) -> int:
     table = Table(title="intersection over union of the kept weights")
     table.add_column("run")
     for label in result["labels"]:
-        table.add_column(label, justify="right")
+        table.add_column(escape(label), justify="right")
     for label, row in zip(result["labels"], result["overall"], strict=True):
-        table.add_row(label, *[f"{v:.4f}" for v in row])
+        table.add_row(escape(label), *[f"{v:.4f}" for v in row])
     console.print(table)
     if args.output:
         for path in write_overlap(result, Path(args.output)):

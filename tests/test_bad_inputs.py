@@ -346,3 +346,51 @@ def test_a_finished_run_on_a_read_only_mount_is_reported_complete(distilled_run,
     captured = capsys.readouterr()
     assert "this run is complete" in " ".join(captured.err.split())
     assert (out / "metrics.json").stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------------ report
+
+def _metrics_run(folder: Path, *, backbone="whisper", dataset="synthetic_speech", sparsity=0.5, wer=0.3, dense=0.2, test=40,
+                 **changes) -> Path:
+    """A run directory with a hand-written metrics.json (no compute)."""
+    folder.mkdir(parents=True)
+    final = {"wer": wer, "cer": wer / 2, "pool_sparsity": 0.5, "model_sparsity": 0.01, "splits": {"test": {"wer": wer, "cer": wer / 2}}}
+    m = {"recipe": folder.name, "plugins": {"backbone": backbone, "dataset": dataset, "criterion": "magnitude", "schedule": "parp"},
+         "target_sparsity": sparsity, "scope": "global", "eval_split": "test", "eval_utterances": test, "eval_splits": {"test": test},
+         "stages": {"dense": {"wer": dense, "cer": dense / 2, "pool_sparsity": 0.0, "model_sparsity": 0.0,
+                              "splits": {"test": {"wer": dense, "cer": dense / 2}}}, "final": final},
+         "mask_iou_initial": 0.9, "steps": 6, "wall_time_s": {"total": 1.0}, "curve": [], **changes}
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return folder
+
+
+@pytest.mark.parametrize("value", [None, "0.5", True])
+def test_report_skips_and_names_a_metrics_json_whose_target_sparsity_is_not_a_number(tmp_path, capsys, value):
+    _metrics_run(tmp_path / "runs" / "good")
+    bad = _metrics_run(tmp_path / "runs" / "bad", target_sparsity=value)
+    assert main(["report", str(tmp_path / "runs")]) == 0
+    err = _err(capsys)
+    assert f"skipped {bad / 'metrics.json'}: unreadable (ValueError: target_sparsity is {value!r}" in err
+    assert "Traceback" not in err
+
+
+def test_report_refuses_runs_of_different_backbones_or_datasets_in_one_table(tmp_path, capsys):
+    _metrics_run(tmp_path / "runs" / "a")
+    _metrics_run(tmp_path / "runs" / "b", backbone="wav2vec2", dense=0.9)
+    assert main(["report", str(tmp_path / "runs")]) == 2
+    err = _err(capsys)
+    assert "these runs differ in backbone or dataset and do not belong in one table" in err
+    assert "whisper on synthetic_speech: 1 run(s)" in err and "wav2vec2 on synthetic_speech: 1 run(s)" in err
+    _metrics_run(tmp_path / "other" / "c")
+    d = _metrics_run(tmp_path / "other" / "d", test=120)  # the same plugins, another corpus
+    assert main(["report", str(tmp_path / "other")]) == 2
+    assert f"scored on different corpora (split 'test' holds 40 in {tmp_path / 'other' / 'c'}; 120 in {d} utterances)" in _err(capsys)
+
+
+def test_report_console_table_keeps_bracketed_labels(tmp_path, capsys):
+    # two runs of one method, sparsity and seed are told apart by their folders: "parp [base]", "parp [r26]"
+    _metrics_run(tmp_path / "runs" / "base")
+    _metrics_run(tmp_path / "runs" / "r26", wer=0.4)
+    assert main(["report", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "parp [base]" in out and "parp [r26]" in out
