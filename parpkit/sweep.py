@@ -193,6 +193,10 @@ def run_command(recipe: Path, point: Point, run_dir: Path, shared: Path, overrid
 
 def write_index(directory: Path, recipe: Path, plist: list[Point]) -> None:
     """``sweep.json``: the points, their axes and directories (what ``parpkit report`` labels them by)."""
-    directory.mkdir(parents=True, exist_ok=True)
     rows = [{"name": p.name, "axes": {a: v for a, v in p.axes}, "overrides": p.overrides} for p in plist]
-    (directory / "sweep.json").write_text(json.dumps({"recipe": str(recipe), "points": rows}, indent=1, default=str))
+    text = json.dumps({"recipe": str(recipe), "points": rows}, indent=1, default=str)
+    index = directory / "sweep.json"
+    if index.is_file() and index.read_text() == text:
+        return  # unchanged: a finished sweep on a read-only mount reruns (and reports its points complete)
+    directory.mkdir(parents=True, exist_ok=True)
+    index.write_text(text)

@@ -72,6 +72,11 @@ def test_a_whisper_directory_given_to_wav2vec2_and_empty_model_directories(tmp_p
              r"backbone\.options: wav2vec2: .*empty: the model directory is empty", run=False)
     _refused(tmp_path, capsys, tiny_recipe(**{"backbone.options": {"model": str(tmp_path / "empty")}}),
              r"backbone\.options: whisper: .*empty: the model directory is empty", run=False)
+    from transformers import Wav2Vec2Config
+
+    Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "ctc")
+    _refused(tmp_path, capsys, tiny_recipe(**{"backbone.options": {"model": str(tmp_path / "ctc")}}),
+             r"backbone\.options: whisper: '.*ctc' holds a wav2vec2 model, not a whisper one", run=False)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("x")
     _refused(tmp_path, capsys, tiny_recipe(**{"backbone.options": {"model": str(tmp_path / "junk")}}),
