@@ -399,3 +399,12 @@ def test_report_console_table_keeps_bracketed_labels(tmp_path, capsys):
     assert main(["report", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "parp [base]" in out and "parp [r26]" in out
+
+
+def test_an_unchanged_sweep_index_is_not_rewritten(tmp_path, monkeypatch):
+    from parpkit.sweep import Point, write_index
+
+    plist = [Point("a", (("seed", 1),), {"seed": 1})]
+    write_index(tmp_path / "grid", Path("s.yaml"), plist)
+    monkeypatch.setattr(Path, "write_text", lambda *a, **k: pytest.fail("rewrote an unchanged sweep.json (read-only mounts)"))
+    write_index(tmp_path / "grid", Path("s.yaml"), plist)
