@@ -120,11 +120,10 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     from parpkit.api import run
-    from parpkit.errors import RecipeError
+    from parpkit.errors import RecipeError, RunDirBusy
     from parpkit.recipe import read_recipe_file
     from parpkit.registry import Plugins
     from parpkit.resolve import resolve
-    from parpkit.errors import RunDirBusy
     from parpkit.sweep import Point, point_recipe, points, run_command, sweep_of, write_index
 
     recipe = Path(args.recipe)
@@ -167,7 +166,7 @@ def cmd_sweep(args) -> int:
         table.add_column(col)
     for p in plist:
         state = "finished" if (out / p.name / "metrics.json").exists() else ("started" if (out / p.name).exists() else "")
-        table.add_row(p.name, ", ".join(f"{k}={v}" for k, v in p.overrides.items()), state)
+        table.add_row(escape(p.name), escape(", ".join(f"{k}={v}" for k, v in p.overrides.items())), state)
     console.print(table)
     if args.dry_run:
         return 0
@@ -187,7 +186,8 @@ def cmd_sweep(args) -> int:
         except Exception as exc:  # noqa: BLE001  (a bug in one point: the others still run; its traceback is shown)
             import traceback
 
-            err_console.print(escape(traceback.format_exc()), highlight=False, soft_wrap=True)
+            if not isinstance(exc, OSError):  # a full disk or a read-only folder: the one line says it
+                err_console.print(escape(traceback.format_exc()), highlight=False, soft_wrap=True)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             err_console.print(f"[bold red]point {p.name} failed unexpectedly:[/] {escape(type(exc).__name__)}: {escape(first)}",
                               highlight=False, soft_wrap=True)
