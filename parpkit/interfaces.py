@@ -41,9 +41,9 @@ def _numeric(annotation: Any) -> bool:
 
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors, not silence; a boolean is not a number."""
+    """Unknown keys are errors, not silence; a boolean is not a number; nor is ``.inf`` or ``.nan``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -13,17 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from parpkit.errors import RecipeError
 from parpkit.interfaces import StrictModel
 
 
-class _Strict(StrictModel):
-    """A recipe section: besides StrictModel's rules, no infinite or NaN numbers (``.inf`` and ``.nan`` are YAML
-    floats; a learning rate of ``.inf`` would train to NaN)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+#: a recipe section: StrictModel's rules (no unknown keys, no booleans or ``.inf``/``.nan`` as numbers: a
+#: learning rate of ``.inf`` would train to NaN)
+_Strict = StrictModel
 
 
 #: ``training.max_steps`` above this is a typo (an extra digit or two), not a run: refused before compute

@@ -408,3 +408,12 @@ def test_an_unchanged_sweep_index_is_not_rewritten(tmp_path, monkeypatch):
     write_index(tmp_path / "grid", Path("s.yaml"), plist)
     monkeypatch.setattr(Path, "write_text", lambda *a, **k: pytest.fail("rewrote an unchanged sweep.json (read-only mounts)"))
     write_index(tmp_path / "grid", Path("s.yaml"), plist)
+
+
+def test_plugin_options_refuse_inf_and_nan_too(tmp_path):
+    from parpkit.registry import Plugins
+    from parpkit.resolve import resolve
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"dataset.options.ood_max_seconds": float("inf")}))
+    with pytest.raises(RecipeError, match=r"dataset\.options\.ood_max_seconds: Input should be a finite number"):
+        resolve(load_recipe(path)[0], Plugins(), str(path))
