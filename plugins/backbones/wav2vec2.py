@@ -138,6 +138,9 @@ class CTCBackbone(Backbone):
         from transformers import AutoModelForCTC
 
         config = self._config(32, 0)
+        width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+        if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width > 0 and width % heads:
+            raise ParpkitError(f"{self.name}: config: hidden_size {width} is not divisible by num_attention_heads {heads}")
         with torch.device("meta"):
             model = AutoModelForCTC.from_config(config)
         self.conv_kernel, self.conv_stride = list(config.conv_kernel), list(config.conv_stride)
