@@ -63,6 +63,10 @@ def run(recipe: str | Path | Mapping[str, Any], *, overrides: Overrides = (), ou
     from parpkit.registry import Plugins
     from parpkit.resolve import resolve
 
+    if output_dir is not None and not str(output_dir).strip():
+        from parpkit.errors import ParpkitError
+
+        raise ParpkitError("--output-dir is empty (that would be the current folder); give the run's own folder")
     if isinstance(recipe, Mapping):
         data, file = recipe, file or "<recipe>"
     else:

@@ -120,11 +120,11 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     from parpkit.api import run
-    from parpkit.errors import RecipeError
+    from parpkit.errors import RecipeError, RunDirBusy
     from parpkit.recipe import read_recipe_file
     from parpkit.registry import Plugins
     from parpkit.resolve import resolve
-    from parpkit.sweep import point_recipe, points, run_command, sweep_of, write_index
+    from parpkit.sweep import Point, point_recipe, points, run_command, sweep_of, write_index
 
     recipe = Path(args.recipe)
     data = read_recipe_file(recipe)
@@ -147,7 +147,12 @@ def cmd_sweep(args) -> int:
         if unknown:
             raise RecipeError(f"no sweep point {', '.join(unknown)}; points: {', '.join(p.name for p in plist)}", file=str(recipe))
         plist = [p for p in plist if p.name in args.only]
-    out = Path(args.output_dir) if args.output_dir else recipes[plist[0].name][0].run_dir()
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise ParpkitError("--output-dir is empty; give the sweep's directory (default: the recipe's output_dir or runs/NAME)")
+    # the base recipe's directory (with --set, without any point's overrides): a point whose axes set name or
+    # output_dir, picked with --only, still runs inside the sweep's directory
+    base, _ = point_recipe(data, Point("base", (), {}), args.set or [], str(recipe))
+    out = Path(args.output_dir) if args.output_dir else base.run_dir()
     plugins = Plugins()
     checked = [(p, *recipes[p.name]) for p in plist]
     for p, model, _ in checked:  # every point resolves before any runs
@@ -161,22 +166,36 @@ def cmd_sweep(args) -> int:
         table.add_column(col)
     for p in plist:
         state = "finished" if (out / p.name / "metrics.json").exists() else ("started" if (out / p.name).exists() else "")
-        table.add_row(p.name, ", ".join(f"{k}={v}" for k, v in p.overrides.items()), state)
+        table.add_row(escape(p.name), escape(", ".join(f"{k}={v}" for k, v in p.overrides.items())), state)
     console.print(table)
     if args.dry_run:
         return 0
     write_index(out, recipe, every)
-    failed = []
+    failed, busy = [], []
     for i, (p, _, mapping) in enumerate(checked, 1):
         err_console.print(f"[bold]sweep point {i}/{len(checked)}: {p.name}[/]", highlight=False)
         try:
             run(mapping, output_dir=out / p.name, progress=Progress(enabled=not args.quiet, console=err_console),
                 shared=out / "shared", file=where(p))
+        except RunDirBusy as exc:  # another sweep process runs this point: not a failure of it
+            err_console.print(f"[yellow]point {p.name} skipped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            busy.append(p.name)
         except ParpkitError as exc:
             err_console.print(f"[bold red]point {p.name} failed:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             failed.append(p.name)
-    console.print(f"sweep: {len(checked) - len(failed)} of {len(checked)} points finished in {out}; "
-                  f"`parpkit report {out}` tabulates and plots them")
+        except Exception as exc:  # noqa: BLE001  (a bug in one point: the others still run; its traceback is shown)
+            import traceback
+
+            if not isinstance(exc, OSError):  # a full disk or a read-only folder: the one line says it
+                err_console.print(escape(traceback.format_exc()), highlight=False, soft_wrap=True)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            err_console.print(f"[bold red]point {p.name} failed unexpectedly:[/] {escape(type(exc).__name__)}: {escape(first)}",
+                              highlight=False, soft_wrap=True)
+            failed.append(p.name)
+    done = len(checked) - len(failed) - len(busy)
+    running = f", {len(busy)} running in another process ({', '.join(busy)})" if busy else ""
+    console.print(f"sweep: {done} of {len(checked)} points finished in {out}{running}; "
+                  f"`parpkit report {out}` tabulates and plots them", markup=False)
     if failed:
         raise ParpkitError(f"{len(failed)} sweep point(s) failed: {', '.join(failed)}; rerun the sweep to retry them")
     return 0
@@ -211,7 +230,7 @@ def cmd_report(args) -> int:
     fmt = lambda v: "" if v != v else f"{v:.3f}"  # noqa: E731  (NaN: not measured)
     for g in groups:
         scores = [g["scores"].get(s, (math.nan, math.nan)) for s in splits]  # runs scored on other splits
-        table.add_row(g["method"], f"{g['sparsity']:g}", str(g["seeds"]),
+        table.add_row(escape(g["method"]), f"{g['sparsity']:g}", str(g["seeds"]),
                       *[fmt(m) + (f" ± {d:.3f}" if g["seeds"] > 1 and d == d else "") for m, d in scores],
                       f"{g['pool_sparsity']:.4f}", fmt(g["mask_iou_initial"][0]), str(g["steps"]))
     console.print(table)
@@ -249,9 +268,9 @@ def cmd_compare_masks(args) -> int:
     table = Table(title="intersection over union of the kept weights")
     table.add_column("run")
     for label in result["labels"]:
-        table.add_column(label, justify="right")
+        table.add_column(escape(label), justify="right")
     for label, row in zip(result["labels"], result["overall"], strict=True):
-        table.add_row(label, *[f"{v:.4f}" for v in row])
+        table.add_row(escape(label), *[f"{v:.4f}" for v in row])
     console.print(table)
     if args.output:
         for path in write_overlap(result, Path(args.output)):

@@ -22,3 +22,7 @@ class PluginError(ParpkitError):
 
 class ModelFormatError(ParpkitError):
     """A model file or directory is missing, truncated or not what it claims to be."""
+
+
+class RunDirBusy(ParpkitError):
+    """Another process holds the run directory's lock (a sweep skips such a point: someone else runs it)."""

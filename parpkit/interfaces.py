@@ -41,9 +41,9 @@ def _numeric(annotation: Any) -> bool:
 
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors, not silence; a boolean is not a number."""
+    """Unknown keys are errors, not silence; a boolean is not a number; nor is ``.inf`` or ``.nan``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -130,6 +130,11 @@ class Backbone(_Plugin, ABC):
     def __init__(self, options: PluginOptions | None = None, *, cache_dir: Path, **kw: Any):
         super().__init__(options, **kw)
         self.cache_dir = Path(cache_dir)
+
+    def min_samples(self) -> int:
+        """The shortest audio (in samples) the model takes: the engine refuses shorter utterances, naming
+        them, before anything trains (a CTC feature encoder needs one frame's receptive field)."""
+        return 1
 
     def prepare(self, train: Sequence[Utterance], unit: str) -> None:
         """Sees the training transcripts before ``load`` (e.g. to build a CTC vocabulary)."""

@@ -19,7 +19,13 @@ from parpkit.errors import RecipeError
 from parpkit.interfaces import StrictModel
 
 
+#: a recipe section: StrictModel's rules (no unknown keys, no booleans or ``.inf``/``.nan`` as numbers: a
+#: learning rate of ``.inf`` would train to NaN)
 _Strict = StrictModel
+
+
+#: ``training.max_steps`` above this is a typo (an extra digit or two), not a run: refused before compute
+MAX_STEPS = 10_000_000
 
 #: the expanded recipe (YAML aliases followed) may hold at most this many values: a few hundred bytes of
 #: nested aliases ("billion laughs") must fail at once, not after minutes and gigabytes
@@ -27,17 +33,46 @@ MAX_VALUES = 100_000
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """Safe YAML, reading 1e-3 and 5e-1 as numbers (YAML 1.1 wants 1.0e-3; people write 1e-3)."""
+    """Safe YAML, reading 1e-3 and 5e-1 as numbers (YAML 1.1 wants 1.0e-3; people write 1e-3), and refusing a
+    key given twice in one mapping (YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # << merges: explicit keys override them by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line)
+                except TypeError:  # an unhashable key: the base constructor names it
+                    continue
+                if first != key_node.start_mark.line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice in one mapping (first on line {first + 1}); "
+                        "YAML would keep only the last", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+class RecipeDumper(yaml.SafeDumper):
+    """Writes values as RecipeLoader reads them back: a string such as ``'1e-3'`` stays quoted (SafeDumper
+    would write it bare, and the loader would read a number)."""
+
+
+for _cls in (RecipeLoader, RecipeDumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                       |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                       |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                       |[-+]?\.(?:inf|Inf|INF)
+                       |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+
+
+def dump_value(value: Any) -> str:
+    """One value as one line of YAML that ``parse_override`` reads back equal (``--set key=VALUE``)."""
+    return yaml.dump(value, Dumper=RecipeDumper, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
 def parse_yaml(text: str) -> Any:
@@ -152,6 +187,20 @@ class TrainingSection(_Strict):
     #: the Trainer's reporting integrations: "none", "tensorboard", "wandb", "mlflow", "all" or a list
     report_to: str | list[str] = "none"
 
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_bounded(cls, v: int) -> int:
+        if v > MAX_STEPS:
+            raise ValueError(f"{v:,} optimizer steps is beyond parpkit's cap of {MAX_STEPS:,} (a typo?); a fine-tuning "
+                             "run is thousands to hundreds of thousands of steps")
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_integrations(cls, v: str | list[str]) -> str | list[str]:
+        check_report_to(v)
+        return v
+
     @model_validator(mode="after")
     def _schedule_builds(self):
         from parpkit.lr import check_scheduler
@@ -162,6 +211,25 @@ class TrainingSection(_Strict):
                              "of lr_scheduler_kwargs.phase_ratio (it would be ignored); set warmup_steps: 0 and give "
                              "the warm-up share in phase_ratio")
         return self
+
+
+def check_report_to(report_to: str | list[str]) -> None:
+    """Every name is one of transformers' reporting integrations, installed: the Trainer would refuse it
+    only when the first phase starts, after the dense and after-prune evaluations."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    if not names or set(names) <= {"none", "all"}:
+        return
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    for name in names:
+        if name in ("none", "all"):
+            raise ValueError(f"{name!r} stands alone; give it as the only value, not in a list with {names!r}")
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ValueError(f"unknown reporting integration {name!r}; transformers knows none, all, "
+                             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        if name not in get_available_reporting_integrations():
+            raise ValueError(f"the reporting integration {name!r} is not installed (pip install {name.replace('_', '-')}) "
+                             "or use report_to: none")
 
 
 class EvaluationSection(_Strict):
@@ -205,7 +273,8 @@ class DistillationSection(_Strict):
 
 class Recipe(_Strict):
     name: str
-    seed: int = 0
+    #: torch, python and numpy seeds take at most 32 bits
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     #: run directory; default ``runs/<name>``
     output_dir: str | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
@@ -218,6 +287,15 @@ class Recipe(_Strict):
     distillation: DistillationSection | None = None
     #: a grid of variations of this recipe for `parpkit sweep` (see parpkit.sweep); `parpkit run` ignores it
     sweep: dict[str, Any] | None = None
+
+    @field_validator("name", "output_dir")
+    @classmethod
+    def _a_folder_of_its_own(cls, v: str | None, info) -> str | None:
+        """An empty name would run into ``runs/`` itself, an empty output_dir into the current folder."""
+        if v is not None and v.strip() in ("", ".", ".."):
+            what = "the run directory's name (runs/NAME)" if info.field_name == "name" else "a folder for the run"
+            raise ValueError(f"expected {what}, got {v!r}")
+        return v
 
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
@@ -269,6 +347,35 @@ def _substitute(node: Any, variables: dict[str, Any], file: str, key: str) -> An
     if whole:  # a lone reference keeps the variable's type
         return variables[whole.group(1)]
     return _VAR.sub(lambda m: str(variables[m.group(1)]), node)
+
+
+def resolve_variables(variables: dict[str, Any], file: str) -> dict[str, Any]:
+    """``vars`` whose values refer to other vars (``${other}``), resolved in any order; a cycle is an error."""
+    done: dict[str, Any] = {}
+
+    def value(name: str, chain: tuple[str, ...]) -> Any:
+        if name in done:
+            return done[name]
+        if name in chain:
+            raise RecipeError(f"variables refer to each other in a cycle: {' -> '.join(f'${{{n}}}' for n in (*chain, name))}",
+                              file=file, key=f"vars.{chain[0]}")
+        raw = variables[name]
+        refs = _refs(raw)
+        inner = {ref: value(ref, (*chain, name)) for ref in refs if ref in variables}
+        done[name] = _substitute(raw, {**variables, **inner}, file, f"vars.{name}")
+        return done[name]
+
+    for name in variables:
+        value(name, ())
+    return done
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return _VAR.findall(node) if isinstance(node, str) else []
 
 
 def format_validation_error(exc: ValidationError, file: str, prefix: str = "") -> RecipeError:
@@ -335,7 +442,8 @@ def recipe_from_mapping(data: Mapping[str, Any], overrides: Overrides = (), file
     variables = data.get("vars") or {}
     if not isinstance(variables, dict):
         raise RecipeError("expected a mapping of variable names to values", file=file, key="vars")
-    data = {k: (v if k == "vars" else _substitute(v, variables, file, k)) for k, v in data.items()}
+    variables = resolve_variables(variables, file)
+    data = {k: (variables if k == "vars" else _substitute(v, variables, file, k)) for k, v in data.items()}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -132,13 +132,16 @@ def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
                    "mask_iou_initial": m.get("mask_iou_initial"), "steps": m["steps"], "wall_time_s": m["wall_time_s"]["total"],
                    "splits": {k: v for k, v in (final.get("splits") or {m["eval_split"]: final}).items()},
                    "dense_splits": dense.get("splits") or ({m["eval_split"]: dense} if dense else {}),
-                   "curve": m.get("curve") or []}
-        except (ValueError, KeyError, TypeError, OSError) as exc:
+                   "curve": m.get("curve") or [],
+                   "eval_sizes": {k: n for k, n in (m.get("eval_splits") or {}).items() if _number(n)}}
+            _check_row(row)
+        except (ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
             skipped.append(f"{run_dir / 'metrics.json'}: unreadable ({type(exc).__name__}: {exc})")
             continue
         rows.append(row)
     if not rows:
         raise ParpkitError("no readable runs: " + "; ".join(skipped))
+    _one_setting(rows)
     seeds: defaultdict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         seeds[(r["method"], r["target_sparsity"], r["seed"])].append(r)
@@ -148,6 +151,53 @@ def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
                 r["method"] = f"{r['method']} [{label}]"
     rows.sort(key=lambda r: (r["backbone"], r["dataset"], r["method"], r["target_sparsity"], r["seed"] or 0))
     return rows, skipped
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_row(row: dict) -> None:
+    """The values the tables and plots compute with are numbers (a damaged or hand-edited metrics.json
+    with ``target_sparsity: null`` or ``"0.5"`` is skipped and named, not a crash)."""
+    if not _number(row["target_sparsity"]) or not 0 <= row["target_sparsity"] < 1:
+        raise ValueError(f"target_sparsity is {row['target_sparsity']!r}, expected a number in [0, 1)")
+    for key in ("pool_sparsity", "model_sparsity", "wer", "cer", "per", "dense_wer", "dense_cer", "dense_per",
+                "mask_iou_initial", "wall_time_s"):
+        if row[key] is not None and not _number(row[key]):
+            raise ValueError(f"{key} is {row[key]!r}, expected a number")
+    if not _number(row["steps"]) or not _number(row["wall_time_s"]):
+        raise ValueError(f"steps and wall_time_s.total must be numbers, got {row['steps']!r} and {row['wall_time_s']!r}")
+    for what in ("splits", "dense_splits"):
+        for split, rates in row[what].items():
+            if not isinstance(rates, dict) or any(not _number(rates.get(k, 0)) for k in ("wer", "cer", "per")):
+                raise ValueError(f"{what[:-1].replace('_', ' ')} {split!r} holds {rates!r}, expected error rates")
+    for method in ("backbone", "dataset"):
+        if not isinstance(row[method], str):
+            raise ValueError(f"plugins.{method} is {row[method]!r}, expected a name")
+
+
+def _one_setting(rows: list[dict]) -> None:
+    """One table compares methods on one model and one corpus; mixed runs would share one zero-shot line
+    and one set of columns. Runs of different backbones or datasets, or of one dataset whose split of one
+    name holds different numbers of utterances (another corpus), are refused, naming them. (Runs scored
+    on different splits of one corpus are fine: each split is a column.)"""
+    settings: OrderedDict[str, list[str]] = OrderedDict()
+    for r in rows:
+        settings.setdefault(f"{r['backbone']} on {r['dataset']}", []).append(r["run"])
+    if len(settings) > 1:
+        parts = [f"{name}: {len(runs)} run(s), e.g. {runs[0]}" for name, runs in settings.items()]
+        raise ParpkitError("these runs differ in backbone or dataset and do not belong in one table; report each "
+                           "group on its own: " + "; ".join(parts))
+    sizes: defaultdict[str, OrderedDict[int, str]] = defaultdict(OrderedDict)
+    for r in rows:
+        for split, n in r["eval_sizes"].items():
+            sizes[split].setdefault(n, r["run"])
+    for split, seen in sizes.items():
+        if len(seen) > 1:
+            parts = [f"{n} in {run}" for n, run in seen.items()]
+            raise ParpkitError(f"these runs were scored on different corpora (split {split!r} holds {'; '.join(parts)} "
+                               "utterances) and do not belong in one table; report each group on its own")
 
 
 def _recipe_seed(run_dir: Path) -> int | None:
@@ -230,10 +280,15 @@ def markdown(rows: list[dict]) -> str:
                   str(g["steps"]), f"{g['wall_time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     dense = [r for r in rows if r["dense_splits"]]
-    if dense:
+    zeros = OrderedDict((json.dumps(r["dense_splits"], sort_keys=True), r) for r in dense)
+    if len(zeros) == 1:
         zero = "; ".join(f"{s} {dense[0]['dense_splits'][s].get(groups[0]['rate'], math.nan):.3f}" for s in dense[0]["dense_splits"])
         lines.append("")
         lines.append(f"Pretrained model before fine-tuning (zero-shot): {rate} {zero}.")
+    elif zeros:  # different pretrained models (a backbone option as a sweep axis): no one line speaks for all
+        lines.append("")
+        lines.append(f"Pretrained model before fine-tuning (zero-shot): differs between the runs ({len(zeros)} different "
+                     "scores); see each run's metrics.json.")
     return "\n".join(lines) + "\n"
 
 

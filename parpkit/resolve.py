@@ -65,11 +65,13 @@ def resolve(recipe: Recipe, plugins: Plugins, file: str) -> Resolved:
     schedule, ps = _instantiate(plugins, "schedule", r.pruning.schedule.name, r.pruning.schedule.options,
                                 "pruning.schedule", file, target=r.pruning.sparsity)
     splits = dataset.split_names()
-    for key, wanted in (("train_split", [r.dataset.train_split]), ("eval_split", r.dataset.eval_splits)):
+    wanted_splits = (("dataset.train_split", [r.dataset.train_split]), ("dataset.eval_split", r.dataset.eval_splits),
+                     ("evaluation.validation_split", [r.evaluation.validation_split] if r.evaluation.validation_split else []))
+    for key, wanted in wanted_splits:
         for split in wanted:
             if split not in splits:
                 raise RecipeError(f"{r.dataset.name} has no split {split!r}; it has: {', '.join(splits)}", file=file,
-                                  key=f"dataset.{key}")
+                                  key=key)
     providers = {"backbone": pb, "dataset": pd, "criterion": pc, "schedule": ps}
     return Resolved(recipe, file, backbone, dataset, criterion, schedule, providers)
 

@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, model_validator
 
 from parpkit.errors import RecipeError
-from parpkit.recipe import _Strict, parse_override, recipe_from_mapping
+from parpkit.recipe import _Strict, dump_value, parse_override, recipe_from_mapping
 
 
 class Grid(_Strict):
@@ -104,6 +103,17 @@ def _name(axes: tuple[tuple[str, Any], ...]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts)) or "point"
 
 
+def _no_conflict(key: str, axis: str, owner: dict[str, str], file: str, grid: int) -> None:
+    """Two axes of one point setting the same key, or one a key inside the other's (a variant setting the
+    whole ``pruning.schedule``, an axis on ``pruning.schedule.options.interval``): which one wins would
+    depend on the order of the axes, silently. Refused, naming both."""
+    for other, by in owner.items():
+        if by != axis and (other == key or key.startswith(other + ".") or other.startswith(key + ".")):
+            what = f"both set {key}" if other == key else f"set {other} and {key}, one inside the other"
+            raise RecipeError(f"{by} and {axis} {what}; which one wins would depend on the order of the axes: "
+                              "set it in one of them only", file=file, key=f"sweep.grids[{grid}]")
+
+
 def points(sweep: SweepSection, file: str = "<recipe>", dropped: list[tuple[str, str]] | None = None) -> list[Point]:
     """Every point of every grid, in order, without duplicates (same overrides); each duplicate left out
     is added to ``dropped`` as (its name, the name of the point it repeats)."""
@@ -116,15 +126,21 @@ def points(sweep: SweepSection, file: str = "<recipe>", dropped: list[tuple[str,
             for right in zipped:
                 axes = tuple(left) + tuple(right)
                 overrides: dict[str, Any] = {}
+                owner: dict[str, str] = {}  # key -> the axis that set it
                 for axis, value in axes:
                     if axis in sweep.variants:
                         if value not in sweep.variants[axis]:
                             known = ", ".join(sweep.variants[axis])
                             raise RecipeError(f"{axis} has no variant {value!r}; it has: {known}", file=file,
                                               key=f"sweep.grids[{g}]")
-                        overrides.update(sweep.variants[axis][value])
+                        sets = sweep.variants[axis][value]
+                        where = f"{axis} (variant {value})"
                     else:
-                        overrides[axis] = value
+                        sets, where = {axis: value}, axis
+                    for key in sets:
+                        _no_conflict(key, where, owner, file, g)
+                        owner[key] = where
+                    overrides.update(sets)
                 canon = json.dumps(overrides, sort_keys=True, default=str)
                 if canon in seen:
                     if dropped is not None and _name(axes) != seen[canon]:
@@ -170,13 +186,17 @@ def run_command(recipe: Path, point: Point, run_dir: Path, shared: Path, overrid
     for text in overrides:
         args += ["--set", text]
     for key, value in point.overrides.items():
-        args += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}"]
+        args += ["--set", f"{key}={dump_value(value)}"]
     args += ["--output-dir", str(run_dir), "--shared", str(shared)]
     return shlex.join(args)
 
 
 def write_index(directory: Path, recipe: Path, plist: list[Point]) -> None:
     """``sweep.json``: the points, their axes and directories (what ``parpkit report`` labels them by)."""
-    directory.mkdir(parents=True, exist_ok=True)
     rows = [{"name": p.name, "axes": {a: v for a, v in p.axes}, "overrides": p.overrides} for p in plist]
-    (directory / "sweep.json").write_text(json.dumps({"recipe": str(recipe), "points": rows}, indent=1, default=str))
+    text = json.dumps({"recipe": str(recipe), "points": rows}, indent=1, default=str)
+    index = directory / "sweep.json"
+    if index.is_file() and index.read_text() == text:
+        return  # unchanged: a finished sweep on a read-only mount reruns (and reports its points complete)
+    directory.mkdir(parents=True, exist_ok=True)
+    index.write_text(text)

@@ -114,13 +114,19 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
     preflight(resolved)  # before the directory exists: a recipe that fails its checks leaves nothing behind
     probe = training_arguments(recipe, Path(output_dir or recipe.run_dir()), 1)  # sets up the process group (torchrun)
     rundir = RunDir(Path(output_dir or recipe.run_dir()), yaml.safe_dump(mapping, sort_keys=False), main=probe.process_index == 0)
+
+    def complete(done: dict) -> dict:
+        progress.console.print(f"{rundir.path}: this run is complete (pass --fresh to run it again)", soft_wrap=True,
+                               markup=False)
+        return done if rundir.main else {}
+
+    if not fresh and (done := rundir.complete_run()) is not None:  # before the lock: a read-only mount is fine
+        return complete(done)
     rundir.acquire()
     try:
         rundir.claim(fresh)
         if not fresh and (done := rundir.finished_metrics()) is not None:
-            progress.console.print(f"{rundir.path}: this run is complete (pass --fresh to run it again)", soft_wrap=True,
-                                   markup=False)
-            return done if rundir.main else {}
+            return complete(done)
         rundir.write_recipe()
         s = Session(resolved, progress, rundir, probe.device, rundir.main, probe.world_size,
                     started=rundir.log.start)  # the wall time and the log's time_s count from the same moment
@@ -165,6 +171,21 @@ def run_context(resolved: Resolved, model: torch.nn.Module, pool: list[str], pha
                       seed=r.seed, file=resolved.file, **live)
 
 
+def build_skeleton(backbone) -> torch.nn.Module:
+    """The backbone's meta-device model. Config values that cannot build a model (a width the heads do not
+    divide, a negative or non-numeric size) fail inside transformers or torch with whatever exception they
+    raise: one line naming the backbone, never a traceback. Building it costs no memory: the real model
+    builds from the same config."""
+    try:
+        return backbone.skeleton()
+    except (ParpkitError, RecipeError):
+        raise
+    except Exception as exc:  # noqa: BLE001  (TypeError, RuntimeError, ZeroDivisionError … from the model's constructor)
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        text = text if len(text) <= 300 else text[:300] + " …"
+        raise ParpkitError(f"{backbone.name}: the config cannot build a model: {text}") from None
+
+
 def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     """Every check that needs no data and no weights, the same for ``parpkit validate`` and ``parpkit run``
     (which runs it before the directory is claimed): the dataset's layout and plan, the model's architecture
@@ -174,7 +195,7 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     r, file = resolved.recipe, resolved.file
     criterion, schedule = resolved.criterion, resolved.schedule
     located(file, "dataset.options", resolved.dataset.check)
-    model = located(file, "backbone.options", resolved.backbone.skeleton)
+    model = located(file, "backbone.options", lambda: build_skeleton(resolved.backbone))
     pool = resolved.select_pool(model)
     if r.pruning.scope not in criterion.scopes:
         raise RecipeError(f"criterion {criterion.name!r} ranks in scope {' or '.join(criterion.scopes)}, not "
@@ -198,6 +219,9 @@ def prepare(s: Session) -> None:
     """Data, the pretrained model, the pool and the pruner."""
     r, ds, backbone = s.recipe, s.resolved.dataset, s.resolved.backbone
     torch.manual_seed(r.seed)
+    if (warning := training_split_scored(r)) is not None:
+        s.log.write("warning", message=warning)
+        s.progress.console.print(f"warning: {warning}", soft_wrap=True, markup=False)
     s.train = load_split(s, r.dataset.train_split)
     s.evals = {split: load_split(s, split) for split in r.dataset.eval_splits}
     for split, utts in s.evals.items():
@@ -217,7 +241,13 @@ def prepare(s: Session) -> None:
     s.model = backbone.load()
     if s.shared.root is not None:
         s.contents["model"] = tensors_digest(s.model.state_dict())
-    if r.distillation is not None:  # before the first prune: the teacher is the dense pretrained model
+    d = r.distillation
+    if d is not None and d.weight == 0 and d.hidden_weight == 0 and len(labelled) == len(s.train):
+        # nothing to learn from the teacher and nothing for it to transcribe: it is not loaded, nor run
+        s.log.write("teacher", skipped="distillation.weight and hidden_weight are 0")
+        s.progress.console.print("distillation: weight and hidden_weight are 0, so the teacher teaches nothing: "
+                                  "it is not loaded (this is fine-tuning without distillation)", soft_wrap=True, markup=False)
+    elif d is not None:  # before the first prune: the teacher is the dense pretrained model
         s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, r.training.precision,
                                    s.resolved.file)
         if s.shared.root is not None and r.distillation.teacher is not None:
@@ -254,14 +284,15 @@ def load_split(s: Session, split: str) -> Sequence[Utterance]:
     the split (pseudo-labels, transcripts and checkpoints know utterances by id), audio finite and at the
     backbone's sample rate (what the dataset hands over, after any resampling it does)."""
     utts = s.resolved.dataset.load_split(split, s.progress)
-    check_utterances(utts, split, s.resolved.backbone.sample_rate)
+    check_utterances(utts, split, s.resolved.backbone)
     if s.shared.root is not None:
         s.contents[f"split:{split}"] = utterances_digest(utts)
     return utts
 
 
-def check_utterances(utts: Sequence[Utterance], split: str, sample_rate: int) -> None:
+def check_utterances(utts: Sequence[Utterance], split: str, backbone) -> None:
     where = f"dataset: split {split!r}"
+    sample_rate, shortest = backbone.sample_rate, backbone.min_samples()
     seen: set[str] = set()
     for u in utts:
         if u.id in seen:
@@ -275,6 +306,22 @@ def check_utterances(utts: Sequence[Utterance], split: str, sample_rate: int) ->
             bad = int((~np.isfinite(audio)).sum())
             raise ParpkitError(f"{where}: utterance {u.id!r} has {bad} non-finite audio sample{'s' if bad != 1 else ''} "
                                f"(NaN or infinity) of {audio.size}")
+        if len(audio) < shortest:  # a 1-sample clip would crash a CTC model's feature encoder mid-training
+            raise ParpkitError(f"{where}: utterance {u.id} is {len(audio)} samples long; {backbone.name} needs at least "
+                               f"{shortest} ({shortest / sample_rate * 1000:g} ms) to make one output frame; remove it from the split")
+
+
+def training_split_scored(r) -> str | None:
+    """A warning when the split the model trains on is also the one it is scored on (the scores then
+    measure memorisation, not recognition); None otherwise."""
+    train = r.dataset.train_split
+    where = [f"dataset.eval_split ({train!r})"] if train in r.dataset.eval_splits else []
+    if r.evaluation.every_steps and (r.evaluation.validation_split or r.dataset.eval_splits[0]) == train:
+        where.append(f"the learning curve (evaluation.validation_split, {train!r})")
+    if not where:
+        return None
+    return (f"the training split {train!r} is also scored by {' and '.join(where)}: those scores measure how well "
+            "the model memorised its training data, not how well it recognises unseen speech")
 
 
 def batch_sizes(s: Session) -> dict[str, int]:
@@ -633,7 +680,8 @@ def write(s: Session) -> dict[str, Any]:
         "curve": s.extra["curve"],
         "best": None if s.extra["best"] is None else {"step": s.extra["best"]["step"], **s.extra["best"]["rates"]},
         "shared_phases": s.extra.get("shared_phases", []),
-        "distillation": None if s.distiller is None else {
+        "distillation": None if r.distillation is None else {**r.distillation.model_dump(mode="json"), "teacher_loaded": False}
+        if s.distiller is None else {
             **r.distillation.model_dump(mode="json"), "teacher_memory_mb": round(s.distiller.memory_mb, 1),
             "teacher_seconds": round(s.distiller.seconds, 4), "pseudo_labelled": s.pseudo_labelled},
         "wall_time_s": s.elapsed(),

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from parpkit.errors import ParpkitError
+from parpkit.errors import ParpkitError, RunDirBusy
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -79,6 +79,10 @@ class RunDir:
             return
         if self.path.exists() and not self.path.is_dir():
             raise ParpkitError(f"{self.path}: the run directory is a file; pass --output-dir with a directory")
+        if (self.path / "recipe.yaml").is_file() and not self.is_run_directory():
+            raise ParpkitError(f"{self.path / 'recipe.yaml'} was not written by a parpkit run (the folder holds no run: no "
+                               ".lock, log.jsonl, metrics.json or checkpoints), and a run writes its own recipe.yaml "
+                               "there; pass --output-dir with a folder of its own")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             lock = open(self.path / ".lock", "a+")
@@ -90,7 +94,7 @@ class RunDir:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
             lock.close()
-            raise ParpkitError(f"{self.path} is in use by {holder}; wait for it to end, or pass another --output-dir") from None
+            raise RunDirBusy(f"{self.path} is in use by {holder}; wait for it to end, or pass another --output-dir") from None
         lock.seek(0)
         lock.truncate()
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -103,6 +107,21 @@ class RunDir:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
+
+    def is_run_directory(self) -> bool:
+        """Whether a run has used this folder (a user's own folder with a recipe.yaml in it is not one)."""
+        return any((self.path / name).exists() for name in (".lock", "log.jsonl", "metrics.json", "checkpoints"))
+
+    def complete_run(self) -> dict | None:
+        """The metrics of a finished run of this same recipe, read without writing anything (no lock): a
+        finished run on a read-only mount is reported complete, not refused."""
+        recipe, metrics = self.path / "recipe.yaml", self.path / "metrics.json"
+        try:
+            if metrics.is_file() and recipe.is_file() and same_recipe(recipe.read_text(), self.recipe_text):
+                return json.loads(metrics.read_text())
+        except (OSError, ValueError):
+            return None  # damaged or unreadable: the locked path below says what is wrong
+        return None
 
     def finished_metrics(self) -> dict | None:
         path = self.path / "metrics.json"

@@ -116,17 +116,48 @@ class CTCBackbone(Backbone):
             extra["activation_dropout"] = o.activation_dropout
         if o.config is not None:
             return AutoConfig.for_model(o.model_type, **{**o.config, **extra})
+        local = Path(o.model).expanduser()
+        if local.is_dir() and not any(local.iterdir()):
+            raise ModelFormatError(f"{self.name}: {local}: the model directory is empty")
+        if local.is_dir() and not (local / "config.json").is_file():
+            raise ModelFormatError(f"{self.name}: {local}: holds no config.json; expected a transformers checkpoint directory")
         try:
-            return AutoConfig.from_pretrained(o.model, **extra)
+            config = AutoConfig.from_pretrained(o.model, **extra)
         except OSError as exc:
             raise ParpkitError(f"{self.name}: cannot read the config of {o.model!r}: {str(exc).splitlines()[0]} Without network, "
                                "point `model` at a local checkpoint directory") from None
+        except ValueError as exc:  # a config.json without a known model_type
+            raise ModelFormatError(f"{self.name}: cannot read the config of {o.model!r}: {str(exc).splitlines()[0]}") from None
+        self._check_ctc(config)
+        return config
+
+    def _check_ctc(self, config) -> None:
+        """A model transformers has no CTC head for (a whisper directory, a text model) is refused by name."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CTC_MAPPING_NAMES
+
+        if config.model_type not in MODEL_FOR_CTC_MAPPING_NAMES:
+            hint = " (use backbone whisper)" if config.model_type == "whisper" else ""
+            raise ParpkitError(f"{self.name}: {self.options.model!r} is a {config.model_type} model, which has no CTC head{hint}; "
+                               f"CTC models are {', '.join(sorted(MODEL_FOR_CTC_MAPPING_NAMES))}")
 
     def skeleton(self) -> torch.nn.Module:
         from transformers import AutoModelForCTC
 
+        config = self._config(32, 0)
+        width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+        if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width > 0 and width % heads:
+            raise ParpkitError(f"{self.name}: config: hidden_size {width} is not divisible by num_attention_heads {heads}")
         with torch.device("meta"):
-            return AutoModelForCTC.from_config(self._config(32, 0))
+            model = AutoModelForCTC.from_config(config)
+        self.conv_kernel, self.conv_stride = list(config.conv_kernel), list(config.conv_stride)
+        return model
+
+    def min_samples(self) -> int:
+        """The feature encoder's receptive field: fewer samples make no frame (400, 25 ms, for wav2vec2)."""
+        n = 1
+        for kernel, stride in reversed(list(zip(self.conv_kernel, self.conv_stride, strict=True))):
+            n = (n - 1) * stride + kernel
+        return n
 
     def load(self) -> torch.nn.Module:
         from transformers import AutoFeatureExtractor, AutoModelForCTC, Wav2Vec2FeatureExtractor

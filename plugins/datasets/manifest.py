@@ -84,9 +84,18 @@ class Manifest(Dataset):
         return list(self.options.splits)
 
     def check(self) -> None:
-        for split, file in self.options.splits.items():
-            if not Path(file).expanduser().is_file():
+        """Each manifest exists and has the columns the options name (read, not the audio)."""
+        o = self.options
+        for split, file in o.splits.items():
+            path = Path(file).expanduser()
+            if not path.is_file():
                 raise ParpkitError(f"manifest for split {split!r} not found: {file}")
+            rows = read_rows(path)
+            if not rows:
+                raise ParpkitError(f"{path}: the manifest has no rows")
+            for key, col in (("audio_column", o.audio_column), ("speaker_column", o.speaker_column), ("id_column", o.id_column)):
+                if col and col not in rows[0]:
+                    raise ParpkitError(f"{path}: no column {col!r} ({key}); columns are {', '.join(map(str, rows[0]))}")
 
     def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
         o = self.options

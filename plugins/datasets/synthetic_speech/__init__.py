@@ -48,6 +48,10 @@ OOD_VARIANTS = [
     "steph2", "steph3", "zac"]
 
 
+#: utterances per split at most: a larger corpus is a typo (1e8 would take hours and gigabytes to plan)
+MAX_UTTERANCES = 100_000
+
+
 class SyntheticOptions(PluginOptions):
     #: utterances per split
     sizes: dict[str, int] = Field(default_factory=lambda: {"train": 200, "validation": 20, "test": 40})
@@ -87,6 +91,9 @@ class SyntheticOptions(PluginOptions):
             if unknown:
                 raise ValueError(f"unknown split {sorted(unknown)}; splits are {', '.join(SPLITS)}")
         for split, n in self.sizes.items():
+            if not 0 <= n <= MAX_UTTERANCES:
+                raise ValueError(f"sizes.{split}: {n:,} utterances; a split holds 0 to {MAX_UTTERANCES:,} (the plan of every "
+                                 "sentence is made, and kept in memory, before anything is synthesised)")
             if n > 0 and self.speakers.get(split, 0) <= 0:
                 raise ValueError(f"split {split!r} has {n} utterances but no speakers")
         shared = set(self.ood_variants) & set(self.variants)
@@ -115,6 +122,10 @@ class SyntheticSpeech(Dataset):
             raise ParpkitError(f"synthetic_speech: {exc}") from None
         if "ood_flite" in self.split_names():
             _flite()
+        _check_voices(self.options.voices)
+        _check_variants(self.options.variants, "variants")
+        if "ood" in self.split_names():
+            _check_variants(self.options.ood_variants)
 
     # --------------------------------------------------------------------------- planning
     def _key(self) -> str:
@@ -400,14 +411,26 @@ def flite_synth(text: str, voice: str, stretch: float, f0: int) -> tuple[np.ndar
     return audio, rate
 
 
-def _check_variants(names: list[str]) -> None:
+def _check_variants(names: list[str], key: str = "ood_variants") -> None:
     """espeak-ng silently falls back to the plain voice for a variant it does not know: refuse instead."""
     from .espeak import variant_names
 
     missing = sorted(set(names) - variant_names())
     if missing:
         raise ParpkitError(f"synthetic_speech: espeak-ng has no voice variant {', '.join(map(repr, missing))} "
-                           f"(ood_variants); it has {len(variant_names())}")
+                           f"({key}); it has {len(variant_names())}")
+
+
+def _check_voices(names: list[str]) -> None:
+    """A voice espeak-ng does not have would fail only in the synthesis process, after the plan is made."""
+    from .espeak import voice_names
+
+    known = voice_names()
+    missing = sorted({n for n in names if n.lower() not in known})
+    if missing:
+        english = ", ".join(sorted(n for n in known if n.startswith("en")))
+        raise ParpkitError(f"synthetic_speech: espeak-ng has no voice {', '.join(map(repr, missing))} (voices); "
+                           f"its English voices are {english}")
 
 
 @hookimpl

@@ -81,3 +81,16 @@ def variant_names() -> set[str]:
     except ImportError:
         raise ParpkitError("the synthetic speech corpus needs espeak-ng: pip install espeakng-loader") from None
     return set(os.listdir(os.path.join(espeakng_loader.get_data_path(), "voices", "!v")))
+
+
+def voice_names() -> set[str]:
+    """The voices espeak-ng's data holds, by file name (``en-us``, lower case), as ``espeak_SetVoiceByName``
+    finds them. Read from the files, not the library: loading it here would change what a forked synthesis
+    process produces."""
+    import os
+
+    try:
+        import espeakng_loader
+    except ImportError:
+        raise ParpkitError("the synthetic speech corpus needs espeak-ng: pip install espeakng-loader") from None
+    return {f.lower() for _, _, files in os.walk(os.path.join(espeakng_loader.get_data_path(), "lang")) for f in files}
