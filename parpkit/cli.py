@@ -119,13 +119,21 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from parpkit.api import run
-    from parpkit.errors import RecipeError, RunDirBusy
+    import dataclasses
+
+    from parpkit.errors import RecipeError
+    from parpkit.launchers import Job, Resources, check, launch, require
     from parpkit.recipe import read_recipe_file
     from parpkit.registry import Plugins
     from parpkit.resolve import resolve
     from parpkit.sweep import Point, point_recipe, points, run_command, sweep_of, write_index
 
+    resources = Resources(cpus=args.cpus_per_point, gpus=args.gpus_per_point, address=args.address,
+                          partition=args.partition, time_min=args.time_min, max_parallel=args.max_parallel,
+                          slurm_local=args.slurm_local)
+    check(args.launcher, resources)  # flags the launcher would ignore, counts that are not positive
+    if not (args.dry_run or args.print_commands):
+        require(args.launcher)  # the extra it needs, named before anything runs
     recipe = Path(args.recipe)
     data = read_recipe_file(recipe)
     where = lambda p: f"{recipe} (sweep point {p.name})"  # noqa: E731  (how errors name a point)
@@ -153,6 +161,7 @@ def cmd_sweep(args) -> int:
     # output_dir, picked with --only, still runs inside the sweep's directory
     base, _ = point_recipe(data, Point("base", (), {}), args.set or [], str(recipe))
     out = Path(args.output_dir) if args.output_dir else base.run_dir()
+    resources = dataclasses.replace(resources, folder=str(out / "submitit"))
     plugins = Plugins()
     checked = [(p, *recipes[p.name]) for p in plist]
     for p, model, _ in checked:  # every point resolves before any runs
@@ -172,26 +181,26 @@ def cmd_sweep(args) -> int:
         return 0
     write_index(out, recipe, every)
     failed, busy = [], []
-    for i, (p, _, mapping) in enumerate(checked, 1):
-        err_console.print(f"[bold]sweep point {i}/{len(checked)}: {p.name}[/]", highlight=False)
-        try:
-            run(mapping, output_dir=out / p.name, progress=Progress(enabled=not args.quiet, console=err_console),
-                shared=out / "shared", file=where(p))
-        except RunDirBusy as exc:  # another sweep process runs this point: not a failure of it
-            err_console.print(f"[yellow]point {p.name} skipped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            busy.append(p.name)
-        except ParpkitError as exc:
-            err_console.print(f"[bold red]point {p.name} failed:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            failed.append(p.name)
-        except Exception as exc:  # noqa: BLE001  (a bug in one point: the others still run; its traceback is shown)
-            import traceback
 
-            if not isinstance(exc, OSError):  # a full disk or a read-only folder: the one line says it
-                err_console.print(escape(traceback.format_exc()), highlight=False, soft_wrap=True)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            err_console.print(f"[bold red]point {p.name} failed unexpectedly:[/] {escape(type(exc).__name__)}: {escape(first)}",
+    def started(i, job):
+        err_console.print(f"[bold]sweep point {i}/{len(checked)}: {job.name}[/]", highlight=False)
+
+    def report(job, outcome):
+        if outcome.state == "busy":  # another sweep process runs this point: not a failure of it
+            err_console.print(f"[yellow]point {job.name} skipped:[/] {escape(outcome.message)}", highlight=False, soft_wrap=True)
+            busy.append(job.name)
+        elif outcome.state == "failed":
+            err_console.print(f"[bold red]point {job.name} failed:[/] {escape(outcome.message)}", highlight=False, soft_wrap=True)
+            failed.append(job.name)
+        elif outcome.state == "unexpected":  # a bug in one point: the others still run; its traceback is shown
+            if outcome.traceback:
+                err_console.print(escape(outcome.traceback), highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]point {job.name} failed unexpectedly:[/] {escape(outcome.message)}",
                               highlight=False, soft_wrap=True)
-            failed.append(p.name)
+            failed.append(job.name)
+
+    jobs = [Job(p.name, mapping, str(out / p.name), str(out / "shared"), where(p)) for p, _, mapping in checked]
+    launch(args.launcher, jobs, resources, args.quiet, started, report)
     done = len(checked) - len(failed) - len(busy)
     running = f", {len(busy)} running in another process ({', '.join(busy)})" if busy else ""
     console.print(f"sweep: {done} of {len(checked)} points finished in {out}{running}; "
@@ -303,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="sweep directory (default: the recipe's output_dir or runs/NAME)")
     p.add_argument("--only", action="append", metavar="POINT", help="run only this point (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--launcher", choices=("local", "ray", "slurm"), default="local",
+                   help="where the points run: one after another in this process (default), as Ray tasks "
+                        "(pip install 'parpkit[ray]'), or as Slurm jobs through submitit (pip install 'parpkit[slurm]')")
+    p.add_argument("--cpus-per-point", type=float, help="ray, slurm: CPUs each point asks for (ray's default: 1)")
+    p.add_argument("--gpus-per-point", type=float, help="ray, slurm: GPUs each point asks for (default: none)")
+    p.add_argument("--address", help="ray: the cluster to join (default: start a local Ray instance)")
+    p.add_argument("--partition", help="slurm: the partition")
+    p.add_argument("--time-min", type=int, help="slurm: each point's time limit in minutes")
+    p.add_argument("--max-parallel", type=int, help="slurm: points running at once (the job array's parallelism)")
+    p.add_argument("--slurm-local", action="store_true",
+                   help="slurm: run the jobs as local processes (submitit's LocalExecutor), for testing without a cluster")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="list the points and check their recipes; run nothing")
     mode.add_argument("--print-commands", action="store_true",
