@@ -77,6 +77,8 @@ def check(launcher: str, resources: Resources) -> None:
             raise ParpkitError(f"{flag} is for --launcher {' or '.join(launchers)}, not {launcher}")
         if not isinstance(value, bool) and isinstance(value, (int, float)) and (value <= 0 if field != "gpus" else value < 0):
             raise ParpkitError(f"{flag} must be {'positive' if field != 'gpus' else 'zero or more'}, got {value:g}")
+        if launcher == "slurm" and field in ("cpus", "gpus") and value != int(value):
+            raise ParpkitError(f"{flag} must be a whole number for Slurm, got {value:g} (Ray takes fractions)")
 
 
 def require(launcher: str) -> Any:

@@ -132,7 +132,8 @@ def test_slurm_launcher_without_slurm_says_so(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize(("flags", "message"), [(["--address", "auto"], "--address is for --launcher ray, not local"),
                                                 (["--launcher", "ray", "--partition", "gpu"], "--partition is for --launcher slurm, not ray"),
-                                                (["--launcher", "slurm", "--max-parallel", "0"], "--max-parallel must be positive")])
+                                                (["--launcher", "slurm", "--max-parallel", "0"], "--max-parallel must be positive"),
+                                                (["--launcher", "slurm", "--gpus-per-point", "0.5"], "must be a whole number for Slurm")])
 def test_a_flag_the_launcher_would_ignore_is_refused(tmp_path, capsys, flags, message):
     path = _recipe(tmp_path)
     assert main(["sweep", str(path), "--output-dir", str(tmp_path / "grid"), *flags]) == 2
