@@ -20,10 +20,20 @@ class CalibrationOptions(PluginOptions):
     #: training batches (of training.batch_size utterances, drawn with the recipe's seed) fed forward
     #: before each mask
     calibration_batches: int = Field(default=4, gt=0)
+    #: accept biases in the pool (ranked by magnitude, each losing its share): off, because pruning half of
+    #: every bias vector wrecks whisper (results/one_shot_tiny_en)
+    prune_biases: bool = False
 
 
-def _check_linear(name: str, context: RunContext) -> None:
-    """Weights these criteria score must belong to linear layers (their inputs are the features)."""
+def _check_linear(name: str, context: RunContext, prune_biases: bool) -> None:
+    """Weights these criteria score must belong to linear layers (their inputs are the features); biases
+    only when asked for."""
+    biases = [p for p in context.pool if context.module_of(p)[1] == "bias"]
+    if biases and not prune_biases:
+        raise ValueError(f"{name} ranks weight matrices by their inputs; the pool also holds {len(biases)} bias tensors "
+                         f"(e.g. {biases[0]}), which it could rank by magnitude alone (per_row and per_tensor scopes prune "
+                         "every bias vector to the target share, and half of every bias wrecks whisper); leave them out "
+                         "(pruning.exclude: ['.*\\.bias']) or set options.prune_biases: true")
     for param in context.pool:
         owner, attr = context.module_of(param)
         module = context.modules[owner]
@@ -60,7 +70,7 @@ class Wanda(PruningCriterion):
         self.norms: dict[str, torch.Tensor] = {}  # pool weight name -> input feature norms
 
     def check(self, context: RunContext) -> None:
-        _check_linear(self.name, context)
+        _check_linear(self.name, context, self.options.prune_biases)
 
     def calibrate(self, context: RunContext) -> None:
         weights = _weights(context)
@@ -101,7 +111,7 @@ class SparseGPT(ReconstructingCriterion):
         self.calibration_batches = self.options.calibration_batches
 
     def check(self, context: RunContext) -> None:
-        _check_linear(self.name, context)
+        _check_linear(self.name, context, self.options.prune_biases)
 
     @torch.no_grad()
     def reconstruct(self, context: RunContext, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:

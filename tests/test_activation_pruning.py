@@ -176,6 +176,8 @@ def test_gmp_ramps_cubically_every_interval_and_keeps_its_masks_nested():
     ({"pruning.schedule": {"name": "omp"}, "pruning.mask_from": "elsewhere"}, "pruning.mask_from", "takes no starting mask"),
     ({"pruning.criterion": {"name": "wanda"}, "pruning.include": [r"model\.encoder\.conv1\.weight", r".*fc1\.weight"]},
      "pruning.criterion", "belongs to a Conv1d"),
+    ({"pruning.criterion": {"name": "wanda"}, "pruning.scope": "per_row"}, "pruning.criterion",
+     "the pool also holds 13 bias tensors"),
 ])
 def test_plugin_checks_fail_before_any_data_or_model_loads_with_file_and_key(tmp_path, capsys, changes, key, text):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**changes))
@@ -222,6 +224,7 @@ def test_a_third_party_check_error_is_located_and_an_unknown_hook_lists_the_know
 def test_a_one_shot_run_prunes_and_judges_without_training(tmp_path):
     result = parpkit.run(tiny_recipe(**{"pruning.criterion": {"name": "wanda", "options": {"calibration_batches": 2}},
                                         "pruning.scope": "per_row", "pruning.schedule": {"name": "fixed"},
+                                        "pruning.exclude": [r".*\.bias"],
                                         "training.max_steps": 0, "evaluation.after_prune": False}),
                          output_dir=tmp_path / "o", progress=False)
     assert result.metrics["steps"] == 0 and set(result.stages) == {"dense", "final"}
@@ -235,7 +238,8 @@ def test_a_one_shot_run_prunes_and_judges_without_training(tmp_path):
 @requires_offline
 @pytest.mark.parametrize("changes", [
     {"pruning.schedule": {"name": "gmp", "options": {"initial": 0.1, "interval": 2}}},
-    {"pruning.criterion": {"name": "sparsegpt", "options": {"calibration_batches": 1}}, "pruning.scope": "per_tensor",
+    {"pruning.criterion": {"name": "sparsegpt", "options": {"calibration_batches": 1, "prune_biases": True}},
+     "pruning.scope": "per_tensor",
      "pruning.schedule": {"name": "parp", "options": {"interval": 3}}},
 ], ids=["gmp", "sparsegpt-parp"])
 def test_gmp_and_a_sparsegpt_parp_run_resume_after_sigkill_with_identical_masks_and_weights(tmp_path, changes):
