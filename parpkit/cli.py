@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from parpkit.errors import ParpkitError
+from parpkit.launchers import LAUNCHERS
 from parpkit.progress import Progress
 
 # tables keep their columns when output goes to a file or pipe (rich would assume 80 columns)
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="sweep directory (default: the recipe's output_dir or runs/NAME)")
     p.add_argument("--only", action="append", metavar="POINT", help="run only this point (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--launcher", choices=("local", "ray", "slurm"), default="local",
+    p.add_argument("--launcher", choices=LAUNCHERS, default="local",
                    help="where the points run: one after another in this process (default), as Ray tasks "
                         "(pip install 'parpkit[ray]'), or as Slurm jobs through submitit (pip install 'parpkit[slurm]')")
     p.add_argument("--cpus-per-point", type=float, help="ray, slurm: CPUs each point asks for (ray's default: 1)")

@@ -171,8 +171,9 @@ def trainer_class():
                 raise NonFiniteLoss(self.parp.offset + self.state.global_step + 1, float(loss))
             self.parp.pruner.optimizer = self.optimizer
             if self.accelerator.sync_gradients:  # the last micro-batch: gradients are complete (and all-reduced)
-                optimized = [p for group in self.optimizer.param_groups for p in group["params"]]
-                self.parp.gradients_ready(self.state.global_step, getattr(self.accelerator, "scaler", None), optimized)
+                scaler = getattr(self.accelerator, "scaler", None)  # fp16 only: the other parameters matter to it alone
+                optimized = [p for g in self.optimizer.param_groups for p in g["params"]] if scaler is not None else ()
+                self.parp.gradients_ready(self.state.global_step, scaler, optimized)
             return loss
 
     return ParpTrainer
