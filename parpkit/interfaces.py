@@ -153,7 +153,9 @@ class Backbone(_Plugin, ABC):
         works (and any of ``batch_extras``)."""
 
     def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``batch`` without the ``batch_extras``: what the model takes."""
+        """``batch`` without the ``batch_extras``: what the model takes. The engine calls it on the device the
+        model runs on, once per forward of a batch, so a backbone may finish its inputs here (whisper with
+        ``features: device`` turns the batch's padded audio into log-mel features on the GPU)."""
         return {k: v for k, v in batch.items() if k not in self.batch_extras}
 
     @abstractmethod

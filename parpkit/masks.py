@@ -147,6 +147,7 @@ class PoolPruner:
         self._previous = self.masks  # new masks are new tensors: no copy needed
         self.masks = OrderedDict((n, masks[n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
         self._multipliers = []
+        check_ranks_agree(self.masks)
         self.apply()
 
     def multipliers(self) -> list[torch.Tensor]:
@@ -315,3 +316,28 @@ def load_donor_masks(source: str | Path, params: dict[str, torch.Tensor], *, fil
         raise RecipeError(f"the mask in {path} does not fit this model's pool: " + "; ".join(problems[:5]) + more,
                           file=file, key="pruning.mask_from")
     return {n: masks[n].bool() for n in params}
+
+
+def check_ranks_agree(masks: Mapping[str, torch.Tensor]) -> None:
+    """Under several processes (DDP), every rank must hold the same masks: each rank ranks its own copy of
+    the weights, and a difference (a criterion that draws its own random numbers, a rank that saw other
+    calibration data) would train a different model on each. Compared by a checksum per tensor (count of
+    kept entries, two position sums); a mismatch is an error naming the tensors. One process: nothing."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2 or not masks:
+        return
+    sums = []
+    for m in masks.values():
+        kept = torch.nonzero(m.reshape(-1)).squeeze(1).to(torch.float64)
+        sums.append(torch.stack([kept.new_tensor(float(kept.numel())), (kept % 65521).sum(), ((kept * 40503) % 65537).sum()]))
+    local = torch.stack(sums)
+    low, high = local.clone(), local.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differ = [n for n, lo, hi in zip(masks, low, high, strict=True) if not torch.equal(lo, hi)]
+    if differ:
+        raise ParpkitError(f"the {dist.get_world_size()} processes hold different masks for {len(differ)} pool tensors "
+                           f"(first: {', '.join(differ[:3])}): a criterion or schedule must decide the same on every rank "
+                           "(the same weights, gradients and calibration data; no unseeded randomness)")
+

@@ -418,3 +418,18 @@ def test_validate_checks_the_teacher_of_every_sweep_point(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "Traceback" not in err and "(sweep point" in err and f"distillation.teacher: {tmp_path / 'gone'}: no such model directory" in err
+
+
+@requires_offline
+def test_features_on_the_device_give_the_runs_results_with_distillation_and_calibration(tmp_path):
+    """The device feature path through the whole engine: calibration batches (sparsegpt), the student's and
+    the teacher's forward, evaluation: the same masks, weights and scores as features computed in collation."""
+    results = []
+    for where in ("cpu", "device"):
+        path = write_recipe(tmp_path / f"{where}.yaml", tiny_recipe(**{
+            "backbone.options.features": where, "distillation": {"weight": 0.5, "temperature": 2.0, "hidden_weight": 0.1},
+            "pruning.criterion": {"name": "sparsegpt", "options": {"calibration_batches": 1}}, "pruning.scope": "per_tensor",
+            "pruning.include": [r"model\.(encoder|decoder)\.layers\.\d+\.fc[12]\.weight"], "pruning.schedule": {"name": "fixed"},
+            "training.max_steps": 3}))
+        results.append(parpkit.run(path, output_dir=tmp_path / where, progress=False).run_dir)
+    same_results(*results)

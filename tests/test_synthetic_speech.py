@@ -155,3 +155,41 @@ def test_bad_options_are_errors():
         SyntheticOptions(sizes={"dev": 3})
     with pytest.raises(ValueError, match="no speakers"):
         SyntheticOptions(sizes={"train": 3}, speakers={"train": 0})
+
+
+def _plan(tmp_path, **kw):
+    return SyntheticSpeech(SyntheticOptions(**kw), cache_dir=tmp_path).plan()
+
+
+REPORTED = dict(sizes={"train": 24, "validation": 8, "test": 12, "ood": 30, "ood_flite": 30},
+                speakers={"train": 4, "validation": 2, "test": 3, "ood": 10, "ood_flite": 4})
+WITH_VALIDATION = dict(sizes={**REPORTED["sizes"], "validation_ood": 30, "validation_flite": 30},
+                       speakers={**REPORTED["speakers"], "validation_ood": 10, "validation_flite": 4})
+
+
+def test_validation_splits_share_no_sentence_voice_or_seed_with_the_reported_ones(tmp_path):
+    plan = _plan(tmp_path, **WITH_VALIDATION)
+    assert {s: len(rows) for s, rows in plan.items()} == WITH_VALIDATION["sizes"]
+    texts = {s: {r["text"] for r in rows} for s, rows in plan.items()}
+    for a in plan:
+        for b in plan:
+            if a < b:
+                assert not texts[a] & texts[b], (a, b)
+    variant = lambda rows: {r["voice"].split("+")[1] for r in rows}  # noqa: E731 (the speaker of an espeak-ng voice)
+    assert len(variant(plan["ood"])) >= 5 and len(variant(plan["validation_ood"])) == 10  # one voice per variant
+    assert not variant(plan["ood"]) & variant(plan["validation_ood"])
+    assert not variant(plan["validation_ood"]) & variant(plan["train"] + plan["test"] + plan["validation"])
+    assert {r["voice"] for r in plan["ood_flite"]} == {"slt", "rms"}
+    assert {r["voice"] for r in plan["validation_flite"]} == {"awb", "kal16"}
+    seeds = {s: {r["seed"] for r in rows if "seed" in r} for s, rows in plan.items()}
+    assert not seeds["validation_ood"] & (seeds["ood"] | seeds["test"] | seeds["train"])
+    # adding the out-of-domain validation splits changes no other split
+    assert all(_plan(tmp_path, **REPORTED)[s] == plan[s] for s in REPORTED["sizes"])
+
+
+def test_validation_flite_voices_must_differ_from_the_reported_ones():
+    with pytest.raises(ValueError, match=r"validation_flite_voices must differ from flite_voices.*\['awb'\]"):
+        SyntheticOptions(sizes={"ood_flite": 4, "validation_flite": 4}, speakers={"ood_flite": 2, "validation_flite": 2},
+                         flite_voices=["slt", "awb"])
+    with pytest.raises(ValueError, match="the validation_flite split needs validation_flite_voices"):
+        SyntheticOptions(sizes={"validation_flite": 4}, speakers={"validation_flite": 2}, validation_flite_voices=[])

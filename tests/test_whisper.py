@@ -96,3 +96,46 @@ def test_collate_labels_follow_the_decoder_prompt(tmp_path):
     assert (labels[1] == -100).sum() == labels.shape[1] - len(b.tokenizer("Hi.").input_ids) + 1
     assert b.tokenizer.decode(labels[0], skip_special_tokens=True) == "Hello there."
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_features_on_the_device_equal_the_extractors_and_train_alike(tmp_path):
+    """``features: device``: batches carry padded audio; model_inputs computes the log-mel features where the
+    batch lies; they equal the feature extractor's (CPU path), and so do the loss and the transcripts."""
+    from parpkit.interfaces import Utterance
+
+    opts = dict(config=dict(TINY_WHISPER), tokenizer=str(TOKENIZER), encoder_window_s=3, max_new_tokens=4, seed=1)
+    cpu = WhisperBackbone(WhisperOptions(**opts, features="cpu"), cache_dir=tmp_path)
+    dev = WhisperBackbone(WhisperOptions(**opts, features="device"), cache_dir=tmp_path)
+    model, _ = cpu.load().eval(), dev.load()
+    rng = np.random.default_rng(0)
+    utts = [Utterance(f"u{i}", (rng.standard_normal(n) * 0.1).astype(np.float32), 16000, text)
+            for i, (n, text) in enumerate([(16000, "One two."), (40000, "Three."), (7000, "Four five six.")])]
+    a, b = cpu.collate(utts), dev.collate(utts)
+    assert set(b) == {"input_audio", "labels"} and b["input_audio"].shape == (3, 48000)
+    assert torch.equal(b["input_audio"][1, 40000:], torch.zeros(8000))  # zero padding, as the extractor pads
+    assert torch.equal(a["labels"], b["labels"])
+    features = dev.model_inputs(b)
+    assert set(features) == {"input_features", "labels"}
+    assert torch.allclose(features["input_features"], a["input_features"], atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(model(**features).loss, model(**cpu.model_inputs(a)).loss, atol=1e-5)
+    assert dev.transcribe(model, [u.audio for u in utts]) == cpu.transcribe(model, [u.audio for u in utts])
+    with pytest.raises(ParpkitError, match="longer than the encoder window of 3 s"):
+        dev.collate([Utterance("long", np.zeros(16000 * 4, np.float32), 16000, "x")])
+
+
+def test_labels_are_tokenised_once_per_transcript(tmp_path, monkeypatch):
+    from parpkit.interfaces import Utterance
+
+    b = WhisperBackbone(WhisperOptions(config=dict(TINY_WHISPER), tokenizer=str(TOKENIZER), encoder_window_s=2,
+                                       max_new_tokens=8, features="device"), cache_dir=tmp_path)
+    b.load()
+    calls = []
+    tokenizer = b.tokenizer
+    monkeypatch.setattr(b, "tokenizer", type("Counting", (), {
+        "__call__": lambda self, text: calls.append(text) or tokenizer(text),
+        "convert_tokens_to_ids": lambda self, t: tokenizer.convert_tokens_to_ids(t)})())
+    utts = [Utterance(f"u{i}", np.zeros(8000, np.float32), 16000, ["Hello there.", "Hi."][i % 2]) for i in range(4)]
+    first, second = b.collate(utts), b.collate(utts[::-1])
+    assert calls == ["Hello there.", "Hi."]
+    assert torch.equal(first["labels"], second["labels"].flip(0))

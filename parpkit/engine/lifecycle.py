@@ -457,7 +457,7 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
     validate = (lambda step: validate_now(s, step, index)) if r.evaluation.every_steps and s.main else None
     with s.progress.task(label, total=phase.steps) as task, tensorboard_dir(r.training.report_to, s.rundir.path / "tensorboard" / phase.name):
         driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training, validate,
-                             r.evaluation.every_steps, s.distiller, s.resolved.backbone.batch_extras)
+                             r.evaluation.every_steps, s.distiller, s.resolved.backbone)
         trainer = trainer_class()(model=s.model, args=args, train_dataset=ListDataset(s.train),
                                   data_collator=s.resolved.backbone.collate,
                                   callbacks=[*callbacks(driver, s.state, index, r.training.keep_checkpoints), *extra_callbacks])

@@ -83,7 +83,7 @@ class PhaseDriver:
     validate: Callable[[int], None] | None = None  # scores a learning-curve point at a step
     every: int | None = None  # … every this many steps
     distiller: Any = None  # parpkit.engine.distill.Distiller, when the recipe distils
-    extras: tuple[str, ...] = ()  # batch keys that are not model inputs (Backbone.batch_extras)
+    backbone: Any = None  # turns a batch on the device into model inputs (Backbone.model_inputs); None: as it is
 
     def gradients_ready(self, done: int, scaler: Any = None, others: Iterable[torch.nn.Parameter] = ()) -> None:
         """``done``: updates of this phase finished before the coming one. ``scaler``: the fp16 loss scaler
@@ -156,13 +156,16 @@ def trainer_class():
             return super().create_scheduler(num_training_steps, optimizer)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            distiller = self.parp.distiller
-            model_inputs = {k: v for k, v in inputs.items() if k not in self.parp.extras}
+            distiller, backbone = self.parp.distiller, self.parp.backbone
+            # on the training device: the backbone drops its extras and finishes the inputs (whisper's log-mel
+            # features where they are computed on the device), once for the student and the teacher
+            model_inputs = backbone.model_inputs(inputs) if backbone is not None else dict(inputs)
             if distiller is None:
                 return super().compute_loss(model, model_inputs, return_outputs, num_items_in_batch)
             student_inputs = {**model_inputs, "output_hidden_states": True} if distiller.settings.hidden_weight else model_inputs
             task, outputs = super().compute_loss(model, student_inputs, return_outputs=True)  # a mean over the batch
-            loss = distiller.loss(task, outputs, inputs)  # all of the batch: output_mask may read its extras
+            extras = {k: v for k, v in inputs.items() if k in getattr(backbone, "batch_extras", ())}
+            loss = distiller.loss(task, outputs, {**model_inputs, **extras})  # output_mask may read the extras
             return (loss, outputs) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):

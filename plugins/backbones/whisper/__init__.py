@@ -9,9 +9,9 @@ import hashlib
 import importlib.util
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,8 +41,13 @@ class WhisperOptions(PluginOptions):
     language: str | None = None
     task: str | None = None
     max_new_tokens: int = Field(default=96, gt=0)
+    #: where log-mel features are computed: ``cpu`` (in the batch collation, numpy, as the feature extractor
+    #: does; cached, see feature_cache), ``device`` (batches carry the padded audio, and the features are
+    #: computed with torch on the device the model runs on, just before the forward: on a GPU the data path
+    #: then does no per-batch spectral work on the CPU), or ``auto`` (device where CUDA is available)
+    features: Literal["auto", "cpu", "device"] = "auto"
     #: keep each training utterance's log-mel features after their first use (about 0.3 MB per 10 s of
-    #: window), so later epochs skip the feature extraction (identical values)
+    #: window), so later epochs skip the feature extraction (identical values); for ``features: cpu``
     feature_cache: bool = True
     num_beams: int = Field(default=1, gt=0)
     seed: int = 0
@@ -162,6 +167,8 @@ class WhisperBackbone(Backbone):
         self.multilingual, self.task = False, None
         self.max_target_positions = 448
         self._feature_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._token_cache: dict[str, list[int]] = {}  # transcript -> label ids (tokenised once per run)
+        self._mel: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (window, mel filters)
 
     # ------------------------------------------------------------------------------ loading
     def _local_dir(self, model: str | None = None) -> Path | str:
@@ -316,13 +323,16 @@ class WhisperBackbone(Backbone):
         return teacher
 
     # ------------------------------------------------------------------------------ batches
-    def _features(self, audios: Sequence[np.ndarray], ids: Sequence[str] = ()) -> torch.Tensor:
+    def _check_lengths(self, audios: Sequence[np.ndarray], ids: Sequence[str] = ()) -> None:
         fe = self.feature_extractor
         for i, a in enumerate(audios):
             if len(a) > fe.n_samples:
                 who = f"utterance {ids[i]!r}" if ids else "an utterance"
                 raise ParpkitError(f"whisper: {who} lasts {len(a) / fe.sampling_rate:.1f} s, longer than the encoder "
                                    f"window of {fe.chunk_length:g} s; raise backbone.options.encoder_window_s")
+
+    def _features(self, audios: Sequence[np.ndarray], ids: Sequence[str] = ()) -> torch.Tensor:
+        self._check_lengths(audios, ids)
         if not (ids and self.options.feature_cache):
             return self._extract(audios)
         keys = [(k, len(a)) for k, a in zip(ids, audios, strict=True)]
@@ -337,21 +347,64 @@ class WhisperBackbone(Backbone):
         return fe([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=fe.sampling_rate, return_tensors="pt",
                   padding="max_length").input_features
 
-    def collate(self, batch: Sequence[Utterance]) -> dict[str, torch.Tensor]:
-        feats = self._features([u.audio for u in batch], [u.id for u in batch])
-        ids = [self.tokenizer(u.text).input_ids for u in batch]
+    @property
+    def features_on_device(self) -> bool:
+        f = self.options.features
+        return f == "device" or (f == "auto" and torch.cuda.is_available())
+
+    def _padded_audio(self, audios: Sequence[np.ndarray], ids: Sequence[str] = ()) -> torch.Tensor:
+        """[batch, window samples] float32, zero-padded as the feature extractor pads (one copy per row)."""
+        self._check_lengths(audios, ids)
+        out = np.zeros((len(audios), self.feature_extractor.n_samples), dtype=np.float32)
+        for i, a in enumerate(audios):
+            out[i, :len(a)] = a
+        return torch.from_numpy(out)
+
+    def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
+        """Whisper's log-mel features of padded audio [batch, samples], computed with torch where ``audio``
+        lies (the feature extractor's torch recipe: equal to its numpy features within about 1e-5)."""
+        fe, device = self.feature_extractor, audio.device
+        if device not in self._mel:
+            self._mel[device] = (torch.hann_window(fe.n_fft, device=device),
+                                 torch.from_numpy(np.asarray(fe.mel_filters, dtype=np.float32)).to(device).T.contiguous())
+        window, filters = self._mel[device]
+        stft = torch.stft(audio.float(), fe.n_fft, fe.hop_length, window=window, return_complex=True)
+        power = (stft[..., :-1].abs() ** 2).contiguous()
+        log_spec = torch.clamp(filters @ power, min=1e-10).log10()
+        peak = log_spec.amax(dim=(1, 2), keepdim=True)
+        return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+    def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With ``features: device`` a batch carries ``input_audio``: its features are computed here, on the
+        device the batch was moved to."""
+        out = super().model_inputs(batch)
+        audio = out.pop("input_audio", None)
+        if audio is not None:
+            out["input_features"] = self.log_mel(audio)
+        return out
+
+    def _labels(self, batch: Sequence[Utterance]) -> torch.Tensor:
+        """Label ids padded with -100: each distinct transcript is tokenised once per run."""
+        cache, limit = self._token_cache, self.max_target_positions
         start = self.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
-        ids = [x[1:] if x and x[0] == start else x for x in ids]  # the model prepends the start token itself
-        limit = self.max_target_positions
-        for u, x in zip(batch, ids, strict=True):
+        rows = []
+        for u in batch:
+            x = cache.get(u.text)
+            if x is None:
+                x = self.tokenizer(u.text).input_ids
+                x = x[1:] if x and x[0] == start else x  # the model prepends the start token itself
+                cache[u.text] = x
             if len(x) > limit:
                 raise ParpkitError(f"whisper: the transcript of utterance {u.id!r} is {len(x)} tokens; the decoder holds "
                                    f"{limit}")
-        width = max(len(x) for x in ids)
-        labels = torch.full((len(ids), width), -100, dtype=torch.long)
-        for i, x in enumerate(ids):
-            labels[i, : len(x)] = torch.tensor(x)
-        return {"input_features": feats, "labels": labels}
+            rows.append(torch.tensor(x, dtype=torch.long))
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-100)
+
+    def collate(self, batch: Sequence[Utterance]) -> dict[str, torch.Tensor]:
+        labels = self._labels(batch)
+        if self.features_on_device:
+            return {"input_audio": self._padded_audio([u.audio for u in batch], [u.id for u in batch]), "labels": labels}
+        return {"input_features": self._features([u.audio for u in batch], [u.id for u in batch]), "labels": labels}
 
     def output_mask(self, batch, logits: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder positions that predict a label token."""
@@ -371,7 +424,10 @@ class WhisperBackbone(Backbone):
     def transcribe(self, model: torch.nn.Module, audios: Sequence[np.ndarray]) -> list[str]:
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        feats = self._features(audios).to(device=device, dtype=dtype)
+        if self.features_on_device:
+            feats = self.log_mel(self._padded_audio(audios).to(device)).to(dtype)
+        else:
+            feats = self._features(audios).to(device=device, dtype=dtype)
         kwargs: dict[str, Any] = dict(max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams)
         if self.multilingual:
             kwargs.update(language=self.options.language, task=self.task)

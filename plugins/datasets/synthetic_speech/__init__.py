@@ -7,7 +7,11 @@ pitches outside their ranges, flat or exaggerated intonation, text from other so
 prose, and sentences with numbers, dates, money and names written as words), and optionally noise
 and reverberation. ``ood_flite`` reads other sentences of the same sources with another synthesiser,
 flite (where installed: Debian's ``flite`` package), whose voices tiny.en transcribes about as well as
-real speech: what a model forgets of speech in general shows there."""
+real speech: what a model forgets of speech in general shows there.
+
+``validation_ood`` and ``validation_flite`` are built as those two are, for choosing settings out of
+domain: they share no sentence, voice (espeak-ng variant, flite voice) or synthesis seed with ``ood`` and
+``ood_flite``, so that the reported out-of-domain splits can be scored once, at the end."""
 
 from __future__ import annotations
 
@@ -30,9 +34,12 @@ from parpkit import Dataset, ParpkitError, PluginOptions, Progress, Utterance, h
 
 GENERATOR_VERSION = 3  # bump when sentences, speakers or audio processing change
 SAMPLE_RATE = 16000
-SPLITS = ("train", "validation", "test", "ood", "ood_flite")
+SPLITS = ("train", "validation", "test", "ood", "ood_flite", "validation_ood", "validation_flite")
 IN_DOMAIN = ("train", "validation", "test")
-#: flite's 16 kHz English voices (kal, 8 kHz, left out)
+#: splits read from the out-of-domain text sources, in the order they take their sentences
+OOD_SPLITS = ("ood", "ood_flite", "validation_ood", "validation_flite")
+#: flite's 16 kHz English voices (kal, 8 kHz, left out); ood_flite takes two and validation_flite the other
+#: two, so that settings chosen on validation_flite never heard a voice ood_flite reports on
 FLITE_VOICES = ["slt", "rms", "awb", "kal16"]
 
 # espeak-ng variants that sound unlike the training ones (m1..m7, f1..f5): measured by the distance of
@@ -72,7 +79,9 @@ class SyntheticOptions(PluginOptions):
     #: intonation ranges (espeak's 0..100; the other splits use its default, 50)
     ood_intonation: list[int] = Field(default_factory=lambda: [15, 30, 70, 85])
     #: the ood_flite split's voices, and their speaking-time stretch and pitch (Hz) ranges
-    flite_voices: list[str] = Field(default_factory=lambda: list(FLITE_VOICES))
+    flite_voices: list[str] = Field(default_factory=lambda: ["slt", "rms"])
+    #: the validation_flite split's voices (none of flite_voices)
+    validation_flite_voices: list[str] = Field(default_factory=lambda: ["awb", "kal16"])
     flite_stretch: tuple[float, float] = (0.85, 1.2)
     flite_pitch: tuple[int, int] = (90, 180)
     #: share of sentences with numbers, dates, money and names; the rest is public-domain prose
@@ -101,9 +110,18 @@ class SyntheticOptions(PluginOptions):
             raise ValueError(f"ood_variants must differ from the training variants; both have {sorted(shared)}")
         if self.sizes.get("ood", 0) > 0 and not self.ood_variants:
             raise ValueError("the ood split needs ood_variants")
-        unknown = set(self.flite_voices) - set(FLITE_VOICES)
-        if unknown:
-            raise ValueError(f"unknown flite voice {sorted(unknown)}; flite_voices are from {', '.join(FLITE_VOICES)}")
+        for key in ("flite_voices", "validation_flite_voices"):
+            unknown = set(getattr(self, key)) - set(FLITE_VOICES)
+            if unknown:
+                raise ValueError(f"unknown flite voice {sorted(unknown)}; {key} are from {', '.join(FLITE_VOICES)}")
+        for split, key in (("ood_flite", "flite_voices"), ("validation_flite", "validation_flite_voices")):
+            if self.sizes.get(split, 0) > 0 and not getattr(self, key):
+                raise ValueError(f"the {split} split needs {key}")
+        if self.sizes.get("ood_flite", 0) > 0 and self.sizes.get("validation_flite", 0) > 0:
+            shared = set(self.flite_voices) & set(self.validation_flite_voices)
+            if shared:
+                raise ValueError(f"validation_flite_voices must differ from flite_voices (settings chosen on "
+                                 f"validation_flite would have heard ood_flite's voices); both have {sorted(shared)}")
         return self
 
 
@@ -120,11 +138,11 @@ class SyntheticSpeech(Dataset):
             self.plan()
         except ValueError as exc:
             raise ParpkitError(f"synthetic_speech: {exc}") from None
-        if "ood_flite" in self.split_names():
+        if {"ood_flite", "validation_flite"} & set(self.split_names()):
             _flite()
         _check_voices(self.options.voices)
         _check_variants(self.options.variants, "variants")
-        if "ood" in self.split_names():
+        if {"ood", "validation_ood"} & set(self.split_names()):
             _check_variants(self.options.ood_variants)
 
     # --------------------------------------------------------------------------- planning
@@ -160,10 +178,15 @@ class SyntheticSpeech(Dataset):
             start_t += sizes[split]
             plan[split] = rows
         pools = self._ood_texts()
-        if "ood" in self.split_names():
-            plan["ood"] = self._plan_ood(pools["ood"])
-        if "ood_flite" in self.split_names():
-            plan["ood_flite"] = self._plan_flite(pools["ood_flite"])
+        ood_speakers = self._ood_speakers()
+        for split in OOD_SPLITS:
+            if split not in self.split_names():
+                continue
+            if split.endswith("flite"):
+                voices = self.options.flite_voices if split == "ood_flite" else self.options.validation_flite_voices
+                plan[split] = self._plan_flite(split, pools[split], voices)
+            else:
+                plan[split] = self._plan_ood(split, pools[split], ood_speakers[split])
         return plan
 
     def _ood_texts(self) -> dict[str, TextPool]:
@@ -173,7 +196,7 @@ class SyntheticSpeech(Dataset):
         from .prose import PROSE, numbers_and_names
 
         o = self.options
-        needs = {s: o.sizes.get(s, 0) for s in ("ood", "ood_flite")}
+        needs = {s: o.sizes.get(s, 0) for s in OOD_SPLITS}  # in this order: adding a split changes no other
         prose = random.Random(o.seed * 7919 + 3).sample(PROSE, len(PROSE))
         numbers = numbers_and_names(o.seed, 2 * sum(round(o.ood_numbers * n) for n in needs.values()))
         pools: dict[str, TextPool] = {}
@@ -181,33 +204,59 @@ class SyntheticSpeech(Dataset):
             k = round(o.ood_numbers * n)
             take = min(2 * (n - k), len(prose))
             if take < n - k:
-                raise ValueError(f"the ood splits ask for more prose sentences than the {len(PROSE)} there are")
+                raise ValueError(f"the out-of-domain splits ({', '.join(s for s in OOD_SPLITS if needs[s])}) ask for more "
+                                 f"prose sentences than the {len(PROSE)} there are")
             pools[split] = TextPool({"prose": prose[:take], "numbers": numbers[:2 * k]}, {"prose": n - k, "numbers": k})
             prose, numbers = prose[take:], numbers[2 * k:]
         return pools
 
-    def _plan_ood(self, pools: TextPool) -> list[dict]:
+    #: per out-of-domain split: (generator seed offset, synthesis seed offset, id prefix)
+    _SEEDS = {"ood": (1, 900_000), "ood_flite": (2, 0), "validation_ood": (11, 950_000), "validation_flite": (12, 0)}
+
+    def _ood_speakers(self) -> dict[str, list[tuple[str, str]]]:
+        """The espeak-ng voice/variant pairs of ``ood`` and ``validation_ood``: ``ood`` takes the first of a
+        shuffled list (as it always has); ``validation_ood`` from the other end of that list, one pair per
+        variant, none with a variant ``ood`` uses."""
+        o = self.options
+        combos = list(itertools.product(o.voices, o.ood_variants))
+        random.Random(o.seed * 7919 + 1).shuffle(combos)
+        n = {s: o.speakers.get(s, 0) if o.sizes.get(s, 0) > 0 else 0 for s in ("ood", "validation_ood")}
+        if n["ood"] > len(combos):
+            raise ValueError(f"{n['ood']} ood speakers asked for, but only {len(combos)} voice/variant pairs exist")
+        ood = combos[:n["ood"]]
+        used = {variant for _, variant in ood}
+        rest = [c for c in reversed(combos[n["ood"]:]) if c[1] not in used]
+        chosen, seen = [], set()
+        for voice, variant in rest:  # one voice per variant: a variant is the speaker
+            if variant not in seen and len(chosen) < n["validation_ood"]:
+                chosen.append((voice, variant))
+                seen.add(variant)
+        if len(chosen) < n["validation_ood"]:
+            raise ValueError(f"{n['validation_ood']} validation_ood speakers asked for, but only {len(chosen)} ood_variants "
+                             f"are left that the ood split does not use")
+        return {"ood": ood, "validation_ood": chosen}
+
+    def _plan_ood(self, split: str, pools: TextPool, combos: list[tuple[str, str]]) -> list[dict]:
         """Out-of-domain rows, from a generator of their own (the other splits stay as they were)."""
         o = self.options
-        rng = random.Random(o.seed * 7919 + 1)
-        combos = list(itertools.product(o.voices, o.ood_variants))
-        rng.shuffle(combos)
-        if o.speakers["ood"] > len(combos):
-            raise ValueError(f"{o.speakers['ood']} ood speakers asked for, but only {len(combos)} voice/variant pairs exist")
+        gen, seed0 = self._SEEDS[split]
+        rng = random.Random(o.seed * 7919 + gen)
+        if split == "ood":
+            rng.shuffle(list(itertools.product(o.voices, o.ood_variants)))  # the draws the ood split always made
         speakers = []
-        for voice, variant in combos[:o.speakers["ood"]]:
+        for voice, variant in combos:
             lo, hi = rng.choice(o.ood_rate)
             plo, phi = rng.choice(o.ood_pitch)
             speakers.append({"voice": f"{voice}+{variant}", "rate": rng.randint(lo, hi), "pitch": rng.randint(plo, phi),
                              "intonation": rng.choice(o.ood_intonation)})
-        texts = _fit(pools, [speakers[i % len(speakers)]["rate"] for i in range(o.sizes["ood"])], o.ood_max_seconds,
-                     random.Random(o.seed * 7919 + 4), per_word=1.0)
+        texts = _fit(pools, [speakers[i % len(speakers)]["rate"] for i in range(o.sizes[split])], o.ood_max_seconds,
+                     random.Random(o.seed * 7919 + gen + 3), per_word=1.0)
         rows = []
         for i, (kind, text) in enumerate(texts):
             spk = speakers[i % len(speakers)]
-            row = {"id": f"ood-{i:05d}", "text": text, "kind": kind,
+            row = {"id": f"{split}-{i:05d}", "text": text, "kind": kind,
                    "speaker": f"{spk['voice']}@{spk['rate']}/{spk['pitch']}/{spk['intonation']}",
-                   "seed": o.seed * 1_000_003 + 900_000 + i, **spk}
+                   "seed": o.seed * 1_000_003 + seed0 + i, **spk}
             if rng.random() < o.ood_noise:
                 row["noise_snr_db"] = round(rng.uniform(5, 20), 1)
             if rng.random() < o.ood_reverb:
@@ -215,21 +264,22 @@ class SyntheticSpeech(Dataset):
             rows.append(row)
         return rows
 
-    def _plan_flite(self, pools: TextPool) -> list[dict]:
+    def _plan_flite(self, split: str, pools: TextPool, voices: list[str]) -> list[dict]:
         """Rows read by flite voices at several speaking rates and pitches."""
         o = self.options
-        rng = random.Random(o.seed * 7919 + 2)
-        n_speakers = o.speakers["ood_flite"]
-        speakers = [{"engine": "flite", "voice": o.flite_voices[k % len(o.flite_voices)],
+        gen, _ = self._SEEDS[split]
+        rng = random.Random(o.seed * 7919 + gen)
+        n_speakers = o.speakers[split]
+        speakers = [{"engine": "flite", "voice": voices[k % len(voices)],
                      "stretch": round(rng.uniform(*o.flite_stretch), 2), "f0": rng.randint(*o.flite_pitch)}
                     for k in range(n_speakers)]
         # flite reads at about 170 words a minute; a stretch of 1.2 is about 140
-        texts = _fit(pools, [170 / speakers[i % len(speakers)]["stretch"] for i in range(o.sizes["ood_flite"])],
-                     o.ood_max_seconds, random.Random(o.seed * 7919 + 5), per_word=0.85)
+        texts = _fit(pools, [170 / speakers[i % len(speakers)]["stretch"] for i in range(o.sizes[split])],
+                     o.ood_max_seconds, random.Random(o.seed * 7919 + gen + 3), per_word=0.85)
         rows = []
         for i, (kind, text) in enumerate(texts):
             spk = speakers[i % len(speakers)]
-            rows.append({"id": f"ood_flite-{i:05d}", "text": text, "kind": kind,
+            rows.append({"id": f"{split}-{i:05d}", "text": text, "kind": kind,
                          "speaker": f"flite:{spk['voice']}@{spk['stretch']}/{spk['f0']}", **spk})
         return rows
 
@@ -258,9 +308,9 @@ class SyntheticSpeech(Dataset):
         if target.exists():
             progress.console.print(f"[yellow]{target}: incomplete or damaged corpus cache, rebuilding it[/]")
         plan = self.plan()
-        if "ood" in plan:
+        if {"ood", "validation_ood"} & set(plan):
             _check_variants(self.options.ood_variants)
-        if "ood_flite" in plan:
+        if {"ood_flite", "validation_flite"} & set(plan):
             _flite()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
