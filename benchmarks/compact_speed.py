@@ -6,6 +6,10 @@ same pruner, structured criterion and compaction that ``parpkit export --compact
 median of several timed forward passes and the dense/compact ratio (target: >= 1.6x).
 
     python benchmarks/compact_speed.py [--models whisper wav2vec2] [--repeats 15] [--threads 2] [--json out.json]
+
+With ``--run RUN_DIR`` (a whisper run exported with ``parpkit export RUN_DIR --compact``) it times that run's
+own models instead: ``RUN_DIR/model`` (the masked model, dense shapes: as fast as the dense model) against
+``RUN_DIR/compact``, on an input of the run's encoder window and 32 decoder tokens.
 """
 
 from __future__ import annotations
@@ -77,6 +81,31 @@ def measure(name: str, build, repeats: int, sparsity: float) -> dict:
             "max_abs_difference_vs_masked": diff}
 
 
+def measure_run(run: str, repeats: int) -> dict:
+    from pathlib import Path
+
+    from transformers import WhisperForConditionalGeneration
+
+    from parpkit import load_compact
+
+    run_dir = Path(run)
+    dense = WhisperForConditionalGeneration.from_pretrained(run_dir / "model").eval()
+    small = load_compact(run_dir / "compact").eval()
+    frames = 2 * dense.config.max_source_positions
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_features": torch.randn(1, dense.config.num_mel_bins, frames, generator=g),
+              "decoder_input_ids": torch.randint(0, 50000, (1, 32), generator=g)}
+    with torch.inference_mode():
+        diff = float((dense(**inputs).logits - small(**inputs).logits).abs().max())
+    t_dense, t_small = timed([dense, small], inputs, repeats)
+    nonzero = lambda m: sum(int(p.count_nonzero()) for p in m.parameters())  # noqa: E731
+    return {"model": str(run_dir), "input": f"1 x {frames // 100} s input, 32 decoder tokens", "sparsity": None,
+            "parameters_dense": sum(p.numel() for p in dense.parameters()), "nonzero_dense": nonzero(dense),
+            "parameters_compact": sum(p.numel() for p in small.parameters()),
+            "dense_s": round(t_dense, 4), "compact_s": round(t_small, 4), "speedup": round(t_dense / t_small, 2),
+            "max_abs_difference_vs_masked": diff}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["whisper", "wav2vec2"], choices=["whisper", "wav2vec2"])
@@ -84,10 +113,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--run", help="a whisper run directory with compact/ (parpkit export --compact): time its models")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     builders = {"whisper": ("whisper-tiny", whisper_tiny), "wav2vec2": ("wav2vec2-base", wav2vec2_base)}
-    results = [measure(*builders[m], args.repeats, args.sparsity) for m in args.models]
+    if args.run:
+        results = [measure_run(args.run, args.repeats)]
+    else:
+        results = [measure(*builders[m], args.repeats, args.sparsity) for m in args.models]
     for r in results:
         print(f"{r['model']:14s} {r['input']:34s} params {r['parameters_dense']:>11,} -> {r['parameters_compact']:>11,}  "
               f"dense {r['dense_s'] * 1000:8.1f} ms  compact {r['compact_s'] * 1000:8.1f} ms  x{r['speedup']:.2f}  "

@@ -130,6 +130,7 @@ def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
                    "wer": final.get("wer"), "cer": final.get("cer"), "per": final.get("per"),
                    "dense_wer": dense.get("wer"), "dense_cer": dense.get("cer"), "dense_per": dense.get("per"),
                    "mask_iou_initial": m.get("mask_iou_initial"), "steps": m["steps"], "wall_time_s": m["wall_time_s"]["total"],
+                   "model_parameters": m.get("model_parameters"),
                    "splits": {k: v for k, v in (final.get("splits") or {m["eval_split"]: final}).items()},
                    "dense_splits": dense.get("splits") or ({m["eval_split"]: dense} if dense else {}),
                    "curve": m.get("curve") or [],
@@ -242,6 +243,8 @@ def grouped(rows: list[dict]) -> list[dict]:
                  "pool_sparsity": _spread([r["pool_sparsity"] for r in rs])[0],
                  "model_sparsity": _spread([r["model_sparsity"] for r in rs])[0],
                  "steps": rs[0]["steps"], "wall_time_s": sum(r["wall_time_s"] for r in rs),
+                 "nonzero_parameters": _spread([None if r.get("model_parameters") is None or r["model_sparsity"] is None
+                                                else r["model_parameters"] * (1 - r["model_sparsity"]) for r in rs])[0],
                  "mask_iou_initial": _spread([r["mask_iou_initial"] for r in rs]),
                  "scores": {s: _spread([r["splits"].get(s, {}).get(rate) for r in rs]) for s in splits},
                  "values": {s: [r["splits"].get(s, {}).get(rate) for r in rs] for s in splits},  # one per seed, in seed order
@@ -261,23 +264,37 @@ def _fmt(mean_spread: tuple[float, float], seeds: int, values: list | None = Non
     return f"{mean:.3f} ± {spread:.3f}" + (f" ({each})" if each else "")
 
 
+def zero_shot(rows: list[dict]) -> dict[str, dict] | None:
+    """The pretrained model's scores per split, where every run shares one (else None)."""
+    dense = [r for r in rows if r["dense_splits"]]
+    zeros = {json.dumps(r["dense_splits"], sort_keys=True) for r in dense}
+    return dense[0]["dense_splits"] if len(zeros) == 1 else None
+
+
 def markdown(rows: list[dict]) -> str:
     """method × sparsity: error rates per split (mean ± half the range over seeds, then every seed's value),
-    sparsity, compute (optimizer steps, those that found the mask included; wall time of all seeds), time."""
+    each split's mean over the zero-shot model's where all runs share one, sparsity and non-zero parameters,
+    compute (optimizer steps, those that found the mask included; wall time of all seeds)."""
     groups = grouped(rows)
     splits = list(OrderedDict.fromkeys(s for g in groups for s in g["splits"]))
     rate = groups[0]["rate"].upper()
-    head = ["method", "sparsity", "seeds"] + [f"{rate} {s}" for s in splits] + [f"CER {s}" for s in splits if rate == "WER"]
-    head += ["pool sparsity", "model sparsity", "mask IoU with first", "steps (mask finding included)", "wall time (s)"]
+    zero = zero_shot(rows)
+    ratio_splits = [s for s in splits if zero and (zero.get(s) or {}).get(groups[0]["rate"])]
+    head = ["method", "sparsity", "seeds"] + [f"{rate} {s}" for s in splits] + [f"× zero-shot {s}" for s in ratio_splits]
+    head += [f"CER {s}" for s in splits if rate == "WER"]
+    head += ["pool sparsity", "model sparsity", "non-zero parameters", "mask IoU with first", "steps (mask finding included)",
+             "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["method"], f"{g['sparsity']:g}", str(g["seeds"])]
         cells += [_fmt(g["scores"].get(s, (math.nan, math.nan)), g["seeds"], g["values"].get(s)) for s in splits]
+        cells += ["" if math.isnan(g["scores"].get(s, (math.nan,))[0]) else f"{g['scores'][s][0] / zero[s][groups[0]['rate']]:.2f}"
+                  for s in ratio_splits]
         if rate == "WER":
             cells += [_fmt(g["cer"].get(s, (math.nan, math.nan)), g["seeds"]) for s in splits]
-        iou = g["mask_iou_initial"]
-        cells += [f"{g['pool_sparsity']:.4f}", f"{g['model_sparsity']:.4f}", "" if math.isnan(iou[0]) else f"{iou[0]:.4f}",
-                  str(g["steps"]), f"{g['wall_time_s']:.0f}"]
+        iou, nonzero = g["mask_iou_initial"], g["nonzero_parameters"]
+        cells += [f"{g['pool_sparsity']:.4f}", f"{g['model_sparsity']:.4f}", "" if math.isnan(nonzero) else f"{nonzero / 1e6:.2f}M",
+                  "" if math.isnan(iou[0]) else f"{iou[0]:.4f}", str(g["steps"]), f"{g['wall_time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     dense = [r for r in rows if r["dense_splits"]]
     zeros = OrderedDict((json.dumps(r["dense_splits"], sort_keys=True), r) for r in dense)

@@ -193,3 +193,21 @@ def test_validation_flite_voices_must_differ_from_the_reported_ones():
                          flite_voices=["slt", "awb"])
     with pytest.raises(ValueError, match="the validation_flite split needs validation_flite_voices"):
         SyntheticOptions(sizes={"validation_flite": 4}, speakers={"validation_flite": 2}, validation_flite_voices=[])
+
+
+def test_docs_text_gives_disjoint_plain_english_sentences_none_from_the_out_of_domain_sources(tmp_path):
+    from parpkit_plugins.datasets.synthetic_speech.prose import PROSE
+    from parpkit_plugins.datasets.synthetic_speech.sentences import docs_sentences
+
+    pool = docs_sentences()
+    assert len(pool) == 3611 and len({s.lower() for s in pool}) == len(pool)
+    plan = _plan(tmp_path, text="docs", sizes={"train": 200, "validation": 20, "test": 40, "ood_flite": 20},
+                 speakers={"train": 8, "validation": 2, "test": 3, "ood_flite": 2})
+    texts = {s: [r["text"] for r in rows] for s, rows in plan.items()}
+    assert all(t in pool for s in ("train", "validation", "test") for t in texts[s])
+    assert not set(texts["train"]) & set(texts["test"]) and not set(texts["validation"]) & set(texts["test"] + texts["train"])
+    assert not set(pool) & set(PROSE) and not set(texts["ood_flite"]) & set(pool)
+    words = {w.strip(",.").lower() for t in texts["train"] for w in t.split()}
+    assert len(words) > 600  # 200 sentences; the grammar's whole vocabulary is about 200 words
+    with pytest.raises(ValueError, match="text docs has 3,611 sentences; the in-domain splits ask for 4,000"):
+        _plan(tmp_path, text="docs", sizes={"train": 4000}, speakers={"train": 8})

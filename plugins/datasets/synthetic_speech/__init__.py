@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -70,6 +71,10 @@ class SyntheticOptions(PluginOptions):
     rate: tuple[int, int] = (140, 190)
     pitch: tuple[int, int] = (30, 70)
     seed: int = 0
+    #: the text of train, validation and test: ``grammar`` (a template grammar of about 200 words: easy to
+    #: learn, and a fine-tune learns its narrow language too) or ``docs`` (3,611 plain English sentences from
+    #: the docstrings of Python's standard library, about 3,400 distinct words; disjoint between the splits)
+    text: Literal["grammar", "docs"] = "grammar"
     # the out-of-domain split (sizes.ood > 0): its own variants, prosody and text
     ood_variants: list[str] = Field(default_factory=lambda: list(OOD_VARIANTS))
     #: words-per-minute ranges, outside the training range (slow and fast)
@@ -152,7 +157,7 @@ class SyntheticSpeech(Dataset):
 
     def plan(self) -> dict[str, list[dict]]:
         """Which sentence each speaker says in each split (no audio): deterministic in the options."""
-        from .sentences import SentenceGenerator
+        from .sentences import SentenceGenerator, docs_sentences
 
         o = self.options
         rng = random.Random(o.seed)
@@ -163,7 +168,13 @@ class SyntheticSpeech(Dataset):
         if need > len(combos):
             raise ValueError(f"{need} speakers asked for, but only {len(combos)} voice/variant pairs exist")
         sizes = {s: o.sizes.get(s, 0) for s in in_domain}
-        sentences = SentenceGenerator(o.seed).unique(sum(sizes.values()))
+        if o.text == "docs":
+            pool = docs_sentences()
+            if sum(sizes.values()) > len(pool):
+                raise ValueError(f"text docs has {len(pool):,} sentences; the in-domain splits ask for {sum(sizes.values()):,}")
+            sentences = random.Random(o.seed * 7919 + 21).sample(pool, sum(sizes.values()))
+        else:
+            sentences = SentenceGenerator(o.seed).unique(sum(sizes.values()))
         plan, start_s, start_t = {}, 0, 0
         for split in in_domain:
             speakers = []

@@ -94,3 +94,13 @@ class SentenceGenerator:
             if len(seen) == n:
                 return list(seen)
         raise RuntimeError(f"could not generate {n} distinct sentences")
+
+
+def docs_sentences() -> list[str]:
+    """The bundled plain-English sentences (docs_sentences.txt: CPython's standard-library docstrings),
+    in the file's order."""
+    from pathlib import Path
+
+    lines = (Path(__file__).with_name("docs_sentences.txt")).read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line and not line.startswith("#")]
+
