@@ -213,11 +213,18 @@ def write_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     splits = sorted({s for r in rows for s in r["splits"]})
     extra = [f"{k}_{s}" for s in splits for k in ("wer", "cer", "per") if any(k in r["splits"].get(s, {}) for r in rows)]
+    # the pretrained model's scores per split (zero-shot), and the non-zero parameters of the final model
+    extra += [f"dense_{k}_{s}" for s in splits for k in ("wer", "cer", "per") if any(k in r["dense_splits"].get(s, {}) for r in rows)]
+    extra += ["model_parameters", "nonzero_parameters"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + extra, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, **{f"{k}_{s}": r["splits"].get(s, {}).get(k) for s in splits for k in ("wer", "cer", "per")}})
+            nonzero = (None if r.get("model_parameters") is None or r["model_sparsity"] is None
+                       else round(r["model_parameters"] * (1 - r["model_sparsity"])))
+            writer.writerow({**r, **{f"{k}_{s}": r["splits"].get(s, {}).get(k) for s in splits for k in ("wer", "cer", "per")},
+                             **{f"dense_{k}_{s}": r["dense_splits"].get(s, {}).get(k) for s in splits for k in ("wer", "cer", "per")},
+                             "nonzero_parameters": nonzero})
 
 
 # ------------------------------------------------------------------------------------------ grouping
