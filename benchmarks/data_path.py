@@ -30,11 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.train_speed import WHISPER_TINY, WORDS  # noqa: E402
 from parpkit import Utterance  # noqa: E402
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven bright stars watch quietly".split()
-WHISPER_TINY = {"d_model": 384, "encoder_layers": 4, "decoder_layers": 4, "encoder_attention_heads": 6,
-                "decoder_attention_heads": 6, "encoder_ffn_dim": 1536, "decoder_ffn_dim": 1536}
 
 
 def timed(fn, device: str, repeats: int) -> float:

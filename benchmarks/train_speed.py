@@ -143,33 +143,28 @@ def steady_rate(times: list[float], warm: int) -> float:
     return (len(times) - 1 - warm) / (times[-1] - times[warm])
 
 
-class MaskWork:
-    """Times every call of the pruner's mask work (``PoolPruner`` methods) while installed."""
+class CallTimer:
+    """Times every call of some methods of a class (``owner``) while installed; a call made inside another
+    timed call is counted there (prune applies its masks)."""
 
-    METHODS = ("prune", "apply", "zero_pruned_grads", "zero_fraction", "reset_optimizer_state")
-
-    def __init__(self, device: str):
-        self.device = device
+    def __init__(self, owner: type, methods: tuple[str, ...], device: str):
+        self.owner, self.methods, self.device = owner, methods, device
         self.calls: list[tuple[float, float]] = []  # (start, duration)
         self.depth = 0
 
     def __enter__(self):
-        from parpkit.masks import PoolPruner
-
-        self.saved = {m: getattr(PoolPruner, m) for m in self.METHODS}
+        self.saved = {m: getattr(self.owner, m) for m in self.methods}
         for m, fn in self.saved.items():
-            setattr(PoolPruner, m, self.timed(fn))
+            setattr(self.owner, m, self.timed(fn))
         return self
 
     def __exit__(self, *exc):
-        from parpkit.masks import PoolPruner
-
         for m, fn in self.saved.items():
-            setattr(PoolPruner, m, fn)
+            setattr(self.owner, m, fn)
 
     def timed(self, fn):
         def wrapper(*args, **kw):
-            if self.depth:  # inside another timed call (prune applies its masks): counted there
+            if self.depth:
                 return fn(*args, **kw)
             sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
             sync()
@@ -187,37 +182,18 @@ class MaskWork:
         return sum(d for s, d in self.calls if start <= s < end)
 
 
-class DataWait:
-    """Times every call of the Trainer's ``get_batch_samples`` (the loop fetching its next batches) while installed."""
+def mask_work(device: str) -> CallTimer:
+    """The pruner's mask work (``PoolPruner`` methods)."""
+    from parpkit.masks import PoolPruner
 
-    def __init__(self, device: str):
-        self.device = device
-        self.calls: list[tuple[float, float]] = []
+    return CallTimer(PoolPruner, ("prune", "apply", "zero_pruned_grads", "zero_fraction", "reset_optimizer_state"), device)
 
-    def __enter__(self):
-        from transformers import Trainer
 
-        self.saved = Trainer.get_batch_samples
+def data_wait(device: str) -> CallTimer:
+    """The Trainer's ``get_batch_samples``: the training loop fetching its next batches."""
+    from transformers import Trainer
 
-        def timed(trainer, *args, **kw):
-            start = time.perf_counter()
-            try:
-                return self.saved(trainer, *args, **kw)
-            finally:
-                if self.device == "cuda":
-                    torch.cuda.synchronize()
-                self.calls.append((start, time.perf_counter() - start))
-
-        Trainer.get_batch_samples = timed
-        return self
-
-    def __exit__(self, *exc):
-        from transformers import Trainer
-
-        Trainer.get_batch_samples = self.saved
-
-    def seconds_between(self, start: float, end: float) -> float:
-        return sum(d for s, d in self.calls if start <= s < end)
+    return CallTimer(Trainer, ("get_batch_samples",), device)
 
 
 ENGINE_RUNS = {"dense": ({"name": "bench_dense"}, 0.0, "device"), "dense-cpu-features": ({"name": "bench_dense"}, 0.0, "cpu"),
@@ -228,7 +204,7 @@ def engine_rate(setup: Setup, name: str) -> tuple[float, float, float]:
     """Steady-state steps per second, and the shares of that time spent in mask work and waiting for data."""
     schedule, sparsity, features = ENGINE_RUNS[name]
     timer = StepTimer()
-    with tempfile.TemporaryDirectory() as out, MaskWork(setup.device) as work, DataWait(setup.device) as data:
+    with tempfile.TemporaryDirectory() as out, mask_work(setup.device) as work, data_wait(setup.device) as data:
         parpkit.run(recipe(setup, schedule, sparsity, features), output_dir=out, progress=False,
                     plugins=[BenchPlugin()], callbacks=[timer.callback])
     start, end = timer.times[setup.warm], timer.times[-1]

@@ -131,6 +131,8 @@ def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
                    "dense_wer": dense.get("wer"), "dense_cer": dense.get("cer"), "dense_per": dense.get("per"),
                    "mask_iou_initial": m.get("mask_iou_initial"), "steps": m["steps"], "wall_time_s": m["wall_time_s"]["total"],
                    "model_parameters": m.get("model_parameters"),
+                   "nonzero_parameters": (None if m.get("model_parameters") is None or final.get("model_sparsity") is None
+                                          else round(m["model_parameters"] * (1 - final["model_sparsity"]))),
                    "splits": {k: v for k, v in (final.get("splits") or {m["eval_split"]: final}).items()},
                    "dense_splits": dense.get("splits") or ({m["eval_split"]: dense} if dense else {}),
                    "curve": m.get("curve") or [],
@@ -220,11 +222,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + extra, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            nonzero = (None if r.get("model_parameters") is None or r["model_sparsity"] is None
-                       else round(r["model_parameters"] * (1 - r["model_sparsity"])))
             writer.writerow({**r, **{f"{k}_{s}": r["splits"].get(s, {}).get(k) for s in splits for k in ("wer", "cer", "per")},
-                             **{f"dense_{k}_{s}": r["dense_splits"].get(s, {}).get(k) for s in splits for k in ("wer", "cer", "per")},
-                             "nonzero_parameters": nonzero})
+                             **{f"dense_{k}_{s}": r["dense_splits"].get(s, {}).get(k) for s in splits for k in ("wer", "cer", "per")}})
 
 
 # ------------------------------------------------------------------------------------------ grouping
@@ -250,8 +249,7 @@ def grouped(rows: list[dict]) -> list[dict]:
                  "pool_sparsity": _spread([r["pool_sparsity"] for r in rs])[0],
                  "model_sparsity": _spread([r["model_sparsity"] for r in rs])[0],
                  "steps": rs[0]["steps"], "wall_time_s": sum(r["wall_time_s"] for r in rs),
-                 "nonzero_parameters": _spread([None if r.get("model_parameters") is None or r["model_sparsity"] is None
-                                                else r["model_parameters"] * (1 - r["model_sparsity"]) for r in rs])[0],
+                 "nonzero_parameters": _spread([r.get("nonzero_parameters") for r in rs])[0],
                  "mask_iou_initial": _spread([r["mask_iou_initial"] for r in rs]),
                  "scores": {s: _spread([r["splits"].get(s, {}).get(rate) for r in rs]) for s in splits},
                  "values": {s: [r["splits"].get(s, {}).get(rate) for r in rs] for s in splits},  # one per seed, in seed order
@@ -303,15 +301,14 @@ def markdown(rows: list[dict]) -> str:
         cells += [f"{g['pool_sparsity']:.4f}", f"{g['model_sparsity']:.4f}", "" if math.isnan(nonzero) else f"{nonzero / 1e6:.2f}M",
                   "" if math.isnan(iou[0]) else f"{iou[0]:.4f}", str(g["steps"]), f"{g['wall_time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    dense = [r for r in rows if r["dense_splits"]]
-    zeros = OrderedDict((json.dumps(r["dense_splits"], sort_keys=True), r) for r in dense)
-    if len(zeros) == 1:
-        zero = "; ".join(f"{s} {dense[0]['dense_splits'][s].get(groups[0]['rate'], math.nan):.3f}" for s in dense[0]["dense_splits"])
+    if zero is not None:
+        scores = "; ".join(f"{s} {zero[s].get(groups[0]['rate'], math.nan):.3f}" for s in zero)
         lines.append("")
-        lines.append(f"Pretrained model before fine-tuning (zero-shot): {rate} {zero}.")
-    elif zeros:  # different pretrained models (a backbone option as a sweep axis): no one line speaks for all
+        lines.append(f"Pretrained model before fine-tuning (zero-shot): {rate} {scores}.")
+    elif any(r["dense_splits"] for r in rows):  # different pretrained models (a backbone option as a sweep axis)
+        different = len({json.dumps(r["dense_splits"], sort_keys=True) for r in rows if r["dense_splits"]})
         lines.append("")
-        lines.append(f"Pretrained model before fine-tuning (zero-shot): differs between the runs ({len(zeros)} different "
+        lines.append(f"Pretrained model before fine-tuning (zero-shot): differs between the runs ({different} different "
                      "scores); see each run's metrics.json.")
     return "\n".join(lines) + "\n"
 
