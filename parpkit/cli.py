@@ -104,12 +104,25 @@ def results_table(metrics: dict) -> Table:
     return table
 
 
+def leave_process_group() -> None:
+    """Under torchrun, take this rank's process group down once its part of the run is done. Rank 0 goes on
+    alone (final evaluation, writing the run directory) while the others exit; a process that exits with
+    the group's threads still running aborts ("terminate called without an active exception", SIGABRT),
+    and torchrun then reports the whole run as failed. No barrier: rank 0's evaluation may outlast any
+    collective timeout."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_run(args) -> int:
     from parpkit.api import run
 
     progress = Progress(enabled=not args.quiet, console=err_console)
     result = run(args.recipe, overrides=args.set or [], output_dir=args.output_dir, fresh=args.fresh, resume=args.resume,
                  progress=progress, shared=args.shared)
+    leave_process_group()
     metrics = result.metrics
     if metrics:
         console.print(results_table(metrics))
