@@ -4,12 +4,14 @@ anything loads, in one line naming the file, the key and what was expected (exit
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from parpkit.cli import main
 from parpkit.errors import RecipeError
@@ -417,3 +419,16 @@ def test_plugin_options_refuse_inf_and_nan_too(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"dataset.options.ood_max_seconds": float("inf")}))
     with pytest.raises(RecipeError, match=r"dataset\.options\.ood_max_seconds: Input should be a finite number"):
         resolve(load_recipe(path)[0], Plugins(), str(path))
+
+
+def test_fp16_without_a_cuda_device_is_refused_and_bf16_trains_on_the_cpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: fp16 is allowed")
+    _refused(tmp_path, capsys, tiny_recipe(**{"training.precision": "fp16"}),
+             r"training\.precision: training\.precision fp16 needs a CUDA device .* use bf16 \(autocast on the CPU\) or fp32")
+    # bf16 on the CPU: transformers refuses it unless told "cpu"; the engine tells it, and the run trains
+    path = write_recipe(tmp_path / "bf16.yaml", tiny_recipe(**{"training.precision": "bf16", "training.max_steps": 3}))
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "bf16"), "--quiet"]) == 0
+    losses = [e["loss"] for e in map(json.loads, (tmp_path / "bf16" / "log.jsonl").read_text().splitlines())
+              if e["event"] == "train" and "loss" in e]
+    assert losses and all(math.isfinite(v) for v in losses)

@@ -210,6 +210,9 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     located(file, "pruning.criterion", lambda: criterion.check(context))
     located(file, "pruning.schedule", lambda: schedule.check(context))
     check_teacher(r.distillation, resolved.backbone, file)
+    if r.training.precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("training.precision fp16 needs a CUDA device (its loss scaler); this machine has none: use bf16 "
+                          "(autocast on the CPU) or fp32", file=file, key="training.precision")
     return model, pool
 
 

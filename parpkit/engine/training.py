@@ -64,8 +64,9 @@ def training_arguments(recipe: Recipe, output_dir: Path, steps: int, group_by_le
         dataloader_persistent_workers=t.dataloader_workers > 0,  # workers keep their state (feature caches) across epochs
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         remove_unused_columns=False, disable_tqdm=True,
-        # several CPU processes (torchrun without GPUs): accelerate sets up gloo DDP only when told "cpu"
-        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        # several CPU processes (torchrun without GPUs): accelerate sets up gloo DDP only when told "cpu"; bf16
+        # on a CPU (autocast): transformers refuses it unless told "cpu"
+        use_cpu=not torch.cuda.is_available() and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or t.precision == "bf16"),
     )
 
 
