@@ -268,7 +268,7 @@ def cmd_report(args) -> int:
         for note in notes:
             err_console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     if args.compare:
-        from parpkit.report import compare, compare_markdown
+        from parpkit.report import compare, compare_markdown, write_compare_csv
 
         pairs = [p for a, b in args.compare for p in compare(rows, a, b)]
         table = Table(title="paired bootstrap over utterances: final error rate of A minus B")
@@ -280,7 +280,8 @@ def cmd_report(args) -> int:
         console.print(table)
         if out is not None:
             (out / "compare.md").write_text(compare_markdown(pairs))
-            console.print(f"wrote {out / 'compare.md'}")
+            write_compare_csv(pairs, out / "compare.csv")
+            console.print(f"wrote {out / 'compare.md'} and {out / 'compare.csv'}")
     return 0
 
 

@@ -345,6 +345,19 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
     return out
 
 
+COMPARE_COLUMNS = ["a", "b", "sparsity", "split", "seeds_a", "seeds_b", "difference", "low", "high", "p_a_worse", "utterances",
+                   "resamples", "level"]
+
+
+def write_compare_csv(pairs: list[dict], path: Path) -> None:
+    """The pairs of ``compare`` as CSV (full precision), the table README findings are checked against."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COMPARE_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(pairs)
+
+
 def compare_markdown(pairs: list[dict]) -> str:
     level = pairs[0]["level"]
     lines = [f"| A | B | sparsity | split | seeds A | seeds B | A − B | {level:.0%} interval | P(A worse) | utterances |",

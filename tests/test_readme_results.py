@@ -1,9 +1,11 @@
-"""Every results table the README marks as checked equals the committed table.csv it names, cell by cell.
+"""Every results table the README marks as checked equals the committed CSV it names, cell by cell.
 
-A checked table follows a line ``<!-- checked: results/NAME/table.csv -->``. Its first column names a row of
-the CSV (the ``method`` column; ``tiny.en zero-shot`` is the pretrained model's scores, the CSV's ``dense_``
-columns); every other column must be one this test knows how to compute from the CSV, so no number in such
-a table can drift from the measurements."""
+A checked table follows a line ``<!-- checked: results/NAME/table.csv -->`` (or ``…/compare.csv``). In a
+``table.csv`` table the first column names the CSV's ``method`` (``tiny.en zero-shot`` is the pretrained
+model's scores, the CSV's ``dense_`` columns); with a ``sparsity`` column the row is that method at that
+sparsity, its seeds averaged. In a ``compare.csv`` table (``parpkit report --compare``) the columns ``A``,
+``B``, ``sparsity`` and ``split`` name the pair. Every other column must be one this test knows how to
+compute from the CSV, so no number in such a table can drift from the measurements."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"<!-- checked: (\S+) -->")
 ZERO_SHOT = "tiny.en zero-shot"
+PAIR_KEYS = ("A", "B", "sparsity", "split")
 
 
 def _tables(text: str) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -38,39 +41,89 @@ def _tables(text: str) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
-def expected(header: str, row: dict, zero_shot: bool) -> str:
-    """The cell a column holds for a CSV row, formatted as the README writes it."""
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(float(r[key]) for r in rows) / len(rows)
+
+
+def expected(header: str, rows: dict | list[dict], zero_shot: bool) -> str:
+    """The cell a column holds for CSV rows (one run, or the seeds of one method and sparsity, averaged),
+    formatted as the README writes it."""
+    rows = [rows] if isinstance(rows, dict) else rows
+
     def rate(split: str) -> float:
-        return float(row[f"dense_wer_{split}"] if zero_shot else row[f"wer_{split}"])
+        return _mean(rows, f"dense_wer_{split}" if zero_shot else f"wer_{split}")
 
     if m := re.fullmatch(r"WER (\S+)", header):
         return f"{rate(m.group(1)):.3f}"
     if m := re.fullmatch(r"× zero-shot (\S+)", header):
-        return f"{rate(m.group(1)) / float(row[f'dense_wer_{m.group(1)}']):.2f}"
+        return f"{rate(m.group(1)) / _mean(rows, f'dense_wer_{m.group(1)}'):.2f}"
     if header == "sparsity":
-        return "0" if zero_shot else f"{float(row['target_sparsity']):g}"
+        return "0" if zero_shot else f"{float(rows[0]['target_sparsity']):g}"
+    if header == "seeds":
+        return str(len(rows))
+    if header == "mask IoU with first":
+        return f"{_mean(rows, 'mask_iou_initial'):.3f}"
     if header == "non-zero parameters":
-        value = float(row["model_parameters"]) if zero_shot else float(row["nonzero_parameters"])
+        value = _mean(rows, "model_parameters") if zero_shot else _mean(rows, "nonzero_parameters")
         return f"{value / 1e6:.2f}M"
     if header == "training steps":
-        return "0" if zero_shot else row["steps"]
+        return "0" if zero_shot else rows[0]["steps"]
     raise AssertionError(f"the README's checked table has a column this test cannot check: {header!r}")
+
+
+def expected_pair(header: str, row: dict) -> str:
+    """The cell a column of a compare table holds for a compare.csv row."""
+    if header == "A − B":
+        return f"{float(row['difference']):+.3f}"
+    if header == f"{float(row['level']):.0%} interval":
+        return f"[{float(row['low']):+.3f}, {float(row['high']):+.3f}]"
+    if header == "P(A worse)":
+        return f"{float(row['p_a_worse']):.2f}"
+    if header in ("seeds A", "seeds B"):
+        return row["seeds_" + header[-1].lower()]
+    if header == "utterances":
+        return row["utterances"]
+    raise AssertionError(f"the README's checked compare table has a column this test cannot check: {header!r}")
+
+
+def _check_table(path: str, header: list[str], cells: list[str], rows: list[dict]) -> None:
+    label = cells[0]
+    zero_shot = label == ZERO_SHOT
+    if zero_shot:
+        matched = rows[:1]
+    else:
+        matched = [r for r in rows if r["method"] == label]
+        if "sparsity" in header:
+            sparsity = cells[header.index("sparsity")]
+            matched = [r for r in matched if f"{float(r['target_sparsity']):g}" == sparsity]
+        elif len(matched) > 1:
+            raise AssertionError(f"{path}: {len(matched)} rows with method {label!r}: give the table a sparsity column")
+    assert matched, f"{path}: no row with method {label!r} (methods: {sorted({r['method'] for r in rows})})"
+    for head, cell in zip(header[1:], cells[1:], strict=True):
+        assert cell == expected(head, matched, zero_shot), f"{path}, {label}, {head}: README {cell!r}"
+
+
+def _check_pairs(path: str, header: list[str], cells: list[str], rows: list[dict]) -> None:
+    missing = [k for k in PAIR_KEYS if k not in header]
+    assert not missing, f"{path}: a checked compare table needs the columns {', '.join(PAIR_KEYS)}"
+    key = {k: cells[header.index(k)] for k in PAIR_KEYS}
+    matched = [r for r in rows if (r["a"], r["b"], f"{float(r['sparsity']):g}", r["split"]) == tuple(key.values())]
+    assert len(matched) == 1, f"{path}: no single pair {key}"
+    for head, cell in zip(header, cells, strict=True):
+        if head not in PAIR_KEYS:
+            assert cell == expected_pair(head, matched[0]), f"{path}, {key}, {head}: README {cell!r}"
 
 
 def test_checked_readme_tables_equal_their_committed_csv():
     tables = _tables((ROOT / "README.md").read_text())
     if not tables:
         pytest.skip("the README marks no checked table")
-    for path, header, rows in tables:
+    for path, header, cells_rows in tables:
         with (ROOT / path).open(newline="") as f:
-            by_method = {r["method"]: r for r in csv.DictReader(f)}
-        for cells in rows:
-            label = cells[0]
-            zero_shot = label == ZERO_SHOT
-            row = next(iter(by_method.values())) if zero_shot else by_method.get(label)
-            assert row is not None, f"{path}: no row with method {label!r} (rows: {sorted(by_method)})"
-            for head, cell in zip(header[1:], cells[1:], strict=True):
-                assert cell == expected(head, row, zero_shot), f"{path}, {label}, {head}: README {cell!r}"
+            rows = list(csv.DictReader(f))
+        check = _check_pairs if path.endswith("compare.csv") else _check_table
+        for cells in cells_rows:
+            check(path, header, cells, rows)
 
 
 def test_the_checker_catches_a_drifted_cell(tmp_path):
@@ -84,3 +137,25 @@ def test_the_checker_catches_a_drifted_cell(tmp_path):
     assert tables[0][2][0][1] != expected("WER test", row, False)  # 0.501 against the CSV's 0.502: a failure
     with pytest.raises(AssertionError, match="cannot check: 'speed'"):
         expected("speed", row, False)
+
+
+def test_seeds_are_averaged_per_sparsity_and_pairs_are_checked_by_their_keys():
+    rows = [{"method": "parp", "target_sparsity": "0.5", "wer_test": "0.20", "mask_iou_initial": "0.9", "steps": "300"},
+            {"method": "parp", "target_sparsity": "0.5", "wer_test": "0.30", "mask_iou_initial": "0.8", "steps": "300"},
+            {"method": "parp", "target_sparsity": "0.7", "wer_test": "0.90", "mask_iou_initial": "0.7", "steps": "300"}]
+    header = ["method", "sparsity", "seeds", "WER test", "mask IoU with first"]
+    _check_table("t.csv", header, ["parp", "0.5", "2", "0.250", "0.850"], rows)
+    _check_table("t.csv", header, ["parp", "0.7", "1", "0.900", "0.700"], rows)
+    with pytest.raises(AssertionError, match="WER test"):
+        _check_table("t.csv", header, ["parp", "0.5", "2", "0.200", "0.850"], rows)  # one seed's value, not the mean
+    with pytest.raises(AssertionError, match="give the table a sparsity column"):
+        _check_table("t.csv", ["method", "WER test"], ["parp", "0.250"], rows)
+    pairs = [{"a": "parp", "b": "fixed", "sparsity": "0.5", "split": s, "seeds_a": "3", "seeds_b": "3", "difference": d,
+              "low": lo, "high": hi, "p_a_worse": p, "utterances": "120", "resamples": "2000", "level": "0.95"}
+             for s, d, lo, hi, p in (("test", "-0.0213", "-0.0391", "-0.0044", "0.006"), ("ood", "0.0102", "-0.02", "0.04", "0.74"))]
+    header = ["A", "B", "sparsity", "split", "A − B", "95% interval", "P(A worse)", "seeds A"]
+    _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "test", "-0.021", "[-0.039, -0.004]", "0.01", "3"], pairs)
+    with pytest.raises(AssertionError, match="95% interval"):
+        _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "ood", "+0.010", "[-0.020, +0.050]", "0.74", "3"], pairs)
+    with pytest.raises(AssertionError, match="no single pair"):
+        _check_pairs("c.csv", header, ["parp", "fixed", "0.7", "ood", "+0.010", "[-0.020, +0.040]", "0.74", "3"], pairs)

@@ -3,6 +3,7 @@ known difference, and every seed's value in table.md."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -102,5 +103,9 @@ def test_report_compare_prints_and_writes_the_intervals(tmp_path, capsys):
     assert "paired bootstrap" in out and "parp" in out
     written = (tmp_path / "rep" / "compare.md").read_text()
     assert "| parp | fixed | 0.5 | test | 1 | 1 | +0.2" in written
+    with (tmp_path / "rep" / "compare.csv").open(newline="") as f:
+        [pair] = list(csv.DictReader(f))
+    assert (pair["a"], pair["b"], float(pair["sparsity"]), pair["split"], int(pair["utterances"])) == ("parp", "fixed", 0.5, "test", 200)
+    assert float(pair["low"]) < float(pair["difference"]) < float(pair["high"]) and f"{float(pair['difference']):+.4f}" in written
     assert main(["report", str(tmp_path / "runs"), "--compare", "parp", "omp"]) == 2
     assert "no method 'omp'" in capsys.readouterr().err
