@@ -424,8 +424,14 @@ def test_plugin_options_refuse_inf_and_nan_too(tmp_path):
 def test_fp16_without_a_cuda_device_is_refused_and_bf16_trains_on_the_cpu(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device: fp16 is allowed")
-    _refused(tmp_path, capsys, tiny_recipe(**{"training.precision": "fp16"}),
-             r"training\.precision: training\.precision fp16 needs a CUDA device .* use bf16 \(autocast on the CPU\) or fp32")
+    fp16 = write_recipe(tmp_path / "fp16.yaml", tiny_recipe(**{"training.precision": "fp16"}))
+    assert main(["validate", str(fp16)]) == 0  # validate may run where the job's GPUs are not (a login node)
+    capsys.readouterr()
+    assert main(["run", str(fp16), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    err = _err(capsys)
+    assert re.search(r"training\.precision: training\.precision fp16 needs a CUDA device .* use bf16 \(autocast on the "
+                     r"CPU\) or fp32", err), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
     # bf16 on the CPU: transformers refuses it unless told "cpu"; the engine tells it, and the run trains
     path = write_recipe(tmp_path / "bf16.yaml", tiny_recipe(**{"training.precision": "bf16", "training.max_steps": 3}))
     assert main(["run", str(path), "--output-dir", str(tmp_path / "bf16"), "--quiet"]) == 0

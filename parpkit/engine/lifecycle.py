@@ -112,6 +112,7 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
     recipe = resolved.recipe
     mapping = resolved_mapping if resolved_mapping is not None else recipe.model_dump(mode="json")
     preflight(resolved)  # before the directory exists: a recipe that fails its checks leaves nothing behind
+    check_this_machine(resolved)
     probe = training_arguments(recipe, Path(output_dir or recipe.run_dir()), 1)  # sets up the process group (torchrun)
     rundir = RunDir(Path(output_dir or recipe.run_dir()), yaml.safe_dump(mapping, sort_keys=False), main=probe.process_index == 0)
 
@@ -210,10 +211,15 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     located(file, "pruning.criterion", lambda: criterion.check(context))
     located(file, "pruning.schedule", lambda: schedule.check(context))
     check_teacher(r.distillation, resolved.backbone, file)
-    if r.training.precision == "fp16" and not torch.cuda.is_available():
-        raise RecipeError("training.precision fp16 needs a CUDA device (its loss scaler); this machine has none: use bf16 "
-                          "(autocast on the CPU) or fp32", file=file, key="training.precision")
     return model, pool
+
+
+def check_this_machine(resolved: Resolved) -> None:
+    """What a recipe needs of the machine that trains it (not checked by ``validate``, which may run on a
+    machine without the job's GPUs, such as a cluster's login node)."""
+    if resolved.recipe.training.precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("training.precision fp16 needs a CUDA device (its loss scaler); this machine has none: use bf16 "
+                          "(autocast on the CPU) or fp32", file=resolved.file, key="training.precision")
 
 
 # ------------------------------------------------------------------------------------------ prepare
