@@ -52,9 +52,10 @@ def main() -> None:
     now = load_file(str(ckpt / "model.safetensors"))
     before = dict(WhisperBackbone(WhisperBackbone.Options(model=args.pretrained), cache_dir=cache_dir()).load().named_parameters())
     zeroed = torch.cat([now[n][~m].abs().flatten() for n, m in masks.items()])
-    moved = torch.cat([(now[n][m] - before[n].detach()[m]).abs().flatten() for n, m in masks.items()])
-    threshold = min(float(before[n].detach()[m].abs().min()) for n, m in masks.items())
-    kept_low = torch.cat([before[n].detach()[m].abs().flatten() for n, m in masks.items()])
+    kept_before = {n: before[n].detach()[m] for n, m in masks.items()}  # the kept weights' pretrained values
+    moved = torch.cat([(now[n][m] - kept_before[n]).abs().flatten() for n, m in masks.items()])
+    kept_low = torch.cat([w.abs().flatten() for w in kept_before.values()])
+    threshold = float(kept_low.min())
     state = json.loads((ckpt / "trainer_state.json").read_text())
     step = int(state["global_step"])
     lrs = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
