@@ -271,12 +271,17 @@ def cmd_report(args) -> int:
         from parpkit.report import compare, compare_markdown, write_compare_csv
 
         pairs = [p for a, b in args.compare for p in compare(rows, a, b)]
-        table = Table(title="paired bootstrap over utterances: final error rate of A minus B")
-        for col in ("A", "B", "sparsity", "split", "seeds", "A − B", f"{pairs[0]['level']:.0%} interval", "P(A worse)"):
+        table = Table(title="paired bootstrap over utterances (and over seeds too, where both have several): "
+                            "final error rate of A minus B")
+        level = f"{pairs[0]['level']:.0%} interval"
+        for col in ("A", "B", "sparsity", "split", "seeds", "A − B", level, "P(A worse)", f"{level}, seeds too",
+                    "P(A worse), seeds too"):
             table.add_column(col, justify="left" if col in ("A", "B", "split") else "right")
         for p in pairs:
+            seeds = ((f"[{p['seed_low']:+.4f}, {p['seed_high']:+.4f}]", f"{p['seed_p_a_worse']:.3f}")
+                     if p["seed_low"] is not None else ("—", "—"))
             table.add_row(escape(p["a"]), escape(p["b"]), f"{p['sparsity']:g}", p["split"], f"{p['seeds_a']}/{p['seeds_b']}",
-                          f"{p['difference']:+.4f}", f"[{p['low']:+.4f}, {p['high']:+.4f}]", f"{p['p_a_worse']:.3f}")
+                          f"{p['difference']:+.4f}", f"[{p['low']:+.4f}, {p['high']:+.4f}]", f"{p['p_a_worse']:.3f}", *seeds)
         console.print(table)
         if out is not None:
             (out / "compare.md").write_text(compare_markdown(pairs))
@@ -355,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "mask overlap here (default for a sweep directory: SWEEP_DIR/report)")
     p.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
                    help="method A against method B: the difference of final error rates with a paired bootstrap interval "
-                        "over utterances, at every sparsity and split both have (repeatable; written to compare.md)")
+                        "over utterances (and one over seeds and utterances where both have several seeds), at every sparsity and "
+                        "split both have (repeatable; written to compare.md and compare.csv)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("compare-masks", help="intersection over union of the kept weights between runs (matrix, per layer)")
     p.add_argument("runs", nargs="+", help="run directories (their masks.safetensors) or mask files")

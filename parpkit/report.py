@@ -318,8 +318,10 @@ def markdown(rows: list[dict]) -> str:
 def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: int = 0) -> list[dict]:
     """Method ``a`` against method ``b`` at every sparsity both have, on every split: the difference of
     final error rates A − B with a paired bootstrap interval over utterances (``parpkit.stats``). Where a
-    method has several seeds, each utterance's edits are averaged over them first."""
-    from parpkit.stats import paired_bootstrap, read_utterance_errors
+    method has several seeds, each utterance's edits are averaged over them first; where both have two or
+    more, ``seed_low``/``seed_high``/``seed_p_a_worse`` also resample the seeds (``parpkit.stats.seed_bootstrap``),
+    so that the interval carries the spread between training runs (None otherwise)."""
+    from parpkit.stats import paired_bootstrap, read_utterance_errors, seed_bootstrap
 
     methods = {r["method"] for r in rows}
     for name in (a, b):
@@ -338,6 +340,11 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
                 continue  # runs written before per-utterance errors were recorded
             mean = {m: [(sum(e[i][0] for e in es) / len(es), es[0][i][1]) for i in ids] for m, es in per.items()}
             result = paired_bootstrap(mean[a], mean[b], resamples=resamples, seed=seed)
+            result.update(seed_low=None, seed_high=None, seed_p_a_worse=None)
+            if min(len(per[a]), len(per[b])) > 1:  # the spread between training runs too
+                edits = {m: [[e[i][0] for i in ids] for e in es] for m, es in per.items()}
+                both = seed_bootstrap(edits[a], edits[b], [w for _, w in mean[a]], resamples=resamples, seed=seed)
+                result.update({k: v for k, v in both.items() if k.startswith("seed_")})
             out.append({"a": a, "b": b, "sparsity": sparsity, "split": split, "seeds_a": len(runs[a]), "seeds_b": len(runs[b]),
                         **result})
     if not out:
@@ -345,8 +352,8 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
     return out
 
 
-COMPARE_COLUMNS = ["a", "b", "sparsity", "split", "seeds_a", "seeds_b", "difference", "low", "high", "p_a_worse", "utterances",
-                   "resamples", "level"]
+COMPARE_COLUMNS = ["a", "b", "sparsity", "split", "seeds_a", "seeds_b", "difference", "low", "high", "p_a_worse",
+                   "seed_low", "seed_high", "seed_p_a_worse", "utterances", "resamples", "level"]
 
 
 def write_compare_csv(pairs: list[dict], path: Path) -> None:
@@ -360,13 +367,19 @@ def write_compare_csv(pairs: list[dict], path: Path) -> None:
 
 def compare_markdown(pairs: list[dict]) -> str:
     level = pairs[0]["level"]
-    lines = [f"| A | B | sparsity | split | seeds A | seeds B | A − B | {level:.0%} interval | P(A worse) | utterances |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| A | B | sparsity | split | seeds A | seeds B | A − B | {level:.0%} interval | P(A worse) | "
+             f"{level:.0%} interval, seeds too | P(A worse), seeds too | utterances |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pairs:
+        seeds = (f"[{p['seed_low']:+.4f}, {p['seed_high']:+.4f}] | {p['seed_p_a_worse']:.3f}" if p["seed_low"] is not None
+                 else "— | —")
         lines.append(f"| {p['a']} | {p['b']} | {p['sparsity']:g} | {p['split']} | {p['seeds_a']} | {p['seeds_b']} | "
-                     f"{p['difference']:+.4f} | [{p['low']:+.4f}, {p['high']:+.4f}] | {p['p_a_worse']:.3f} | {p['utterances']} |")
+                     f"{p['difference']:+.4f} | [{p['low']:+.4f}, {p['high']:+.4f}] | {p['p_a_worse']:.3f} | {seeds} | "
+                     f"{p['utterances']} |")
     return "\n".join(lines) + (f"\n\nPaired bootstrap over utterances ({pairs[0]['resamples']} resamples); an interval that "
-                               "excludes 0 is a difference at that level.\n")
+                               "excludes 0 is a difference at that level. It holds the trained models fixed; \"seeds "
+                               "too\" also resamples each method's seeds (where both have two or more), so it carries "
+                               "the spread between training runs (with three seeds, a rough guide).\n")
 
 
 # ------------------------------------------------------------------------------------------ plots

@@ -4,6 +4,10 @@ Every evaluation writes each utterance's edit count and reference length (after 
 scores use) into ``transcripts_<stage>.jsonl``. Two methods scored on the same split are compared on the same
 utterances: resampling utterances with replacement, the difference of their corpus-level error rates
 (errors summed over utterances, divided by reference words) gives a percentile confidence interval.
+
+That interval holds the trained models fixed: it says how sure the difference is on other sentences, not on
+other training runs. Where both methods have several seeds, ``seed_bootstrap`` also resamples the seeds of
+each method (a two-level bootstrap), so the interval carries the spread between training runs as well.
 """
 
 from __future__ import annotations
@@ -59,3 +63,34 @@ def paired_bootstrap(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, 
     return {"difference": float((ea.sum() - eb.sum()) / max(wa.sum(), 1)), "low": float(np.quantile(diffs, tail)),
             "high": float(np.quantile(diffs, 1 - tail)), "p_a_worse": float((diffs > 0).mean()), "utterances": len(a),
             "resamples": resamples, "level": level}
+
+
+def seed_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], words: Sequence[float], *,
+                   resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Difference of corpus error rates A − B with an interval over training runs and utterances: ``a[s][i]``
+    is utterance i's edit count under seed s of method A (``b`` likewise; the seeds of A and B need not
+    match), ``words[i]`` its reference length. Each draw resamples the utterances (the same for A and B)
+    and, independently, each method's seeds, with replacement, and averages each method over its drawn
+    seeds. With few seeds the interval is a rough guide: resampling n seeds understates their variance by
+    (n − 1)/n. ``seed_p_a_worse``: the share of draws where A's rate is above B's."""
+    ea, eb, w = (np.asarray(x, dtype=np.float64) for x in (a, b, words))
+    if ea.ndim != 2 or eb.ndim != 2 or ea.shape[1] != eb.shape[1] or ea.shape[1] != len(w) or not len(w):
+        raise ValueError(f"seed bootstrap needs seeds × utterances edits over the same utterances for both methods "
+                         f"({ea.shape} and {eb.shape}, {len(w)} reference lengths)")
+    if min(len(ea), len(eb)) < 2:
+        raise ValueError(f"seed bootstrap needs at least two seeds of each method ({len(ea)} and {len(eb)})")
+    rng = np.random.default_rng(seed)
+    n = len(w)
+    counts = np.zeros((resamples, n))  # how often each utterance is drawn, per resample
+    np.add.at(counts, (np.arange(resamples)[:, None], rng.integers(0, n, size=(resamples, n))), 1)
+
+    def total(edits: np.ndarray) -> np.ndarray:  # each resample's summed edits, averaged over its drawn seeds
+        drawn = rng.integers(0, len(edits), size=(resamples, len(edits)))
+        per_seed = counts @ edits.T  # resamples × seeds
+        return np.take_along_axis(per_seed, drawn, axis=1).mean(1)
+
+    diffs = (total(ea) - total(eb)) / np.maximum(counts @ w, 1)
+    tail = (1 - level) / 2
+    return {"difference": float((ea.mean(0).sum() - eb.mean(0).sum()) / max(w.sum(), 1)),
+            "seed_low": float(np.quantile(diffs, tail)), "seed_high": float(np.quantile(diffs, 1 - tail)),
+            "seed_p_a_worse": float((diffs > 0).mean())}

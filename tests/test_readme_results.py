@@ -79,6 +79,10 @@ def expected_pair(header: str, row: dict) -> str:
         return f"[{float(row['low']):+.3f}, {float(row['high']):+.3f}]"
     if header == "P(A worse)":
         return f"{float(row['p_a_worse']):.2f}"
+    if header == f"{float(row['level']):.0%} interval, seeds too":
+        return f"[{float(row['seed_low']):+.3f}, {float(row['seed_high']):+.3f}]" if row["seed_low"] else "—"
+    if header == "P(A worse), seeds too":
+        return f"{float(row['seed_p_a_worse']):.2f}" if row["seed_p_a_worse"] else "—"
     if header in ("seeds A", "seeds B"):
         return row["seeds_" + header[-1].lower()]
     if header == "utterances":
@@ -159,3 +163,10 @@ def test_seeds_are_averaged_per_sparsity_and_pairs_are_checked_by_their_keys():
         _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "ood", "+0.010", "[-0.020, +0.050]", "0.74", "3"], pairs)
     with pytest.raises(AssertionError, match="no single pair"):
         _check_pairs("c.csv", header, ["parp", "fixed", "0.7", "ood", "+0.010", "[-0.020, +0.040]", "0.74", "3"], pairs)
+    pairs[0].update(seed_low="-0.0612", seed_high="0.0158", seed_p_a_worse="0.151")
+    pairs[1].update(seed_low="", seed_high="", seed_p_a_worse="")  # one method had a single seed
+    header = ["A", "B", "sparsity", "split", "95% interval, seeds too", "P(A worse), seeds too"]
+    _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "test", "[-0.061, +0.016]", "0.15"], pairs)
+    _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "ood", "—", "—"], pairs)
+    with pytest.raises(AssertionError, match="seeds too"):  # the utterances' interval where the seeds' one belongs
+        _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "test", "[-0.039, -0.004]", "0.15"], pairs)

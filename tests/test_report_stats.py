@@ -16,7 +16,7 @@ from parpkit.engine.evaluation import evaluate
 from parpkit.interfaces import Utterance
 from parpkit.progress import Progress
 from parpkit.report import collect, compare, markdown
-from parpkit.stats import edit_counts, paired_bootstrap
+from parpkit.stats import edit_counts, paired_bootstrap, seed_bootstrap
 
 WORDS = [f"w{i}" for i in range(10)]
 
@@ -85,6 +85,7 @@ def test_paired_bootstrap_intervals_cover_a_known_difference_and_zero_when_there
     observed = (np.mean(worse, axis=0).sum() - sum(better)) / (10 * n)
     assert pair["difference"] == pytest.approx(observed)
     assert 0 < pair["low"] < 0.1 < pair["high"] and pair["p_a_worse"] == 1.0
+    assert pair["seed_low"] is None  # one seed of fixed: no spread between its training runs to resample
     # the same method against itself on other draws of one rate: the interval holds 0
     same = paired_bootstrap([(k, 10) for k in rng.binomial(10, 0.2, n)], [(k, 10) for k in rng.binomial(10, 0.2, n)])
     assert same["low"] < 0 < same["high"]
@@ -92,6 +93,33 @@ def test_paired_bootstrap_intervals_cover_a_known_difference_and_zero_when_there
     table = markdown(rows)
     a, b = (np.sum(d) / (10 * n) for d in worse)
     assert f"({a:.3f}, {b:.3f})" in table
+
+
+def test_resampling_seeds_too_widens_the_interval_by_the_spread_between_training_runs(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 400
+    # A's three seeds drop 10%, 30% and 50% of the words, B's three 20% each: on average A is worse by 0.1,
+    # but one of A's training runs is better than B. Over utterances alone the difference looks certain.
+    for s, p in enumerate((0.1, 0.3, 0.5)):
+        _fake_run(tmp_path, f"parp-{s}", "parp", s, rng.binomial(10, p, n).tolist())
+    for s in range(3):
+        _fake_run(tmp_path, f"fixed-{s}", "fixed", s, rng.binomial(10, 0.2, n).tolist())
+    rows, _ = collect([tmp_path])
+    [pair] = compare(rows, "parp", "fixed")
+    assert (pair["seeds_a"], pair["seeds_b"]) == (3, 3) and pair["difference"] == pytest.approx(0.1, abs=0.01)
+    assert 0.07 < pair["low"] < 0.1 < pair["high"] < 0.13 and pair["p_a_worse"] == 1.0
+    # with the seeds resampled: 1 draw in 27 takes A's best run three times (A − B = −0.1), 3 in 27 twice with
+    # the middle one (about −0.03), so the interval reaches below zero and A is not surely worse
+    assert pair["seed_low"] < -0.05 and 0.1 < pair["seed_high"] < 0.35 and 0.7 < pair["seed_p_a_worse"] < 0.95
+    # seeds that agree: the interval is about the utterances' one
+    same = [rng.binomial(10, 0.3, n) for _ in range(2)]
+    other = [rng.binomial(10, 0.2, n) for _ in range(2)]
+    both = seed_bootstrap(same, other, [10] * n)
+    alone = paired_bootstrap([(k, 10) for k in np.mean(same, 0)], [(k, 10) for k in np.mean(other, 0)])
+    assert both["difference"] == pytest.approx(alone["difference"])
+    assert both["seed_low"] == pytest.approx(alone["low"], abs=0.01) and both["seed_high"] == pytest.approx(alone["high"], abs=0.01)
+    with pytest.raises(ValueError, match="at least two seeds"):
+        seed_bootstrap(same[:1], other, [10] * n)
 
 
 def test_report_compare_prints_and_writes_the_intervals(tmp_path, capsys):
