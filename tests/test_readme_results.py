@@ -61,8 +61,8 @@ def expected(header: str, rows: dict | list[dict], zero_shot: bool) -> str:
         return "0" if zero_shot else f"{float(rows[0]['target_sparsity']):g}"
     if header == "seeds":
         return str(len(rows))
-    if header == "mask IoU with first":
-        return f"{_mean(rows, 'mask_iou_initial'):.3f}"
+    if header == "mask IoU with first":  # blank where there is no first mask (zero-shot, OMP's comes after training)
+        return "" if zero_shot or any(not r["mask_iou_initial"] for r in rows) else f"{_mean(rows, 'mask_iou_initial'):.3f}"
     if header == "non-zero parameters":
         value = _mean(rows, "model_parameters") if zero_shot else _mean(rows, "nonzero_parameters")
         return f"{value / 1e6:.2f}M"
@@ -136,6 +136,8 @@ def test_the_checker_catches_a_drifted_cell(tmp_path):
     assert expected("WER test", row, False) == "0.502" and expected("× zero-shot test", row, False) == "2.01"
     assert expected("WER test", row, True) == "0.250" and expected("× zero-shot test", row, True) == "1.00"
     assert expected("non-zero parameters", row, False) == "29.12M" and expected("non-zero parameters", row, True) == "37.38M"
+    assert expected("mask IoU with first", {**row, "mask_iou_initial": "0.99996"}, False) == "1.000"
+    assert expected("mask IoU with first", {**row, "mask_iou_initial": ""}, False) == ""  # OMP: no mask before training
     tables = _tables("text\n<!-- checked: x.csv -->\n\n| point | WER test |\n|---|---|\n| m | 0.501 |\n")
     assert tables == [("x.csv", ["point", "WER test"], [["m", "0.501"]])]
     assert tables[0][2][0][1] != expected("WER test", row, False)  # 0.501 against the CSV's 0.502: a failure
