@@ -71,8 +71,8 @@ def seed_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], w
     is utterance i's edit count under seed s of method A (``b`` likewise; the seeds of A and B need not
     match), ``words[i]`` its reference length. Each draw resamples the utterances (the same for A and B)
     and, independently, each method's seeds, with replacement, and averages each method over its drawn
-    seeds. With few seeds the interval is a rough guide: resampling n seeds understates their variance by
-    (n − 1)/n. ``seed_p_a_worse``: the share of draws where A's rate is above B's."""
+    seeds. With few seeds the interval is a rough guide: resampling n seeds understates their variance (to
+    (n − 1)/n of it). ``seed_p_a_worse``: the share of draws where A's rate is above B's."""
     ea, eb, w = (np.asarray(x, dtype=np.float64) for x in (a, b, words))
     if ea.ndim != 2 or eb.ndim != 2 or ea.shape[1] != eb.shape[1] or ea.shape[1] != len(w) or not len(w):
         raise ValueError(f"seed bootstrap needs seeds × utterances edits over the same utterances for both methods "
