@@ -268,7 +268,7 @@ def cmd_report(args) -> int:
         for note in notes:
             err_console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     if args.compare:
-        from parpkit.report import compare, compare_markdown, write_compare_csv
+        from parpkit.report import compare, compare_markdown, interval_cells, write_compare_csv
 
         pairs = [p for a, b in args.compare for p in compare(rows, a, b)]
         table = Table(title="paired bootstrap over utterances (and over seeds too, where both have several): "
@@ -278,10 +278,8 @@ def cmd_report(args) -> int:
                     "P(A worse), seeds too"):
             table.add_column(col, justify="left" if col in ("A", "B", "split") else "right")
         for p in pairs:
-            seeds = ((f"[{p['seed_low']:+.4f}, {p['seed_high']:+.4f}]", f"{p['seed_p_a_worse']:.3f}")
-                     if p["seed_low"] is not None else ("—", "—"))
             table.add_row(escape(p["a"]), escape(p["b"]), f"{p['sparsity']:g}", p["split"], f"{p['seeds_a']}/{p['seeds_b']}",
-                          f"{p['difference']:+.4f}", f"[{p['low']:+.4f}, {p['high']:+.4f}]", f"{p['p_a_worse']:.3f}", *seeds)
+                          f"{p['difference']:+.4f}", *interval_cells(p))
         console.print(table)
         if out is not None:
             (out / "compare.md").write_text(compare_markdown(pairs))

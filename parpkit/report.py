@@ -365,17 +365,22 @@ def write_compare_csv(pairs: list[dict], path: Path) -> None:
         writer.writerows(pairs)
 
 
+def interval_cells(p: dict) -> tuple[str, str, str, str]:
+    """A compare pair's interval and P(A worse), over utterances and with the seeds too ("—" where a method
+    has one seed), as the printed table and compare.md show them."""
+    seeds = ((f"[{p['seed_low']:+.4f}, {p['seed_high']:+.4f}]", f"{p['seed_p_a_worse']:.3f}") if p["seed_low"] is not None
+             else ("—", "—"))
+    return f"[{p['low']:+.4f}, {p['high']:+.4f}]", f"{p['p_a_worse']:.3f}", *seeds
+
+
 def compare_markdown(pairs: list[dict]) -> str:
     level = pairs[0]["level"]
     lines = [f"| A | B | sparsity | split | seeds A | seeds B | A − B | {level:.0%} interval | P(A worse) | "
              f"{level:.0%} interval, seeds too | P(A worse), seeds too | utterances |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pairs:
-        seeds = (f"[{p['seed_low']:+.4f}, {p['seed_high']:+.4f}] | {p['seed_p_a_worse']:.3f}" if p["seed_low"] is not None
-                 else "— | —")
         lines.append(f"| {p['a']} | {p['b']} | {p['sparsity']:g} | {p['split']} | {p['seeds_a']} | {p['seeds_b']} | "
-                     f"{p['difference']:+.4f} | [{p['low']:+.4f}, {p['high']:+.4f}] | {p['p_a_worse']:.3f} | {seeds} | "
-                     f"{p['utterances']} |")
+                     f"{p['difference']:+.4f} | {' | '.join(interval_cells(p))} | {p['utterances']} |")
     return "\n".join(lines) + (f"\n\nPaired bootstrap over utterances ({pairs[0]['resamples']} resamples); an interval that "
                                "excludes 0 is a difference at that level. It holds the trained models fixed; \"seeds "
                                "too\" also resamples each method's seeds (where both have two or more), so it carries "
