@@ -255,3 +255,36 @@ def test_gmp_and_a_sparsegpt_parp_run_resume_after_sigkill_with_identical_masks_
     assert metrics["stages"]["final"]["pool_sparsity"] >= 0.5 - 1e-3
     prunes = [json.loads(line) for line in (alone / "log.jsonl").open() if '"prune"' in line]
     assert len(prunes) >= 3  # gmp: 0.1 at step 0, then the ramp; parp: first mask and the re-prunes
+
+
+def test_wanda_regrowth_reads_a_checkpoint_as_the_next_re_prune_does(tmp_path):
+    """benchmarks/wanda_regrowth.py rebuilds the run's calibration batches and ranks a checkpoint's weights:
+    on the last checkpoint of a Wanda PARP run, its ``wanda_now`` count is what the run's own re-prune before
+    evaluation let back (final mask against the mask in force), and the pretrained weights give back the
+    run's first mask."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    result = parpkit.run(tiny_recipe(**{"pruning.criterion": {"name": "wanda", "options": {"calibration_batches": 2}},
+                                        "pruning.scope": "per_row", "pruning.exclude": [r".*\.bias"],
+                                        "pruning.schedule": {"name": "parp", "options": {"interval": 3}},
+                                        "training.max_steps": 5, "training.save_steps": 5,
+                                        "training.keep_checkpoints_when_done": True}),
+                         output_dir=tmp_path / "o", progress=False)
+    [ckpt] = result.run_dir.glob("checkpoints/phase-*/checkpoint-5")
+    out = tmp_path / "w.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "wanda_regrowth.py"
+    subprocess.run([sys.executable, str(script), str(result.run_dir), "--checkpoint", str(ckpt), "--json", str(out)],
+                   check=True, capture_output=True)
+    got = json.loads(out.read_text())
+    assert got["first_mask_reproduced"] == 1.0 and got["step"] == 5
+    state = json.loads((ckpt / "parpkit_state.json").read_text())
+    tensors = load_file(str(ckpt / "parpkit_tensors.safetensors"))
+    in_force = {n: tensors[ref["__tensor__"]].bool() for n, ref in state["pruner"]["masks"].items()}
+    final = result.masks()
+    assert got["zeroed"] == sum(int((~m).sum()) for m in in_force.values()) > 0
+    assert got["come_back"]["wanda_now"] == sum(int((final[n] & ~in_force[n]).sum()) for n in final)
+    assert got["come_back"]["wanda_now"] > 0  # at lr 1e-2 the zeroed weights of this tiny model do come back
