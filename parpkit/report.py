@@ -320,7 +320,8 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
     final error rates A − B with a paired bootstrap interval over utterances (``parpkit.stats``). Where a
     method has several seeds, each utterance's edits are averaged over them first; where both have two or
     more, ``seed_low``/``seed_high``/``seed_p_a_worse`` also resample the seeds (``parpkit.stats.seed_bootstrap``),
-    so that the interval carries the spread between training runs (None otherwise)."""
+    so that the interval carries the spread between training runs (None otherwise): paired by seed
+    (``seeds_paired``) where both methods ran the same seeds, each method's seeds drawn on their own otherwise."""
     from parpkit.stats import paired_bootstrap, read_utterance_errors, seed_bootstrap
 
     methods = {r["method"] for r in rows}
@@ -340,10 +341,14 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
                 continue  # runs written before per-utterance errors were recorded
             mean = {m: [(sum(e[i][0] for e in es) / len(es), es[0][i][1]) for i in ids] for m, es in per.items()}
             result = paired_bootstrap(mean[a], mean[b], resamples=resamples, seed=seed)
-            result.update(seed_low=None, seed_high=None, seed_p_a_worse=None)
+            result.update(seed_low=None, seed_high=None, seed_p_a_worse=None, seeds_paired=None)
             if min(len(per[a]), len(per[b])) > 1:  # the spread between training runs too
                 edits = {m: [[e[i][0] for i in ids] for e in es] for m, es in per.items()}
-                both = seed_bootstrap(edits[a], edits[b], [w for _, w in mean[a]], resamples=resamples, seed=seed)
+                seeds = {m: [r["seed"] for r in rs] for m, rs in runs.items()}
+                paired = seeds[a] == seeds[b] and None not in seeds[a] and len(set(seeds[a])) == len(seeds[a])
+                both = seed_bootstrap(edits[a], edits[b], [w for _, w in mean[a]], paired=paired, resamples=resamples,
+                                      seed=seed)
+                result["seeds_paired"] = paired
                 result.update({k: v for k, v in both.items() if k.startswith("seed_")})
             out.append({"a": a, "b": b, "sparsity": sparsity, "split": split, "seeds_a": len(runs[a]), "seeds_b": len(runs[b]),
                         **result})
@@ -353,7 +358,7 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
 
 
 COMPARE_COLUMNS = ["a", "b", "sparsity", "split", "seeds_a", "seeds_b", "difference", "low", "high", "p_a_worse",
-                   "seed_low", "seed_high", "seed_p_a_worse", "utterances", "resamples", "level"]
+                   "seed_low", "seed_high", "seed_p_a_worse", "seeds_paired", "utterances", "resamples", "level"]
 
 
 def write_compare_csv(pairs: list[dict], path: Path) -> None:
@@ -383,8 +388,9 @@ def compare_markdown(pairs: list[dict]) -> str:
                      f"{p['difference']:+.4f} | {' | '.join(interval_cells(p))} | {p['utterances']} |")
     return "\n".join(lines) + (f"\n\nPaired bootstrap over utterances ({pairs[0]['resamples']} resamples); an interval that "
                                "excludes 0 is a difference at that level. It holds the trained models fixed; \"seeds "
-                               "too\" also resamples each method's seeds (where both have two or more), so it carries "
-                               "the spread between training runs (with three seeds, a rough guide).\n")
+                               "too\" also resamples the seeds (where both methods have two or more; the same seeds of both where they "
+                               "ran the same seeds, each method's own otherwise), so it carries the spread between "
+                               "training runs (with three seeds, a rough guide).\n")
 
 
 # ------------------------------------------------------------------------------------------ plots

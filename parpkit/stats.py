@@ -66,30 +66,36 @@ def paired_bootstrap(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, 
 
 
 def seed_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], words: Sequence[float], *,
-                   resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+                   paired: bool = False, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
     """Difference of corpus error rates A − B with an interval over training runs and utterances: ``a[s][i]``
     is utterance i's edit count under seed s of method A (``b`` likewise; the seeds of A and B need not
     match), ``words[i]`` its reference length. Each draw resamples the utterances (the same for A and B)
     and, independently, each method's seeds, with replacement, and averages each method over its drawn
     seeds. With few seeds the interval is a rough guide: resampling n seeds understates their variance (to
-    (n − 1)/n of it). ``seed_p_a_worse``: the share of draws where A's rate is above B's."""
+    (n − 1)/n of it). ``paired``: the seeds are matched (row s of A and of B ran with the same seed, so the
+    same data order), and each draw takes the same seed rows of both, as a paired bootstrap over seeds; the
+    interval then leaves out what the two methods' runs of one seed share. ``seed_p_a_worse``: the share of
+    draws where A's rate is above B's."""
     ea, eb, w = (np.asarray(x, dtype=np.float64) for x in (a, b, words))
     if ea.ndim != 2 or eb.ndim != 2 or ea.shape[1] != eb.shape[1] or ea.shape[1] != len(w) or not len(w):
         raise ValueError(f"seed bootstrap needs seeds × utterances edits over the same utterances for both methods "
                          f"({ea.shape} and {eb.shape}, {len(w)} reference lengths)")
     if min(len(ea), len(eb)) < 2:
         raise ValueError(f"seed bootstrap needs at least two seeds of each method ({len(ea)} and {len(eb)})")
+    if paired and len(ea) != len(eb):
+        raise ValueError(f"a paired seed bootstrap needs the same seeds for both methods ({len(ea)} and {len(eb)})")
     rng = np.random.default_rng(seed)
     n = len(w)
     counts = np.zeros((resamples, n))  # how often each utterance is drawn, per resample
     np.add.at(counts, (np.arange(resamples)[:, None], rng.integers(0, n, size=(resamples, n))), 1)
 
-    def total(edits: np.ndarray) -> np.ndarray:  # each resample's summed edits, averaged over its drawn seeds
-        drawn = rng.integers(0, len(edits), size=(resamples, len(edits)))
+    def total(edits: np.ndarray, drawn: np.ndarray) -> np.ndarray:  # each resample's summed edits, averaged over its drawn seeds
         per_seed = counts @ edits.T  # resamples × seeds
         return np.take_along_axis(per_seed, drawn, axis=1).mean(1)
 
-    diffs = (total(ea) - total(eb)) / np.maximum(counts @ w, 1)
+    drawn_a = rng.integers(0, len(ea), size=(resamples, len(ea)))
+    drawn_b = drawn_a if paired else rng.integers(0, len(eb), size=(resamples, len(eb)))
+    diffs = (total(ea, drawn_a) - total(eb, drawn_b)) / np.maximum(counts @ w, 1)
     tail = (1 - level) / 2
     return {"difference": float((ea.mean(0).sum() - eb.mean(0).sum()) / max(w.sum(), 1)),
             "seed_low": float(np.quantile(diffs, tail)), "seed_high": float(np.quantile(diffs, 1 - tail)),

@@ -122,6 +122,34 @@ def test_resampling_seeds_too_widens_the_interval_by_the_spread_between_training
         seed_bootstrap(same[:1], other, [10] * n)
 
 
+def test_matched_seeds_are_resampled_in_pairs(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 400
+    # seed s shifts both methods alike (the same data order): 10%, 30%, 50% of the words dropped, and A drops
+    # 3 points more than B under every seed. Drawn independently the seeds' spread swamps the difference;
+    # drawn in pairs it cancels.
+    for s, p in enumerate((0.1, 0.3, 0.5)):
+        _fake_run(tmp_path, f"parp-{s}", "parp", s, rng.binomial(10, p + 0.03, n).tolist())
+        _fake_run(tmp_path, f"fixed-{s}", "fixed", s, rng.binomial(10, p, n).tolist())
+    rows, _ = collect([tmp_path])
+    [pair] = compare(rows, "parp", "fixed")
+    assert pair["seeds_paired"] is True
+    assert pair["difference"] == pytest.approx(0.03, abs=0.015)
+    assert 0 < pair["seed_low"] < pair["difference"] < pair["seed_high"] < pair["difference"] + 0.025
+    assert pair["seed_p_a_worse"] > 0.975
+    per = {m: [[json.loads(line)["edits"] for line in (tmp_path / f"{m}-{s}" / "transcripts_final.jsonl").read_text().splitlines()]
+               for s in range(3)] for m in ("parp", "fixed")}
+    alone = seed_bootstrap(per["parp"], per["fixed"], [10] * n)  # the same runs, seeds drawn on their own
+    assert alone["seed_low"] < -0.1 and alone["seed_high"] > 0.15
+    with pytest.raises(ValueError, match="same seeds"):
+        seed_bootstrap(per["parp"], per["fixed"][:2], [10] * n, paired=True)
+    # other seeds: not paired
+    _fake_run(tmp_path, "fixed-3", "fixed", 3, rng.binomial(10, 0.3, n).tolist())
+    rows, _ = collect([tmp_path])
+    [pair] = compare(rows, "parp", "fixed")
+    assert pair["seeds_paired"] is False and pair["seeds_b"] == 4
+
+
 def test_report_compare_prints_and_writes_the_intervals(tmp_path, capsys):
     rng = np.random.default_rng(1)
     for name, schedule, p in (("a", "parp", 0.3), ("b", "fixed", 0.1)):
