@@ -61,18 +61,24 @@ def main() -> None:
     r, backbone, criterion = resolved.recipe, resolved.backbone, resolved.criterion
     if criterion.needs != "activations" or not hasattr(criterion, "norms"):
         raise SystemExit(f"{args.run} ranks with {criterion.name!r}; this reads Wanda runs")
+    if r.pruning.scope != "per_row" or resolved.schedule.name != "parp":
+        raise SystemExit(f"{args.run}: this reads PARP runs ranking per_row at one sparsity (scope {r.pruning.scope!r}, "
+                         f"schedule {resolved.schedule.name!r})")
     progress = Progress(enabled=False)
+    torch.manual_seed(r.seed)  # as the run does before its data and model (a head the backbone initialises)
     train = resolved.dataset.load_split(r.dataset.train_split, progress)
-    backbone.prepare([u for u in train if u.text is not None], resolved.dataset.unit)
+    if any(u.text is None for u in train):
+        raise SystemExit(f"{args.run}: its training split has untranscribed audio (pseudo-labelled in the run); "
+                         "not supported here")
+    backbone.prepare(train, resolved.dataset.unit)
     model = backbone.load()
     model.eval()
 
     # the run's calibration batches (parpkit.engine.lifecycle.CalibrationSource): the seed's order of the training set
     bs, n = r.training.batch_size, criterion.calibration_batches
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(r.seed)).tolist()
-    batches = [CalibrationBatch(backbone.model_inputs(backbone.collate(tuple(train[order[(b * bs + i) % len(order)]]
-                                                                            for i in range(bs)))), ())
-               for b in range(n)]
+    drawn = [tuple(train[order[(b * bs + i) % len(order)]] for i in range(bs)) for b in range(n)]
+    batches = [CalibrationBatch(backbone.model_inputs(backbone.collate(utts)), utts) for utts in drawn]
     first = load_file(str(args.run / "masks_initial.safetensors"))
     pool = list(first)
     context = run_context(resolved, model, pool, [], batches=batches, positions=backbone.position_mask)
@@ -103,6 +109,9 @@ def main() -> None:
 
     check = rank(w0, n0)
     same = sum(int((check[n_] == first[n_]).sum()) for n_ in pool) / layout.numel
+    if same < 1:
+        raise SystemExit(f"the pretrained weights and norms give back {same:.6f} of the run's first mask, not all of it: "
+                         "the calibration here differs from the run's, and so would every count below")
     zeroed = {n_: ~current[n_] for n_ in pool}
     total_zeroed = sum(int(z.sum()) for z in zeroed.values())
     out = {"run": str(args.run), "checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["global_step"],
@@ -115,11 +124,12 @@ def main() -> None:
     by_norms = rank(w0, nc)
     out["mask_change_from_norms_alone"] = sum(int((by_norms[n_] & ~first[n_]).sum()) for n_ in pool)
     # the |w| each zeroed weight needs now: its row's smallest kept score over its input's norm
-    needed, top1, top10, count = [], 0, 0, 0
+    needed, top1, top10, count, over = [], 0, 0, 0, 0
     for n_ in pool:
         score = wc[n_].abs() * nc[n_]
         kept_min = torch.where(back[n_], score, torch.full_like(score, float("inf"))).min(1, keepdim=True).values
         needed.append((kept_min / nc[n_].clamp_min(1e-12)).expand_as(score)[zeroed[n_]].flatten())
+        over += int((score >= kept_min)[zeroed[n_]].sum())  # zeroed weights at or over their bar (ties aside: come_back)
         ret = back[n_] & zeroed[n_]
         if ret.any():
             cols = ret.nonzero()[:, 1]
@@ -137,6 +147,7 @@ def main() -> None:
                                  [*map(float, torch.quantile(zabs[sample], torch.tensor([0.5, 0.99, 0.9999], dtype=torch.float64))),
                                   float(zabs.max())]))
     out["zeroed_needing_under_0.002"] = float((needed_all < 0.002).double().mean())
+    out["zeroed_at_or_over_their_bar"] = over
     out["come_back_on_top_1pct_norm_features"] = top1 / max(count, 1)
     out["come_back_on_top_10pct_norm_features"] = top10 / max(count, 1)
     rel = torch.cat([((nc[n_] - n0[n_]).abs() / n0[n_].clamp_min(1e-8)).flatten() for n_ in pool])

@@ -331,7 +331,8 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
     out = []
     for sparsity in sorted({r["target_sparsity"] for r in rows if r["method"] == a} & {r["target_sparsity"] for r in rows
                                                                                          if r["method"] == b}):
-        runs = {m: [r for r in rows if r["method"] == m and r["target_sparsity"] == sparsity] for m in (a, b)}
+        runs = {m: sorted((r for r in rows if r["method"] == m and r["target_sparsity"] == sparsity),
+                          key=lambda r: (r["seed"] is None, r["seed"] or 0)) for m in (a, b)}  # seed order: pairs line up
         splits = [s for s in runs[a][0]["splits"] if all(s in r["splits"] for rs in runs.values() for r in rs)]
         for split in splits:
             per = {m: [read_utterance_errors(Path(r["run"]) / "transcripts_final.jsonl", split)

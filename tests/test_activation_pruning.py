@@ -288,3 +288,5 @@ def test_wanda_regrowth_reads_a_checkpoint_as_the_next_re_prune_does(tmp_path):
     assert got["zeroed"] == sum(int((~m).sum()) for m in in_force.values()) > 0
     assert got["come_back"]["wanda_now"] == sum(int((final[n] & ~in_force[n]).sum()) for n in final)
     assert got["come_back"]["wanda_now"] > 0  # at lr 1e-2 the zeroed weights of this tiny model do come back
+    # the bars (each row's threshold over the input's norm) are the ones the re-prune used
+    assert got["zeroed_at_or_over_their_bar"] == got["come_back"]["wanda_now"]
