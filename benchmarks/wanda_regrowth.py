@@ -21,7 +21,7 @@ A check first: the pretrained weights x pretrained norms must give back ``masks_
 same calibration batches the run used), or the comparison is off (``first_mask_reproduced`` is the share of
 entries that agree).
 
-    python benchmarks/wanda_regrowth.py RUN_DIR [--checkpoint N] [--json out.json]
+    python benchmarks/wanda_regrowth.py RUN_DIR [--checkpoint CHECKPOINT_DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def main() -> None:
     args = p.parse_args()
 
     from parpkit.context import CalibrationBatch
-    from parpkit.engine.lifecycle import run_context
+    from parpkit.engine.checkpoints import read_state
+    from parpkit.engine.lifecycle import calibration_utterances, run_context
     from parpkit.progress import Progress
     from parpkit.recipe import read_recipe_file, recipe_from_mapping
     from parpkit.registry import Plugins
@@ -74,11 +75,8 @@ def main() -> None:
     model = backbone.load()
     model.eval()
 
-    # the run's calibration batches (parpkit.engine.lifecycle.CalibrationSource): the seed's order of the training set
-    bs, n = r.training.batch_size, criterion.calibration_batches
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(r.seed)).tolist()
-    drawn = [tuple(train[order[(b * bs + i) % len(order)]] for i in range(bs)) for b in range(n)]
-    batches = [CalibrationBatch(backbone.model_inputs(backbone.collate(utts)), utts) for utts in drawn]
+    batches = [CalibrationBatch(backbone.model_inputs(backbone.collate(utts)), utts)  # the run's calibration batches
+               for utts in calibration_utterances(train, r.seed, r.training.batch_size, criterion.calibration_batches)]
     first = load_file(str(args.run / "masks_initial.safetensors"))
     pool = list(first)
     context = run_context(resolved, model, pool, [], batches=batches, positions=backbone.position_mask)
@@ -90,9 +88,7 @@ def main() -> None:
 
     w0 = {n_: params[n_].detach().clone() for n_ in pool}
     n0 = norms()
-    state = json.loads((ckpt / "parpkit_state.json").read_text())
-    tensors = load_file(str(ckpt / "parpkit_tensors.safetensors"))
-    current = {name: tensors[ref["__tensor__"]].bool() for name, ref in state["pruner"]["masks"].items()}
+    current = {name: m.bool() for name, m in read_state(ckpt)["pruner"]["masks"].items()}
     weights = load_file(str(ckpt / "model.safetensors"))
     missing = model.load_state_dict(weights, strict=False)
     if any(n_ in missing.missing_keys for n_ in pool):
@@ -103,8 +99,8 @@ def main() -> None:
     layout = PoolLayout(OrderedDict((n_, w0[n_].shape) for n_ in pool))
     sparsity = r.pruning.sparsity
 
-    def rank(w: dict, nrm: dict | None) -> dict[str, torch.Tensor]:
-        masks, _ = keep_masks(layout, lambda n_: w[n_].abs() * (nrm[n_] if nrm is not None else 1), sparsity, r.pruning.scope)
+    def rank(w: dict, nrm: dict) -> dict[str, torch.Tensor]:
+        masks, _ = keep_masks(layout, lambda n_: w[n_].abs() * nrm[n_], sparsity, r.pruning.scope)
         return masks
 
     check = rank(w0, n0)

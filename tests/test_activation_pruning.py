@@ -266,7 +266,7 @@ def test_wanda_regrowth_reads_a_checkpoint_as_the_next_re_prune_does(tmp_path):
     import sys
     from pathlib import Path
 
-    from safetensors.torch import load_file
+    from parpkit.engine.checkpoints import read_state
 
     result = parpkit.run(tiny_recipe(**{"pruning.criterion": {"name": "wanda", "options": {"calibration_batches": 2}},
                                         "pruning.scope": "per_row", "pruning.exclude": [r".*\.bias"],
@@ -281,9 +281,7 @@ def test_wanda_regrowth_reads_a_checkpoint_as_the_next_re_prune_does(tmp_path):
                    check=True, capture_output=True)
     got = json.loads(out.read_text())
     assert got["first_mask_reproduced"] == 1.0 and got["step"] == 5
-    state = json.loads((ckpt / "parpkit_state.json").read_text())
-    tensors = load_file(str(ckpt / "parpkit_tensors.safetensors"))
-    in_force = {n: tensors[ref["__tensor__"]].bool() for n, ref in state["pruner"]["masks"].items()}
+    in_force = {n: m.bool() for n, m in read_state(ckpt)["pruner"]["masks"].items()}
     final = result.masks()
     assert got["zeroed"] == sum(int((~m).sum()) for m in in_force.values()) > 0
     assert got["come_back"]["wanda_now"] == sum(int((final[n] & ~in_force[n]).sum()) for n in final)

@@ -56,6 +56,13 @@ def join_tensors(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return tree
 
 
+def read_state(directory: Path) -> dict:
+    """A checkpoint's ``parpkit_state.json`` with its tensors in place (``["pruner"]["masks"]``: the masks in
+    force when it was written)."""
+    meta = json.loads((directory / "parpkit_state.json").read_text())
+    return join_tensors(meta, load_file(str(directory / "parpkit_tensors.safetensors")))
+
+
 def is_complete(directory: Path) -> bool:
     return (directory / MARKER).is_file()
 
@@ -105,15 +112,14 @@ class RunState:
         atomic_write(directory / MARKER, json.dumps({"sha256": checksums(directory)}, indent=1) + "\n")
 
     def read(self, directory: Path) -> dict:
-        meta = json.loads((directory / "parpkit_state.json").read_text())
-        tensors = load_file(str(directory / "parpkit_tensors.safetensors"))
-        self.pruner.load_state_dict(join_tensors(meta["pruner"], tensors))
-        self.schedule.load_state_dict(join_tensors(meta["schedule"], tensors))
-        self.criterion.load_state_dict(join_tensors(meta["criterion"], tensors))
+        meta = read_state(directory)
+        self.pruner.load_state_dict(meta["pruner"])
+        self.schedule.load_state_dict(meta["schedule"])
+        self.criterion.load_state_dict(meta["criterion"])
         self.stages.clear()
         self.stages.update(meta["stages"])
         self.extra.clear()
-        self.extra.update(join_tensors(meta.get("extra", {}), tensors))
+        self.extra.update(meta.get("extra", {}))
         if (directory / "weights.safetensors").exists():
             self.pruner.model.load_state_dict(load_file(str(directory / "weights.safetensors")))
         return meta

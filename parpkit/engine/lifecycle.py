@@ -387,14 +387,17 @@ class CalibrationSource:
         self.batches: list[CalibrationBatch] = []
 
     def __call__(self, n: int) -> list[CalibrationBatch]:
-        s, bs = self.s, self.s.recipe.training.batch_size
-        if len(self.batches) < n:
-            order = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(s.recipe.seed)).tolist()
-            for b in range(len(self.batches), n):
-                utts = tuple(s.train[order[(b * bs + i) % len(order)]] for i in range(bs))
-                backbone = s.resolved.backbone
-                self.batches.append(CalibrationBatch(backbone.model_inputs(backbone.collate(utts)), utts))
+        s, backbone = self.s, self.s.resolved.backbone
+        for utts in calibration_utterances(s.train, s.recipe.seed, s.recipe.training.batch_size, n)[len(self.batches):]:
+            self.batches.append(CalibrationBatch(backbone.model_inputs(backbone.collate(utts)), utts))
         return self.batches[:n]
+
+
+def calibration_utterances(train: Sequence[Utterance], seed: int, batch_size: int, n: int) -> list[tuple[Utterance, ...]]:
+    """The utterances of a run's first ``n`` calibration batches: the training set in an order drawn with
+    the seed, ``batch_size`` at a time (wrapping round a small set)."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [tuple(train[order[(b * batch_size + i) % len(order)]] for i in range(batch_size)) for b in range(n)]
 
 
 def calibrate(s: Session) -> None:
