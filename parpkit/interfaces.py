@@ -16,9 +16,10 @@ JSON values and tensors, ``load_state_dict(state)`` takes it back. Checkpoints s
 
 from __future__ import annotations
 
+import contextlib
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -165,6 +166,19 @@ class Backbone(_Plugin, ABC):
     @abstractmethod
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         """Write a directory that plain ``transformers`` loads (model and processor)."""
+
+    @contextlib.contextmanager
+    def native(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """``model`` (and this backbone's inputs) at the settings it was published with, for as long as the
+        context lasts; then back to its training settings. Every evaluation and the saved model go through
+        it, so that a speed setting of training (whisper's shorter encoder window) never changes what is
+        judged or written. By default training and native settings are the same: nothing changes."""
+        yield model
+
+    def settings(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The settings that shape ``model``'s outputs as it is now (whisper: its encoder window and decoding
+        limits), for metrics.json: called in and out of ``native``. Empty by default."""
+        return {}
 
     def output_mask(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
         """Which positions of ``logits`` (batch, positions, vocabulary) hold real outputs, for distillation:

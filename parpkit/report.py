@@ -136,6 +136,8 @@ def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
                    "splits": {k: v for k, v in (final.get("splits") or {m["eval_split"]: final}).items()},
                    "dense_splits": dense.get("splits") or ({m["eval_split"]: dense} if dense else {}),
                    "curve": m.get("curve") or [],
+                   # the settings every stage was scored at (parpkit 0.2.0 on: the model's native ones); None before
+                   "judged": (m.get("backbone_settings") or {}).get("judged"),
                    "eval_sizes": {k: n for k, n in (m.get("eval_splits") or {}).items() if _number(n)}}
             _check_row(row)
         except (ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
@@ -276,6 +278,23 @@ def zero_shot(rows: list[dict]) -> dict[str, dict] | None:
     return dense[0]["dense_splits"] if len(zeros) == 1 else None
 
 
+def judged_note(rows: list[dict]) -> list[str]:
+    """Where the scores were judged: at the model's native settings (parpkit 0.2.0 on), or, for runs made
+    before that, at their training settings (whisper's training window), which this table cannot compare
+    with the model as published."""
+    old = [r for r in rows if r.get("judged") is None]
+    windows = sorted({r["judged"]["encoder_window_s"] for r in rows if (r.get("judged") or {}).get("encoder_window_s")})
+    out = []
+    if windows and not old:
+        out.append(f"Every score, zero-shot included, at the model's native settings (encoder window "
+                   f"{', '.join(f'{w:g}' for w in windows)} s).")
+    if old:
+        out.append(f"{len(old)} of {len(rows)} runs were scored before parpkit 0.2.0, at their training settings "
+                   "(whisper: the recipe's encoder window), not at the model's own: their zero-shot is not the model as "
+                   "published.")
+    return [""] + out if out else []
+
+
 def markdown(rows: list[dict]) -> str:
     """method × sparsity: error rates per split (mean ± half the range over seeds, then every seed's value),
     each split's mean over the zero-shot model's where all runs share one, sparsity and non-zero parameters,
@@ -310,6 +329,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append("")
         lines.append(f"Pretrained model before fine-tuning (zero-shot): differs between the runs ({different} different "
                      "scores); see each run's metrics.json.")
+    lines += judged_note(rows)
     return "\n".join(lines) + "\n"
 
 

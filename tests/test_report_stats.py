@@ -49,11 +49,15 @@ def test_edit_counts_sum_to_the_corpus_rate():
 
 
 def test_evaluation_records_each_utterance_as_the_rates_count_it(tmp_path):
+    from parpkit import Backbone as ParpkitBackbone
+
     class Backbone:
         said = iter(["The cat sat", "twenty one dogs", ""])
 
         def transcribe(self, model, audios):
             return [next(self.said) for _ in audios]
+
+        native = ParpkitBackbone.native  # the interface's default: the model as it is
 
     class Dataset:
         unit = "words"

@@ -120,7 +120,9 @@ def pseudo_label(distiller: Distiller, utterances: Sequence[Utterance], progress
         known = {row["id"]: row["text"] for row in map(json.loads, cache.read_text().splitlines())}
     todo = [u for u in missing if u.id not in known]
     if todo:
-        with progress.task("teacher transcribing unlabelled audio", total=len(todo)) as task:
+        # the teacher as published (whisper: its own window), whatever window training uses
+        with distiller.backbone.native(distiller.teacher), \
+                progress.task("teacher transcribing unlabelled audio", total=len(todo)) as task:
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i:i + batch_size]
                 hyps = distiller.backbone.transcribe(distiller.teacher, [u.audio for u in chunk])

@@ -1,4 +1,5 @@
-"""Evaluation: decode with the backbone (``generate`` for seq2seq models, never logits) and score."""
+"""Evaluation: decode with the backbone (``generate`` for seq2seq models, never logits) at the model's native
+settings (``Backbone.native``) and score."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def evaluate(backbone: Backbone, dataset: Dataset, model: torch.nn.Module, utter
     model.eval()
     model.to(device)
     hyps: list[str] = []
-    with progress.task(f"evaluating {label}", total=len(utterances)) as task:
+    # at the settings the model was published with (whisper: its own window), whatever training used
+    with backbone.native(model), progress.task(f"evaluating {label}", total=len(utterances)) as task:
         for i in range(0, len(utterances), batch_size):
             chunk = utterances[i:i + batch_size]
             hyps += backbone.transcribe(model, [u.audio for u in chunk])

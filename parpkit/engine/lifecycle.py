@@ -666,8 +666,11 @@ def write(s: Session) -> dict[str, Any]:
     """The run directory's results; returns the metrics (empty on other ranks than the main one)."""
     if not s.main:
         return {}
-    r, pruner, rundir = s.recipe, s.pruner, s.rundir
-    s.resolved.backbone.save(s.model, rundir.path / "model")
+    r, pruner, rundir, backbone = s.recipe, s.pruner, s.rundir, s.resolved.backbone
+    trained_at = backbone.settings(s.model)
+    with backbone.native(s.model):  # the judged model, as it was judged (whisper: its own window)
+        backbone.save(s.model, rundir.path / "model")
+        judged_at = backbone.settings(s.model)
     if pruner.masks is not None:
         pruner.save_masks(rundir.path / "masks.safetensors")
     rows = pruner.per_tensor_rows()
@@ -688,6 +691,9 @@ def write(s: Session) -> dict[str, Any]:
         "train_loss": (sum(s.phase_loss[p.name] * p.steps for p in s.phases if p.name in s.phase_loss)
                        / max(1, sum(p.steps for p in s.phases if p.name in s.phase_loss))),
         "stages": s.stages,
+        # what shapes the outputs: every stage was scored, and the model saved, at ``judged``; ``trained`` may
+        # differ by speed settings only (whisper's encoder window)
+        "backbone_settings": {"trained": trained_at, "judged": judged_at},
         "mask_iou_initial": mask_iou_initial(s),
         "curve": s.extra["curve"],
         "best": None if s.extra["best"] is None else {"step": s.extra["best"]["step"], **s.extra["best"]["rates"]},

@@ -1,9 +1,11 @@
 """Whisper backbone (``WhisperForConditionalGeneration``): hub id, transformers directory, CTranslate2
 directory, an installed package's model folder (``package:module/subdir``), or a random-initialised
-config. Evaluation decodes with ``generate``; the encoder input can be cut to a shorter window."""
+config. Evaluation decodes with ``generate``. Training may cut the encoder input to a shorter window (a
+speed setting); every evaluation and the saved model use the model's own window (``native``)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -35,12 +37,16 @@ class WhisperOptions(PluginOptions):
     config: dict[str, Any] | None = None
     #: tokenizer.json file or a directory holding one (defaults to the model's own)
     tokenizer: str | None = None
-    #: cut the encoder input to this many seconds (slicing the positional embedding); null keeps 30 s
+    #: train at an encoder window of this many seconds (slicing the positional embedding; frozen, never
+    #: pruned): a speed setting of training only. Every evaluation (the zero-shot row included) and the saved
+    #: model use the model's own window (30 s for OpenAI's checkpoints); null trains at that window too
     encoder_window_s: int | None = Field(default=None, ge=1, le=30)
     #: for multilingual checkpoints: language and task tokens of the decoder prompt
     language: str | None = None
     task: str | None = None
-    max_new_tokens: int = Field(default=96, gt=0)
+    #: the most tokens ``generate`` writes after the prompt; null: as many as the decoder holds (whisper's own
+    #: limit). Written into the saved model's generation_config, so plain transformers decodes alike
+    max_new_tokens: int | None = Field(default=None, gt=0)
     #: where log-mel features are computed: ``cpu`` (in the batch collation, numpy, as the feature extractor
     #: does; cached, see feature_cache), ``device`` (batches carry the padded audio, and the features are
     #: computed with torch on the device the model runs on, just before the forward: on a GPU the data path
@@ -166,7 +172,8 @@ class WhisperBackbone(Backbone):
         self.feature_extractor = None
         self.multilingual, self.task = False, None
         self.max_target_positions = 448
-        self._feature_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._feature_cache: dict[tuple[str, int, int], torch.Tensor] = {}  # (id, samples, window samples) -> features
+        self._native_positions = 1500
         self._token_cache: dict[str, list[int]] = {}  # transcript -> label ids (tokenised once per run)
         self._mel: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (window, mel filters)
 
@@ -231,7 +238,7 @@ class WhisperBackbone(Backbone):
             raise ParpkitError(f"whisper: task must be transcribe or translate, got {o.task!r}")
         self.task = (o.task or "transcribe") if self.multilingual else None
         prompt = 4 if self.multilingual else 2  # <|startoftranscript|> [language, task] <|notimestamps|>
-        if o.max_new_tokens + prompt > config.max_target_positions:
+        if o.max_new_tokens is not None and o.max_new_tokens + prompt > config.max_target_positions:
             raise ParpkitError(f"whisper: max_new_tokens {o.max_new_tokens} and the {prompt}-token prompt do not fit the "
                                f"decoder's {config.max_target_positions} positions; use at most "
                                f"{config.max_target_positions - prompt}")
@@ -250,7 +257,7 @@ class WhisperBackbone(Backbone):
             return WhisperForConditionalGeneration(config)
 
     def load(self) -> torch.nn.Module:
-        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+        from transformers import WhisperForConditionalGeneration
 
         o = self.options
         if o.config is not None:
@@ -266,17 +273,55 @@ class WhisperBackbone(Backbone):
             except Exception as exc:  # OSError for missing files; safetensors and torch errors for damaged ones
                 raise ModelFormatError(f"whisper: cannot load {o.model!r}: {_first_line(exc)}") from None
             self.tokenizer = _load_tokenizer(resolve_source(o.tokenizer)) if o.tokenizer else _auto_tokenizer(source)
+        self._check_prompt(model.config)
+        self._set_decoding(model)
+        self._native_positions = model.config.max_source_positions
         self._apply_window(model.config)
         positions = cut_encoder_window(model, model.config.max_source_positions)
-        self.feature_extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins,
-                                                         chunk_length=positions // 50)  # 2 frames of 10 ms each
-        self._check_prompt(model.config)
+        self.feature_extractor = self._extractor(model.config.num_mel_bins, positions)
         self.max_target_positions = model.config.max_target_positions
         if self.multilingual:
             self.tokenizer.set_prefix_tokens(language=o.language, task=self.task, predict_timestamps=False)
         else:
             self.tokenizer.set_prefix_tokens(predict_timestamps=False)
         return model
+
+    @staticmethod
+    def _extractor(mel_bins: int, positions: int):
+        from transformers import WhisperFeatureExtractor
+
+        return WhisperFeatureExtractor(feature_size=mel_bins, chunk_length=positions // 50)  # 2 frames of 10 ms each
+
+    def _set_decoding(self, model: torch.nn.Module) -> None:
+        """The recipe's decoding limits in the model's generation_config: ``transcribe`` and a user who
+        loads the saved model with plain transformers decode alike."""
+        gc = model.generation_config
+        gc.max_new_tokens = self.options.max_new_tokens
+        gc.num_beams = self.options.num_beams
+
+    # ------------------------------------------------------------------------------ native settings
+    @contextlib.contextmanager
+    def native(self, model: torch.nn.Module):
+        """The model at its own encoder window (the full positional embedding, kept aside when training cut
+        it) with features to match; the training window again afterwards."""
+        positions = model.config.max_source_positions
+        native = native_positions(model)
+        if positions == native or self.feature_extractor is None:
+            yield model
+            return
+        extractor = self.feature_extractor
+        cut_encoder_window(model, native)
+        self.feature_extractor = self._extractor(model.config.num_mel_bins, native)
+        try:
+            yield model
+        finally:
+            cut_encoder_window(model, positions)
+            self.feature_extractor = extractor
+
+    def settings(self, model: torch.nn.Module) -> dict[str, Any]:
+        gc = model.generation_config
+        return {"encoder_window_s": model.config.max_source_positions / 50, "max_new_tokens": gc.max_new_tokens,
+                "max_length": gc.max_length, "num_beams": gc.num_beams}
 
     # ------------------------------------------------------------------------------ distillation teacher
     def _teacher_config(self, source: str, directory: Path | str):
@@ -328,14 +373,16 @@ class WhisperBackbone(Backbone):
         for i, a in enumerate(audios):
             if len(a) > fe.n_samples:
                 who = f"utterance {ids[i]!r}" if ids else "an utterance"
+                fix = ("raise backbone.options.encoder_window_s" if fe.chunk_length * 50 < self._native_positions else
+                       "whisper takes one window at a time: cut the recording into shorter utterances")
                 raise ParpkitError(f"whisper: {who} lasts {len(a) / fe.sampling_rate:.1f} s, longer than the encoder "
-                                   f"window of {fe.chunk_length:g} s; raise backbone.options.encoder_window_s")
+                                   f"window of {fe.chunk_length:g} s; {fix}")
 
     def _features(self, audios: Sequence[np.ndarray], ids: Sequence[str] = ()) -> torch.Tensor:
         self._check_lengths(audios, ids)
         if not (ids and self.options.feature_cache):
             return self._extract(audios)
-        keys = [(k, len(a)) for k, a in zip(ids, audios, strict=True)]
+        keys = [(k, len(a), self.feature_extractor.n_samples) for k, a in zip(ids, audios, strict=True)]
         todo = [i for i, k in enumerate(keys) if k not in self._feature_cache]
         if todo:  # each waveform is padded and transformed on its own: cached rows equal batched ones
             for i, row in zip(todo, self._extract([audios[i] for i in todo]), strict=True):
@@ -428,7 +475,7 @@ class WhisperBackbone(Backbone):
             feats = self.log_mel(self._padded_audio(audios).to(device)).to(dtype)
         else:
             feats = self._features(audios).to(device=device, dtype=dtype)
-        kwargs: dict[str, Any] = dict(max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams)
+        kwargs: dict[str, Any] = {}  # decoding limits: the model's generation_config (``_set_decoding``)
         if self.multilingual:
             kwargs.update(language=self.options.language, task=self.task)
         out = model.generate(input_features=feats, **kwargs)
@@ -451,6 +498,7 @@ class WhisperBackbone(Backbone):
             raise ModelFormatError(f"{directory}: cannot load the saved whisper model: {_first_line(exc)}") from None
         self.tokenizer, self.feature_extractor = processor.tokenizer, processor.feature_extractor
         self._check_prompt(model.config)
+        self._native_positions = native_positions(model)
         self.tokenizer.set_prefix_tokens(language=self.options.language, task=self.task, predict_timestamps=False)
         return model
 
@@ -458,17 +506,34 @@ class WhisperBackbone(Backbone):
         return structured_groups(model)
 
 
-def cut_encoder_window(model: torch.nn.Module, positions: int) -> int:
-    """Cut a whisper model's encoder to its first ``positions`` positions (2 per 10 ms frame pair: 500 for
-    10 s), slicing the positional embedding; frozen either way. Returns the positions it keeps."""
+#: where a cut encoder keeps its full positional embedding (a plain attribute: not a parameter, not saved)
+_NATIVE = "_parpkit_native_positions"
+
+
+def native_positions(model: torch.nn.Module) -> int:
+    """The positions of a whisper model's own encoder window, cut or not (1500 for OpenAI's: 30 s)."""
     encoder = model.model.encoder
-    full = encoder.embed_positions.num_embeddings
-    if positions > full:
-        raise ParpkitError(f"the encoder holds {full / 50:g} s; it cannot take a {positions / 50:g} s window")
-    if positions < full:
-        emb = encoder.embed_positions
+    kept = getattr(encoder, _NATIVE, None)
+    return kept.shape[0] if kept is not None else encoder.embed_positions.num_embeddings
+
+
+def cut_encoder_window(model: torch.nn.Module, positions: int) -> int:
+    """Set a whisper model's encoder window to its first ``positions`` positions (2 per 10 ms frame pair:
+    500 for 10 s), slicing the positional embedding; frozen either way. The full embedding is kept aside
+    the first time it is cut, so that a later call can give the window back (``native``). Returns the
+    positions it keeps."""
+    encoder = model.model.encoder
+    emb = encoder.embed_positions
+    full = getattr(encoder, _NATIVE, None)
+    if full is None:
+        full = emb.weight.detach()
+    if positions > full.shape[0]:
+        raise ParpkitError(f"the encoder holds {full.shape[0] / 50:g} s; it cannot take a {positions / 50:g} s window")
+    if positions != emb.num_embeddings:
+        if not hasattr(encoder, _NATIVE):
+            object.__setattr__(encoder, _NATIVE, full.clone())
         new = torch.nn.Embedding(positions, emb.embedding_dim, device=emb.weight.device, dtype=emb.weight.dtype)
-        new.weight.data.copy_(emb.weight.data[:positions])
+        new.weight.data.copy_(full[:positions].to(device=emb.weight.device, dtype=emb.weight.dtype))
         encoder.embed_positions = new
     model.config.max_source_positions = encoder.max_source_positions = positions
     encoder.embed_positions.requires_grad_(False)
