@@ -505,6 +505,19 @@ class WhisperBackbone(Backbone):
     def structured_groups(self, model: torch.nn.Module) -> list:
         return structured_groups(model)
 
+    def plain_widths(self, model: torch.nn.Module, kept: Mapping[str, int]) -> tuple[dict[str, Any], list[str]]:
+        """``encoder_ffn_dim`` / ``decoder_ffn_dim`` where every layer of the stack keeps the same number of
+        neurons. Heads never: WhisperAttention's head size is d_model // heads."""
+        updates: dict[str, Any] = {}
+        shrink: list[str] = []
+        for side in ("encoder", "decoder"):
+            names = [f"model.{side}.layers.{i}.ffn" for i in range(len(getattr(model.model, side).layers))]
+            widths = {kept[n] for n in names}
+            if len(widths) == 1 and (width := widths.pop()) < getattr(model.config, f"{side}_ffn_dim"):
+                updates[f"{side}_ffn_dim"] = width
+                shrink += names
+        return updates, shrink
+
 
 #: where a cut encoder keeps its full positional embedding (a plain attribute: not a parameter, not saved)
 _NATIVE = "_parpkit_native_positions"
