@@ -368,14 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print one `parpkit run` command per point (for a scheduler, or one process per GPU)")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("export", help="write a run's model in a smaller or deployable form (plain transformers with pruned "
-                                      "neurons removed, compact, sparse, or a format the backbone writes)")
+                                      "neurons removed, compact, sparse, or a backbone's own such as whisper's ct2)")
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--format", help="transformers (plain, removed FFN neurons dropped where all layers keep one width), compact "
                                     "(every removed neuron and head dropped; parpkit.load_compact), sparse (bitmask + kept "
-                                    "values; parpkit.load_sparse), or a format the backbone writes; "
+                                    "values; parpkit.load_sparse), or a backbone's own (whisper: ct2, for faster-whisper); "
                                     "default: the smallest the run allows")
     p.add_argument("--compact", action="store_true", help="same as --format compact")
-    p.add_argument("--quantization", help="for a format the backbone writes (default: the weights' own type)")
+    p.add_argument("--quantization", help="for a backbone's formats: e.g. int8 for ct2 (default: the weights' own type)")
     p.add_argument("--output", help="where to write it (default RUN_DIR/FORMAT)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("report", help="finished runs in one table, and (with --output, or for a sweep) Markdown, CSV and plots")

@@ -229,9 +229,9 @@ def test_an_unstructured_run_exports_sparse_weights_that_read_back_bit_for_bit(t
     assert set(plain) == set(dense) and all(torch.equal(plain[n].view(torch.uint8), t.view(torch.uint8)) for n, t in dense.items())
     # what export refuses: a format the backbone does not write, quantizing a format that is not the backbone's
     assert main(["export", str(run), "--format", "onnx"]) == 2
-    assert "--format onnx: unknown for backbone 'whisper'; formats: transformers, compact, sparse" in capsys.readouterr().err
+    assert "--format onnx: unknown for backbone 'whisper'; formats: transformers, compact, sparse, ct2" in capsys.readouterr().err
     assert main(["export", str(run), "--format", "sparse", "--quantization", "int8"]) == 2
-    assert "--quantization applies to formats a backbone writes (none here), not to sparse" in " ".join(capsys.readouterr().err.split())
+    assert "--quantization applies to formats a backbone writes (ct2), not to sparse" in " ".join(capsys.readouterr().err.split())
 
 
 def _docs_block(heading: str) -> str:
@@ -257,3 +257,48 @@ def test_sparse_files_keep_negative_zeros_nans_and_dense_tensors(tmp_path):
     for name, x in state.items():
         assert torch.equal(back[name].view(torch.uint8), x.view(torch.uint8)), name
     assert torch.signbit(back["a"][0, :8]).all()
+
+
+def _force_a_word(model_dir, token: int) -> None:
+    """Make the saved tiny whisper say ``token`` at every step: the decoder's final layer norm outputs a
+    constant that points at that token's (enlarged) embedding. Masks are untouched (neither is in the pool)."""
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    w = load_file(str(path))
+    emb = w["model.decoder.embed_tokens.weight"]
+    emb[token] = emb[token] / emb[token].norm() * 50
+    w["model.decoder.layer_norm.weight"] = torch.zeros_like(w["model.decoder.layer_norm.weight"])
+    w["model.decoder.layer_norm.bias"] = emb[token] / 5
+    save_file(w, str(path), metadata={"format": "pt"})
+
+
+def test_ct2_export_of_a_pruned_whisper_transcribes_with_faster_whisper(tmp_path, capsys):
+    faster_whisper = pytest.importorskip("faster_whisper", reason="needs the ct2 extra: pip install 'parpkit[ct2]'")
+    import numpy as np
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    run = _structured_run(tmp_path, "per_tensor")  # FFN neurons and heads, the same count in every layer
+    _force_a_word(run / "model", 23748)  # " hello"
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "ct2"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "removed 64 of 128 FFN neurons and 12 of 24 attention heads" in text
+    report = _export_report(run / "ct2")
+    assert report["config"] == {"encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    assert report["max_abs_difference"] <= 1e-4  # encoder outputs, float32
+    assert main(["export", str(run), "--format", "ct2", "--quantization", "int8", "--output", str(tmp_path / "int8")]) == 0
+
+    audio = (np.random.default_rng(0).standard_normal(32000) * 0.1).astype(np.float32)
+    masked = WhisperForConditionalGeneration.from_pretrained(run / "model").eval()
+    processor = WhisperProcessor.from_pretrained(run / "model")
+    with torch.no_grad():
+        ids = masked.generate(input_features=processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features)
+    expected = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    assert expected.startswith("hello hello")
+    for folder, compute in ((run / "ct2", "float32"), (tmp_path / "int8", "int8")):
+        model = faster_whisper.WhisperModel(str(folder), device="cpu", compute_type=compute)
+        segments, _ = model.transcribe(audio, beam_size=1, temperature=0.0, without_timestamps=True, max_new_tokens=8,
+                                       condition_on_previous_text=False)
+        said = " ".join(s.text.strip() for s in segments)  # CTranslate2 stops at its own length: a prefix of the same words
+        assert said.count("hello") >= 3 and expected.startswith(said), (compute, said, expected)

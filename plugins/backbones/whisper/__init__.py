@@ -518,6 +518,23 @@ class WhisperBackbone(Backbone):
                 shrink += names
         return updates, shrink
 
+    def export_formats(self) -> dict[str, str]:
+        return {"ct2": "CTranslate2 directory for faster-whisper (removed neurons and equal-count heads dropped); "
+                       "--quantization int8 for int8 weights"}
+
+    def export(self, fmt: str, model: torch.nn.Module, groups: list, kept: Mapping[str, list[int]], directory: Path,
+               quantization: str | None = None) -> dict[str, Any]:
+        from transformers import WhisperProcessor
+
+        from .export_ct2 import write_ct2
+
+        if fmt != "ct2":
+            return super().export(fmt, model, groups, kept, directory, quantization)
+        rng = np.random.default_rng(0)
+        features = self._extract([(rng.standard_normal(24000) * 0.1).astype(np.float32) for _ in range(2)])
+        processor = WhisperProcessor(feature_extractor=self.feature_extractor, tokenizer=self.tokenizer)
+        return write_ct2(model, processor, groups, kept, directory, quantization, features)
+
 
 #: where a cut encoder keeps its full positional embedding (a plain attribute: not a parameter, not saved)
 _NATIVE = "_parpkit_native_positions"
