@@ -302,3 +302,21 @@ def test_ct2_export_of_a_pruned_whisper_transcribes_with_faster_whisper(tmp_path
                                        condition_on_previous_text=False)
         said = " ".join(s.text.strip() for s in segments)  # CTranslate2 stops at its own length: a prefix of the same words
         assert said.count("hello") >= 3 and expected.startswith(said), (compute, said, expected)
+
+
+def test_a_wav2vec2_ffn_prune_at_per_tensor_scope_exports_plain_transformers(tmp_path):
+    from transformers import AutoModelForCTC
+
+    mapping = tiny_ctc_recipe(**{"pruning.criterion": {"name": "structured", "options": {"units": ["ffn"]}},
+                                 "pruning.scope": "per_tensor", "pruning.schedule": {"name": "fixed"}, "training.max_steps": 1,
+                                 "evaluation.dense": False, "evaluation.after_prune": False})
+    run = tmp_path / "run"
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", mapping)), "--output-dir", str(run), "--quiet"]) == 0
+    assert main(["export", str(run)]) == 0
+    assert _export_report(run / "transformers")["config"] == {"intermediate_size": 32}  # 64 neurons, half removed
+    plain = AutoModelForCTC.from_pretrained(run / "transformers").eval()
+    masked = AutoModelForCTC.from_pretrained(run / "model").eval()
+    assert all(l.feed_forward.intermediate_dense.out_features == 32 for l in plain.wav2vec2.encoder.layers)
+    x = torch.randn(2, 16000)
+    with torch.no_grad():
+        assert (plain(x).logits - masked(x).logits).abs().max() <= 1e-5
