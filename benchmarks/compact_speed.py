@@ -61,7 +61,7 @@ def measure(name: str, build, repeats: int, sparsity: float) -> dict:
     import copy
 
     from parpkit.masks import PoolPruner
-    from parpkit.compact import compact, kept_units
+    from parpkit.compact import kept_units, remove_units
     from parpkit_plugins.criteria import Structured
 
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def measure(name: str, build, repeats: int, sparsity: float) -> dict:
     masked = copy.deepcopy(dense)
     PoolPruner(masked, pool, Structured(), "per_tensor", groups=groups).prune(sparsity)
     small = copy.deepcopy(masked)
-    compact(small, groups, kept_units(small, groups))
+    remove_units(small, groups, kept_units(small, groups))
     with torch.inference_mode():
         diff = float((masked(**inputs).logits - small(**inputs).logits).abs().max())
     t_dense, t_small = timed([dense, small], inputs, repeats)

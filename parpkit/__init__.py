@@ -7,7 +7,8 @@ stable; the submodules are the engine's own business.
 from parpkit.api import RunResult, run
 from parpkit.audio import AudioError, read_audio, resample
 from parpkit.cache import install_atomically
-from parpkit.compact import load_compact
+from parpkit.compact import kept_units, load_compact, remove_units
+from parpkit.sparse import load_sparse, read_sparse, save_sparse
 from parpkit.context import CalibrationBatch, RunContext, TrainingSettings, layer_blocks
 from parpkit.errors import ModelFormatError, ParpkitError, PluginError, RecipeError
 from parpkit.hookspecs import hookimpl
@@ -32,7 +33,11 @@ __all__ = [
     "ParpkitError", "RecipeError", "PluginError", "ModelFormatError", "AudioError", "read_audio", "resample",
     "install_atomically", "Progress", "Task", "error_rates", "normalise", "normalise_units",
     "UnitGroup", "Member", "ffn_group", "head_group",
+    # for backbones that export: the units a pruned model still uses, and removing the others in place
+    "kept_units", "remove_units",
     # running recipes from Python
     "run", "RunResult", "load_compact",
+    # exported models: bitmask-compressed sparse weights
+    "load_sparse", "read_sparse", "save_sparse",
     "__version__",
 ]

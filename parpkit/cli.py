@@ -32,6 +32,7 @@ def _load(args):
 
 def cmd_validate(args) -> int:
     from parpkit.engine.lifecycle import preflight
+    from parpkit.interfaces import StructuredCriterion
     from parpkit.recipe import read_recipe_file
     from parpkit.registry import Plugins
     from parpkit.resolve import pool_groups, resolve
@@ -57,6 +58,11 @@ def cmd_validate(args) -> int:
              "schedule": r.pruning.schedule.name}
     for kind, provider in resolved.providers.items():
         console.print(f"{kind}: {names[kind]} ({provider})")
+    if isinstance(resolved.criterion, StructuredCriterion):
+        console.print("whole units at scope per_tensor: every layer keeps the same width, so `parpkit export` can write a "
+                      "plain transformers folder" if r.pruning.scope == "per_tensor" else
+                      "whole units at scope global: layers end with different widths, so `parpkit export` writes parpkit's "
+                      "compact form (scope per_tensor keeps the widths equal, for plain transformers)")
     if r.sweep:
         from parpkit.sweep import point_recipe, points, sweep_of
 
@@ -225,15 +231,30 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from parpkit.export import export_compact
+    from parpkit.export import export
 
-    if not args.compact:
-        raise ParpkitError("export writes a compact model: pass --compact")
-    r = export_compact(Path(args.run_dir), Path(args.output) if args.output else None)
-    console.print(f"removed {r['removed_neurons']:,} of {r['neurons']:,} FFN neurons and {r['removed_heads']} of "
-                  f"{r['heads']} attention heads: {r['parameters_before']:,} -> {r['parameters_after']:,} parameters")
-    console.print(f"largest output difference against the masked model: {r['max_abs_difference']:.2e}")
-    console.print(f"compact model: {r['output']} (load with parpkit.load_compact)")
+    if args.compact and args.format not in (None, "compact"):
+        raise ParpkitError(f"--compact is --format compact; it cannot go with --format {args.format}")
+    r = export(Path(args.run_dir), "compact" if args.compact else args.format, Path(args.output) if args.output else None,
+               args.quantization)
+    fmt = r["format"]
+    why = " (the smallest form this run allows; --format chooses another)" if r["chosen"] else ""
+    if "removed_neurons" in r:
+        console.print(f"removed {r['removed_neurons']:,} of {r['neurons']:,} FFN neurons and {r['removed_heads']} of "
+                      f"{r['heads']} attention heads: {r['parameters_before']:,} -> {r['parameters_after']:,} parameters")
+    zeros = r.get("zeros_kept") or {}
+    if any(zeros.values()):
+        console.print(f"kept as zeros (the config cannot express their removal): {zeros['ffn']:,} FFN neurons, "
+                      f"{zeros['heads']} attention heads; --format compact drops them too")
+    if r.get("config"):
+        console.print("config: " + ", ".join(f"{k} = {v}" for k, v in r["config"].items()))
+    if "bytes" in r and r.get("dense_bytes"):
+        console.print(f"{r['dropped']:,} zero weights left out: {r['bytes']:,} bytes against {r['dense_bytes']:,} for "
+                      f"model.safetensors ({r['bytes'] / r['dense_bytes']:.1%}); reads back bit for bit")
+    if r.get("max_abs_difference") is not None:
+        console.print(f"largest output difference against the run's model: {r['max_abs_difference']:.2e}"
+                      + (f" ({r['difference_of']})" if r.get("difference_of") else ""))
+    console.print(f"wrote {fmt}{why}: {r['output']} (load with {r['load']})")
     return 0
 
 
@@ -346,10 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--print-commands", action="store_true",
                       help="print one `parpkit run` command per point (for a scheduler, or one process per GPU)")
     p.set_defaults(fn=cmd_sweep)
-    p = sub.add_parser("export", help="write a smaller model without the pruned neurons and heads")
+    p = sub.add_parser("export", help="write a run's model in a smaller or deployable form (plain transformers with pruned "
+                                      "neurons removed, compact, sparse, or a backbone's own such as whisper's ct2)")
     p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--compact", action="store_true", help="remove pruned FFN neurons and attention heads")
-    p.add_argument("--output", help="where to write it (default RUN_DIR/compact)")
+    p.add_argument("--format", help="transformers (plain, removed FFN neurons dropped where all layers keep one width), compact "
+                                    "(every removed neuron and head dropped; parpkit.load_compact), sparse (bitmask + kept "
+                                    "values; parpkit.load_sparse), or a backbone's own (whisper: ct2, for faster-whisper); "
+                                    "default: the smallest the run allows")
+    p.add_argument("--compact", action="store_true", help="same as --format compact")
+    p.add_argument("--quantization", help="for a backbone's formats: e.g. int8 for ct2 (default: the weights' own type)")
+    p.add_argument("--output", help="where to write it (default RUN_DIR/FORMAT)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("report", help="finished runs in one table, and (with --output, or for a sweep) Markdown, CSV and plots")
     p.add_argument("runs", nargs="+", help="run directories, or folders holding them (a sweep directory)")

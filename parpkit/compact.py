@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _shrink_linear(model: torch.nn.Module, module_name: str, dim: int, index: to
     setattr(_module(model, parent_name) if parent_name else model, attr, new)
 
 
-def compact(model: torch.nn.Module, groups: list[UnitGroup], keep: dict[str, list[int]]) -> dict:
+def remove_units(model: torch.nn.Module, groups: list[UnitGroup], keep: Mapping[str, list[int]]) -> dict:
     """Remove pruned units in place; returns the layout (kept units per group) that rebuilds it."""
     layout = {"groups": []}
     for g in groups:
@@ -73,7 +74,7 @@ def apply_layout(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
     layout = json.loads(path.read_text())
     groups = [UnitGroup(g["name"], g["kind"], g["units"], g["width"], tuple(Member(**m) for m in g["members"]), g.get("owner"))
               for g in layout["groups"]]
-    compact(model, groups, {g["name"]: g["kept"] for g in layout["groups"]})
+    remove_units(model, groups, {g["name"]: g["kept"] for g in layout["groups"]})
     return model
 
 

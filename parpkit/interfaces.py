@@ -199,6 +199,28 @@ class Backbone(_Plugin, ABC):
         """Load a model this backbone saved (``save``), for export; also readies tokenizer and features."""
         raise NotImplementedError(f"backbone {self.name!r} cannot reload a saved run")
 
+    def plain_widths(self, model: torch.nn.Module, kept: Mapping[str, int]) -> tuple[dict[str, Any], list[str]]:
+        """How plain transformers can hold ``model`` once ``kept[name]`` units are left in each of its
+        ``structured_groups`` (every group named; an unpruned one keeps all its units): the config keys to
+        change, and the groups whose removed units those keys let an export drop. The other groups keep
+        their removed units as zeros. A config stores one width per stack (whisper's ``encoder_ffn_dim``), so
+        a stack shrinks only where all its layers keep the same number; a head count that also sets the head
+        size (``d_model // heads``) cannot shrink at all. By default nothing shrinks: ``({}, [])``."""
+        return {}, []
+
+    def export_formats(self) -> dict[str, str]:
+        """Deployment formats this backbone writes besides parpkit's own (``transformers``, ``compact``,
+        ``sparse``): name -> one line for ``parpkit export --format``. None by default."""
+        return {}
+
+    def export(self, fmt: str, model: torch.nn.Module, groups: list[UnitGroup], kept: Mapping[str, list[int]],
+               directory: Path, quantization: str | None = None) -> dict[str, Any]:
+        """Write ``model`` (as ``load_saved`` gave it, pruned units all zeros) in format ``fmt`` (one of
+        ``export_formats``) to the new folder ``directory``; ``kept`` lists the units left in each of
+        ``groups`` (the pool's), for formats that can drop the rest. Returns facts to report (JSON values),
+        such as the largest output difference against ``model``."""
+        raise NotImplementedError(f"backbone {self.name!r} writes no format {fmt!r}")
+
     def needs_teacher_dir(self) -> str | None:
         """Why the pretrained model as ``load`` gives it cannot be a distillation teacher (e.g. its output layer
         is built fresh for each run, randomly initialised), so that a recipe that distils or trains on
@@ -304,13 +326,23 @@ class PruningCriterion(Criterion):
 
 class StructuredCriterion(Criterion):
     """Scores whole units of the groups a backbone declares (FFN neurons, attention heads); masks then
-    cover every slice of a unit."""
+    cover every slice of a unit.
+
+    Scope ``per_tensor`` prunes the same share of every group, so every layer keeps the same width (the
+    same number of FFN neurons, the same number of heads): what a config with one width per stack can
+    hold, and what ``parpkit export`` writes as a plain transformers model. ``global`` ranks each kind over
+    all layers, and layers end with different widths."""
 
     scopes: ClassVar[tuple[str, ...]] = ("global", "per_tensor")
 
     @abstractmethod
     def unit_scores(self, group: UnitGroup, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor:
         """One score per unit of ``group``."""
+
+    def prunes(self, group: UnitGroup) -> bool:
+        """Whether this criterion prunes ``group`` at all (e.g. only ``kind == "ffn"``); the engine leaves the
+        other groups whole. All of them by default."""
+        return True
 
 
 class ReconstructingCriterion(Criterion):

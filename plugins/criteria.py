@@ -135,12 +135,25 @@ class Taylor(_Accumulating):
         self.observed += 1
 
 
+class StructuredOptions(PluginOptions):
+    #: which kinds of unit to prune: ffn (feed-forward neurons), heads (attention heads). Whisper's and
+    #: wav2vec2's configs tie the head size to d_model / heads, so removed heads stay in a plain
+    #: transformers export as zeros; ``[ffn]`` at scope per_tensor exports with every pruned weight removed
+    units: list[Literal["ffn", "heads"]] = Field(default_factory=lambda: ["ffn", "heads"], min_length=1)
+
+
 class Structured(StructuredCriterion):
     """Whole FFN neurons (fc1 row with its fc2 column) and attention heads (their q/k/v rows and
     output-projection columns), ranked by the L2 norm of all their weights. The backbone declares
-    these groups; global scope ranks neurons against neurons and heads against heads over all layers."""
+    these groups; global scope ranks neurons against neurons and heads against heads over all layers
+    (layers end with different widths); per_tensor scope prunes the same share of every layer, so all
+    layers keep equal widths and ``parpkit export`` writes a plain transformers model."""
 
     name = "structured"
+    Options = StructuredOptions
+
+    def prunes(self, group: UnitGroup) -> bool:
+        return group.kind in self.options.units
 
     def unit_scores(self, group: UnitGroup, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor:
         total = torch.zeros(group.units, dtype=torch.float32)

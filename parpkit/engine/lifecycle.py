@@ -274,7 +274,8 @@ def prepare(s: Session) -> None:
         s.log.write("pseudo_labels", utterances=s.pseudo_labelled)
     s.pool = s.resolved.select_pool(s.model)
     criterion = s.resolved.criterion
-    groups = restrict(backbone.structured_groups(s.model), set(s.pool)) if isinstance(criterion, StructuredCriterion) else []
+    groups = [g for g in restrict(backbone.structured_groups(s.model), set(s.pool)) if criterion.prunes(g)] \
+        if isinstance(criterion, StructuredCriterion) else []
     donor = None
     if r.pruning.mask_from:
         params = dict(s.model.named_parameters())

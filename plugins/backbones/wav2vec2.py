@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +265,16 @@ class CTCBackbone(Backbone):
 
     def structured_groups(self, model: torch.nn.Module) -> list:
         return structured_groups(model)
+
+    def plain_widths(self, model: torch.nn.Module, kept: Mapping[str, int]) -> tuple[dict[str, Any], list[str]]:
+        """``intermediate_size`` where every layer keeps the same number of FFN neurons. Heads never: the
+        attention's head size is hidden_size // heads."""
+        base = model.base_model_prefix
+        names = [f"{base}.encoder.layers.{i}.ffn" for i in range(len(getattr(model, base).encoder.layers))]
+        widths = {kept[n] for n in names}
+        if len(widths) == 1 and (width := widths.pop()) < model.config.intermediate_size:
+            return {"intermediate_size": width}, names
+        return {}, []
 
     # ------------------------------------------------------------------------------ distillation teacher
     def _teacher_config(self, source: str):

@@ -6,6 +6,7 @@ libsndfile reads is mixed to mono and resampled to 16 kHz."""
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 from collections.abc import Sequence
@@ -96,6 +97,23 @@ class Manifest(Dataset):
             for key, col in (("audio_column", o.audio_column), ("speaker_column", o.speaker_column), ("id_column", o.id_column)):
                 if col and col not in rows[0]:
                     raise ParpkitError(f"{path}: no column {col!r} ({key}); columns are {', '.join(map(str, rows[0]))}")
+            self._labelled(path, rows[0])
+
+    def _labelled(self, path: Path, columns: dict) -> bool:
+        """Whether the manifest holds transcripts. Without the text column it is unlabelled audio only if it has
+        no column but the audio, id and speaker ones: any other column would be the transcripts under another
+        name than ``text_column`` says, and reading them as unlabelled audio would be silent."""
+        o = self.options
+        if o.text_column in columns:
+            return True
+        others = [str(c) for c in columns if c not in (o.audio_column, o.id_column, o.speaker_column)]
+        if others:
+            close = difflib.get_close_matches(o.text_column, others, 1)
+            raise ParpkitError(f"{path}: no column {o.text_column!r} (text_column)"
+                               + (f"; did you mean {close[0]!r}?" if close else "")
+                               + f" Columns are {', '.join(map(str, columns))}. A manifest of unlabelled audio (for "
+                               "distillation) has no column besides the audio, id and speaker ones")
+        return False
 
     def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
         o = self.options
@@ -110,7 +128,7 @@ class Manifest(Dataset):
                 raise ParpkitError(f"{path}: no column {col!r}; columns are {', '.join(rows[0])}")
         # a manifest without the text column is unlabelled audio: a training split of it needs distillation
         # (the teacher transcribes it); the engine refuses it anywhere else
-        labelled = o.text_column in rows[0]
+        labelled = self._labelled(path, rows[0])
         out = []
         with progress.task(f"reading {split}", total=len(rows)) as task:
             for i, row in enumerate(rows):

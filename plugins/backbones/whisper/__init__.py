@@ -505,6 +505,36 @@ class WhisperBackbone(Backbone):
     def structured_groups(self, model: torch.nn.Module) -> list:
         return structured_groups(model)
 
+    def plain_widths(self, model: torch.nn.Module, kept: Mapping[str, int]) -> tuple[dict[str, Any], list[str]]:
+        """``encoder_ffn_dim`` / ``decoder_ffn_dim`` where every layer of the stack keeps the same number of
+        neurons. Heads never: WhisperAttention's head size is d_model // heads."""
+        updates: dict[str, Any] = {}
+        shrink: list[str] = []
+        for side in ("encoder", "decoder"):
+            names = [f"model.{side}.layers.{i}.ffn" for i in range(len(getattr(model.model, side).layers))]
+            widths = {kept[n] for n in names}
+            if len(widths) == 1 and (width := widths.pop()) < getattr(model.config, f"{side}_ffn_dim"):
+                updates[f"{side}_ffn_dim"] = width
+                shrink += names
+        return updates, shrink
+
+    def export_formats(self) -> dict[str, str]:
+        return {"ct2": "CTranslate2 directory for faster-whisper (removed neurons and equal-count heads dropped); "
+                       "--quantization int8 for int8 weights"}
+
+    def export(self, fmt: str, model: torch.nn.Module, groups: list, kept: Mapping[str, list[int]], directory: Path,
+               quantization: str | None = None) -> dict[str, Any]:
+        from transformers import WhisperProcessor
+
+        from .export_ct2 import write_ct2
+
+        if fmt != "ct2":
+            return super().export(fmt, model, groups, kept, directory, quantization)
+        rng = np.random.default_rng(0)
+        features = self._extract([(rng.standard_normal(24000) * 0.1).astype(np.float32) for _ in range(2)])
+        processor = WhisperProcessor(feature_extractor=self.feature_extractor, tokenizer=self.tokenizer)
+        return write_ct2(model, processor, groups, kept, directory, quantization, features)
+
 
 #: where a cut encoder keeps its full positional embedding (a plain attribute: not a parameter, not saved)
 _NATIVE = "_parpkit_native_positions"
