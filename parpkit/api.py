@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from parpkit.progress import Progress
+from parpkit.progress import Progress, quiet_libraries
 from parpkit.recipe import Overrides, read_recipe_file, recipe_from_mapping
 
 
@@ -64,9 +65,9 @@ def run(recipe: str | Path | Mapping[str, Any], *, overrides: Overrides = (), ou
     from parpkit.resolve import resolve
 
     if output_dir is not None and not str(output_dir).strip():
-        from parpkit.errors import ParpkitError
+        from parpkit.errors import UsageError
 
-        raise ParpkitError("--output-dir is empty (that would be the current folder); give the run's own folder")
+        raise UsageError("--output-dir is empty (that would be the current folder); give the run's own folder")
     if isinstance(recipe, Mapping):
         data, file = recipe, file or "<recipe>"
     else:
@@ -76,6 +77,7 @@ def run(recipe: str | Path | Mapping[str, Any], *, overrides: Overrides = (), ou
     resolved = resolve(model, registered, file)
     out = Path(output_dir) if output_dir is not None else model.run_dir()
     shown = progress if isinstance(progress, Progress) else Progress(enabled=progress)
-    metrics = run_engine(resolved, shown, output_dir=out, resolved_mapping=mapping, callbacks=callbacks, fresh=fresh,
-                         resume=resume, shared=Path(shared) if shared is not None else None)
+    with contextlib.nullcontext() if shown.enabled else quiet_libraries():
+        metrics = run_engine(resolved, shown, output_dir=out, resolved_mapping=mapping, callbacks=callbacks, fresh=fresh,
+                             resume=resume, shared=Path(shared) if shared is not None else None)
     return RunResult(out, metrics)
