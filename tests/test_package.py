@@ -121,3 +121,19 @@ def test_quiet_means_quiet_transformers_bars_included(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert out == "" and err == "", err[-2000:]
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_several_plugin_modules_can_be_passed_to_run(tmp_path):
+    """parpkit.run(plugins=[module, module]) registers each under its own name (both were "builtins.module")."""
+    import types
+
+    from parpkit import RecipeError, hookimpl
+
+    modules = []
+    for name in ("first_plugin", "second_plugin"):
+        module = types.ModuleType(name)
+        module.register_datasets = hookimpl(lambda register: None)
+        modules.append(module)
+    recipe = tiny_recipe(**{"backbone.name": "no_such_backbone"})
+    with pytest.raises(RecipeError, match="unknown backbone 'no_such_backbone'"):  # registered, then resolved
+        parpkit.run(recipe, output_dir=tmp_path / "out", plugins=modules, progress=False)
