@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     output_dir_flag(sub.choices["run"], "run directory (default: the recipe's output_dir or runs/NAME)")
     sub.choices["run"].add_argument("--quiet", action="store_true", help="no progress bars")
-    sub.choices["run"].add_argument("--shared", help="folder of work other runs repeat (a sweep's SWEEP_DIR/shared): "
+    sub.choices["run"].add_argument("--shared", metavar="DIR", help="folder of work other runs repeat (a sweep's SWEEP_DIR/shared): "
                                                      "looked up and added to; never changes a result")
     again = sub.choices["run"].add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -372,12 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=LAUNCHERS, default="local",
                    help="where the points run: one after another in this process (default), as Ray tasks "
                         "(pip install 'parpkit[ray]'), or as Slurm jobs through submitit (pip install 'parpkit[slurm]')")
-    p.add_argument("--cpus-per-point", type=float, help="ray, slurm: CPUs each point asks for (ray's default: 1)")
-    p.add_argument("--gpus-per-point", type=float, help="ray, slurm: GPUs each point asks for (default: none)")
+    p.add_argument("--cpus-per-point", type=float, metavar="N", help="ray, slurm: CPUs each point asks for (ray's default: 1)")
+    p.add_argument("--gpus-per-point", type=float, metavar="N", help="ray, slurm: GPUs each point asks for (default: none)")
     p.add_argument("--address", help="ray: the cluster to join (default: start a local Ray instance)")
-    p.add_argument("--partition", help="slurm: the partition")
-    p.add_argument("--time-min", type=int, help="slurm: each point's time limit in minutes")
-    p.add_argument("--max-parallel", type=int, help="slurm: points running at once (the job array's parallelism)")
+    p.add_argument("--partition", metavar="NAME", help="slurm: the partition")
+    p.add_argument("--time-min", type=int, metavar="MINUTES", help="slurm: each point's time limit in minutes")
+    p.add_argument("--max-parallel", type=int, metavar="N", help="slurm: points running at once (the job array's parallelism)")
     p.add_argument("--slurm-local", action="store_true",
                    help="slurm: run the jobs as local processes (submitit's LocalExecutor), for testing without a cluster")
     mode = p.add_mutually_exclusive_group()
@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("report", help="finished runs in one table, and (with --output, or for a sweep) Markdown, CSV and plots")
     p.add_argument("runs", nargs="+", help="run directories, or folders holding them (a sweep directory)")
-    p.add_argument("--csv", help="also write one row per run to this CSV file")
+    p.add_argument("--csv", metavar="FILE", help="also write one row per run to this CSV file")
     output_dir_flag(p, "write table.md, table.csv, wer_vs_sparsity.png, learning_curves.png, heatmaps/ and the mask "
                        "overlap here (default for a sweep directory: SWEEP_DIR/report)")
     p.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
