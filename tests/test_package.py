@@ -27,10 +27,18 @@ def _run(*args, **kw) -> subprocess.CompletedProcess:
 
 @pytest.mark.package
 def test_the_wheel_installs_into_a_fresh_environment_and_runs(tmp_path):
-    """Built without build isolation (setuptools from the test extra; no network), installed with --no-deps
-    into a venv that borrows this environment's dependencies (torch …) but not its editable parpkit."""
+    """Built without build isolation (setuptools from the test extra; no network) from a copy of what the
+    build reads (so nothing is written into the checkout, and nothing else is needed), installed with
+    --no-deps into a venv that borrows this environment's dependencies (torch …) but not its editable parpkit."""
+    import shutil
+
+    source = tmp_path / "source"
+    for folder in ("parpkit", "plugins"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
     dist = tmp_path / "dist"
-    _run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, ROOT)
+    _run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, source)
     wheel, = dist.glob("parpkit-*.whl")
     assert wheel.name == f"parpkit-{parpkit.__version__}-py3-none-any.whl"
     venv = tmp_path / "venv"
