@@ -1,8 +1,9 @@
-"""``parpkit run | validate | plugins``."""
+"""``parpkit run | validate | sweep | report | compare-masks | export | plugins``."""
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import math
 import sys
@@ -12,9 +13,39 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from parpkit.errors import ParpkitError
+from parpkit.errors import ParpkitError, RunFailed, UsageError, refused
 from parpkit.launchers import LAUNCHERS
 from parpkit.progress import Progress
+from parpkit.version import __version__
+
+
+class ExitCode(enum.IntEnum):
+    """What ``parpkit``'s exit status says. Scripts and schedulers can tell a recipe to fix from a run to
+    look at from a sweep to rerun."""
+
+    #: the command did what it was asked
+    OK = 0
+    #: a bug in parpkit or a plugin: an unexpected exception, with its traceback
+    BUG = 1
+    #: refused: the input is wrong. A recipe error (unknown key, bad value, a plugin or option that does not
+    #: exist, a pool pattern that matches nothing …), a command line that asks for what cannot be done, data,
+    #: model or mask files the recipe names that cannot be used (found as they load, before any evaluation or
+    #: training), or input another command cannot use (a report of folders without finished runs). One line
+    #: names the file and the key, flag or utterance. Fix the input and run again
+    REFUSED = 2
+    #: work that had started failed: a run stopped while it evaluated, pruned or trained (the loss became NaN,
+    #: the disk filled, a checkpoint could not be written), or points of a sweep failed (each named; the others
+    #: finished). Rerunning the same command resumes from the last complete checkpoint
+    FAILED = 3
+    #: interrupted (Ctrl-C, SIGINT): a run or sweep stopped where it was; rerunning the same command resumes it
+    #: (finished sweep points are skipped). A process killed by a signal gets the shell's 128 + N (SIGTERM
+    #: 143, SIGKILL 137) and resumes the same way
+    INTERRUPTED = 130
+
+
+def exit_code(exc: BaseException) -> ExitCode:
+    """REFUSED or FAILED for an error written for the user (see ``ExitCode``)."""
+    return ExitCode.REFUSED if refused(exc) else ExitCode.FAILED
 
 # tables keep their columns when output goes to a file or pipe (rich would assume 80 columns)
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -176,7 +207,7 @@ def cmd_sweep(args) -> int:
             raise RecipeError(f"no sweep point {', '.join(unknown)}; points: {', '.join(p.name for p in plist)}", file=str(recipe))
         plist = [p for p in plist if p.name in args.only]
     if args.output_dir is not None and not args.output_dir.strip():
-        raise ParpkitError("--output-dir is empty; give the sweep's directory (default: the recipe's output_dir or runs/NAME)")
+        raise UsageError("--output-dir is empty; give the sweep's directory (default: the recipe's output_dir or runs/NAME)")
     # the base recipe's directory (with --set, without any point's overrides): a point whose axes set name or
     # output_dir, picked with --only, still runs inside the sweep's directory
     base, _ = point_recipe(data, Point("base", (), {}), args.set or [], str(recipe))
@@ -226,7 +257,7 @@ def cmd_sweep(args) -> int:
     console.print(f"sweep: {done} of {len(checked)} points finished in {out}{running}; "
                   f"`parpkit report {out}` tabulates and plots them", markup=False)
     if failed:
-        raise ParpkitError(f"{len(failed)} sweep point(s) failed: {', '.join(failed)}; rerun the sweep to retry them")
+        raise RunFailed(f"{len(failed)} sweep point(s) failed: {', '.join(failed)}; rerun the sweep to retry them")
     return 0
 
 
@@ -235,7 +266,7 @@ def cmd_export(args) -> int:
 
     if args.compact and args.format not in (None, "compact"):
         raise ParpkitError(f"--compact is --format compact; it cannot go with --format {args.format}")
-    r = export(Path(args.run_dir), "compact" if args.compact else args.format, Path(args.output) if args.output else None,
+    r = export(Path(args.run_dir), "compact" if args.compact else args.format, Path(args.output_dir) if args.output_dir else None,
                args.quantization)
     fmt = r["format"]
     why = " (the smallest form this run allows; --format chooses another)" if r["chosen"] else ""
@@ -281,7 +312,7 @@ def cmd_report(args) -> int:
     if args.csv:
         write_csv(rows, Path(args.csv))
         console.print(f"wrote {args.csv}")
-    out = Path(args.output) if args.output else (paths[0] / "report" if len(paths) == 1 and (paths[0] / "sweep.json").is_file() else None)
+    out = Path(args.output_dir) if args.output_dir else (paths[0] / "report" if len(paths) == 1 and (paths[0] / "sweep.json").is_file() else None)
     if out is not None:
         notes: list[str] = []
         for path in write_report(rows, out, notes):
@@ -320,14 +351,22 @@ def cmd_compare_masks(args) -> int:
     for label, row in zip(result["labels"], result["overall"], strict=True):
         table.add_row(escape(label), *[f"{v:.4f}" for v in row])
     console.print(table)
-    if args.output:
-        for path in write_overlap(result, Path(args.output)):
+    if args.output_dir:
+        for path in write_overlap(result, Path(args.output_dir)):
             console.print(f"wrote {path}")
     return 0
 
 
+def output_dir_flag(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--output-dir DIR``, one name for where every command writes; ``--output`` (the old spelling of
+    report, compare-masks and export) is still accepted, and not shown."""
+    parser.add_argument("--output-dir", metavar="DIR", help=text)
+    parser.add_argument("--output", dest="output_dir", metavar="DIR", help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parpkit", description="Pluggable pruning for speech recognition models")
+    parser.add_argument("--version", action="version", version=f"parpkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in (("run", cmd_run, "prune and fine-tune as a recipe says"),
                            ("validate", cmd_validate, "resolve a recipe and show what would be pruned")):
@@ -335,9 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="YAML recipe file")
         p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe key (repeatable)")
         p.set_defaults(fn=fn)
-    sub.choices["run"].add_argument("--output-dir", help="run directory (default: the recipe's output_dir or runs/NAME)")
+    output_dir_flag(sub.choices["run"], "run directory (default: the recipe's output_dir or runs/NAME)")
     sub.choices["run"].add_argument("--quiet", action="store_true", help="no progress bars")
-    sub.choices["run"].add_argument("--shared", help="folder of work other runs repeat (a sweep's SWEEP_DIR/shared): "
+    sub.choices["run"].add_argument("--shared", metavar="DIR", help="folder of work other runs repeat (a sweep's SWEEP_DIR/shared): "
                                                      "looked up and added to; never changes a result")
     again = sub.choices["run"].add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -348,18 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "killed ones resume)")
     p.add_argument("recipe", help="YAML recipe file with a sweep: section")
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a key of every point (repeatable)")
-    p.add_argument("--output-dir", help="sweep directory (default: the recipe's output_dir or runs/NAME)")
+    output_dir_flag(p, "sweep directory (default: the recipe's output_dir or runs/NAME)")
     p.add_argument("--only", action="append", metavar="POINT", help="run only this point (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--launcher", choices=LAUNCHERS, default="local",
                    help="where the points run: one after another in this process (default), as Ray tasks "
                         "(pip install 'parpkit[ray]'), or as Slurm jobs through submitit (pip install 'parpkit[slurm]')")
-    p.add_argument("--cpus-per-point", type=float, help="ray, slurm: CPUs each point asks for (ray's default: 1)")
-    p.add_argument("--gpus-per-point", type=float, help="ray, slurm: GPUs each point asks for (default: none)")
+    p.add_argument("--cpus-per-point", type=float, metavar="N", help="ray, slurm: CPUs each point asks for (ray's default: 1)")
+    p.add_argument("--gpus-per-point", type=float, metavar="N", help="ray, slurm: GPUs each point asks for (default: none)")
     p.add_argument("--address", help="ray: the cluster to join (default: start a local Ray instance)")
-    p.add_argument("--partition", help="slurm: the partition")
-    p.add_argument("--time-min", type=int, help="slurm: each point's time limit in minutes")
-    p.add_argument("--max-parallel", type=int, help="slurm: points running at once (the job array's parallelism)")
+    p.add_argument("--partition", metavar="NAME", help="slurm: the partition")
+    p.add_argument("--time-min", type=int, metavar="MINUTES", help="slurm: each point's time limit in minutes")
+    p.add_argument("--max-parallel", type=int, metavar="N", help="slurm: points running at once (the job array's parallelism)")
     p.add_argument("--slurm-local", action="store_true",
                    help="slurm: run the jobs as local processes (submitit's LocalExecutor), for testing without a cluster")
     mode = p.add_mutually_exclusive_group()
@@ -376,13 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "default: the smallest the run allows")
     p.add_argument("--compact", action="store_true", help="same as --format compact")
     p.add_argument("--quantization", help="for a backbone's formats: e.g. int8 for ct2 (default: the weights' own type)")
-    p.add_argument("--output", help="where to write it (default RUN_DIR/FORMAT)")
+    output_dir_flag(p, "where to write it (default RUN_DIR/FORMAT)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("report", help="finished runs in one table, and (with --output, or for a sweep) Markdown, CSV and plots")
     p.add_argument("runs", nargs="+", help="run directories, or folders holding them (a sweep directory)")
-    p.add_argument("--csv", help="also write one row per run to this CSV file")
-    p.add_argument("--output", help="write table.md, table.csv, wer_vs_sparsity.png, learning_curves.png, heatmaps/ and the "
-                                    "mask overlap here (default for a sweep directory: SWEEP_DIR/report)")
+    p.add_argument("--csv", metavar="FILE", help="also write one row per run to this CSV file")
+    output_dir_flag(p, "write table.md, table.csv, wer_vs_sparsity.png, learning_curves.png, heatmaps/ and the mask "
+                       "overlap here (default for a sweep directory: SWEEP_DIR/report)")
     p.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
                    help="method A against method B: the difference of final error rates with a paired bootstrap interval "
                         "over utterances (and one over seeds and utterances where both have several seeds), at every sparsity and "
@@ -390,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("compare-masks", help="intersection over union of the kept weights between runs (matrix, per layer)")
     p.add_argument("runs", nargs="+", help="run directories (their masks.safetensors) or mask files")
-    p.add_argument("--output", help="write mask_iou.csv, mask_iou_layers.csv and mask_iou.png here")
+    output_dir_flag(p, "write mask_iou.csv, mask_iou_layers.csv and mask_iou.png here")
     p.set_defaults(fn=cmd_compare_masks)
     p = sub.add_parser("plugins", help="list registered backbones, criteria, schedules and datasets")
     p.set_defaults(fn=cmd_plugins)
@@ -431,17 +470,18 @@ def disk_full(exc: BaseException, *folders: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The ``parpkit`` command; returns an ``ExitCode``."""
+    args = build_parser().parse_args(argv)  # a command line it cannot parse: argparse exits 2 (REFUSED)
     _quiet_transformers()
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
-        return 130
+        err_console.print("interrupted; rerun the same command to resume (finished runs and sweep points are kept)")
+        return ExitCode.INTERRUPTED
     except Exception as exc:
         if isinstance(exc, ParpkitError):
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            return 2
+            return exit_code(exc)
         resume = "free space and rerun the same command: runs resume from their last complete checkpoint"
         if isinstance(exc, OSError):  # a full disk, a read-only or missing folder: say which file, no traceback
             where = f"{exc.filename}: " if exc.filename else ""
@@ -450,16 +490,17 @@ def main(argv: list[str] | None = None) -> int:
                 blocker = next((p for p in (Path(exc.filename), *Path(exc.filename).parents) if p.is_file()), None)
                 if blocker is not None:  # a folder was asked for where a file is
                     where, what = f"{blocker}: ", "is a file; expected a folder"
-            hint = f"; {resume}" if disk_full(exc) else ""
+            full = disk_full(exc)
+            hint = f"; {resume}" if full else ""
             err_console.print(f"[bold red]error:[/] {escape(where + what + hint)}", highlight=False, soft_wrap=True)
-            return 2
+            return ExitCode.FAILED if full else exit_code(exc)
         folders = [Path.cwd(), *([Path(args.output_dir).absolute()] if getattr(args, "output_dir", None) else [])]
         if disk_full(exc, *folders):  # safetensors' and torch's writers raise their own error types
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             err_console.print(f"[bold red]error:[/] the disk is full ({escape(first)}); {resume}", highlight=False,
                               soft_wrap=True)
-            return 2
-        raise  # a bug: keep the traceback
+            return ExitCode.FAILED
+        raise  # a bug: keep the traceback (the interpreter exits 1)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class Dataset(_Plugin, ABC):
     labels, scored by PER after ``score_text``).
     """
 
+    #: what transcripts hold: "words" (WER/CER) or "phones" (space-separated labels, PER)
     unit: str = "words"
 
     def __init__(self, options: PluginOptions | None = None, *, cache_dir: Path, **kw: Any):
@@ -120,6 +121,7 @@ class Backbone(_Plugin, ABC):
 
     #: regular expressions (``re.fullmatch`` on parameter names) of the default pruning pool
     default_pool: ClassVar[list[str]] = []
+    #: the sample rate (Hz) of the audio the model takes; utterances at another rate are refused by name
     sample_rate: ClassVar[int] = 16000
     #: batches are padded to their longest input (CTC models), so training groups utterances of similar
     #: length into batches unless ``training.group_by_length`` says otherwise

@@ -44,3 +44,27 @@ class Progress:
 
 
 QUIET = Progress(enabled=False)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """No progress bars from the libraries parpkit calls (transformers loading and writing weights,
+    huggingface_hub downloads, datasets' map) while the context lasts; then each as it was. A run without
+    progress (``--quiet``, ``progress=False``) runs inside it: quiet means quiet."""
+    import datasets
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    was = (hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled(), datasets.is_progress_bar_enabled())
+    hf_logging.disable_progress_bar()
+    hub.disable_progress_bars()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was[0]:
+            hf_logging.enable_progress_bar()
+        if was[1]:
+            hub.enable_progress_bars()
+        if was[2]:
+            datasets.enable_progress_bars()

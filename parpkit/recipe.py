@@ -102,11 +102,14 @@ def count_values(node: Any, limit: int = MAX_VALUES) -> int:
 
 
 class PluginRef(_Strict):
+    #: the plugin's name, as ``parpkit plugins`` lists it
     name: str
+    #: the plugin's own options; unknown ones are errors
     options: dict[str, Any] = Field(default_factory=dict)
 
 
 class DatasetRef(PluginRef):
+    #: the split fine-tuning trains on (and calibration draws its batches from)
     train_split: str = "train"
     #: the split every stage is scored on, or several (the first is the headline; all are reported)
     eval_split: str | list[str] = "test"
@@ -124,8 +127,11 @@ class DatasetRef(PluginRef):
 
 
 class PruningSection(_Strict):
+    #: which weights or units matter (``magnitude``, ``wanda``, ``sparsegpt``, ``structured`` …)
     criterion: PluginRef
+    #: when and how much to prune, and whether pruned weights may regrow (``parp``, ``fixed``, ``omp`` …)
     schedule: PluginRef
+    #: the target: exactly round(sparsity × N) of the pool's N weights are pruned; in [0, 1)
     sparsity: float
     #: global: one ranking over the pool; per_tensor: each tensor loses its share; per_row: each output row
     #: (neuron) of each tensor loses its share (a bias is one row), as Wanda and SparseGPT compare
@@ -158,21 +164,31 @@ class PruningSection(_Strict):
 class TrainingSection(_Strict):
     #: optimizer updates of fine-tuning; 0: one-shot (prune, then judge, with no training at all)
     max_steps: int = Field(ge=0)
+    #: utterances per optimizer step on each device (under torchrun the global batch is this × devices)
     batch_size: int = Field(default=8, gt=0)
+    #: batches whose gradients are summed before each update
     gradient_accumulation_steps: int = Field(default=1, gt=0)
+    #: the peak learning rate (AdamW)
     learning_rate: float = Field(default=5e-5, gt=0)
     #: any transformers scheduler name, or tri_stage (warm-up, hold, exponential decay: the reference's)
     lr_scheduler: str = "linear"
     #: the schedule's own arguments (tri_stage: phase_ratio, init_lr_scale, final_lr_scale)
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: linear warm-up steps of the learning rate; refused with tri_stage (its warm-up is phase_ratio's first share)
     warmup_steps: int = Field(default=0, ge=0)
+    #: AdamW's decoupled weight decay
     weight_decay: float = Field(default=0.0, ge=0)
+    #: Adam's β₁ (the reference PARP code's 0.9)
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    #: Adam's β₂ (the reference PARP code's 0.98)
     adam_beta2: float = Field(default=0.98, ge=0, lt=1)
     #: gradient clipping (0: none); fixed masks zero pruned gradients before it
     max_grad_norm: float = Field(default=1.0, ge=0)
+    #: fp32; bf16 (autocast, on a CPU too); fp16 (needs CUDA: its loss scaler)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: write the training loss, learning rate and gradient norm to log.jsonl every this many steps
     logging_steps: int = Field(default=10, gt=0)
+    #: worker processes that collate batches (persistent); 0: in the training process
     dataloader_workers: int = Field(default=0, ge=0)
     #: batches of utterances of similar length (less padding); null: yes for backbones that pad each
     #: batch to its longest input (CTC), no for those with a fixed input length (whisper)
@@ -233,6 +249,7 @@ def check_report_to(report_to: str | list[str]) -> None:
 
 
 class EvaluationSection(_Strict):
+    #: utterances decoded at once
     batch_size: int = Field(default=16, gt=0)
     #: text normalisation before scoring: basic (lower case, no punctuation) or whisper (also numbers
     #: written as words and as digits alike, as Whisper's English normaliser does)
@@ -251,8 +268,9 @@ class EvaluationSection(_Strict):
         if self.keep_best and not self.every_steps:
             raise ValueError("keep_best needs every_steps (the points it chooses from)")
         return self
-    #: evaluate the dense model and the model right after the first prune, besides the final one
+    #: evaluate the dense (pretrained) model before pruning, as the zero-shot reference
     dense: bool = True
+    #: evaluate the model right after the first prune, before any fine-tuning
     after_prune: bool = True
 
 
@@ -272,16 +290,24 @@ class DistillationSection(_Strict):
 
 
 class Recipe(_Strict):
+    #: the run's name; its directory defaults to ``runs/<name>``
     name: str
     #: torch, python and numpy seeds take at most 32 bits
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     #: run directory; default ``runs/<name>``
     output_dir: str | None = None
+    #: values that ``${name}`` references use anywhere in the recipe (a lone reference keeps its type; vars may
+    #: refer to vars)
     vars: dict[str, Any] = Field(default_factory=dict)
+    #: the model to prune
     backbone: PluginRef
+    #: the corpus, and which of its splits train and judge
     dataset: DatasetRef
+    #: what is pruned, how much, ranked how, and when
     pruning: PruningSection
+    #: fine-tuning, passed to transformers' TrainingArguments
     training: TrainingSection
+    #: how and when the model is scored
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     #: distillation from the dense teacher; null: none
     distillation: DistillationSection | None = None

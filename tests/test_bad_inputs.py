@@ -258,7 +258,7 @@ def test_an_unexpected_error_in_one_point_does_not_stop_the_sweep_and_a_busy_poi
 
     monkeypatch.setattr(parpkit.api, "run", fake_run)
     path = write_recipe(tmp_path / "s.yaml", _sweep_recipe([{"pruning.sparsity": [0.2, 0.4, 0.6]}]))
-    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "grid"), "--quiet"]) == 2
+    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "grid"), "--quiet"]) == 3  # a point failed
     captured = capsys.readouterr()
     err, out = " ".join(captured.err.split()), " ".join(captured.out.split())
     assert ran == ["sparsity-0.2", "sparsity-0.4", "sparsity-0.6"]  # the points after the bug still ran

@@ -147,18 +147,19 @@ def test_the_engine_pruner_satisfies_the_protocol_schedules_type_against():
     assert isinstance(PoolPruner(model, ["weight"], Magnitude(), "global"), parpkit.Pruner)
 
 
-def _readme_block(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def _docs_block(page: str, title: str) -> str:
+    """The first Python code block after ``title`` in a documentation page."""
+    text = (ROOT / "docs" / page).read_text()
     section = text[text.index(title):]
     return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
 
 
-def test_the_readme_plugin_example_runs_and_ranks_by_its_definition():
-    """The README's plugin example is real code: executed here, registered, and checked on values."""
+def test_the_documented_plugin_example_runs_and_ranks_by_its_definition():
+    """The criterion tutorial's plugin is real code: executed here, registered, and checked on values."""
     namespace: dict = {}
-    exec(compile(_readme_block("## Writing a plugin"), "README example", "exec"), namespace)
-    plugin = type("ReadmePlugin", (), {"register_criteria": staticmethod(namespace["register_criteria"])})
-    entry = Plugins(extra=[(plugin, "readme-example")])["criterion"].get("mean_taylor")
+    exec(compile(_docs_block("extending/criterion.md", "## Ranking by gradients"), "docs example", "exec"), namespace)
+    plugin = type("DocsPlugin", (), {"register_criteria": staticmethod(namespace["register_criteria"])})
+    entry = Plugins(extra=[(plugin, "docs-example")])["criterion"].get("mean_taylor")
     criterion = entry.cls(entry.cls.Options())
     assert criterion.calibration_batches == 4
     model, params = _one_layer([3.0, 0.1, 2.0, 0.2])

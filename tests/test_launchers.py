@@ -82,12 +82,12 @@ def _sweep_kill_rerun_report(tmp_path, plain, launcher_args, capsys, monkeypatch
     assert _table(out) == plain
     _kill_one_and_rerun(tmp_path, path, out, launcher_args, capsys)
     assert _table(out) == plain
-    # a point that fails (its folder holds a recipe.yaml no run wrote) is named, and the sweep exits 2
+    # a point that fails (its folder holds a recipe.yaml no run wrote) is named, and the sweep exits 3 (failed)
     other = tmp_path / "other"
     (other / POINTS[1]).mkdir(parents=True)
     (other / POINTS[1] / "recipe.yaml").write_text("name: mine\n")
     capsys.readouterr()
-    assert main(["sweep", str(path), "--output-dir", str(other), "--quiet", "--only", POINTS[1], *launcher_args]) == 2
+    assert main(["sweep", str(path), "--output-dir", str(other), "--quiet", "--only", POINTS[1], *launcher_args]) == 3
     err = " ".join(capsys.readouterr().err.split())
     assert f"point {POINTS[1]} failed: " in err and "was not written by a parpkit run" in err
     assert f"1 sweep point(s) failed: {POINTS[1]}" in err

@@ -1,4 +1,5 @@
-"""Every results table the README marks as checked equals the committed CSV it names, cell by cell.
+"""Every results table the README or a documentation page (``docs/**/*.md``) marks as checked equals the
+committed CSV it names, cell by cell, wherever the table has moved.
 
 A checked table follows a line ``<!-- checked: results/NAME/table.csv -->`` (or ``…/compare.csv``). In a
 ``table.csv`` table the first column names the CSV's ``method`` (``tiny.en zero-shot`` is the pretrained
@@ -17,6 +18,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"<!-- checked: (\S+) -->")
+#: the committed CSVs whose tables the README and the results pages quote: each must stay checked somewhere
+QUOTED = ("results/compress_tiny_en/table.csv", "results/grid_v2_tiny_en/table.csv", "results/grid_v2_tiny_en/compare.csv")
+
+
+def documents() -> list[Path]:
+    """Where checked tables may be: the README and every page of the documentation site."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 ZERO_SHOT = "tiny.en zero-shot"
 PAIR_KEYS = ("A", "B", "sparsity", "split")
 
@@ -36,7 +44,7 @@ def _tables(text: str) -> list[tuple[str, list[str], list[list[str]]]]:
         while j < len(lines) and lines[j].startswith("|"):
             block.append([c.strip() for c in lines[j].strip().strip("|").split("|")])
             j += 1
-        assert len(block) > 2, f"README line {i + 1}: a checked table must follow the mark"
+        assert len(block) > 2, f"line {i + 1}: a checked table must follow the mark"
         out.append((m.group(1), block[0], block[2:]))
     return out
 
@@ -47,7 +55,7 @@ def _mean(rows: list[dict], key: str) -> float:
 
 def expected(header: str, rows: dict | list[dict], zero_shot: bool) -> str:
     """The cell a column holds for CSV rows (one run, or the seeds of one method and sparsity, averaged),
-    formatted as the README writes it."""
+    formatted as the checked tables write it."""
     rows = [rows] if isinstance(rows, dict) else rows
 
     def rate(split: str) -> float:
@@ -68,7 +76,7 @@ def expected(header: str, rows: dict | list[dict], zero_shot: bool) -> str:
         return f"{value / 1e6:.2f}M"
     if header == "training steps":
         return "0" if zero_shot else rows[0]["steps"]
-    raise AssertionError(f"the README's checked table has a column this test cannot check: {header!r}")
+    raise AssertionError(f"a checked table has a column this test cannot check: {header!r}")
 
 
 def expected_pair(header: str, row: dict) -> str:
@@ -87,7 +95,7 @@ def expected_pair(header: str, row: dict) -> str:
         return row["seeds_" + header[-1].lower()]
     if header == "utterances":
         return row["utterances"]
-    raise AssertionError(f"the README's checked compare table has a column this test cannot check: {header!r}")
+    raise AssertionError(f"a checked compare table has a column this test cannot check: {header!r}")
 
 
 def _check_table(path: str, header: list[str], cells: list[str], rows: list[dict]) -> None:
@@ -104,7 +112,7 @@ def _check_table(path: str, header: list[str], cells: list[str], rows: list[dict
             raise AssertionError(f"{path}: {len(matched)} rows with method {label!r}: give the table a sparsity column")
     assert matched, f"{path}: no row with method {label!r} (methods: {sorted({r['method'] for r in rows})})"
     for head, cell in zip(header[1:], cells[1:], strict=True):
-        assert cell == expected(head, matched, zero_shot), f"{path}, {label}, {head}: README {cell!r}"
+        assert cell == expected(head, matched, zero_shot), f"{path}, {label}, {head}: the table says {cell!r}"
 
 
 def _check_pairs(path: str, header: list[str], cells: list[str], rows: list[dict]) -> None:
@@ -115,19 +123,24 @@ def _check_pairs(path: str, header: list[str], cells: list[str], rows: list[dict
     assert len(matched) == 1, f"{path}: no single pair {key}"
     for head, cell in zip(header, cells, strict=True):
         if head not in PAIR_KEYS:
-            assert cell == expected_pair(head, matched[0]), f"{path}, {key}, {head}: README {cell!r}"
+            assert cell == expected_pair(head, matched[0]), f"{path}, {key}, {head}: the table says {cell!r}"
 
 
-def test_checked_readme_tables_equal_their_committed_csv():
-    tables = _tables((ROOT / "README.md").read_text())
-    if not tables:
-        pytest.skip("the README marks no checked table")
-    for path, header, cells_rows in tables:
-        with (ROOT / path).open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        check = _check_pairs if path.endswith("compare.csv") else _check_table
-        for cells in cells_rows:
-            check(path, header, cells, rows)
+def test_checked_tables_equal_their_committed_csv_in_the_readme_and_the_docs():
+    checked = []
+    for doc in documents():
+        for path, header, cells_rows in _tables(doc.read_text()):
+            with (ROOT / path).open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            check = _check_pairs if path.endswith("compare.csv") else _check_table
+            for cells in cells_rows:
+                try:
+                    check(path, header, cells, rows)
+                except AssertionError as exc:
+                    raise AssertionError(f"{doc.relative_to(ROOT)}: {exc}") from None
+            checked.append(path)
+    missing = [path for path in QUOTED if path not in checked]
+    assert not missing, f"no checked table quotes {missing} any more: keep the <!-- checked: … --> mark with the table"
 
 
 def test_the_checker_catches_a_drifted_cell(tmp_path):

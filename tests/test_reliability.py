@@ -384,7 +384,7 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(rundir.RunDir, "write_metrics", full)
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 1}))
-    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 3  # failed while working
     err = _err(capsys)
     assert f"error: {tmp_path / 'out' / 'metrics.json'}: No space left on device" in err and "Traceback" not in err
 
@@ -403,7 +403,7 @@ def test_a_full_disk_under_other_writers_is_one_line_and_other_errors_keep_their
     # safetensors' own error type, ENOSPC only in its message (seen when a sweep filled the disk)
     monkeypatch.setattr(parpkit.api, "run", failing(RuntimeError("Error while serializing: I/O error: No space left on "
                                                                  "device (os error 28)")))
-    assert main(argv) == 2
+    assert main(argv) == 3  # a run that failed, not a refused input
     err = _err(capsys)
     assert "error: the disk is full (Error while serializing" in err and "resume" in err and "Traceback" not in err
     # torch.save says only "unexpected pos": a full disk is recognised by the free space left
@@ -412,7 +412,7 @@ def test_a_full_disk_under_other_writers_is_one_line_and_other_errors_keep_their
     with pytest.raises(RuntimeError, match="unexpected pos"):  # plenty of space: a bug, with its traceback
         main(argv)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
-    assert main(argv) == 2
+    assert main(argv) == 3
     assert "error: the disk is full ([enforce fail" in _err(capsys)
 
 

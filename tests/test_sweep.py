@@ -250,7 +250,7 @@ def test_sweep_points_that_come_out_the_same_recipe_run_once_and_errors_name_the
     bad = _sweep_recipe([{"pruning.mask_from": [str(tmp_path / "missing")]}], **{"pruning.schedule": {"name": "fixed"}})
     path = write_recipe(tmp_path / "bad.yaml", bad)
     capsys.readouterr()
-    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "bad"), "--quiet"]) == 3  # points failed
     err = " ".join(capsys.readouterr().err.split())
     assert f"{path} (sweep point mask_from-" in err and "<recipe>" not in err
 

@@ -35,7 +35,7 @@ from parpkit.engine.shared import SharedWork, tensors_digest, utterances_digest
 from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, callbacks, tensorboard_dir, trainer_class,
                                      training_arguments)
 from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
-from parpkit.errors import ParpkitError, RecipeError
+from parpkit.errors import ParpkitError, RecipeError, UsageError
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
 from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model_zero_fraction
 from parpkit.metrics import normalise, normalise_units
@@ -132,18 +132,21 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
         s = Session(resolved, progress, rundir, probe.device, rundir.main, probe.world_size,
                     started=rundir.log.start)  # the wall time and the log's time_s count from the same moment
         s.shared = SharedWork(shared if probe.world_size == 1 else None)
-
-        prepare(s)
-        resume_ckpt = start(s, fresh=fresh, resume=resume)
-        offset = sum(p.steps for p in s.phases[:s.first_phase])
-        for index in range(s.first_phase, len(s.phases)):
-            offset = train_phase(s, index, offset, resume_ckpt if index == s.first_phase else None, callbacks)
-        if s.extra["best"] is not None:  # the final model is the best validation checkpoint
-            s.model.load_state_dict(s.extra["best"]["weights"])
-            s.log.write("best", step=s.extra["best"]["step"], **s.extra["best"]["rates"])
-        s.resolved.schedule.before_evaluate(s.pruner)
-        judge(s, "final")
-        metrics = write(s)
+        prepare(s)  # what the recipe names (data, model, teacher) loads: an error here refuses the input
+        try:
+            resume_ckpt = start(s, fresh=fresh, resume=resume)
+            offset = sum(p.steps for p in s.phases[:s.first_phase])
+            for index in range(s.first_phase, len(s.phases)):
+                offset = train_phase(s, index, offset, resume_ckpt if index == s.first_phase else None, callbacks)
+            if s.extra["best"] is not None:  # the final model is the best validation checkpoint
+                s.model.load_state_dict(s.extra["best"]["weights"])
+                s.log.write("best", step=s.extra["best"]["step"], **s.extra["best"]["rates"])
+            s.resolved.schedule.before_evaluate(s.pruner)
+            judge(s, "final")
+            metrics = write(s)
+        except (ParpkitError, OSError) as exc:
+            exc.run_started = True  # computing had begun: the CLI exits 3 (failed), not 2 (refused), unless refused() says
+            raise
         if s.main and not recipe.training.keep_checkpoints_when_done:
             shutil.rmtree(rundir.checkpoints, ignore_errors=True)  # metrics.json is written: the run is complete
         return metrics
@@ -353,8 +356,8 @@ def start(s: Session, *, fresh: bool, resume: bool) -> Path | None:
         s.progress.console.print(f"{note}; passing over it", soft_wrap=True, markup=False)
     resuming = boundary is not None or resume_ckpt is not None
     if resume and not resuming:
-        raise ParpkitError(f"--resume: {s.rundir.path} holds no complete checkpoint to resume from "
-                           "(set training.save_steps to write them)")
+        raise UsageError(f"--resume: {s.rundir.path} holds no complete checkpoint to resume from "
+                         "(set training.save_steps to write them)")
     s.first_phase = first
     if resuming:
         meta = s.state.read(resume_ckpt or boundary)  # a phase end also carries the weights the next phase starts from

@@ -31,17 +31,23 @@ class CTCOptions(PluginOptions):
     model: str | None = None
     #: for a random-initialised model: the config's ``model_type`` and keys
     model_type: str = "wav2vec2"
+    #: the config's keys for a random-initialised model (instead of ``model``)
     config: dict[str, Any] | None = None
     #: keep the convolutional feature encoder frozen (as the reference PARP code does)
     freeze_feature_encoder: bool = True
-    # SpecAugment (time and feature masking during training)
+    #: SpecAugment during training: the probability of a time mask starting at each frame
     mask_time_prob: float = Field(default=0.05, ge=0, le=1)
+    #: SpecAugment: frames each time mask covers
     mask_time_length: int = Field(default=10, gt=0)
+    #: SpecAugment: the probability of a channel (feature) mask starting at each channel
     mask_feature_prob: float = Field(default=0.0, ge=0, le=1)
+    #: SpecAugment: channels each feature mask covers
     mask_feature_length: int = Field(default=10, gt=0)
+    #: the probability of skipping each transformer layer in a training step; null keeps the checkpoint's
     layerdrop: float | None = Field(default=None, ge=0, le=1)
     #: dropout after the feed-forward activation (the reference fine-tunes with 0.1); null keeps the checkpoint's
     activation_dropout: float | None = Field(default=None, ge=0, lt=1)
+    #: the seed of a random initialisation (with ``config``)
     seed: int = 0
 
 

@@ -23,15 +23,23 @@ from parpkit import Dataset, ParpkitError, PluginOptions, Progress, Utterance, h
 class HFOptions(PluginOptions):
     #: dataset name on the hub, a local dataset script/folder, or a builder such as "audiofolder"
     path: str
+    #: the dataset's configuration name, if it has several
     name: str | None = None
+    #: a folder of the data (audiofolder: ``<data_dir>/<split>/metadata.csv`` with a ``file_name`` column)
     data_dir: str | None = None
+    #: ``load_dataset``'s ``data_files``, instead of ``data_dir``
     data_files: dict[str, Any] | str | None = None
     #: parpkit split name -> the dataset's split name
     splits: dict[str, str] = Field(default_factory=lambda: {"train": "train", "test": "test"})
+    #: the column holding the audio (decoded and resampled to 16 kHz in ``datasets.map``, so cached)
     audio_column: str = "audio"
+    #: the column holding the transcript
     text_column: str = "text"
+    #: a column naming each utterance's speaker, if there is one
     speaker_column: str | None = None
+    #: words (WER/CER) or phones (space-separated labels, PER)
     unit: Literal["words", "phones"] = "words"
+    #: processes for ``datasets.map``; null: one
     num_proc: int | None = None
 
 

@@ -21,9 +21,13 @@ from parpkit import AudioError, Dataset, ParpkitError, PluginOptions, Progress, 
 class ManifestOptions(PluginOptions):
     #: split name -> manifest file (.csv, .tsv, .jsonl)
     splits: dict[str, str] = Field(min_length=1)
+    #: the column of audio file paths; relative ones are resolved against the manifest's folder
     audio_column: str = "audio"
+    #: the column of transcripts (a training split without it is unlabelled audio: distillation only)
     text_column: str = "text"
+    #: a column naming each utterance's speaker, if there is one
     speaker_column: str | None = None
+    #: a column of utterance ids; null: ``<split>-<row number>``
     id_column: str | None = None
     #: words (WER/CER) or phones (space-separated labels, PER)
     unit: Literal["words", "phones"] = "words"

@@ -34,8 +34,12 @@ SPLITS = ("train", "dev", "core_test", "test")
 
 
 class TimitOptions(PluginOptions):
+    #: the folder holding ``TRAIN`` and ``TEST`` (any case)
     root: str = "data/TIMIT"
+    #: words (.TXT, normalised), characters (the same text, for CTC models) or phones (61 labels from .PHN,
+    #: scored by PER after folding to 39)
     targets: Literal["words", "characters", "phones"] = "words"
+    #: include SA1 and SA2, which every speaker reads (excluded by default, as usual)
     include_sa: bool = False
     #: skip unreadable audio files (counted in metrics.json) instead of stopping
     skip_unreadable: bool = False

@@ -41,8 +41,10 @@ class WhisperOptions(PluginOptions):
     #: pruned): a speed setting of training only. Every evaluation (the zero-shot row included) and the saved
     #: model use the model's own window (30 s for OpenAI's checkpoints); null trains at that window too
     encoder_window_s: int | None = Field(default=None, ge=1, le=30)
-    #: for multilingual checkpoints: language and task tokens of the decoder prompt
+    #: for multilingual checkpoints (openai/whisper-tiny), required: the language token of the decoder prompt
+    #: (e.g. en); English-only checkpoints: leave null
     language: str | None = None
+    #: for multilingual checkpoints: transcribe (the default) or translate; training and decoding share the prompt
     task: str | None = None
     #: the most tokens ``generate`` writes after the prompt; null: as many as the decoder holds (whisper's own
     #: limit). Written into the saved model's generation_config, so plain transformers decodes alike
@@ -55,7 +57,9 @@ class WhisperOptions(PluginOptions):
     #: keep each training utterance's log-mel features after their first use (about 0.3 MB per 10 s of
     #: window), so later epochs skip the feature extraction (identical values); for ``features: cpu``
     feature_cache: bool = True
+    #: beams of ``generate`` (1: greedy); also written into the saved model's generation_config
     num_beams: int = Field(default=1, gt=0)
+    #: the seed of a random initialisation (with ``config``)
     seed: int = 0
 
 

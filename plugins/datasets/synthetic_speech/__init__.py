@@ -70,17 +70,24 @@ class SyntheticOptions(PluginOptions):
     sizes: dict[str, int] = Field(default_factory=lambda: {"train": 200, "validation": 20, "test": 40})
     #: speakers per split (disjoint between splits)
     speakers: dict[str, int] = Field(default_factory=lambda: {"train": 16, "validation": 4, "test": 6})
+    #: espeak-ng voices of the in-domain splits (unknown ones are refused)
     voices: list[str] = Field(default_factory=lambda: ["en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029",
                                                         "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd"])
+    #: espeak-ng voice variants of the in-domain splits; a speaker is a voice and a variant
     variants: list[str] = Field(default_factory=lambda: [f"m{i}" for i in range(1, 8)] + [f"f{i}" for i in range(1, 6)])
+    #: words-per-minute range of the in-domain splits
     rate: tuple[int, int] = (140, 190)
+    #: pitch range (espeak's 0..100) of the in-domain splits
     pitch: tuple[int, int] = (30, 70)
+    #: the corpus's seed: speakers, sentences and synthesis
     seed: int = 0
     #: the text of train, validation and test: ``grammar`` (a template grammar of about 200 words: easy to
     #: learn, and a fine-tune learns its narrow language too) or ``docs`` (3,611 plain English sentences from
     #: the docstrings of Python's standard library, about 3,400 distinct words; disjoint between the splits)
     text: Literal["grammar", "docs"] = "grammar"
     # the out-of-domain split (sizes.ood > 0): its own variants, prosody and text
+    #: espeak-ng variants of the out-of-domain splits (85 whose spectra differ from the training ones; whispered
+    #: ones left out); ``ood`` and ``validation_ood`` share none
     ood_variants: list[str] = Field(default_factory=lambda: list(OOD_VARIANTS))
     #: words-per-minute ranges, outside the training range (slow and fast)
     ood_rate: list[tuple[int, int]] = Field(default_factory=lambda: [(95, 125), (205, 250)])
@@ -92,12 +99,15 @@ class SyntheticOptions(PluginOptions):
     flite_voices: list[str] = Field(default_factory=lambda: ["slt", "rms"])
     #: the validation_flite split's voices (none of flite_voices)
     validation_flite_voices: list[str] = Field(default_factory=lambda: ["awb", "kal16"])
+    #: flite's speaking-time stretch range (above 1: slower)
     flite_stretch: tuple[float, float] = (0.85, 1.2)
+    #: flite's pitch range, in Hz
     flite_pitch: tuple[int, int] = (90, 180)
     #: share of sentences with numbers, dates, money and names; the rest is public-domain prose
     ood_numbers: float = Field(default=0.3, ge=0, le=1)
-    #: share of utterances with added noise (5..20 dB SNR) and with reverberation (RT60 0.3..0.9 s)
+    #: share of out-of-domain utterances with added noise (5..20 dB SNR)
     ood_noise: float = Field(default=0.0, ge=0, le=1)
+    #: share of out-of-domain utterances with reverberation (RT60 0.3..0.9 s)
     ood_reverb: float = Field(default=0.0, ge=0, le=1)
     #: slow speakers get the shorter sentences, so that no utterance should last longer than this
     #: (estimated from words and rate, generously): a 10 s whisper window holds every one
