@@ -177,7 +177,7 @@ def test_parp_reprunes_every_interval_optimizer_updates_not_micro_batches_under_
     assert seen == [0, 1, 2, 3, 4, 5]  # once per update, after its last micro-batch
     assert metrics["batch"]["global"] == 4 and metrics["prunes"] == 4  # the first mask, steps 3 and 6, before judging
     prunes = _log(tmp_path / "run", "prune")
-    assert [p["step"] for p in prunes] == [0, 3, 6]
+    assert [p["step"] for p in prunes] == [0, 3, 6, 6] and prunes[3]["before_scoring"]  # the last: before scoring
     assert prunes[0]["regrown"] is None and all(isinstance(p["regrown"], int) for p in prunes[1:]) and prunes[1]["regrown"] > 0
 
 

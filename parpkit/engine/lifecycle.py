@@ -142,7 +142,10 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
         if s.extra["best"] is not None:  # the final model is the best validation checkpoint
             s.model.load_state_dict(s.extra["best"]["weights"])
             s.log.write("best", step=s.extra["best"]["step"], **s.extra["best"]["rates"])
+        before = s.pruner.prune_count
         s.resolved.schedule.before_evaluate(s.pruner)
+        if s.pruner.prune_count != before:  # PARP's re-prune before scoring moves the mask too: logged like the others
+            s.log.write("prune", step=offset, before_scoring=True, **s.pruner.prune_event())
         judge(s, "final")
         metrics = write(s)
         if s.main and not recipe.training.keep_checkpoints_when_done:
