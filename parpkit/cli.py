@@ -320,19 +320,25 @@ def cmd_report(args) -> int:
         for note in notes:
             err_console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     if args.compare:
-        from parpkit.report import compare, compare_markdown, interval_cells, write_compare_csv
+        from parpkit.report import compare, compare_markdown, family, family_note, interval_cells, write_compare_csv
 
-        pairs = [p for a, b in args.compare for p in compare(rows, a, b)]
-        table = Table(title="paired bootstrap over utterances (and over seeds too, where both have several): "
-                            "final error rate of A minus B")
+        pairs = family([p for a, b in args.compare for p in compare(rows, a, b)])  # one family: Holm over every row
+        table = Table(title="final error rate of A minus B: paired bootstrap over utterances, over seeds too (where both "
+                            "have several), paired t over seeds, bootstrap over speakers")
         level = f"{pairs[0]['level']:.0%} interval"
         for col in ("A", "B", "sparsity", "split", "seeds", "A − B", level, "P(A worse)", f"{level}, seeds too",
-                    "P(A worse), seeds too"):
+                    "P(A worse), seeds too", "paired t", "paired seeds", "Holm p (t)", f"{level}, speakers", "speakers",
+                    "Holm p (speakers)"):
             table.add_column(col, justify="left" if col in ("A", "B", "split") else "right")
         for p in pairs:
             table.add_row(escape(p["a"]), escape(p["b"]), f"{p['sparsity']:g}", p["split"], f"{p['seeds_a']}/{p['seeds_b']}",
                           f"{p['difference']:+.4f}", *interval_cells(p))
         console.print(table)
+        console.print(family_note(pairs), soft_wrap=True, markup=False)
+        for p in pairs:
+            if p["notes"]:
+                console.print(f"{p['a']} − {p['b']} at {p['sparsity']:g}, {p['split']}: {p['notes']}", soft_wrap=True,
+                              markup=False)
         if out is not None:
             (out / "compare.md").write_text(compare_markdown(pairs))
             write_compare_csv(pairs, out / "compare.csv")
@@ -424,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "overlap here (default for a sweep directory: SWEEP_DIR/report)")
     p.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
                    help="method A against method B: the difference of final error rates with a paired bootstrap interval "
-                        "over utterances (and one over seeds and utterances where both have several seeds), at every sparsity and "
-                        "split both have (repeatable; written to compare.md and compare.csv)")
+                        "over utterances, one over seeds and utterances where both have several seeds, a paired t-interval "
+                        "over the seeds both ran and a bootstrap over speakers, at every sparsity and split both have, with "
+                        "Holm-adjusted p over all rows (repeatable; written to compare.md and compare.csv)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("compare-masks", help="intersection over union of the kept weights between runs (matrix, per layer)")
     p.add_argument("runs", nargs="+", help="run directories (their masks.safetensors) or mask files")

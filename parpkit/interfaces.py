@@ -197,6 +197,12 @@ class Backbone(_Plugin, ABC):
         and compact export. Backbones declare them; nothing is traced."""
         return []
 
+    def output_layer(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The layer that turns the model's last hidden states into outputs (the vocabulary's logits), which
+        ``training.freeze_transformer_steps`` trains alone at first; None: the model has none to name. By
+        default ``model.get_output_embeddings()`` (whisper's ``proj_out``)."""
+        return model.get_output_embeddings()
+
     def load_saved(self, directory: Path) -> torch.nn.Module:
         """Load a model this backbone saved (``save``), for export; also readies tokenizer and features."""
         raise NotImplementedError(f"backbone {self.name!r} cannot reload a saved run")

@@ -182,6 +182,17 @@ class TrainingSection(_Strict):
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
     #: Adam's β₂ (the reference PARP code's 0.98)
     adam_beta2: float = Field(default=0.98, ge=0, lt=1)
+    #: the reference's frozen-transformer start (fairseq's ``freeze_finetune_updates``): for the first this many
+    #: optimizer updates of each fine-tuning phase only the model's output layer trains (``Backbone.output_layer``:
+    #: wav2vec2's CTC head ``lm_head``; whisper's ``proj_out``, which whisper ties to the decoder's token
+    #: embedding, so that embedding trains too). "The transformer" is every other weight: for
+    #: whisper the convolutional front end, the encoder and the decoder (their blocks, the whole default pruning
+    #: pool, layer norms and positional embeddings); it gets no gradient and no update, and its optimizer state
+    #: starts when it thaws. The frozen updates count toward max_steps, the LR schedule and a schedule's re-prune
+    #: intervals; a rewinding schedule's phases (OMP, IMP) each start frozen, as each is a fine-tune of its own.
+    #: Whisper has no new head to warm up (the reference freezes so that wav2vec2's random CTC head settles
+    #: first), so there it only delays fine-tuning. 0: none (the default)
+    freeze_transformer_steps: int = Field(default=0, ge=0)
     #: gradient clipping (0: none); fixed masks zero pruned gradients before it
     max_grad_norm: float = Field(default=1.0, ge=0)
     #: fp32; bf16 (autocast, on a CPU too); fp16 (needs CUDA: its loss scaler)
@@ -222,6 +233,9 @@ class TrainingSection(_Strict):
         from parpkit.lr import check_scheduler
 
         check_scheduler(self.lr_scheduler, self.lr_scheduler_kwargs)
+        if self.freeze_transformer_steps and self.freeze_transformer_steps >= self.max_steps:
+            raise ValueError(f"freeze_transformer_steps {self.freeze_transformer_steps} is not below max_steps "
+                             f"{self.max_steps}: only the output layer would ever train")
         if self.lr_scheduler == "tri_stage" and self.warmup_steps:
             raise ValueError("warmup_steps does not apply to lr_scheduler tri_stage, whose warm-up is the first share "
                              "of lr_scheduler_kwargs.phase_ratio (it would be ignored); set warmup_steps: 0 and give "

@@ -1,5 +1,31 @@
 """Finished runs as tables and plots: WER against sparsity method by method, learning curves, per-layer
-sparsity, and how much the masks of different runs overlap."""
+sparsity, and how much the masks of different runs overlap; and paired comparisons of two methods
+(``parpkit report --compare A B``: ``compare``, written to compare.csv and compare.md).
+
+compare.csv, one row per (pair, sparsity, split); compare.md shows the columns named in brackets, and
+says under the table how many comparisons it makes and why an interval is missing:
+
+a, b, sparsity, split: the pair (method A, method B), the target sparsity, the evaluation split [A, B, sparsity, split]
+seeds_a, seeds_b: the runs (seeds) of each method [seeds A, seeds B]
+difference: A − B of the corpus error rate (WER, or PER), each utterance's edits averaged over a method's seeds [A − B]
+low, high, p_a_worse: 95% percentile interval of the paired bootstrap over utterances (models held fixed), and the
+    share of draws with A worse [95% interval, P(A worse)]
+p, p_holm: its two-sided bootstrap p, and that p Holm-adjusted over the table's rows
+seed_low, seed_high, seed_p_a_worse, seeds_paired: the same with the seeds resampled too (both methods with two or
+    more seeds; in pairs where both ran the same seeds) [95% interval, seeds too; P(A worse), seeds too]
+t_seeds, t_difference: the seeds both methods ran, and the mean of the per-seed differences over them
+t_low, t_high, t_p, t_p_holm: 95% paired t-interval over those per-seed differences (t with t_seeds − 1 degrees
+    of freedom; none under two paired seeds), its two-sided p, and that p Holm-adjusted over the table's rows
+    [95% t-interval, paired seeds; paired seeds; Holm p (t)]
+speakers: the speakers (clusters) of the split's utterances, as the dataset names them
+speaker_low, speaker_high, speaker_p_a_worse, speaker_p, speaker_p_holm: 95% interval of the bootstrap over
+    speakers (models held fixed; none under two speakers or without speakers in the transcripts), the share
+    of draws with A worse, its two-sided p, and that p Holm-adjusted over the table's rows
+    [95% interval, speakers; speakers; Holm p (speakers)]
+utterances, resamples, level: utterances compared, bootstrap draws, interval level
+comparisons: the rows of the table (the family the Holm adjustments are over)
+notes: why an interval is missing, or what it is over when that is less than all seeds
+"""
 
 from __future__ import annotations
 
@@ -337,11 +363,22 @@ def markdown(rows: list[dict]) -> str:
 
 def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: int = 0) -> list[dict]:
     """Method ``a`` against method ``b`` at every sparsity both have, on every split: the difference of
-    final error rates A − B with a paired bootstrap interval over utterances (``parpkit.stats``). Where a
-    method has several seeds, each utterance's edits are averaged over them first; where both have two or
-    more, ``seed_low``/``seed_high``/``seed_p_a_worse`` also resample the seeds (``parpkit.stats.seed_bootstrap``),
-    so that the interval carries the spread between training runs (None otherwise): paired by seed
-    (``seeds_paired``) where both methods ran the same seeds, each method's seeds drawn on their own otherwise."""
+    final error rates A − B (each utterance's edits averaged over a method's seeds first) with four
+    intervals (``parpkit.stats``):
+
+    - over utterances (``low``/``high``, ``p_a_worse``, two-sided ``p``), the trained models held fixed;
+    - over seeds and utterances (``seed_low``/``seed_high``/``seed_p_a_worse``), where both methods have two
+      or more seeds: paired by seed (``seeds_paired``) where both ran the same seeds, each method's seeds
+      drawn on their own otherwise (None otherwise);
+    - a paired t-interval over the seeds both ran (``t_low``/``t_high``, ``t_p``; ``t_seeds`` of them, their
+      mean difference ``t_difference``), where there are two or more such seeds;
+    - over speakers (``speaker_low``/``speaker_high``, ``speaker_p``; ``speakers`` of them), where the
+      transcripts name each utterance's speaker and there are two or more.
+
+    Where an interval cannot be given its columns are None and ``notes`` says why. The Holm-adjusted p
+    columns (``p_holm``, ``t_p_holm``, ``speaker_p_holm``) and ``comparisons`` are over the rows returned
+    here; ``family`` recomputes them over several calls' rows (what ``parpkit report`` does for all its
+    ``--compare`` pairs). The columns: this module's docstring."""
     from parpkit.stats import paired_bootstrap, read_utterance_errors, seed_bootstrap
 
     methods = {r["method"] for r in rows}
@@ -355,35 +392,100 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
                           key=lambda r: (r["seed"] is None, r["seed"] or 0)) for m in (a, b)}  # seed order: pairs line up
         splits = [s for s in runs[a][0]["splits"] if all(s in r["splits"] for rs in runs.values() for r in rs)]
         for split in splits:
-            per = {m: [read_utterance_errors(Path(r["run"]) / "transcripts_final.jsonl", split)
-                       if (Path(r["run"]) / "transcripts_final.jsonl").is_file() else {} for r in rs] for m, rs in runs.items()}
+            files = {m: [Path(r["run"]) / "transcripts_final.jsonl" for r in rs] for m, rs in runs.items()}
+            per = {m: [read_utterance_errors(f, split) if f.is_file() else {} for f in fs] for m, fs in files.items()}
             ids = sorted(set.intersection(*[set(e) for es in per.values() for e in es]))
             if not ids:
                 continue  # runs written before per-utterance errors were recorded
             mean = {m: [(sum(e[i][0] for e in es) / len(es), es[0][i][1]) for i in ids] for m, es in per.items()}
             result = paired_bootstrap(mean[a], mean[b], resamples=resamples, seed=seed)
             result.update(seed_low=None, seed_high=None, seed_p_a_worse=None, seeds_paired=None)
+            notes: list[str] = []
+            seeds = {m: [r["seed"] for r in rs] for m, rs in runs.items()}
             if min(len(per[a]), len(per[b])) > 1:  # the spread between training runs too
                 edits = {m: [[e[i][0] for i in ids] for e in es] for m, es in per.items()}
-                seeds = {m: [r["seed"] for r in rs] for m, rs in runs.items()}
                 paired = seeds[a] == seeds[b] and None not in seeds[a] and len(set(seeds[a])) == len(seeds[a])
                 both = seed_bootstrap(edits[a], edits[b], [w for _, w in mean[a]], paired=paired, resamples=resamples,
                                       seed=seed)
                 result["seeds_paired"] = paired
                 result.update({k: v for k, v in both.items() if k.startswith("seed_")})
+            result.update(_paired_t(per, seeds, a, b, ids, notes))
+            result.update(_by_speaker(files, split, ids, mean[a], mean[b], notes, resamples, seed))
             out.append({"a": a, "b": b, "sparsity": sparsity, "split": split, "seeds_a": len(runs[a]), "seeds_b": len(runs[b]),
-                        **result})
+                        **result, "notes": "; ".join(notes)})
     if not out:
         raise ParpkitError(f"--compare: {a!r} and {b!r} share no sparsity with per-utterance errors on a common split")
-    return out
+    return family(out)
+
+
+def _paired_t(per: dict[str, list[dict]], seeds: dict[str, list], a: str, b: str, ids: list[str], notes: list[str]) -> dict:
+    """The paired t-interval's columns over the seeds both methods ran (None, with a note, under two)."""
+    from parpkit.stats import paired_t_interval
+
+    blank = {"t_seeds": 0, "t_difference": None, "t_low": None, "t_high": None, "t_p": None}
+    rate = lambda errors: sum(errors[i][0] for i in ids) / max(1, sum(errors[i][1] for i in ids))  # noqa: E731
+    by_seed = {m: {s: rate(e) for s, e in zip(seeds[m], per[m], strict=True) if s is not None} for m in (a, b)}
+    common = sorted(set(by_seed[a]) & set(by_seed[b]))
+    blank["t_seeds"] = len(common)
+    if len(common) < 2:
+        shown = {m: "none named" if not by_seed[m] else ", ".join(map(str, sorted(by_seed[m]))) for m in (a, b)}
+        notes.append(f"no t-interval: {len(common)} seed(s) ran by both (A: {shown[a]}; B: {shown[b]}); it needs two")
+        return blank
+    t = paired_t_interval([by_seed[a][s] - by_seed[b][s] for s in common])
+    if len(common) < max(len(seeds[a]), len(seeds[b])):
+        notes.append(f"t-interval over the {len(common)} seeds both ran ({', '.join(map(str, common))})")
+    return {"t_seeds": len(common), "t_difference": t["difference"], "t_low": t["low"], "t_high": t["high"], "t_p": t["p"]}
+
+
+def _by_speaker(files: dict[str, list[Path]], split: str, ids: list[str], a: list, b: list, notes: list[str],
+                resamples: int, seed: int) -> dict:
+    """The speaker bootstrap's columns (None, with a note, where the transcripts name no speakers, disagree
+    on them, or name one)."""
+    from parpkit.stats import read_speakers, speaker_bootstrap
+
+    blank = {"speakers": None, "speaker_low": None, "speaker_high": None, "speaker_p_a_worse": None, "speaker_p": None}
+    found: dict[str, str] = {}
+    for f in (f for fs in files.values() for f in fs):
+        for uid, who in (read_speakers(f, split) if f.is_file() else {}).items():
+            if found.setdefault(uid, who) != who:
+                notes.append(f"no speaker interval: the runs name different speakers for utterance {uid!r}")
+                return blank
+    missing = [i for i in ids if i not in found]
+    if missing:
+        notes.append(f"no speaker interval: the transcripts name no speaker for {len(missing)} of {len(ids)} utterances "
+                     "(written before parpkit recorded speakers, or the dataset names none)")
+        return blank
+    speakers = [found[i] for i in ids]
+    if len(set(speakers)) < 2:
+        notes.append(f"no speaker interval: one speaker ({speakers[0]})")
+        return {**blank, "speakers": 1}
+    s = speaker_bootstrap(a, b, speakers, resamples=resamples, seed=seed)
+    return {"speakers": s["speakers"], "speaker_low": s["low"], "speaker_high": s["high"],
+            "speaker_p_a_worse": s["p_a_worse"], "speaker_p": s["p"]}
+
+
+def family(pairs: list[dict]) -> list[dict]:
+    """Holm-adjusted p-values over all ``pairs`` (one family: every row of one compare table), for each of
+    the three two-sided p columns, and ``comparisons``: how many rows the family has. Returns ``pairs``."""
+    from parpkit.stats import holm
+
+    for column in ("p", "t_p", "speaker_p"):
+        for pair, adjusted in zip(pairs, holm([p.get(column) for p in pairs]), strict=True):
+            pair[f"{column}_holm"] = adjusted
+    for pair in pairs:
+        pair["comparisons"] = len(pairs)
+    return pairs
 
 
 COMPARE_COLUMNS = ["a", "b", "sparsity", "split", "seeds_a", "seeds_b", "difference", "low", "high", "p_a_worse",
-                   "seed_low", "seed_high", "seed_p_a_worse", "seeds_paired", "utterances", "resamples", "level"]
-
+                   "seed_low", "seed_high", "seed_p_a_worse", "seeds_paired", "utterances", "resamples", "level",
+                   "p", "p_holm", "t_seeds", "t_difference", "t_low", "t_high", "t_p", "t_p_holm",
+                   "speakers", "speaker_low", "speaker_high", "speaker_p_a_worse", "speaker_p", "speaker_p_holm",
+                   "comparisons", "notes"]
 
 def write_compare_csv(pairs: list[dict], path: Path) -> None:
-    """The pairs of ``compare`` as CSV (full precision), the table README findings are checked against."""
+    """The pairs of ``compare`` as CSV (full precision), the table README findings are checked against;
+    its columns: this module's docstring."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COMPARE_COLUMNS, extrasaction="ignore")
@@ -391,27 +493,56 @@ def write_compare_csv(pairs: list[dict], path: Path) -> None:
         writer.writerows(pairs)
 
 
-def interval_cells(p: dict) -> tuple[str, str, str, str]:
-    """A compare pair's interval and P(A worse), over utterances and with the seeds too ("—" where a method
-    has one seed), as the printed table and compare.md show them."""
-    seeds = ((f"[{p['seed_low']:+.4f}, {p['seed_high']:+.4f}]", f"{p['seed_p_a_worse']:.3f}") if p["seed_low"] is not None
-             else ("—", "—"))
-    return f"[{p['low']:+.4f}, {p['high']:+.4f}]", f"{p['p_a_worse']:.3f}", *seeds
+def _interval(low: float | None, high: float | None) -> str:
+    return "—" if low is None else f"[{low:+.4f}, {high:+.4f}]"
+
+
+def _p(value: float | None) -> str:
+    return "—" if value is None else "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def interval_cells(p: dict) -> tuple[str, ...]:
+    """A compare pair's intervals as the printed table and compare.md show them ("—" where there is none):
+    over utterances and P(A worse); seeds too and P(A worse); the paired t-interval, its paired seeds and
+    Holm p; over speakers, their number and Holm p (p under 0.001 as "<0.001")."""
+    return (_interval(p["low"], p["high"]), f"{p['p_a_worse']:.3f}", _interval(p["seed_low"], p["seed_high"]),
+            _p(p["seed_p_a_worse"]), _interval(p.get("t_low"), p.get("t_high")), str(p.get("t_seeds", "—")),
+            _p(p.get("t_p_holm")), _interval(p.get("speaker_low"), p.get("speaker_high")),
+            "—" if p.get("speakers") is None else str(p["speakers"]), _p(p.get("speaker_p_holm")))
+
+
+def family_note(pairs: list[dict]) -> str:
+    """How many comparisons the table makes, and how the Holm columns treat them."""
+    tested = {k: sum(p.get(k) is not None for p in pairs) for k in ("t_p", "speaker_p")}
+    return (f"{len(pairs)} comparison{'s' if len(pairs) != 1 else ''} in this table. Holm-adjusted p (Holm 1979) over the rows with each p: "
+            f"{tested['t_p']} with a paired t-test, {tested['speaker_p']} with a speaker bootstrap, {len(pairs)} with an "
+            "utterance bootstrap (compare.csv: p_holm). Read a difference as shown at a family-wise level of 5% only "
+            "where its Holm p is below 0.05; an interval that excludes 0 is a difference at 95% for that row alone.")
 
 
 def compare_markdown(pairs: list[dict]) -> str:
-    level = pairs[0]["level"]
-    lines = [f"| A | B | sparsity | split | seeds A | seeds B | A − B | {level:.0%} interval | P(A worse) | "
-             f"{level:.0%} interval, seeds too | P(A worse), seeds too | utterances |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    level = f"{pairs[0]['level']:.0%}"
+    head = ["A", "B", "sparsity", "split", "seeds A", "seeds B", "A − B", f"{level} interval", "P(A worse)",
+            f"{level} interval, seeds too", "P(A worse), seeds too", f"{level} t-interval, paired seeds", "paired seeds",
+            "Holm p (t)", f"{level} interval, speakers", "speakers", "Holm p (speakers)", "utterances"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in pairs:
         lines.append(f"| {p['a']} | {p['b']} | {p['sparsity']:g} | {p['split']} | {p['seeds_a']} | {p['seeds_b']} | "
                      f"{p['difference']:+.4f} | {' | '.join(interval_cells(p))} | {p['utterances']} |")
-    return "\n".join(lines) + (f"\n\nPaired bootstrap over utterances ({pairs[0]['resamples']} resamples); an interval that "
-                               "excludes 0 is a difference at that level. It holds the trained models fixed; \"seeds "
-                               "too\" also resamples the seeds (where both methods have two or more; the same seeds of both where they "
-                               "ran the same seeds, each method's own otherwise), so it carries the spread between "
-                               "training runs (with three seeds, a rough guide).\n")
+    notes = [f"- {p['a']} − {p['b']} at {p['sparsity']:g}, {p['split']}: {p['notes']}" for p in pairs if p.get("notes")]
+    text = "\n".join(lines) + (
+        f"\n\nFour intervals for A − B ({pairs[0]['resamples']} bootstrap resamples; parpkit.stats and "
+        "docs/how-to/compare-runs.md):\n"
+        "- over utterances: the trained models held fixed, utterances resampled one by one;\n"
+        "- seeds too: the seeds resampled as well (where both methods have two or more; in pairs where they ran "
+        "the same seeds): a rough guide with few seeds;\n"
+        "- paired t-interval: one difference per seed both ran, t with (paired seeds − 1) degrees of freedom: "
+        "the interval for training the methods again, on these utterances;\n"
+        "- speakers: speakers resampled with all their utterances, the models held fixed (utterances of one voice "
+        "go together).\n\n" + family_note(pairs) + "\n")
+    if notes:
+        text += "\nWhere an interval is missing:\n" + "\n".join(notes) + "\n"
+    return text
 
 
 # ------------------------------------------------------------------------------------------ plots

@@ -36,8 +36,9 @@ def test_parp_progressive_ramps_to_the_target(tmp_path, make):
     prunes = _prunes(out)
     steps = [p["step"] for p in prunes]
     sparsity = [round(p["sparsity"], 6) for p in prunes]
-    assert steps == [0, 2, 4, 6, 8]
-    assert sparsity == [0.1, round(0.1 + 0.6 * 2 / 6, 6), round(0.1 + 0.6 * 4 / 6, 6), 0.7, 0.7]
+    assert steps == [0, 2, 4, 6, 8, 8]  # the last: the re-prune before scoring
+    assert sparsity == [0.1, round(0.1 + 0.6 * 2 / 6, 6), round(0.1 + 0.6 * 4 / 6, 6), 0.7, 0.7, 0.7]
+    assert [p.get("before_scoring", False) for p in prunes] == [False] * 5 + [True]
     for p in prunes:  # right after each re-prune the pool is at that step's sparsity
         assert p["pool_zero_fraction"] == pytest.approx(p["sparsity"], abs=1 / metrics["pool_parameters"])
     assert metrics["stages"]["after_prune"]["pool_sparsity"] == pytest.approx(0.1, abs=0.02)
@@ -195,13 +196,21 @@ def test_schedules_refuse_mask_from_when_they_find_their_own(tmp_path, capsys):
 
 def test_prune_events_count_the_weights_a_re_prune_lets_back(tmp_path):
     """PARP at lr 1e-2 re-prunes once, at the end: its event's ``regrown`` is exactly the weights the final
-    mask keeps and the first one pruned; MPI-fixed never moves its mask."""
+    mask keeps and the first one pruned (the re-prune before scoring, logged too, finds nothing more to let
+    back); with an interval past the run's steps the re-prune before scoring is the only one, and its event
+    says what it moved; MPI-fixed never moves its mask."""
     out, metrics = _run(tmp_path, tiny_recipe(**{"pruning.schedule": {"name": "parp", "options": {"interval": 6}}}), "parp")
     prunes = _prunes(out)
-    assert [p["step"] for p in prunes] == [0, 6] and prunes[0]["regrown"] is None
+    assert [p["step"] for p in prunes] == [0, 6, 6] and prunes[0]["regrown"] is None
     first, final = load_file(str(out / "masks_initial.safetensors")), load_file(str(out / "masks.safetensors"))
     moved = sum(int((final[n] & ~first[n]).sum()) for n in first)
     assert moved > 0 and prunes[1]["regrown"] == moved
+    assert prunes[2]["before_scoring"] and prunes[2]["regrown"] == 0
+    out, _ = _run(tmp_path, tiny_recipe(**{"pruning.schedule": {"name": "parp", "options": {"interval": 400}}}), "parp400")
+    prunes = _prunes(out)
+    first, final = load_file(str(out / "masks_initial.safetensors")), load_file(str(out / "masks.safetensors"))
+    assert [(p["step"], p.get("before_scoring", False)) for p in prunes] == [(0, False), (6, True)]
+    assert prunes[1]["regrown"] == sum(int((final[n] & ~first[n]).sum()) for n in first) > 0
     assert metrics["mask_iou_initial"] < 1
     out, _ = _run(tmp_path, tiny_recipe(**{"pruning.schedule": {"name": "fixed"}}), "fixed")
     assert [p["regrown"] for p in _prunes(out)] == [None]

@@ -91,6 +91,18 @@ def expected_pair(header: str, row: dict) -> str:
         return f"[{float(row['seed_low']):+.3f}, {float(row['seed_high']):+.3f}]" if row["seed_low"] else "—"
     if header == "P(A worse), seeds too":
         return f"{float(row['seed_p_a_worse']):.2f}" if row["seed_p_a_worse"] else "—"
+    level = f"{float(row['level']):.0%}"
+    if header == f"{level} t-interval, paired seeds":  # blank under two paired seeds
+        return f"[{float(row['t_low']):+.3f}, {float(row['t_high']):+.3f}]" if row.get("t_low") else "—"
+    if header == f"{level} interval, speakers":  # blank under two speakers, or without speakers in the transcripts
+        return f"[{float(row['speaker_low']):+.3f}, {float(row['speaker_high']):+.3f}]" if row.get("speaker_low") else "—"
+    holm = {"Holm p (utterances)": "p_holm", "Holm p (t)": "t_p_holm", "Holm p (speakers)": "speaker_p_holm"}
+    if header in holm:
+        if not row.get(holm[header]):
+            return "—"
+        return "<0.001" if float(row[holm[header]]) < 0.001 else f"{float(row[holm[header]]):.3f}"
+    if header in ("paired seeds", "speakers", "comparisons"):
+        return row.get({"paired seeds": "t_seeds"}.get(header, header)) or "—"
     if header in ("seeds A", "seeds B"):
         return row["seeds_" + header[-1].lower()]
     if header == "utterances":
@@ -185,3 +197,15 @@ def test_seeds_are_averaged_per_sparsity_and_pairs_are_checked_by_their_keys():
     _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "ood", "—", "—"], pairs)
     with pytest.raises(AssertionError, match="seeds too"):  # the utterances' interval where the seeds' one belongs
         _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "test", "[-0.039, -0.004]", "0.15"], pairs)
+    # the paired t-interval, the speaker bootstrap and the Holm-adjusted p of parpkit report --compare
+    pairs[0].update(t_seeds="3", t_low="-0.0654", t_high="0.0228", t_p_holm="0.4", speakers="8", speaker_low="-0.0512",
+                    speaker_high="0.0083", speaker_p_holm="0.39", p_holm="0.0004", comparisons="2")
+    pairs[1].update(t_seeds="1", t_low="", t_high="", t_p_holm="", speakers="1", speaker_low="", speaker_high="",
+                    speaker_p_holm="", p_holm="0.52", comparisons="2")
+    header = ["A", "B", "sparsity", "split", "95% t-interval, paired seeds", "paired seeds", "Holm p (t)",
+              "95% interval, speakers", "speakers", "Holm p (speakers)", "Holm p (utterances)", "comparisons"]
+    _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "test", "[-0.065, +0.023]", "3", "0.400", "[-0.051, +0.008]", "8",
+                                   "0.390", "<0.001", "2"], pairs)
+    _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "ood", "—", "1", "—", "—", "1", "—", "0.520", "2"], pairs)
+    with pytest.raises(AssertionError, match="Holm p"):  # the unadjusted p where the adjusted one belongs
+        _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "ood", "—", "1", "—", "—", "1", "—", "0.260", "2"], pairs)

@@ -16,13 +16,15 @@ from parpkit.engine.evaluation import evaluate
 from parpkit.interfaces import Utterance
 from parpkit.progress import Progress
 from parpkit.report import collect, compare, markdown
-from parpkit.stats import edit_counts, paired_bootstrap, seed_bootstrap
+from parpkit.stats import (edit_counts, holm, paired_bootstrap, paired_t_interval, seed_bootstrap, speaker_bootstrap,
+                           t_cdf_abs, t_quantile)
 
 WORDS = [f"w{i}" for i in range(10)]
 
 
-def _fake_run(root: Path, name: str, schedule: str, seed: int, drops: list[int]) -> Path:
-    """A finished run whose final transcripts drop ``drops[i]`` of utterance i's ten words."""
+def _fake_run(root: Path, name: str, schedule: str, seed: int, drops: list[int], speakers: list[str] | None = None) -> Path:
+    """A finished run whose final transcripts drop ``drops[i]`` of utterance i's ten words (said by
+    ``speakers[i]``; no speaker field without them, as transcripts written before parpkit recorded it)."""
     run = root / name
     run.mkdir(parents=True)
     rows, edits, words = [], 0, 0
@@ -30,7 +32,8 @@ def _fake_run(root: Path, name: str, schedule: str, seed: int, drops: list[int])
         ref, hyp = " ".join(WORDS), " ".join(WORDS[k:])
         e, w = edit_counts(ref, hyp)
         edits, words = edits + e, words + w
-        rows.append(json.dumps({"split": "test", "id": f"u{i}", "reference": ref, "hypothesis": hyp, "edits": e, "words": w}))
+        row = {"split": "test", "id": f"u{i}", "reference": ref, "hypothesis": hyp, "edits": e, "words": w}
+        rows.append(json.dumps(row if speakers is None else {**row, "speaker": speakers[i]}))
     (run / "transcripts_final.jsonl").write_text("\n".join(rows) + "\n")
     wer = edits / words
     (run / "recipe.yaml").write_text(f"name: {name}\nseed: {seed}\n")
@@ -72,6 +75,7 @@ def test_evaluation_records_each_utterance_as_the_rates_count_it(tmp_path):
                      out, "whisper", "test")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["edits"], r["words"]) for r in rows] == [(1, 4), (0, 2), (2, 2)]  # whisper's normaliser: 21 == twenty one
+    assert [r["speaker"] for r in rows] == ["", "", ""]  # each utterance's speaker, for the speaker bootstrap (none here)
     assert rates["wer"] == pytest.approx(sum(r["edits"] for r in rows) / sum(r["words"] for r in rows))
 
 
@@ -90,6 +94,10 @@ def test_paired_bootstrap_intervals_cover_a_known_difference_and_zero_when_there
     assert pair["difference"] == pytest.approx(observed)
     assert 0 < pair["low"] < 0.1 < pair["high"] and pair["p_a_worse"] == 1.0
     assert pair["seed_low"] is None  # one seed of fixed: no spread between its training runs to resample
+    assert pair["t_low"] is None and pair["speaker_low"] is None  # one paired seed; transcripts without speakers
+    assert pair["notes"] == ("no t-interval: 1 seed(s) ran by both (A: 0, 1; B: 0); it needs two; no speaker interval: the "
+                             "transcripts name no speaker for 400 of 400 utterances (written before parpkit recorded "
+                             "speakers, or the dataset names none)")
     # the same method against itself on other draws of one rate: the interval holds 0
     same = paired_bootstrap([(k, 10) for k in rng.binomial(10, 0.2, n)], [(k, 10) for k in rng.binomial(10, 0.2, n)])
     assert same["low"] < 0 < same["high"]
@@ -169,3 +177,129 @@ def test_report_compare_prints_and_writes_the_intervals(tmp_path, capsys):
     assert float(pair["low"]) < float(pair["difference"]) < float(pair["high"]) and f"{float(pair['difference']):+.4f}" in written
     assert main(["report", str(tmp_path / "runs"), "--compare", "parp", "omp"]) == 2
     assert "no method 'omp'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ t, speakers, Holm
+
+def test_t_distribution_in_closed_form_matches_known_values():
+    assert t_quantile(0.95, 1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile(0.95, 2) == pytest.approx(4.3027, abs=1e-4)  # three seeds: the README's t₂
+    assert t_quantile(0.95, 4) == pytest.approx(2.7764, abs=1e-4)  # five seeds
+    assert t_quantile(0.95, 9) == pytest.approx(2.2622, abs=1e-4)
+    assert t_quantile(0.99, 5) == pytest.approx(4.0321, abs=1e-4)
+    assert t_quantile(0.95, 400) == pytest.approx(1.9659, abs=1e-3)
+    for x in (0.1, 1.0, 3.0):
+        assert t_cdf_abs(x, 1) == pytest.approx(2 * np.arctan(x) / np.pi)  # Cauchy
+        assert t_cdf_abs(x, 2) == pytest.approx(x / np.sqrt(2 + x * x))
+
+
+def test_paired_t_interval_is_the_textbook_one_and_covers_a_known_difference():
+    t = paired_t_interval([0.01, 0.03, 0.02])
+    half = 4.302653 * 0.01 / np.sqrt(3)
+    assert (t["difference"], t["low"], t["high"]) == pytest.approx((0.02, 0.02 - half, 0.02 + half))
+    assert t["seeds"] == 3 and t["p"] == pytest.approx(1 - 2 * np.sqrt(3) / np.sqrt(14))  # t = 2√3 on 2 degrees of freedom: p 0.074
+    with pytest.raises(ValueError, match="at least two paired seeds"):
+        paired_t_interval([0.02])
+    # coverage: 2,000 draws of n seeds whose differences scatter around a true +0.03 hold it about 95% of the time,
+    # at three seeds as at five; a percentile bootstrap of the same three values holds it far less often
+    rng = np.random.default_rng(0)
+    for n in (3, 5):
+        draws = rng.normal(0.03, 0.02, size=(2000, n))
+        hits = [paired_t_interval(d)["low"] <= 0.03 <= paired_t_interval(d)["high"] for d in draws]
+        assert 0.93 < np.mean(hits) < 0.97
+    draws = rng.normal(0.03, 0.02, size=(500, 3))
+    boot = []
+    for d in draws:
+        means = d[rng.integers(0, 3, size=(400, 3))].mean(1)
+        boot.append(np.quantile(means, 0.025) <= 0.03 <= np.quantile(means, 0.975))
+    assert np.mean(boot) < 0.85
+
+
+def _clustered(rng, speakers: int, per: int, delta_sd: float) -> tuple[list, list, list[str]]:
+    """Utterances of ten words by ``speakers`` voices: each voice has its own difficulty and its own A − B
+    (around a true +0.05, spread ``delta_sd``), so its utterances' errors go together."""
+    a, b, who = [], [], []
+    for g in range(speakers):
+        base = rng.uniform(0.1, 0.4)
+        delta = rng.normal(0.05, delta_sd)
+        pa, pb = np.clip(base + delta, 0, 1), base
+        a += [(k, 10) for k in rng.binomial(10, pa, per)]
+        b += [(k, 10) for k in rng.binomial(10, pb, per)]
+        who += [f"spk{g}"] * per
+    return a, b, who
+
+
+def test_the_speaker_bootstrap_covers_a_known_difference_where_the_utterance_bootstrap_does_not():
+    rng = np.random.default_rng(4)
+    hits = {"speakers": [], "utterances": []}
+    widths = {"speakers": [], "utterances": []}
+    for rep in range(150):
+        a, b, who = _clustered(rng, speakers=20, per=40, delta_sd=0.08)
+        s = speaker_bootstrap(a, b, who, resamples=500, seed=rep)
+        u = paired_bootstrap(a, b, resamples=500, seed=rep)
+        for name, r in (("speakers", s), ("utterances", u)):
+            hits[name].append(r["low"] <= 0.05 <= r["high"])
+            widths[name].append(r["high"] - r["low"])
+        assert s["speakers"] == 20 and s["difference"] == pytest.approx(u["difference"])
+    # the true difference is the mean over voices; utterances resampled one by one treat 800 utterances as 800
+    # independent pieces of evidence when they are 20 voices' worth: too narrow, and it misses the truth about
+    # half the time (measured: 0.93 against 0.51 of the 150 draws, the speaker interval 2.5 times as wide)
+    assert np.mean(hits["speakers"]) > 0.88
+    assert np.mean(hits["utterances"]) < 0.65
+    assert np.median(widths["speakers"]) > 2 * np.median(widths["utterances"])
+    # without voice-to-voice spread of the difference the two agree (the speaker one a little wider: its
+    # voices still differ in difficulty, which shifts the words' weight)
+    a, b, who = _clustered(rng, speakers=16, per=25, delta_sd=0.0)
+    s, u = speaker_bootstrap(a, b, who, seed=1), paired_bootstrap(a, b, seed=1)
+    assert 0.7 < (s["high"] - s["low"]) / (u["high"] - u["low"]) < 1.6
+    with pytest.raises(ValueError, match="at least two speakers"):
+        speaker_bootstrap(a[:25], b[:25], who[:25])
+
+
+def test_holm_adjusts_known_p_values():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> kept non-decreasing: 0.06
+    assert holm([0.01, 0.04, 0.03, None, 0.005]) == pytest.approx([0.03, 0.06, 0.06, None, 0.02])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+    assert holm([0.04]) == [0.04] and holm([None, None]) == [None, None]
+    # at a family-wise 5%, four tests at p = 0.02 are not all shown, one at p = 0.001 is
+    assert [p < 0.05 for p in holm([0.001, 0.02, 0.02, 0.02])] == [True, False, False, False]
+
+
+def test_report_compare_gives_a_paired_t_interval_a_speaker_interval_and_holm_p(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    n, voices = 200, [f"v{i // 20}" for i in range(200)]  # ten voices of twenty utterances
+    rates = {}
+    for s in range(5):  # seed s moves both alike; A drops about 4 points more words than B under every seed
+        shift = 0.05 * s
+        for method, schedule, p in (("parp", "parp", 0.24), ("fixed", "fixed", 0.2)):
+            drops = rng.binomial(10, p + shift, n).tolist()
+            _fake_run(tmp_path / "runs", f"{method}-{s}", schedule, s, drops, voices)
+            rates[(method, s)] = sum(drops) / (10 * n)
+    _fake_run(tmp_path / "runs", "omp-0", "omp", 0, rng.binomial(10, 0.2, n).tolist())  # one seed, no speakers
+    rows, _ = collect([tmp_path / "runs"])
+    [pair] = compare(rows, "parp", "fixed")
+    t = paired_t_interval([rates[("parp", s)] - rates[("fixed", s)] for s in range(5)])
+    assert pair["t_seeds"] == 5 and pair["t_difference"] == pytest.approx(pair["difference"])
+    assert (pair["t_low"], pair["t_high"], pair["t_p"]) == pytest.approx((t["low"], t["high"], t["p"]))
+    assert pair["t_low"] < 0.04 < pair["t_high"] and pair["t_low"] > 0  # covers the known +0.04, excludes 0
+    assert pair["speakers"] == 10 and pair["speaker_low"] < pair["difference"] < pair["speaker_high"]
+    assert pair["comparisons"] == 1 and pair["t_p_holm"] == pytest.approx(pair["t_p"]) and pair["notes"] == ""
+    [other] = compare(rows, "omp", "fixed")  # omp's transcripts name no speakers; fixed's do: an utterance's speaker
+    assert other["t_seeds"] == 1 and other["t_low"] is None and other["speakers"] == 10
+    assert other["notes"] == "no t-interval: 1 seed(s) ran by both (A: 0; B: 0, 1, 2, 3, 4); it needs two"
+    out = tmp_path / "rep"
+    assert main(["report", str(tmp_path / "runs"), "--output", str(out), "--compare", "parp", "fixed",
+                 "--compare", "omp", "fixed", "--compare", "parp", "omp"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 comparisons in this table" in printed
+    with (out / "compare.csv").open(newline="") as f:
+        pairs = list(csv.DictReader(f))
+    assert [int(p["comparisons"]) for p in pairs] == [3, 3, 3]
+    # Holm over the table's three utterance-bootstrap p and its one t p (the rows without one are not counted)
+    expected = holm([float(p["p"]) for p in pairs])
+    assert [float(p["p_holm"]) for p in pairs] == pytest.approx(expected)
+    assert [p["t_p_holm"] != "" for p in pairs] == [True, False, False]
+    assert float(pairs[0]["t_p_holm"]) == pytest.approx(float(pairs[0]["t_p"]))
+    md = (out / "compare.md").read_text()
+    assert "3 comparisons in this table" in md and "Where an interval is missing:" in md and "no t-interval" in md
+    assert f"[{pair['t_low']:+.4f}, {pair['t_high']:+.4f}]" in md and f"[{pair['speaker_low']:+.4f}, {pair['speaker_high']:+.4f}]" in md

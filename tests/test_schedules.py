@@ -1,6 +1,7 @@
 """Schedules on a real (tiny, random-initialised) whisper fine-tuned through the engine."""
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 import parpkit
@@ -139,3 +140,109 @@ def test_keep_best_chooses_only_among_points_at_the_target_sparsity(tmp_path, mo
     assert result.metrics["best"]["step"] in (4, 6)
     assert result.metrics["best"]["wer"] == min(curve[1]["wer"], curve[2]["wer"])
     assert result.final["pool_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def _log(run_dir, event: str) -> list[dict]:
+    import json
+
+    return [row for row in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if row.get("event") == event]
+
+
+class MicroBatches(TrainerCallback):
+    """Counts forward/backward passes: every micro-batch ends in ``on_substep_end`` but the last of an update,
+    which ends in ``on_step_end``."""
+
+    def __init__(self):
+        self.sub, self.updates = 0, 0
+
+    def on_substep_end(self, args, state, control, **kw):
+        self.sub += 1
+
+    def on_step_end(self, args, state, control, **kw):
+        self.updates += 1
+
+
+def test_parp_reprunes_every_interval_optimizer_updates_not_micro_batches_under_accumulation(tmp_path, recipe_file):
+    """Two micro-batches of 2 per update: the interval (3) counts updates, the schedule sees each update's
+    gradients once (complete), and the log's prune rows carry the weights each re-prune let back."""
+    path = recipe_file(**{"training.max_steps": 6, "training.batch_size": 2, "training.gradient_accumulation_steps": 2,
+                          "pruning.schedule.options": {"interval": 3}})
+    recipe, mapping = load_recipe(path)
+    resolved = resolve(recipe, Plugins(), str(path))
+    seen, original = [], resolved.schedule.on_gradients
+    resolved.schedule.on_gradients = lambda step, pruner: (seen.append(step), original(step, pruner))
+    counter = MicroBatches()
+    metrics = run(resolved, QUIET, output_dir=tmp_path / "run", resolved_mapping=mapping, callbacks=[counter])
+    assert (counter.updates, counter.sub) == (6, 6)  # 12 micro-batches, 6 updates
+    assert seen == [0, 1, 2, 3, 4, 5]  # once per update, after its last micro-batch
+    assert metrics["batch"]["global"] == 4 and metrics["prunes"] == 4  # the first mask, steps 3 and 6, before judging
+    prunes = _log(tmp_path / "run", "prune")
+    assert [p["step"] for p in prunes] == [0, 3, 6, 6] and prunes[3]["before_scoring"]  # the last: before scoring
+    assert prunes[0]["regrown"] is None and all(isinstance(p["regrown"], int) for p in prunes[1:]) and prunes[1]["regrown"] > 0
+
+
+def test_fixed_masks_hold_at_every_update_under_accumulation(tmp_path, recipe_file):
+    pruner, rows, metrics = _run_with_recorder(tmp_path, recipe_file, **{
+        "training.max_steps": 4, "training.batch_size": 2, "training.gradient_accumulation_steps": 2,
+        "pruning.schedule": {"name": "fixed"}})
+    target = round(0.5 * pruner.size)
+    assert len(rows) == 4 and all(r["regrown"] == 0 and r["zeros"] == target for r in rows)
+    assert metrics["pool_pruned"] == target
+
+
+class Weights(TrainerCallback):
+    """After every update: copies of a few weights, and which of them the optimizer holds state for."""
+
+    NAMES = ("model.encoder.layers.0.fc1.weight", "model.encoder.layers.0.self_attn_layer_norm.weight",
+             "model.decoder.layers.0.fc2.bias", "model.decoder.embed_tokens.weight")  # the last is proj_out's (tied)
+
+    def __init__(self):
+        self.rows = []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+        params = dict(model.named_parameters())
+        state_of = getattr(optimizer, "optimizer", optimizer).state
+        self.rows.append({n: (params[n].detach().clone(), params[n] in state_of) for n in self.NAMES})
+
+
+def test_frozen_transformer_start_trains_only_the_output_layer_for_its_updates(tmp_path, recipe_file):
+    """freeze_transformer_steps 3 under accumulation: updates 1-3 move only whisper's output projection (tied
+    to the token embedding); the blocks, layer norms and biases start moving, and get optimizer state, at
+    update 4. PARP's re-prune at update 3 finds the mask where it was; the frozen updates count."""
+    path = recipe_file(**{"training.max_steps": 6, "training.batch_size": 2, "training.gradient_accumulation_steps": 2,
+                          "training.freeze_transformer_steps": 3, "training.lr_scheduler": "constant",
+                          "pruning.schedule.options": {"interval": 3}})
+    recipe, mapping = load_recipe(path)
+    resolved = resolve(recipe, Plugins(), str(path))
+    weights = Weights()
+    run(resolved, QUIET, output_dir=tmp_path / "run", resolved_mapping=mapping, callbacks=[weights])
+    rows = weights.rows
+    assert len(rows) == 6
+    for name in Weights.NAMES[:3]:
+        assert all(torch.equal(rows[0][name][0], rows[k][name][0]) for k in (1, 2)), name  # frozen through update 3
+        assert not any(rows[k][name][1] for k in (0, 1, 2)), name  # … with no optimizer state
+        assert not torch.equal(rows[2][name][0], rows[3][name][0]) and rows[3][name][1], name  # moving from update 4
+    proj = "model.decoder.embed_tokens.weight"
+    assert all(not torch.equal(rows[k][proj][0], rows[k + 1][proj][0]) for k in range(5)) and rows[0][proj][1]
+    freeze, thaw = _log(tmp_path / "run", "freeze"), _log(tmp_path / "run", "thaw")
+    assert [(f["step"], f["until"]) for f in freeze] == [(0, 3)] and [t["step"] for t in thaw] == [3]
+    assert freeze[0]["frozen"] == thaw[0]["thawed"] > 0
+    prunes = _log(tmp_path / "run", "prune")
+    assert [(p["step"], p["regrown"]) for p in prunes[:2]] == [(0, None), (3, 0)]  # nothing moved while frozen
+    assert prunes[2]["step"] == 6 and prunes[2]["regrown"] > 0
+
+
+def test_a_frozen_start_must_end_before_training_does_and_runs_in_one_process(tmp_path, capsys, monkeypatch):
+    from parpkit.cli import main
+    from parpkit.engine.lifecycle import check_this_machine
+    from tests.conftest import write_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.freeze_transformer_steps": 6}))
+    assert main(["validate", str(path)]) == 2
+    assert "freeze_transformer_steps 6 is not below max_steps 6" in capsys.readouterr().err
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.freeze_transformer_steps": 2}))
+    assert main(["validate", str(path)]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe, _ = load_recipe(path)
+    with pytest.raises(parpkit.ParpkitError, match="not supported under several processes"):
+        check_this_machine(resolve(recipe, Plugins(), str(path)))

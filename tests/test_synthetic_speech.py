@@ -211,3 +211,37 @@ def test_docs_text_gives_disjoint_plain_english_sentences_none_from_the_out_of_d
     assert len(words) > 600  # 200 sentences; the grammar's whole vocabulary is about 200 words
     with pytest.raises(ValueError, match="text docs has 3,611 sentences; the in-domain splits ask for 4,000"):
         _plan(tmp_path, text="docs", sizes={"train": 4000}, speakers={"train": 8})
+
+
+def test_seconds_gives_in_domain_utterances_of_the_asked_length(tmp_path):
+    """seconds [2, 4] (grid_v3's short utterances): every in-domain sentence is chosen for its speaker's rate,
+    the splits stay disjoint, and the synthesised audio lands in the range (a little spill past it is the
+    estimate's error; none reaches a 5 s training window). Without the option nothing changes, cache key
+    included: corpora built before it are reused."""
+    from parpkit_plugins.datasets.synthetic_speech import SECONDS_MARGIN, spoken_seconds
+
+    sizes = {"train": 120, "validation": 20, "test": 40}
+    speakers = {"train": 12, "validation": 4, "test": 6}
+    for text in ("docs", "grammar"):
+        plan = _plan(tmp_path, text=text, sizes=sizes, speakers=speakers, seconds=(2, 4))
+        texts = {s: [r["text"] for r in rows] for s, rows in plan.items()}
+        assert {s: len(t) for s, t in texts.items()} == sizes
+        assert len({t for ts in texts.values() for t in ts}) == sum(sizes.values())  # disjoint, no repeats
+        assert all(2 + SECONDS_MARGIN <= spoken_seconds(r["text"], r["rate"]) <= 4 - SECONDS_MARGIN
+                   for rows in plan.values() for r in rows)
+    d = _corpus(tmp_path, text="docs", sizes=sizes, speakers=speakers, seconds=(2, 4))
+    lengths = np.array([len(u.audio) / 16000 for s in sizes for u in d.load_split(s, QUIET)])
+    assert ((lengths >= 2) & (lengths <= 4)).mean() > 0.9
+    assert lengths.min() > 1.4 and lengths.max() < 4.7
+    # without seconds, the docs sentences run from about 1 s to past 7 s; the corpus and its key are as before
+    plain = _plan(tmp_path, text="docs", sizes=sizes, speakers=speakers)
+    assert max(spoken_seconds(r["text"], r["rate"]) for rows in plain.values() for r in rows) > 5
+    assert SyntheticSpeech(SyntheticOptions(**SMALL), cache_dir=tmp_path)._key() == _corpus(tmp_path, seconds=None)._key()
+    assert _corpus(tmp_path)._key() != _corpus(tmp_path, seconds=(2, 4))._key()
+    before = SyntheticOptions(text="docs", sizes={"train": 240, "validation": 40, "validation_ood": 40, "validation_flite": 40},
+                              speakers={"train": 24, "validation": 6, "validation_ood": 10, "validation_flite": 6})
+    assert SyntheticSpeech(before, cache_dir=tmp_path)._key() == "962aa5f46623adb9"  # the key that corpus had before
+    with pytest.raises(ValueError, match="seconds"):
+        SyntheticOptions(seconds=(2, 2.5))
+    with pytest.raises(ValueError, match=r"of 400 sentences fit 2-4 s .* no more are left"):
+        _plan(tmp_path, text="grammar", sizes={"train": 400}, speakers={"train": 4}, seconds=(2, 4), rate=(100, 100))

@@ -35,11 +35,11 @@ def evaluate(backbone: Backbone, dataset: Dataset, model: torch.nn.Module, utter
         model.train()
     refs, scored = [dataset.score_text(u.text) for u in utterances], [dataset.score_text(h) for h in hyps]
     rates = error_rates(refs, scored, dataset.unit, normalizer)
-    if transcripts is not None:  # with each utterance's edits and reference length as the rates count them
+    if transcripts is not None:  # with each utterance's edits and reference length as the rates count them, and speaker
         norm = text_normaliser(dataset.unit, normalizer)
         with transcripts.open("a") as f:
             for u, h, r, x in zip(utterances, hyps, refs, scored, strict=True):
                 edits, words = edit_counts(norm(r), norm(x))
                 f.write(json.dumps({"split": split, "id": u.id, "reference": u.text, "hypothesis": h, "edits": edits,
-                                    "words": words}) + "\n")
+                                    "words": words, "speaker": u.speaker}) + "\n")
     return rates

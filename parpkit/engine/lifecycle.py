@@ -13,6 +13,7 @@ Nothing is lost on a crash: see ``parpkit.engine.checkpoints``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -141,7 +142,10 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
             if s.extra["best"] is not None:  # the final model is the best validation checkpoint
                 s.model.load_state_dict(s.extra["best"]["weights"])
                 s.log.write("best", step=s.extra["best"]["step"], **s.extra["best"]["rates"])
+            before = s.pruner.prune_count
             s.resolved.schedule.before_evaluate(s.pruner)
+            if s.pruner.prune_count != before:  # PARP's re-prune before scoring moves the mask too: logged like the others
+                s.log.write("prune", step=offset, before_scoring=True, **s.pruner.prune_event())
             judge(s, "final")
             metrics = write(s)
         except (ParpkitError, OSError) as exc:
@@ -209,6 +213,9 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
                           "or use a schedule that starts from a given mask (fixed, parp …)", file=file, key="pruning.mask_from")
     if r.pruning.mask_from:
         check_donor_scope(r.pruning.mask_from, r.pruning.scope, file=file)
+    if r.training.freeze_transformer_steps and resolved.backbone.output_layer(model) is None:
+        raise RecipeError(f"backbone {resolved.backbone.name!r} names no output layer (get_output_embeddings) to train "
+                          "alone", file=file, key="training.freeze_transformer_steps")
     phases = located(file, "pruning.schedule.options", lambda: schedule.phases(r.training.max_steps))
     context = run_context(resolved, model, pool, phases, loaded=False)
     located(file, "pruning.criterion", lambda: criterion.check(context))
@@ -220,6 +227,10 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
 def check_this_machine(resolved: Resolved) -> None:
     """What a recipe needs of the machine that trains it (not checked by ``validate``, which may run on a
     machine without the job's GPUs, such as a cluster's login node)."""
+    if resolved.recipe.training.freeze_transformer_steps and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RecipeError("training.freeze_transformer_steps is not supported under several processes (DDP wraps the "
+                          "model with every weight trainable); train in one process or set it to 0", file=resolved.file,
+                          key="training.freeze_transformer_steps")
     if resolved.recipe.training.precision == "fp16" and not torch.cuda.is_available():
         raise RecipeError("training.precision fp16 needs a CUDA device (its loss scaler); this machine has none: use bf16 "
                           "(autocast on the CPU) or fp32", file=resolved.file, key="training.precision")

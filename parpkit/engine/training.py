@@ -203,6 +203,37 @@ def callbacks(driver: PhaseDriver, state: RunState, phase: int, keep_checkpoints
         def on_train_end(self, args, st, control, **kw):
             driver.pruner.optimizer = None
 
+    class FrozenStart(TrainerCallback):
+        """``training.freeze_transformer_steps``: only the output layer trains for the phase's first updates.
+        Frozen after the optimizer is built (so it holds every weight), thawed after the last frozen update and
+        at the end of the phase, whatever happens (the next phase's optimizer takes only trainable weights)."""
+
+        def __init__(self):
+            self.frozen: list[torch.nn.Parameter] = []
+
+        def on_train_begin(self, args, st, control, **kw):
+            steps = driver.training.freeze_transformer_steps
+            if st.global_step < steps:  # a resumed phase past its frozen start trains everything
+                model = driver.pruner.model
+                head = driver.backbone.output_layer(model) if driver.backbone is not None else model.get_output_embeddings()
+                self.frozen = freeze_all_but(model, head)
+                driver.log.write("freeze", step=driver.offset + st.global_step, until=driver.offset + steps,
+                                 frozen=sum(p.numel() for p in self.frozen))
+
+        def thaw(self, step: int) -> None:
+            if self.frozen:
+                for p in self.frozen:
+                    p.requires_grad_(True)
+                driver.log.write("thaw", step=step, thawed=sum(p.numel() for p in self.frozen))
+                self.frozen = []
+
+        def on_optimizer_step(self, args, st, control, **kw):
+            if st.global_step + 1 >= driver.training.freeze_transformer_steps:  # the update just made counts
+                self.thaw(driver.offset + st.global_step + 1)
+
+        def on_train_end(self, args, st, control, **kw):
+            self.thaw(driver.offset + st.global_step)
+
     class ProgressCallback(TrainerCallback):
         def on_step_end(self, args, st, control, **kw):
             driver.task.advance()
@@ -225,7 +256,21 @@ def callbacks(driver: PhaseDriver, state: RunState, phase: int, keep_checkpoints
                 state.write(phase_dir / f"checkpoint-{st.global_step}", phase=phase, offset=driver.offset)
                 rotate(phase_dir, keep_checkpoints)
 
-    return [ScheduleCallback(), ProgressCallback(), CheckpointCallback()]
+    frozen = [FrozenStart()] if driver.training is not None and driver.training.freeze_transformer_steps else []
+    return [ScheduleCallback(), ProgressCallback(), CheckpointCallback(), *frozen]
+
+
+def freeze_all_but(model: torch.nn.Module, head: torch.nn.Module | None) -> list[torch.nn.Parameter]:
+    """Stop gradients to every trainable weight of ``model`` but ``head``'s (the output layer, with any weight
+    tied to it: whisper's token embedding); returns the weights it froze, to thaw them later."""
+    if head is None:
+        raise ParpkitError(f"training.freeze_transformer_steps: {type(model).__name__} names no output layer to train "
+                           "alone")
+    keep = {id(p) for p in head.parameters()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
 
 
 @contextlib.contextmanager

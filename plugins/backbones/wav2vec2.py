@@ -269,6 +269,10 @@ class CTCBackbone(Backbone):
         self.unit = "words" if "|" in self.tokenizer.get_vocab() else "phones"
         return model
 
+    def output_layer(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The CTC head (``lm_head``), built fresh for each run: what the reference's frozen start trains alone."""
+        return model.lm_head
+
     def structured_groups(self, model: torch.nn.Module) -> list:
         return structured_groups(model)
 
