@@ -429,7 +429,7 @@ def test_features_on_the_device_give_the_runs_results_with_distillation_and_cali
     for where in ("cpu", "device"):
         path = write_recipe(tmp_path / f"{where}.yaml", tiny_recipe(**{
             "backbone.options.features": where, "distillation": {"weight": 0.5, "temperature": 2.0, "hidden_weight": 0.1},
-            "pruning.criterion": {"name": "sparsegpt", "options": {"calibration_batches": 1}}, "pruning.scope": "per_tensor",
+            "pruning.criterion": {"name": "sparsegpt"}, "pruning.calibration": {"utterances": 4}, "pruning.scope": "per_tensor",
             "pruning.include": [r"model\.(encoder|decoder)\.layers\.\d+\.fc[12]\.weight"], "pruning.schedule": {"name": "fixed"},
             "training.max_steps": 3}))
         results.append(parpkit.run(path, output_dir=tmp_path / where, progress=False).run_dir)
