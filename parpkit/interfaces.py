@@ -185,6 +185,13 @@ class Backbone(_Plugin, ABC):
         by default all; a seq2seq model's label positions, a CTC model's unpadded frames."""
         return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
 
+    def hidden_mask(self, batch: Mapping[str, torch.Tensor], kind: str, positions: int) -> torch.Tensor | None:
+        """Which of the ``positions`` of the hidden states ``kind`` (the model output's field:
+        ``hidden_states``, ``encoder_hidden_states``, ``decoder_hidden_states``) are real, as a bool (batch,
+        positions) tensor, for distillation's hidden-state term (padding left out); None: all of them (the
+        default). ``batch`` is the collated training batch, ``batch_extras`` included."""
+        return None
+
     def position_mask(self, module: str, batch: CalibrationBatch, positions: int) -> torch.Tensor | None:
         """Which of the ``positions`` of ``module``'s input are real (not padding), as a bool (batch,
         positions) tensor, for calibration statistics; None: all of them (the default)."""
