@@ -22,6 +22,7 @@ outputs, from the pruned weights, are the next block's inputs. Nothing runs from
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -68,6 +69,10 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass early, once every module asked for has seen its input."""
 
 
+class _Abort(Exception):
+    """Ends a calibration thread whose lockstep another thread has failed."""
+
+
 #: what a layer must see, in rows (real positions), per column of its input, before a warning
 ROWS_PER_COLUMN = 10
 
@@ -83,9 +88,10 @@ class RunContext:
     - ``plan``: the prune being computed (``parpkit.selection.PrunePlan``: its sparsity, each tensor's exact
       count, the pattern, the entries that stay pruned), set by the engine before ``calibrate``,
       ``allocate`` excepted, and ``reconstruct``; None before the first prune.
+    - ``by``: how ``sequential`` goes, ``block`` or ``layer`` (``pruning.calibration.sequential``).
     - ``timings``: seconds the calibration passes spent, summed over the run: ``forward`` (the model's and
       the blocks' forward passes), ``observe`` (the observers), ``after_block`` (the criterion's work
-      between blocks). For benchmarks.
+      between blocks), by ``clock`` (wall time; a benchmark on a busy machine may pass ``time.process_time``).
     """
 
     def __init__(self, model: torch.nn.Module, pool: Sequence[str], *, training: TrainingSettings,
@@ -94,7 +100,8 @@ class RunContext:
                  batches: Callable[[int], Sequence[CalibrationBatch]] | Sequence[CalibrationBatch] = (),
                  positions: PositionMask | None = None,
                  calibration: Callable[[], Sequence[CalibrationBatch]] | Sequence[CalibrationBatch] | None = None,
-                 pattern: tuple[int, int] | None = None, warn: Callable[[str], None] | None = None):
+                 pattern: tuple[int, int] | None = None, warn: Callable[[str], None] | None = None,
+                 sequential: str = "block", clock: Callable[[], float] = time.perf_counter):
         params = dict(model.named_parameters())
         missing = [n for n in pool if n not in params]
         if missing:
@@ -105,8 +112,12 @@ class RunContext:
         self.phases: tuple[Phase, ...] = tuple(phases)
         self.sparsity, self.scope, self.seed, self.file, self.loaded = sparsity, scope, seed, file, loaded
         self.pattern = pattern
+        if sequential not in ("block", "layer"):
+            raise ValueError(f"sequential calibration goes by 'block' or 'layer', not {sequential!r}")
+        self.by = sequential
         self.plan: PrunePlan | None = None
         self.timings = {"forward": 0.0, "observe": 0.0, "after_block": 0.0}
+        self._clock = clock
         self._batches = batches
         self._calibration = calibration
         self._positions = positions
@@ -153,35 +164,39 @@ class RunContext:
     # ----------------------------------------------------------------------------- watching inputs
     def _watch(self, names: Sequence[str], observer: Callable[[str, torch.Tensor], None], rows: dict[str, int],
                current: list[CalibrationBatch]) -> list[Any]:
-        """Forward pre-hooks handing each named module's real input rows to ``observer``. Modules fed the same
-        tensor with the same real positions one after the other (q, k and v) get the same rows object, so that
-        an observer may reuse its work (``x is last``)."""
+        """Forward pre-hooks handing each named module's real input rows to ``observer``."""
         named = dict(self.model.named_modules())
-        last: list[Any] = [None, None, None]  # the raw input, its keep-mask, the rows handed over
+        last: list[Any] = [None, None, None]
 
         def pre_hook(name: str):
             def hook(module, args, kwargs):
-                x = args[0] if args else next(iter(kwargs.values()))
-                keep = None
-                if x.dim() > 2:
-                    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-                    keep = self._positions(name, current[0], x3.shape[1]) if self._positions else None
-                if last[0] is x and _same(last[1], keep):
-                    x2 = last[2]
-                elif x.dim() > 2:
-                    x2 = x3[keep.to(x3.device)] if keep is not None else x3.reshape(-1, x3.shape[-1])
-                    x2 = x2.detach().float()
-                else:
-                    x2 = x.detach().float()
-                last[:] = [x, keep, x2]
-                if x2.shape[0]:
-                    rows[name] += x2.shape[0]
-                    t0 = time.perf_counter()
-                    observer(name, x2)
-                    self.timings["observe"] += time.perf_counter() - t0
+                self._observe(name, args, kwargs, current[0], observer, rows, last)
             return hook
 
         return [named[m].register_forward_pre_hook(pre_hook(m), with_kwargs=True) for m in names]
+
+    def _observe(self, name: str, args: tuple, kwargs: dict, batch: CalibrationBatch,
+                 observer: Callable[[str, torch.Tensor], None], rows: dict[str, int], last: list[Any]) -> None:
+        """Hand module ``name``'s real input rows to ``observer``. ``last`` holds the raw input, its keep-mask
+        and the rows handed over before: modules fed the same tensor with the same real positions one after
+        the other (q, k and v) get the same rows object, so that an observer may reuse its work."""
+        x = args[0] if args else next(iter(kwargs.values()))
+        keep = None
+        if x.dim() > 2:
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+            keep = self._positions(name, batch, x3.shape[1]) if self._positions else None
+        if last[0] is x and _same(last[1], keep):
+            x2 = last[2]
+        elif x.dim() > 2:
+            x2 = (x3[keep.to(x3.device)] if keep is not None else x3.reshape(-1, x3.shape[-1])).detach().float()
+        else:
+            x2 = x.detach().float()
+        last[:] = [x, keep, x2]
+        if x2.shape[0]:
+            rows[name] += x2.shape[0]
+            t0 = self._clock()
+            observer(name, x2)
+            self.timings["observe"] += self._clock() - t0
 
     def _forward(self, batch: CalibrationBatch) -> Any:
         """The model on one calibration batch, without a key/value cache (a block replayed from its recorded
@@ -239,7 +254,7 @@ class RunContext:
             handles.append(dict(self.model.named_modules())[stop_after].register_forward_hook(stop_hook))
         was_training = self.model.training
         self.model.eval()
-        started, observed = time.perf_counter(), self.timings["observe"]
+        started, observed = self._clock(), self.timings["observe"]
         try:
             for batch in self._data(batches):
                 current[:] = [batch]
@@ -251,24 +266,33 @@ class RunContext:
             for h in handles:
                 h.remove()
             self.model.train(was_training)
-            self.timings["forward"] += time.perf_counter() - started - (self.timings["observe"] - observed)
+            self.timings["forward"] += self._clock() - started - (self.timings["observe"] - observed)
         self._check_rows(rows, "the calibration set" if batches is None else f"{batches} batches")
         return rows
 
     @torch.no_grad()
     def sequential(self, modules: Iterable[str], observer: Callable[[str, torch.Tensor], None],
-                   after_block: Callable[[str, list[str]], None], *, batches: int | None = None) -> dict[str, int]:
+                   after_block: Callable[[str, list[str]], None], *, batches: int | None = None,
+                   by: str | None = None) -> dict[str, int]:
         """Run the model block by block over the calibration set (``layer_blocks`` groups the modules), as the
         reference SparseGPT and Wanda do: every block's inputs are computed once and kept; the block runs
         over them with its named modules watched (``observer(module, x)``, real positions only); then
         ``after_block(block, modules)`` lets the criterion prune it (in place); then the block runs again,
         pruned, and its outputs are the next block's inputs.
 
+        ``by`` (default: the context's, ``pruning.calibration.sequential``): ``"block"``, the above (every
+        module of a block measured on the block's inputs before any of them is pruned, as the references);
+        ``"layer"``: each module measured on the outputs of the modules before it, already pruned, and
+        ``after_block(module, [module])`` called as soon as every batch has passed it: the block runs once,
+        its batches in lockstep (one thread each, one at a time, in batch order), and its outputs are
+        already the pruned block's.
+
         Blocks chain when the next block's input is this block's output and its other arguments are this
         block's (whisper's and wav2vec2's layers); otherwise (the first block, the decoder's first layer
         after the encoder) the next block's inputs are recorded by a forward pass of the model in which
         every block done so far returns its kept outputs instead of running. Returns the rows each module
         saw; none is an error."""
+        by = by or self.by
         names = list(dict.fromkeys(modules))
         self._unknown(names)
         named = dict(self.model.named_modules())
@@ -281,7 +305,7 @@ class RunContext:
         done: dict[str, list[Any]] = {}
         was_training = self.model.training
         self.model.eval()
-        t_start, t_observe, t_after = time.perf_counter(), self.timings["observe"], self.timings["after_block"]
+        t_start, t_observe, t_after = self._clock(), self.timings["observe"], self.timings["after_block"]
         try:
             calls, holder, k = self._record(blocks[0][0], data, done), [None], 0
             while k < len(blocks):
@@ -293,31 +317,141 @@ class RunContext:
                     calls = self._record(blocks[k][0], data, done)
                     continue
                 module = named[block]
-                handles = self._watch(members, observer, rows, current)
-                try:
-                    for batch, (args, kwargs) in zip(data, calls, strict=True):
-                        current[:] = [batch]
-                        module(*args, **kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
-                    current.clear()
-                t0 = time.perf_counter()
-                after_block(block, list(members))
-                self.timings["after_block"] += time.perf_counter() - t0
+                if by == "layer":
+                    outputs = self._lockstep(block, members, calls, data, observer, rows, after_block)
+                else:
+                    handles = self._watch(members, observer, rows, current)
+                    try:
+                        for batch, (args, kwargs) in zip(data, calls, strict=True):
+                            current[:] = [batch]
+                            module(*args, **kwargs)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                        current.clear()
+                    t0 = self._clock()
+                    after_block(block, list(members))
+                    self.timings["after_block"] += self._clock() - t0
+                    outputs = None
                 if k + 1 == len(blocks):
                     break
-                holder[0] = [module(*args, **kwargs) for args, kwargs in calls]
+                holder[0] = outputs if outputs is not None else [module(*args, **kwargs) for args, kwargs in calls]
                 done[block] = holder
                 calls, chained = self._next_calls(blocks[k + 1][0], calls, holder[0], data, done)
                 holder = holder if chained else [None]
                 k += 1
         finally:
             self.model.train(was_training)
-            self.timings["forward"] += (time.perf_counter() - t_start - (self.timings["observe"] - t_observe)
+            self.timings["forward"] += (self._clock() - t_start - (self.timings["observe"] - t_observe)
                                         - (self.timings["after_block"] - t_after))
         self._check_rows(rows, "the calibration set" if batches is None else f"{batches} batches")
         return rows
+
+    def _lockstep(self, block: str, members: Sequence[str], calls: list[tuple], data: Sequence[CalibrationBatch],
+                  observer: Callable[[str, torch.Tensor], None], rows: dict[str, int],
+                  after_layer: Callable[[str, list[str]], None]) -> list[Any]:
+        """Run ``block`` once over every call, each module of ``members`` measured on the outputs of the
+        modules before it, already pruned: a thread per batch, one running at a time in batch order; a
+        thread that reaches a member waits there until every batch has (then ``after_layer`` prunes the
+        member, and batch 0 goes on). Every batch must call the members in the same order, each once.
+        Returns the block's outputs, per batch."""
+        module = dict(self.model.named_modules())[block]
+        watched = set(members)
+        n = len(calls)
+        cond = threading.Condition()
+        state: dict[str, Any] = {"turn": 0, "error": None}
+        order: list[str] = []  # the members in the order batch 0 calls them: the stages
+        arrived: list[int] = []  # per stage, the batches that reached it
+        released: list[bool] = []  # per stage, measured by every batch and pruned
+        stage = [0] * n  # per batch, its next stage
+        last = [[None, None, None] for _ in range(n)]
+        outputs: list[Any] = [None] * n
+        local = threading.local()
+
+        def fail(error: BaseException) -> None:  # with cond held
+            if state["error"] is None:
+                state["error"] = error
+            cond.notify_all()
+
+        def wait(i: int, ready: Callable[[], bool] = lambda: True) -> None:  # with cond held
+            while state["error"] is None and not (state["turn"] == i and ready()):
+                cond.wait()
+            if state["error"] is not None:
+                raise _Abort
+
+        def hook(mod, args, kwargs):
+            i, name = local.index, local.names[mod]
+            with cond:
+                s = stage[i]
+                if i == 0 and name in order:
+                    fail(ParpkitError(f"calibration by layer: {name!r} is called twice in one pass of block {block!r}; "
+                                      "use sequential: block"))
+                    raise _Abort
+                if i == 0:
+                    order.append(name)
+                    arrived.append(0)
+                    released.append(False)
+                elif s >= len(order) or order[s] != name:
+                    fail(ParpkitError(f"calibration by layer: batch {i} calls {name!r} where batch 0 called "
+                                      f"{order[s] if s < len(order) else 'no layer'} (block {block!r}); every batch must "
+                                      "call the block's layers in one order, each once (or use sequential: block)"))
+                    raise _Abort
+                stage[i] += 1
+            self._observe(name, args, kwargs, data[i], observer, rows, last[i])
+            with cond:
+                arrived[s] += 1
+                if arrived[s] == n:  # every batch has measured it: prune it, then batch 0 goes on
+                    t0 = self._clock()
+                    try:
+                        after_layer(name, [name])
+                    except BaseException as exc:
+                        fail(exc)
+                        raise _Abort from None
+                    self.timings["after_block"] += self._clock() - t0
+                    released[s] = True
+                    state["turn"] = 0
+                else:
+                    state["turn"] = i + 1
+                cond.notify_all()
+                wait(i, lambda: released[s])
+
+        def run(i: int) -> None:
+            local.index = i
+            local.names = names
+            try:
+                with cond:
+                    wait(i)
+                with torch.no_grad():
+                    outputs[i] = module(*calls[i][0], **calls[i][1])
+                with cond:
+                    if stage[i] != len(order) or not all(released):
+                        fail(ParpkitError(f"calibration by layer: batch {i} passed {stage[i]} of the {len(order)} layers "
+                                          f"batch 0 called in block {block!r}; every batch must call the same layers "
+                                          "(or use sequential: block)"))
+                        return
+                    state["turn"] = i + 1
+                    cond.notify_all()
+            except _Abort:
+                pass
+            except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+                with cond:
+                    fail(exc)
+
+        named = dict(self.model.named_modules())
+        names = {named[m]: m for m in watched}
+        handles = [named[m].register_forward_pre_hook(hook, with_kwargs=True) for m in members]
+        threads = [threading.Thread(target=run, args=(i,), name=f"calibration-{i}", daemon=True) for i in range(n)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for h in handles:
+                h.remove()
+        if state["error"] is not None:
+            raise state["error"]
+        return outputs
 
     def _record(self, block: str, data: Sequence[CalibrationBatch], done: Mapping[str, list[Any]],
                 start: int = 0) -> list[tuple] | None:

@@ -137,6 +137,14 @@ class CalibrationSection(_Strict):
     #: utterances per forward pass: memory and speed, not results, for backbones that pad every input to
     #: one window (whisper); a CTC model pads each batch to its longest utterance
     batch_size: int = Field(default=8, gt=0)
+    #: how the model is walked, always block by block from each block's kept inputs (never from the first
+    #: layer again). block: as the reference SparseGPT and Wanda, every layer of a block is measured on the
+    #: block's inputs before any of them is pruned, then the block runs again, pruned, for the next block's
+    #: inputs (two passes per block). layer: every layer is measured on the outputs of the layers before it,
+    #: already pruned (GPTQ's "true sequential", down to each linear), so each block runs once, all its
+    #: batches in lockstep holding their activations at once (memory: a block's activations for the whole
+    #: set)
+    sequential: Literal["block", "layer"] = "block"
 
 
 class PruningSection(_Strict):

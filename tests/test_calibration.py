@@ -10,7 +10,7 @@ import torch
 
 import parpkit
 from parpkit.cli import main
-from parpkit.context import CalibrationBatch, RunContext, TrainingSettings, layer_blocks
+from parpkit.context import RunContext, TrainingSettings
 from parpkit.errors import RecipeError
 from parpkit.masks import PoolPruner
 from parpkit.selection import apportion, n_of_m_prune, row_counts
@@ -27,25 +27,45 @@ def _weights_of(blocks: int) -> list[str]:
     return [f"layers.{i}.{fc}.weight" for i in range(blocks) for fc in ("fc1", "fc2")]
 
 
-def _reference_norms(model_state, masks, pool, data, blocks: int) -> dict[str, torch.Tensor]:
-    """Per-position input norms of each block as a plain forward pass from the first layer measures them,
-    with every block before it pruned by its final mask (what the cached block-by-block pass must give)."""
+def _reference_norms(state, masks, pool, data, blocks: int, before) -> dict[str, torch.Tensor]:
+    """Per-position input norms of each pool layer as a plain forward pass from the first layer measures
+    them, with the pool tensors ``before(k)`` (k: the layer's place in the pool, in call order) pruned by
+    their final masks: what the cached walk must give."""
     out = {}
-    names = {n.rpartition(".")[0]: n for n in pool}
-    for k in range(blocks):
+    for k, name in enumerate(pool):
         model = tiny_model(blocks=blocks)
-        model.load_state_dict(model_state)
+        model.load_state_dict(state)
         params = dict(model.named_parameters())
-        for n in pool:
-            if int(n.split(".")[1]) < k:
-                params[n].data.mul_(masks[n])
+        for earlier in before(k):
+            params[earlier].data.mul_(masks[earlier])
         context = RunContext(model, pool, training=TrainingSettings(1, 4), calibration=data, positions=tiny_positions,
                              warn=lambda _: None)
         sums: dict[str, torch.Tensor] = {}
-        rows = context.capture_inputs([m for m in names if m.startswith(f"layers.{k}.")],
-                                      lambda m, x: sums.__setitem__(m, sums.get(m, 0) + x.double().pow(2).sum(0)))
-        out.update({names[m]: (sums[m] / rows[m]).sqrt().float() for m in sums})
+        module = name.rpartition(".")[0]
+        rows = context.capture_inputs([module], lambda m, x: sums.__setitem__(m, sums.get(m, 0) + x.double().pow(2).sum(0)))
+        out[name] = (sums[module] / rows[module]).sqrt().float()
     return out
+
+
+def _counted_wanda(monkeypatch, by: str, blocks: int = 3):
+    """Wanda per_row at 0.5 over ``blocks`` tiny blocks walked ``by`` block or layer, counting each block's
+    real forward passes (a block standing in with its kept outputs does not run)."""
+    data = tiny_batches(3, 4)
+    model = tiny_model(blocks=blocks)
+    pool = _weights_of(blocks)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    runs: list[int] = []
+    forward = TinyBlock.forward
+    monkeypatch.setattr(TinyBlock, "forward", lambda self, x: (runs.append(id(self)), forward(self, x))[1])
+    context = RunContext(model, pool, training=TrainingSettings(1, 4), calibration=data, positions=tiny_positions,
+                         warn=lambda _: None, sequential=by)
+    wanda = Wanda()
+    pruner = PoolPruner(model, pool, wanda, "per_row", context=context)
+    pruner.prune(0.5)
+    passes = [runs.count(id(b)) for b in model.layers]
+    # the walk pruned layers only for the ones after them: the weights are the pruner's to change (masks applied)
+    assert all(torch.equal(p.detach(), state[n] * pruner.masks[n]) for n, p in pruner.params.items())
+    return wanda, pruner, passes, (state, pruner.masks, pool, data, blocks)
 
 
 # --------------------------------------------------------------------------------- the calibration set
@@ -96,26 +116,61 @@ def test_a_layer_that_saw_fewer_rows_than_ten_times_its_width_is_a_warning_once(
 # --------------------------------------------------------------------------------- layer by layer
 
 def test_sequential_calibration_runs_each_block_from_cached_inputs_and_measures_it_through_the_pruned_ones(monkeypatch):
-    blocks, data = 3, tiny_batches(3, 4)
-    model = tiny_model(blocks=blocks)
-    pool = _weights_of(blocks)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    runs = []
-    forward = TinyBlock.forward
-    monkeypatch.setattr(TinyBlock, "forward", lambda self, x: (runs.append(id(self)), forward(self, x))[1])
-    context = RunContext(model, pool, training=TrainingSettings(1, 4), calibration=data, positions=tiny_positions,
-                         warn=lambda _: None)
-    wanda = Wanda()
-    pruner = PoolPruner(model, pool, wanda, "per_row", context=context)
-    pruner.prune(0.5)
+    wanda, pruner, passes, setting = _counted_wanda(monkeypatch, "block")
     # every block ran twice per batch (measured, then pruned for its outputs), the last once: never from the first again
-    assert [runs.count(id(b)) for b in model.layers] == [2 * len(data), 2 * len(data), len(data)]
-    reference = _reference_norms(state, pruner.masks, pool, data, blocks)
+    assert passes == [2 * 3, 2 * 3, 3]
+    pool = setting[2]
+    reference = _reference_norms(*setting, before=lambda k: [n for n in pool if n.split(".")[1] < pool[k].split(".")[1]])
     for name in pool:
         assert torch.allclose(wanda.norms[name], reference[name], rtol=1e-5, atol=1e-7), name
-    assert int(layer_blocks(context, [n.rpartition(".")[0] for n in pool])[2][0][-1]) == 2
-    # the pass pruned the blocks only for the next ones: the weights are the pruner's to change (masks applied)
-    assert all(torch.equal(p.detach(), state[n] * pruner.masks[n]) for n, p in pruner.params.items())
+
+
+def test_calibration_by_layer_runs_each_block_once_and_measures_each_layer_through_the_pruned_layers_before_it(monkeypatch):
+    wanda, pruner, passes, setting = _counted_wanda(monkeypatch, "layer")
+    assert passes == [3, 3, 3]  # one pass: its outputs are already the pruned block's
+    pool = setting[2]
+    reference = _reference_norms(*setting, before=lambda k: pool[:k])  # pool order is call order: fc1, fc2, …
+    for name in pool:
+        assert torch.allclose(wanda.norms[name], reference[name], rtol=1e-5, atol=1e-7), name
+
+
+class _Either(torch.nn.Module):
+    """A block whose batches call its two layers in different orders (by the sign of their first input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) if float(x.reshape(-1)[0]) > 0 else self.b(x) + self.a(x)
+
+
+def test_calibration_by_layer_refuses_batches_that_call_a_blocks_layers_in_different_orders():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([_Either()])
+
+        def forward(self, inputs, labels, lengths=None):
+            return self.layers[0](inputs)
+
+    data = tiny_batches(6, 4)
+    signs = {float(b.inputs["inputs"].reshape(-1)[0]) > 0 for b in data}
+    assert signs == {True, False}
+    pool = ["layers.0.a.weight", "layers.0.b.weight"]
+    context = RunContext(Model(), pool, training=TrainingSettings(1, 4), calibration=data, warn=lambda _: None,
+                         sequential="layer")
+    with pytest.raises(parpkit.ParpkitError, match="call the block's layers in one order"):
+        context.sequential(["layers.0.a", "layers.0.b"], lambda m, x: None, lambda b, ms: None)
+    assert all(not m._forward_pre_hooks for m in context.model.modules())
+
+    def fail(block, members):
+        raise ValueError("pruning failed")
+    one_order = [b for b in data if float(b.inputs["inputs"].reshape(-1)[0]) > 0]
+    context = RunContext(Model(), pool, training=TrainingSettings(1, 4), calibration=one_order, warn=lambda _: None,
+                         sequential="layer")
+    with pytest.raises(ValueError, match="pruning failed"):  # an error while a layer is pruned ends every batch's thread
+        context.sequential(["layers.0.a", "layers.0.b"], lambda m, x: None, fail)
 
 
 def test_sequential_wanda_differs_from_one_pass_over_the_unpruned_model_after_the_first_block():
@@ -300,7 +355,8 @@ def test_owl_spreads_the_sparsity_over_blocks_and_keeps_the_pool_total_at_the_ta
 @requires_offline
 def test_a_one_shot_run_calibrates_on_its_calibration_set_and_logs_it(tmp_path):
     result = parpkit.run(tiny_recipe(**{"pruning.criterion": {"name": "sparsegpt"}, "pruning.scope": "per_row",
-                                        "pruning.pattern": "2:4", "pruning.calibration": {"utterances": 6, "batch_size": 4},
+                                        "pruning.pattern": "2:4",
+                                        "pruning.calibration": {"utterances": 6, "batch_size": 4, "sequential": "layer"},
                                         "pruning.schedule": {"name": "fixed"}, "pruning.exclude": [r".*\.bias"],
                                         "training.max_steps": 0, "evaluation.dense": False, "evaluation.after_prune": False}),
                          output_dir=tmp_path / "o", progress=False)

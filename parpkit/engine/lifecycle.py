@@ -170,7 +170,8 @@ def run_context(resolved: Resolved, model: torch.nn.Module, pool: list[str], pha
                                 learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, warmup_steps=t.warmup_steps,
                                 precision=t.precision)
     return RunContext(model, pool, training=training, phases=phases, sparsity=r.pruning.sparsity, scope=r.pruning.scope,
-                      seed=r.seed, file=resolved.file, pattern=parse_pattern(r.pruning.pattern), **live)
+                      seed=r.seed, file=resolved.file, pattern=parse_pattern(r.pruning.pattern),
+                      sequential=r.pruning.calibration.sequential, **live)
 
 
 def build_skeleton(backbone) -> torch.nn.Module:
