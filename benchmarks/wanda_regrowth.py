@@ -1,6 +1,6 @@
 """Why PARP's mask moves when it ranks with Wanda and hardly at all when it ranks by magnitude.
 
-Wanda scores a weight by |w_ij| times the norm of input feature j over the calibration batches, compared
+Wanda scores a weight by |w_ij| times the norm of input feature j over the calibration set, compared
 within each output row (``scope: per_row``). A PARP run re-ranks the whole pool at every re-prune, after
 training every weight, the zeroed ones too. A zeroed weight could come back because the input norms changed
 under it, or because its own |w| wandered off zero far enough; magnitude PARP needs the latter and, at a sane
@@ -18,7 +18,7 @@ PARP run and prints:
   norms.
 
 A check first: the pretrained weights x pretrained norms must give back ``masks_initial.safetensors`` (the
-same calibration batches the run used), or the comparison is off (``first_mask_reproduced`` is the share of
+same calibration set the run used), or the comparison is off (``first_mask_reproduced`` is the share of
 entries that agree).
 
     python benchmarks/wanda_regrowth.py RUN_DIR [--checkpoint CHECKPOINT_DIR] [--json out.json]
@@ -42,14 +42,13 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
-    from parpkit.context import CalibrationBatch
     from parpkit.engine.checkpoints import read_state
-    from parpkit.engine.lifecycle import calibration_utterances, run_context
+    from parpkit.engine.lifecycle import calibration_set_utterances, collate_calibration, run_context
     from parpkit.progress import Progress
     from parpkit.recipe import read_recipe_file, recipe_from_mapping
     from parpkit.registry import Plugins
     from parpkit.resolve import resolve
-    from parpkit.selection import PoolLayout, keep_masks
+    from parpkit.selection import PoolLayout, PrunePlan, keep_masks, scope_counts
 
     ckpt = args.checkpoint
     if ckpt is None:
@@ -75,12 +74,16 @@ def main() -> None:
     model = backbone.load()
     model.eval()
 
-    batches = [CalibrationBatch(backbone.model_inputs(backbone.collate(utts)), utts)  # the run's calibration batches
-               for utts in calibration_utterances(train, r.seed, r.training.batch_size, criterion.calibration_batches)]
+    c = r.pruning.calibration  # the run's calibration set
+    source = train if c.split in (None, r.dataset.train_split) else resolved.dataset.load_split(c.split, progress)
+    batches = collate_calibration(calibration_set_utterances(source, r.seed, c.utterances), c.batch_size, backbone)
     first = load_file(str(args.run / "masks_initial.safetensors"))
     pool = list(first)
-    context = run_context(resolved, model, pool, [], batches=batches, positions=backbone.position_mask)
+    context = run_context(resolved, model, pool, [], calibration=batches, positions=backbone.position_mask)
     params = dict(model.named_parameters())
+    # what the run's prunes planned (Wanda measures each block through the blocks before it, pruned so)
+    context.plan = PrunePlan(r.pruning.sparsity, r.pruning.scope, OrderedDict(
+        zip(pool, scope_counts([params[n_].shape for n_ in pool], r.pruning.sparsity, r.pruning.scope), strict=True)))
 
     def norms() -> dict[str, torch.Tensor]:
         criterion.calibrate(context)

@@ -17,7 +17,7 @@ from parpkit.interfaces import (Backbone, Criterion, Dataset, Phase, PluginOptio
 from parpkit.metrics import error_rates, normalise, normalise_units
 from parpkit.progress import Progress, Task
 from parpkit.ramps import cubic_ramp, linear_ramp
-from parpkit.selection import as_rows, lowest_k, lowest_k_rows, split_count
+from parpkit.selection import PrunePlan, as_rows, lowest_k, lowest_k_rows, n_of_m_prune, row_counts, split_count
 from parpkit.units import Member, UnitGroup, ffn_group, head_group
 from parpkit.version import __version__
 
@@ -28,7 +28,8 @@ __all__ = [
     # what plugins may read of a run, and calibration
     "RunContext", "TrainingSettings", "CalibrationBatch", "layer_blocks",
     # for schedule authors; exact selection for criteria that choose their own masks
-    "linear_ramp", "cubic_ramp", "lowest_k", "lowest_k_rows", "split_count", "as_rows",
+    "linear_ramp", "cubic_ramp", "lowest_k", "lowest_k_rows", "split_count", "as_rows", "row_counts", "n_of_m_prune",
+    "PrunePlan",
     # helpers for plugins
     "ParpkitError", "RecipeError", "PluginError", "ModelFormatError", "AudioError", "read_audio", "resample",
     "install_atomically", "Progress", "Task", "error_rates", "normalise", "normalise_units",

@@ -187,6 +187,13 @@ class Backbone(_Plugin, ABC):
         by default all; a seq2seq model's label positions, a CTC model's unpadded frames."""
         return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
 
+    def hidden_mask(self, batch: Mapping[str, torch.Tensor], kind: str, positions: int) -> torch.Tensor | None:
+        """Which of the ``positions`` of the hidden states ``kind`` (the model output's field:
+        ``hidden_states``, ``encoder_hidden_states``, ``decoder_hidden_states``) are real, as a bool (batch,
+        positions) tensor, for distillation's hidden-state term (padding left out); None: all of them (the
+        default). ``batch`` is the collated training batch, ``batch_extras`` included."""
+        return None
+
     def position_mask(self, module: str, batch: CalibrationBatch, positions: int) -> torch.Tensor | None:
         """Which of the ``positions`` of ``module``'s input are real (not padding), as a bool (batch,
         positions) tensor, for calibration statistics; None: all of them (the default)."""
@@ -293,18 +300,24 @@ class Criterion(_Plugin, ABC):
       ``calibration_batches`` training batches forward and backward (no update) and calls
       ``observe(0, params)`` after each.
     - ``"activations"``: ``calibrate(context)`` is called before every prune (the first mask and each
-      re-prune) with the live model; it reads layer inputs through ``context.capture_inputs`` (forward
-      only, padding left out, hooks scoped by the engine) over ``calibration_batches`` batches.
+      re-prune) with the live model; it reads layer inputs over the recipe's calibration set
+      (``pruning.calibration``) through ``context.capture_inputs`` (one forward pass) or
+      ``context.sequential`` (block by block, each block fed the outputs of the blocks before it as they
+      will be pruned): forward only, padding left out, hooks scoped by the engine. ``context.plan`` says
+      what the coming prune will do (its sparsity, each tensor's count, an N:M pattern).
 
     Scores are computed under ``torch.no_grad``; higher means more worth keeping. Scope is the engine's
-    business; ``scopes`` lists those a criterion can be ranked in (checked before anything loads).
+    business; ``scopes`` lists those a criterion can be ranked in (checked before anything loads), and
+    ``supports_pattern`` whether its masks can follow an N:M pattern (``pruning.pattern``).
     """
 
     #: what the criterion must see besides the weights: None, "gradients" or "activations"
     needs: ClassVar[str | None] = None
     #: the scopes it can be ranked in
     scopes: ClassVar[tuple[str, ...]] = ("global", "per_tensor", "per_row")
-    #: batches to observe (gradients) or feed forward (activations) before a mask
+    #: whether its masks can keep N of every M consecutive weights of a row (``pruning.pattern``)
+    supports_pattern: ClassVar[bool] = False
+    #: training batches to observe (gradients) before the first mask
     calibration_batches: int = 0
 
     def check(self, context: RunContext) -> None:
@@ -312,7 +325,15 @@ class Criterion(_Plugin, ABC):
         module types and shapes). Raise ParpkitError or ValueError; the engine adds the recipe key."""
 
     def calibrate(self, context: RunContext) -> None:
-        """``needs == "activations"``: read what the coming scores need (``context.capture_inputs``)."""
+        """``needs == "activations"``: read what the coming scores need (``context.capture_inputs``,
+        ``context.sequential``)."""
+
+    def allocate(self, context: RunContext, sparsity: float) -> Mapping[str, float] | None:
+        """Sparsities per pool tensor for the coming prune at ``sparsity`` (scopes per_tensor and per_row), for
+        criteria that spread it unevenly over the layers (OWL); None (the default): the same in every
+        tensor. The engine turns them into exact counts whose total is exactly the pool's share at
+        ``sparsity`` (in proportion to sparsity × size, largest remainders first)."""
+        return None
 
     def observe(self, step: int, params: Mapping[str, torch.nn.Parameter]) -> None:
         """Gradients of update ``step`` are in ``params[name].grad`` (``step`` 0: calibration)."""
@@ -325,7 +346,9 @@ class Criterion(_Plugin, ABC):
 
 
 class PruningCriterion(Criterion):
-    """Scores single weights."""
+    """Scores single weights; the engine selects the losers (in any scope, and in an N:M pattern)."""
+
+    supports_pattern: ClassVar[bool] = True
 
     @abstractmethod
     def scores(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
@@ -358,9 +381,11 @@ class ReconstructingCriterion(Criterion):
     reconstruct each layer's output from its inputs (SparseGPT, OBS/OBC-style). Used wherever a criterion
     is (the first mask of every schedule, PARP's re-prunes); the engine applies the masks it returns.
 
-    ``counts`` gives how many weights each pool tensor must lose, exactly; with scope ``per_row`` every
-    row (output neuron) of a tensor loses ``counts[name] // rows`` (a 1-D tensor is one row). The engine
-    checks the returned masks against them.
+    ``counts`` gives how many weights each pool tensor must lose, exactly; with scope ``per_row`` they are
+    spread over the rows (output neurons) as evenly as can be, the first ``counts[name] % rows`` rows one
+    more (``parpkit.row_counts``; a 1-D tensor is one row). With a pattern (``context.plan.pattern``, only
+    for criteria that set ``supports_pattern``) every M consecutive weights of a row lose M - N. The engine
+    checks the returned masks against ``context.plan``.
     """
 
     needs: ClassVar[str | None] = "activations"

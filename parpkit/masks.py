@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Criterion, ReconstructingCriterion, StructuredCriterion
-from parpkit.selection import PoolLayout, as_rows, keep_masks, scope_counts
+from parpkit.selection import PoolLayout, PrunePlan, apportion, keep_masks, scope_counts
 from parpkit.units import UnitGroup, select_units, unit_masks
 
 if TYPE_CHECKING:
@@ -58,11 +58,16 @@ class PoolPruner:
     enforce masks, and rewind. With a ``StructuredCriterion`` masks cover whole units of the backbone's
     declared groups (FFN neurons, attention heads) instead of single weights; a ``ReconstructingCriterion``
     returns its masks (and updated weights) itself. ``context``: the run context that criteria needing
-    activations calibrate with."""
+    activations calibrate with. ``pattern`` (N, M): every mask keeps N of every M consecutive weights of
+    each row (semi-structured sparsity, per_row scope).
+
+    Every prune but a structured one first makes a ``PrunePlan`` (its sparsity; each tensor's exact count,
+    from the criterion's ``allocate`` where it spreads the sparsity unevenly over the layers; the pattern;
+    the entries that must stay pruned) and hands it to the criterion as ``context.plan``."""
 
     def __init__(self, model: torch.nn.Module, pool: list[str], criterion: Criterion, scope: str,
                  groups: list[UnitGroup] | None = None, donor_masks: dict[str, torch.Tensor] | None = None,
-                 context: RunContext | None = None):
+                 context: RunContext | None = None, pattern: tuple[int, int] | None = None):
         params = dict(model.named_parameters())
         self.model = model
         self.params: OrderedDict[str, torch.nn.Parameter] = OrderedDict((n, params[n]) for n in pool)
@@ -74,6 +79,7 @@ class PoolPruner:
                                "structured groups inside the pool")
         self.donor_masks = donor_masks
         self.context = context
+        self.pattern = pattern
         self.masks: OrderedDict[str, torch.Tensor] | None = None
         self.sparsity = 0.0  # sparsity of the current masks
         self.prune_count = 0  # how many times masks were computed
@@ -91,40 +97,71 @@ class PoolPruner:
     @torch.no_grad()
     def prune(self, sparsity: float) -> None:
         """Rank the whole pool now, at ``sparsity``, and zero the losers."""
-        if isinstance(self.criterion, ReconstructingCriterion):
-            masks = self._reconstruct(sparsity)
-        elif isinstance(self.criterion, StructuredCriterion):
+        if isinstance(self.criterion, StructuredCriterion):
             scores = {n: self.criterion.unit_scores(g, self.params) for n, g in self.groups.items()}
             pruned = select_units(scores, self.groups, sparsity, self.scope)
             masks = unit_masks(pruned, self.groups, {n: p.shape for n, p in self.params.items()})
             masks = {n: masks.get(n, torch.ones(p.shape, dtype=torch.bool)) for n, p in self.params.items()}
         else:
-            if self.criterion.needs == "activations":
-                self.criterion.calibrate(self._context())
-            masks, self._scores = keep_masks(self.layout, lambda n: self.criterion.scores(n, self.params[n]), sparsity,
-                                             self.scope, self._scores)
+            plan = self.plan(sparsity)
+            if self.context is not None:
+                self.context.plan = plan
+            if isinstance(self.criterion, ReconstructingCriterion):
+                masks = self._reconstruct(plan)
+            else:
+                if self.criterion.needs == "activations":
+                    self.criterion.calibrate(self._context())
+                counts = None if plan.counts is None else [plan.counts[n] for n in self.params]
+                masks, self._scores = keep_masks(self.layout, lambda n: self.criterion.scores(n, self.params[n]), sparsity,
+                                                 self.scope, self._scores, counts=counts, pattern=plan.pattern)
         self.set_masks(masks)
         self.sparsity = sparsity
         self.prune_count += 1
+
+    def plan(self, sparsity: float) -> PrunePlan:
+        """The coming prune: exact counts per tensor (uniform, or the criterion's ``allocate``), the pattern,
+        and the entries that stay pruned (pruned now and still zero, when the sparsity does not fall)."""
+        if self.pattern is not None:
+            n, m = self.pattern
+            if abs(sparsity - (1 - n / m)) > 1e-9:
+                raise ParpkitError(f"the {n}:{m} pattern prunes exactly {1 - n / m:g} of every row; the schedule asked "
+                                   f"for sparsity {sparsity:g} (a ramp or progressive schedule cannot use a pattern: "
+                                   "use a schedule that prunes at one sparsity, such as fixed or parp)")
+        counts = None
+        if self.scope != "global":
+            sizes = [p.numel() for p in self.params.values()]
+            shares = None
+            if self.pattern is None and self.context is not None:
+                shares = self.criterion.allocate(self.context, sparsity)
+            if shares is None:
+                counts = scope_counts(self.layout.shapes, sparsity, self.scope)
+            else:
+                unknown = [n for n in shares if n not in self.params]
+                if unknown or any(not 0 <= float(v) <= 1 for v in shares.values()):
+                    raise ParpkitError(f"criterion {self.criterion.name!r} allocated sparsities outside [0, 1] or to "
+                                       f"tensors outside the pool ({unknown[:3]})")
+                weights = [float(shares.get(n, sparsity)) * size for n, size in zip(self.params, sizes, strict=True)]
+                counts = apportion(round(sparsity * sum(sizes)), weights, sizes)
+            counts = OrderedDict(zip(self.params, counts, strict=True))
+        pinned = None
+        if self.masks is not None and sparsity >= self.sparsity:
+            pinned = {n: ~m & (self.params[n] == 0) for n, m in self.masks.items()}
+        return PrunePlan(sparsity, self.scope, counts, self.pattern, pinned)
 
     def _context(self) -> RunContext:
         if self.context is None:
             raise ParpkitError(f"criterion {self.criterion.name!r} needs activations, and this pruner has no run context")
         return self.context
 
-    def _reconstruct(self, sparsity: float) -> dict[str, torch.Tensor]:
-        """Masks (and updated weights) from a reconstructing criterion, checked against the exact counts."""
-        counts = OrderedDict(zip(self.params, scope_counts(self.layout.shapes, sparsity, self.scope), strict=True))
-        masks = self.criterion.reconstruct(self._context(), counts)
+    def _reconstruct(self, plan: PrunePlan) -> dict[str, torch.Tensor]:
+        """Masks (and updated weights) from a reconstructing criterion, checked against the plan."""
+        masks = self.criterion.reconstruct(self._context(), plan.counts)
         for n, p in self.params.items():
             m = masks.get(n)
             if m is None or m.shape != p.shape:
                 raise ParpkitError(f"criterion {self.criterion.name!r} returned no mask of shape {tuple(p.shape)} for {n}")
-            rows, cols = as_rows(p.shape)
-            pruned = (~m.bool()).reshape(rows, cols).sum(1)
-            if int(pruned.sum()) != counts[n] or (self.scope == "per_row" and bool((pruned != counts[n] // rows).any())):
-                raise ParpkitError(f"criterion {self.criterion.name!r} pruned {int(pruned.sum())} weights of {n}; the "
-                                   f"{self.scope} scope asks for exactly {counts[n]}")
+            if (why := plan.problem(n, m)) is not None:
+                raise ParpkitError(f"criterion {self.criterion.name!r} {why} ({n})")
         return masks
 
     def initial_mask(self, sparsity: float) -> None:

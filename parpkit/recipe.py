@@ -126,6 +126,30 @@ class DatasetRef(PluginRef):
         return [self.eval_split] if isinstance(self.eval_split, str) else list(self.eval_split)
 
 
+class CalibrationSection(_Strict):
+    """The calibration set: the utterances activation-aware criteria (wanda, sparsegpt) feed forward, no
+    gradients, before each mask, to measure every pruned layer's inputs. Independent of the training batch."""
+
+    #: how many utterances, drawn with the recipe's seed (a split with fewer gives all it has, with a
+    #: warning); the reference SparseGPT and Wanda calibrate on 128 sequences. A layer that sees fewer real
+    #: positions than ten times its input width is named in a warning: its statistics are thin
+    utterances: int = Field(default=128, gt=0)
+    #: the split they are drawn from; null: dataset.train_split (a scored split here is a warning: the
+    #: masks would have seen the test audio)
+    split: str | None = None
+    #: utterances per forward pass: memory and speed, not results, for backbones that pad every input to
+    #: one window (whisper); a CTC model pads each batch to its longest utterance
+    batch_size: int = Field(default=8, gt=0)
+    #: how the model is walked, always block by block from each block's kept inputs (never from the first
+    #: layer again). block: as the reference SparseGPT and Wanda, every layer of a block is measured on the
+    #: block's inputs before any of them is pruned, then the block runs again, pruned, for the next block's
+    #: inputs (two passes per block). layer: every layer is measured on the outputs of the layers before it,
+    #: already pruned (GPTQ's "true sequential", down to each linear), so each block runs once, all its
+    #: batches in lockstep holding their activations at once (memory: a block's activations for the whole
+    #: set)
+    sequential: Literal["block", "layer"] = "block"
+
+
 class PruningSection(_Strict):
     #: which weights or units matter (``magnitude``, ``wanda``, ``sparsegpt``, ``structured`` …)
     criterion: PluginRef
@@ -142,6 +166,36 @@ class PruningSection(_Strict):
     exclude: list[str] = Field(default_factory=list)
     #: start from the mask another run saved (its run directory or masks.safetensors)
     mask_from: str | None = None
+    #: the calibration set of activation-aware criteria, e.g. ``calibration: {utterances: 128, split: train}``
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    #: semi-structured sparsity: "N:M" (quoted) keeps exactly N of every M consecutive weights of each row
+    #: ("2:4", "4:8"), with scope per_row and sparsity 1 - N/M, for criteria that support it (magnitude,
+    #: wanda, sparsegpt) and schedules that prune at one sparsity; null: unstructured
+    pattern: str | None = None
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern_form(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            raise ValueError(f"expected 'N:M' in quotes, got the number {v} (unquoted, YAML reads 2:4 as the number "
+                             "124, in base 60): write pattern: '2:4'")
+        if v is not None:
+            m = re.fullmatch(r"(\d+):(\d+)", str(v))
+            if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+                raise ValueError(f"expected 'N:M' with 0 < N < M (such as '2:4' or '4:8'), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _pattern_fits(self):
+        if self.pattern is not None:
+            n, m = (int(x) for x in self.pattern.split(":"))
+            if self.scope != "per_row":
+                raise ValueError(f"pattern {self.pattern} chooses within the rows of each tensor: set scope: per_row "
+                                 f"(not {self.scope})")
+            if abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(f"pattern {self.pattern} prunes {m - n} of every {m} weights: set sparsity: "
+                                 f"{1 - n / m:g} (not {self.sparsity:g})")
+        return self
 
     @field_validator("sparsity", mode="before")
     @classmethod

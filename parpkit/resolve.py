@@ -66,7 +66,8 @@ def resolve(recipe: Recipe, plugins: Plugins, file: str) -> Resolved:
                                 "pruning.schedule", file, target=r.pruning.sparsity)
     splits = dataset.split_names()
     wanted_splits = (("dataset.train_split", [r.dataset.train_split]), ("dataset.eval_split", r.dataset.eval_splits),
-                     ("evaluation.validation_split", [r.evaluation.validation_split] if r.evaluation.validation_split else []))
+                     ("evaluation.validation_split", [r.evaluation.validation_split] if r.evaluation.validation_split else []),
+                     ("pruning.calibration.split", [r.pruning.calibration.split] if r.pruning.calibration.split else []))
     for key, wanted in wanted_splits:
         for split in wanted:
             if split not in splits:

@@ -31,6 +31,13 @@ class TinyOutput:
         self.loss = loss
 
 
+class TinyBlock(torch.nn.ModuleDict):
+    """fc1 → ReLU → fc2 with a residual (``block["fc1"]`` reaches a layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self["fc2"](torch.relu(self["fc1"](x)))
+
+
 class TinyModel(torch.nn.Module):
     """Two blocks (``layers.0``, ``layers.1``) of fc1 → ReLU → fc2 with a residual, then a linear head;
     ``model(inputs=…, labels=…)`` returns an object with ``.loss`` (mean squared error on real positions)."""
@@ -38,14 +45,14 @@ class TinyModel(torch.nn.Module):
     def __init__(self, features: int = 8, hidden: int = 16, blocks: int = 2):
         super().__init__()
         self.layers = torch.nn.ModuleList(
-            torch.nn.ModuleDict({"fc1": torch.nn.Linear(features, hidden), "fc2": torch.nn.Linear(hidden, features)})
+            TinyBlock({"fc1": torch.nn.Linear(features, hidden), "fc2": torch.nn.Linear(hidden, features)})
             for _ in range(blocks))
         self.head = torch.nn.Linear(features, 1)
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor | None = None) -> TinyOutput:
         x = inputs
         for layer in self.layers:
-            x = x + layer["fc2"](torch.relu(layer["fc1"](x)))
+            x = layer(x)
         out = self.head(x).squeeze(-1)
         real = torch.ones_like(out, dtype=torch.bool) if lengths is None else \
             torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]
@@ -82,12 +89,15 @@ def tiny_positions(module: str, batch: CalibrationBatch, positions: int) -> torc
 
 def tiny_context(model: torch.nn.Module | None = None, pool: Sequence[str] = TINY_POOL, *, batches: int = 3,
                  sparsity: float = 0.5, scope: str = "per_row", max_steps: int = 10, batch_size: int = 4,
-                 phases: Sequence[Phase] | None = None, seed: int = 0) -> RunContext:
-    """A run context over the tiny model (or ``model``) with ``batches`` padded calibration batches."""
+                 phases: Sequence[Phase] | None = None, seed: int = 0, pattern: tuple[int, int] | None = None,
+                 warn: Any = None) -> RunContext:
+    """A run context over the tiny model (or ``model``) with ``batches`` padded batches: the training batches
+    a gradient criterion observes, and the calibration set."""
     model = model if model is not None else tiny_model(seed)
+    data = tiny_batches(batches, batch_size, seed=seed)
     return RunContext(model, list(pool), training=TrainingSettings(max_steps=max_steps, batch_size=batch_size),
                       phases=phases if phases is not None else [Phase("train", max_steps)], sparsity=sparsity, scope=scope,
-                      seed=seed, batches=tiny_batches(batches, batch_size, seed=seed), positions=tiny_positions)
+                      seed=seed, batches=data, calibration=data, positions=tiny_positions, pattern=pattern, warn=warn)
 
 
 #: the architecture of the tiny whisper: one encoder and one decoder layer of width 16

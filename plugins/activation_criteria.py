@@ -1,7 +1,11 @@
 """Criteria that look at the layers' inputs: Wanda (Sun et al. 2023) and SparseGPT (Frantar & Alistarh 2023).
 
-Both read calibration batches through ``RunContext.capture_inputs`` (forward only, padded frames and tokens
-left out) and only the weight matrices of linear layers; a bias in the pool is ranked by its magnitude.
+Both read the recipe's calibration set (``pruning.calibration``) through the run context, padded frames and
+tokens left out, and only the weight matrices of linear layers; a bias in the pool is ranked by its
+magnitude. Both go block by block as the reference implementations do (``RunContext.sequential``): each
+block is measured on the outputs of the blocks before it, already pruned. Both can spread the sparsity
+unevenly over the blocks by their outlier ratios (``owl``, Yin et al. 2024), and SparseGPT can prune in an
+N:M pattern (``pruning.pattern``; the engine selects Wanda's).
 """
 
 from __future__ import annotations
@@ -10,26 +14,51 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from parpkit import (PluginOptions, PruningCriterion, ReconstructingCriterion, RunContext, as_rows, layer_blocks, lowest_k,
-                     lowest_k_rows, split_count)
+from parpkit import (PluginOptions, PrunePlan, PruningCriterion, ReconstructingCriterion, RunContext, layer_blocks, lowest_k,
+                     lowest_k_rows, n_of_m_prune, row_counts, split_count)
+
+
+class OwlOptions(PluginOptions):
+    """Outlier-weighted layerwise sparsity (OWL, Yin et al. 2024): blocks whose scores have more outliers
+    keep more weights; the pool's total stays at the target."""
+
+    #: a weight is an outlier where its score |W_ij|·‖X_j‖ is above this many times its block's mean score
+    #: (the paper's M)
+    threshold: float = Field(default=5.0, gt=0)
+    #: block sparsities spread over [s - spread, s + spread] around the target s, the block with the most
+    #: outliers the least sparse (the paper's λ)
+    spread: float = Field(default=0.08, ge=0, lt=1)
 
 
 class CalibrationOptions(PluginOptions):
-    #: training batches (of training.batch_size utterances, drawn with the recipe's seed) fed forward
-    #: before each mask
-    calibration_batches: int = Field(default=4, gt=0)
     #: accept biases in the pool (ranked by magnitude, each losing its share): off, because pruning half of
     #: every bias vector wrecks whisper (results/one_shot_tiny_en)
     prune_biases: bool = False
+    #: null: the same sparsity in every layer; or OWL's per-block sparsities from the blocks' outlier ratios,
+    #: measured in one extra forward pass over the calibration set (scopes per_tensor and per_row; not with
+    #: pruning.pattern), e.g. ``owl: {threshold: 5, spread: 0.08}``
+    owl: OwlOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calibration_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "calibration_batches" in data:
+            raise ValueError(
+                "calibration_batches is no longer an option of this criterion: it calibrated on training batches "
+                "(calibration_batches × training.batch_size utterances). The calibration set is now the recipe's "
+                "pruning.calibration, independent of the training batch: remove calibration_batches and write "
+                "pruning.calibration: {utterances: N, split: train} (N = calibration_batches × training.batch_size "
+                "for as many utterances as before, e.g. 4 × 8 = 32; the default is 128)")
+        return data
 
 
-def _check_linear(name: str, context: RunContext, prune_biases: bool) -> None:
+def _check(name: str, context: RunContext, options: CalibrationOptions) -> None:
     """Weights these criteria score must belong to linear layers (their inputs are the features); biases
-    only when asked for."""
+    only when asked for; OWL only where each layer has a count of its own."""
     biases = [p for p in context.pool if context.module_of(p)[1] == "bias"]
-    if biases and not prune_biases:
+    if biases and not options.prune_biases:
         raise ValueError(f"{name} ranks weight matrices by their inputs; the pool also holds {len(biases)} bias tensors "
                          f"(e.g. {biases[0]}), which it could rank by magnitude alone (per_row and per_tensor scopes prune "
                          "every bias vector to the target share, and half of every bias wrecks whisper); leave them out "
@@ -40,6 +69,13 @@ def _check_linear(name: str, context: RunContext, prune_biases: bool) -> None:
         if attr == "weight" and not isinstance(module, torch.nn.Linear):
             raise ValueError(f"{name} ranks weights of linear layers by their inputs; pool tensor {param} belongs to a "
                              f"{type(module).__name__} (leave it out with pruning.exclude)")
+    if options.owl is not None and context.scope == "global":
+        raise ValueError("options.owl sets a sparsity for each block; the global scope ranks the whole pool at once "
+                         "(its layers' sparsities follow from the ranking): set pruning.scope to per_row or per_tensor, "
+                         "or remove owl")
+    if options.owl is not None and context.pattern is not None:
+        raise ValueError(f"options.owl sets a sparsity for each block; pruning.pattern {':'.join(map(str, context.pattern))} "
+                         "fixes it in every row: use one or the other")
 
 
 def _weights(context: RunContext) -> dict[str, str]:
@@ -47,50 +83,140 @@ def _weights(context: RunContext) -> dict[str, str]:
     return {context.module_of(p)[0]: p for p in context.pool if context.module_of(p)[1] == "weight"}
 
 
-def magnitude_keep(param: torch.Tensor, count: int, scope: str) -> torch.Tensor:
-    """Keep-mask losing exactly ``count`` entries of lowest magnitude (per_row: count / rows in each row)."""
-    rows, cols = as_rows(param.shape)
-    scores = param.detach().abs().float().reshape(rows, cols)
-    prune = lowest_k_rows(scores, count // rows) if scope == "per_row" else lowest_k(scores.reshape(-1), count).view(rows, cols)
-    return (~prune).view(param.shape)
+def _owned(context: RunContext, members: list[str]) -> list[str]:
+    """Pool tensors (weights and biases) of the given modules, in pool order."""
+    wanted = set(members)
+    return [p for p in context.pool if context.module_of(p)[0] in wanted]
+
+
+def magnitude_keep(context: RunContext, name: str) -> torch.Tensor:
+    """Keep-mask of pool tensor ``name`` by magnitude, as the plan of the coming prune asks."""
+    return context.plan.keep(name, context.pool[name].detach().abs().float())
+
+
+def input_norms(context: RunContext, weights: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Per-position input norms of the model as it is, in one forward pass: sqrt(Σ x_j² / positions) over
+    the real positions of the calibration set, per input feature j."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def observe(module: str, x: torch.Tensor) -> None:
+        sq = x.pow(2).sum(0, dtype=torch.float64)
+        sums[module] = sq if module not in sums else sums[module].add_(sq)
+
+    rows = context.capture_inputs(weights, observe)
+    return {weights[m]: (v / rows[m]).sqrt().float() for m, v in sums.items()}
+
+
+def owl_sparsities(context: RunContext, sparsity: float, options: OwlOptions, norms: Mapping[str, torch.Tensor]
+                   ) -> dict[str, float]:
+    """OWL: each block's outlier ratio D (the share of its Wanda scores |W|·‖X‖ above ``threshold`` × the
+    block's mean score), mapped linearly onto [0, 2·spread] and shifted so that the pool's kept total is
+    (1 - sparsity) of it; a block's sparsity is one minus that, clipped to [0, 1], for every pool tensor
+    of the block. The engine makes exact counts of them."""
+    weights = _weights(context)
+    blocks = layer_blocks(context, weights)
+    ratios, sizes, members_of = [], [], []
+    for _, members in blocks:
+        scores = torch.cat([(context.pool[weights[m]].detach().abs().float() * norms[weights[m]][None, :]).reshape(-1)
+                            for m in members])
+        ratios.append(float((scores > options.threshold * scores.mean()).float().mean()))
+        owned = _owned(context, members)
+        sizes.append(sum(context.pool[p].numel() for p in owned))
+        members_of.append(owned)
+    low, high = min(ratios), max(ratios)
+    spread = [(r - low) / (high - low) * 2 * options.spread if high > low else 0.0 for r in ratios]
+    total = sum(sizes)
+    shift = sum(s * n for s, n in zip(spread, sizes, strict=True)) / total - (1 - sparsity)
+    out: dict[str, float] = {}
+    for keep, owned in zip(spread, members_of, strict=True):
+        for p in owned:
+            out[p] = min(1.0, max(0.0, 1 - (keep - shift)))
+    return out
+
+
+class WandaOptions(CalibrationOptions):
+    #: measure each block on the outputs of the blocks before it, pruned (the paper's method); false: one
+    #: forward pass over the model as it is (every norm from the unpruned model)
+    sequential: bool = True
+
+
+def wanda_scores(param: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
+    """|W_ij|·‖X_j‖ (a tensor without input norms, a bias, by its magnitude)."""
+    score = param.detach().abs()
+    return score if norm is None else score * norm.to(param.device, param.dtype)
 
 
 class Wanda(PruningCriterion):
-    """|W_ij|·‖X_j‖₂: a weight matters by its size times the norm of the input feature it multiplies, over
-    the real positions of the calibration batches. Compared within each output row (``scope: per_row``) as
-    the paper does; no weight is updated. The input norms are measured again before every prune."""
+    """|W_ij|·‖X_j‖: a weight matters by its size times the norm of the input feature it multiplies, ‖X_j‖
+    the root mean square of feature j over the real positions of the calibration set (per position, so
+    that layers which see more positions, whisper's encoder against its decoder, score alike under the
+    global scope). Compared within each output row (``scope: per_row``) as the paper does; no weight is
+    updated. Measured again before every prune, block by block: each block on the outputs of the blocks
+    before it, pruned as the coming ranking will prune them (their weights are put back afterwards: the
+    engine applies the masks)."""
 
     name = "wanda"
     needs = "activations"
-    Options = CalibrationOptions
+    Options = WandaOptions
 
     def __init__(self, options=None, **kw: Any):
         super().__init__(options, **kw)
-        self.calibration_batches = self.options.calibration_batches
-        self.norms: dict[str, torch.Tensor] = {}  # pool weight name -> input feature norms
+        self.norms: dict[str, torch.Tensor] = {}  # pool weight name -> per-position input feature norms
 
     def check(self, context: RunContext) -> None:
-        _check_linear(self.name, context, self.options.prune_biases)
+        _check(self.name, context, self.options)
 
+    def allocate(self, context: RunContext, sparsity: float) -> dict[str, float] | None:
+        if self.options.owl is None:
+            return None
+        return owl_sparsities(context, sparsity, self.options.owl, input_norms(context, _weights(context)))
+
+    @torch.no_grad()
     def calibrate(self, context: RunContext) -> None:
         weights = _weights(context)
+        if not self.options.sequential or context.plan is None:
+            self.norms = input_norms(context, weights)
+            return
+        plan = context.plan
         sums: dict[str, torch.Tensor] = {}
+        rows: dict[str, int] = {}
+        norms: dict[str, torch.Tensor] = {}
+        saved: dict[str, torch.Tensor] = {}
 
         def observe(module: str, x: torch.Tensor) -> None:
-            sq = x.pow(2).sum(0)
-            sums[module] = sq if module not in sums else sums[module] + sq
+            sq = x.pow(2).sum(0, dtype=torch.float64)
+            sums[module] = sq if module not in sums else sums[module].add_(sq)
+            rows[module] = rows.get(module, 0) + x.shape[0]
 
-        context.capture_inputs(weights, observe, batches=self.calibration_batches)
-        self.norms = {weights[m]: v.sqrt() for m, v in sums.items()}
+        def after_block(block: str, members: list[str]) -> None:
+            for m in members:
+                norms[weights[m]] = (sums.pop(m) / rows[m]).sqrt().float()
+            owned = _owned(context, members)
+            if plan.counts is not None:
+                keep = {p: plan.keep(p, wanda_scores(context.pool[p], norms.get(p))) for p in owned}
+            else:  # global: the pool's ranking is known only at the end; the block is ranked on its own
+                scores = [wanda_scores(context.pool[p], norms.get(p)).float() for p in owned]
+                flat = torch.cat([s.reshape(-1) for s in scores])
+                pruned = lowest_k(flat, round(plan.sparsity * flat.numel())).split([s.numel() for s in scores])
+                keep = {p: ~m.view(s.shape) for p, m, s in zip(owned, pruned, scores, strict=True)}
+            for p in owned:
+                saved[p] = context.pool[p].detach().clone()
+                context.pool[p].mul_(keep[p].to(context.pool[p].device, context.pool[p].dtype))
+
+        try:
+            context.sequential(weights, observe, after_block)
+        finally:
+            for p, value in saved.items():
+                context.pool[p].copy_(value)
+        self.norms = norms
 
     def scores(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
-        score = param.detach().abs()
-        norms = self.norms.get(name)
-        return score if norms is None else score * norms.to(param.device, param.dtype)
+        return wanda_scores(param, self.norms.get(name))
 
 
 class SparseGPTOptions(CalibrationOptions):
-    #: columns whose mask is chosen together (the paper's adaptive mask selection), then updated column by column
+    #: columns whose mask is chosen together (the paper's adaptive mask selection), then updated column by
+    #: column; a multiple of M under an N:M pattern
     block_size: int = Field(default=128, gt=0)
     #: added to the diagonal of XᵀX, as a share of its mean (raised tenfold if the matrix is still singular)
     dampening: float = Field(default=0.01, gt=0)
@@ -100,62 +226,105 @@ class SparseGPT(ReconstructingCriterion):
     """Layer-wise reconstruction: for each linear layer, H = XᵀX of its inputs; in blocks of columns, the
     weights with the lowest w²/[H⁻¹]ᵢᵢ² are pruned and each pruned column's error is spread over the columns
     not yet visited (optimal brain surgeon updates through the Cholesky factor of H⁻¹). Layers go block by
-    block in model order: each block is calibrated on the outputs of the blocks already pruned. Scope
-    per_tensor prunes each layer's exact count (split over column blocks); per_row each output row's."""
+    block in model order, each block calibrated on the outputs of the blocks already pruned. Inputs that
+    are always zero (dead columns) lose their weights, as the reference does. Scope per_tensor prunes each
+    layer's exact count, each column block its share (the reference's rule); per_row each output row's
+    count, chosen over the whole row and then column block by column block on the updated weights; an N:M
+    pattern M - N of every M consecutive weights, chosen when the update reaches them. A weight that the
+    masks in force prune and that is still zero stays pruned when the sparsity rises (nested masks)."""
 
     name = "sparsegpt"
     Options = SparseGPTOptions
-
-    def __init__(self, options=None, **kw: Any):
-        super().__init__(options, **kw)
-        self.calibration_batches = self.options.calibration_batches
+    supports_pattern = True
 
     def check(self, context: RunContext) -> None:
-        _check_linear(self.name, context, self.options.prune_biases)
+        _check(self.name, context, self.options)
+        if context.pattern is not None and self.options.block_size % context.pattern[1]:
+            raise ValueError(f"options.block_size {self.options.block_size} is not a multiple of the pattern's "
+                             f"{context.pattern[1]} (pruning.pattern); groups of M columns must not straddle blocks")
+
+    def allocate(self, context: RunContext, sparsity: float) -> dict[str, float] | None:
+        if self.options.owl is None:
+            return None
+        return owl_sparsities(context, sparsity, self.options.owl, input_norms(context, _weights(context)))
 
     @torch.no_grad()
     def reconstruct(self, context: RunContext, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
         weights = _weights(context)
+        if context.plan is None:  # called outside the engine's prune: the plan is the counts' alone
+            context.plan = PrunePlan(context.sparsity, context.scope, dict(counts), context.pattern)
+        plan = context.plan
+        pinned = plan.pinned or {}
+        pattern = plan.pattern
         masks: dict[str, torch.Tensor] = {}
-        for block, members in layer_blocks(context, weights):
-            hessians: dict[str, torch.Tensor] = {}
+        hessians: dict[str, torch.Tensor] = {}
+        rows: dict[str, int] = {}
+        last: list[Any] = [None, None]
 
-            def observe(module: str, x: torch.Tensor) -> None:
-                xx = x.T.double() @ x.double()
-                hessians[module] = xx if module not in hessians else hessians[module] + xx
+        def observe(module: str, x: torch.Tensor) -> None:
+            if x is not last[0]:  # q, k and v see the same rows: one product for the three
+                last[:] = [x, (x.T @ x).double()]
+            xx = last[1]
+            hessians[module] = xx.clone() if module not in hessians else hessians[module].add_(xx)
+            rows[module] = rows.get(module, 0) + x.shape[0]
 
-            rows = context.capture_inputs(members, observe, batches=self.calibration_batches, stop_after=block)
-            for module in members:
-                name = weights[module]
-                masks[name] = self.prune_layer(context.pool[name], hessians[module] / rows[module], counts[name], context.scope)
-        for name, param in context.pool.items():  # biases (and weights of no linear layer, refused by check)
-            if name not in masks:
-                masks[name] = magnitude_keep(param, counts[name], context.scope)
+        def after_block(block: str, members: list[str]) -> None:
+            last[:] = [None, None]
+            for m in members:
+                name = weights[m]
+                masks[name] = self.prune_layer(context.pool[name], hessians.pop(m) / rows[m], counts[name], context.scope,
+                                               pattern=pattern, pinned=pinned.get(name))
+            for p in _owned(context, members):  # biases (by magnitude), zeroed now so that the next block sees them so
+                if p not in masks:
+                    masks[p] = magnitude_keep(context, p)
+                    context.pool[p].mul_(masks[p].to(context.pool[p].dtype))
+
+        context.sequential(weights, observe, after_block)
         return masks
 
-    def prune_layer(self, param: torch.Tensor, hessian: torch.Tensor, count: int, scope: str) -> torch.Tensor:
-        """Prune ``count`` weights of one layer (in place) from its inputs' second moments; returns the keep-mask."""
+    def prune_layer(self, param: torch.Tensor, hessian: torch.Tensor, count: int, scope: str, *,
+                    pattern: tuple[int, int] | None = None, pinned: torch.Tensor | None = None) -> torch.Tensor:
+        """Prune ``count`` weights of one layer (in place) from its inputs' second moments; returns the
+        keep-mask. ``pinned``: entries that must be pruned first (nested masks)."""
         W = param.detach().float().clone()
         rows, cols = W.shape
+        dead = torch.diagonal(hessian) == 0  # an input that is always zero: its weights do nothing, and go
+        W[:, dead.to(W.device)] = 0.0
         hinv = self._inverse_factor(hessian).float().to(W.device)
+        pin = pinned.to(W.device).bool() if pinned is not None and bool(pinned.any()) else None
         size = self.options.block_size
+        if pattern is not None and size % pattern[1]:
+            raise ValueError(f"block_size {size} is not a multiple of the pattern's {pattern[1]}")
         widths = [min(size, cols - i) for i in range(0, cols, size)]
-        if scope == "per_row":
-            per_block = split_count(count // rows, widths)
-        else:
+        starts = list(range(0, cols, size))
+
+        def score_of(w: torch.Tensor, d: torch.Tensor, where: slice) -> torch.Tensor:
+            score = w.pow(2) / d.pow(2)[None, :]
+            return score if pin is None else score.masked_fill(pin[:, where], float("-inf"))
+
+        per_block = row_budget = None
+        if pattern is None and scope == "per_row":  # each row's count, placed by a ranking over the whole row
+            whole = lowest_k_rows(score_of(W, torch.diagonal(hinv), slice(None)), row_counts(count, rows).to(W.device))
+            row_budget = [whole[:, i1:i1 + w].sum(1) for i1, w in zip(starts, widths, strict=True)]
+        elif pattern is None:
             per_block = split_count(count, [rows * w for w in widths])
         prune = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-        for b, i1 in enumerate(range(0, cols, size)):
+        for b, i1 in enumerate(starts):
             i2 = i1 + widths[b]
             W1, H1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
             d = torch.diagonal(H1)
-            score = W1.pow(2) / d.pow(2)[None, :]
-            if scope == "per_row":
-                p1 = lowest_k_rows(score, per_block[b])
+            if pattern is not None:
+                p1 = torch.zeros(rows, widths[b], dtype=torch.bool, device=W.device)
+            elif row_budget is not None:
+                p1 = lowest_k_rows(score_of(W1, d, slice(i1, i2)), row_budget[b])
             else:
-                p1 = lowest_k(score.reshape(-1), per_block[b]).view(rows, widths[b])
+                p1 = lowest_k(score_of(W1, d, slice(i1, i2)).reshape(-1), per_block[b]).view(rows, widths[b])
             errors = torch.zeros_like(W1)
             for i in range(widths[b]):
+                if pattern is not None and i % pattern[1] == 0:
+                    m = pattern[1]
+                    group = score_of(W1[:, i:i + m], d[i:i + m], slice(i1 + i, i1 + i + m))
+                    p1[:, i:i + m] = n_of_m_prune(group, *pattern)
                 w = W1[:, i]
                 q = w.masked_fill(p1[:, i], 0.0)
                 err = (w - q) / d[i]

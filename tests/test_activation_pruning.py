@@ -79,11 +79,11 @@ def test_a_context_at_check_time_has_no_calibration_batches():
 def test_wanda_scores_each_weight_by_its_size_times_its_input_norm_over_real_positions():
     model = tiny_model()
     context = tiny_context(model, batches=2)
-    wanda = Wanda(Wanda.Options(calibration_batches=2))
+    wanda = Wanda()
     wanda.calibrate(context)
     x = torch.cat([b.inputs["inputs"][torch.arange(6)[None, :] < b.inputs["lengths"][:, None]] for b in tiny_batches(2, 4)])
-    w = model.layers[0]["fc1"].weight
-    assert torch.allclose(wanda.scores("layers.0.fc1.weight", w), w.abs() * x.norm(dim=0)[None, :], rtol=1e-5)
+    w = model.layers[0]["fc1"].weight  # the norm per position: sqrt of the mean square over the real positions
+    assert torch.allclose(wanda.scores("layers.0.fc1.weight", w), w.abs() * x.norm(dim=0)[None, :] / len(x) ** 0.5, rtol=1e-5)
     bias = model.layers[0]["fc1"].bias
     assert torch.equal(wanda.scores("layers.0.fc1.bias", bias), bias.abs())
     # per_row: every row loses its share, and in a row the weight on a loud input outlives a larger one on a quiet input
@@ -96,7 +96,7 @@ def test_wanda_scores_each_weight_by_its_size_times_its_input_norm_over_real_pos
 
 @pytest.mark.parametrize("scope", ["per_tensor", "per_row"])
 def test_every_activation_criterion_prunes_exact_counts_and_zeroes_what_it_prunes(scope):
-    for criterion in (Wanda(Wanda.Options(calibration_batches=3)), SparseGPT(SparseGPTOptions(calibration_batches=3, block_size=4))):
+    for criterion in (Wanda(), SparseGPT(SparseGPTOptions(block_size=4))):
         model = tiny_model()
         pruner = PoolPruner(model, TINY_POOL, criterion, scope, context=tiny_context(model))
         pruner.prune(0.5)
@@ -222,7 +222,7 @@ def test_a_third_party_check_error_is_located_and_an_unknown_hook_lists_the_know
 
 @requires_offline
 def test_a_one_shot_run_prunes_and_judges_without_training(tmp_path):
-    result = parpkit.run(tiny_recipe(**{"pruning.criterion": {"name": "wanda", "options": {"calibration_batches": 2}},
+    result = parpkit.run(tiny_recipe(**{"pruning.criterion": {"name": "wanda"}, "pruning.calibration": {"utterances": 8},
                                         "pruning.scope": "per_row", "pruning.schedule": {"name": "fixed"},
                                         "pruning.exclude": [r".*\.bias"],
                                         "training.max_steps": 0, "evaluation.after_prune": False}),
@@ -238,7 +238,7 @@ def test_a_one_shot_run_prunes_and_judges_without_training(tmp_path):
 @requires_offline
 @pytest.mark.parametrize("changes", [
     {"pruning.schedule": {"name": "gmp", "options": {"initial": 0.1, "interval": 2}}},
-    {"pruning.criterion": {"name": "sparsegpt", "options": {"calibration_batches": 1, "prune_biases": True}},
+    {"pruning.criterion": {"name": "sparsegpt", "options": {"prune_biases": True}}, "pruning.calibration": {"utterances": 4},
      "pruning.scope": "per_tensor",
      "pruning.schedule": {"name": "parp", "options": {"interval": 3}}},
 ], ids=["gmp", "sparsegpt-parp"])
@@ -268,7 +268,7 @@ def test_wanda_regrowth_reads_a_checkpoint_as_the_next_re_prune_does(tmp_path):
 
     from parpkit.engine.checkpoints import read_state
 
-    result = parpkit.run(tiny_recipe(**{"pruning.criterion": {"name": "wanda", "options": {"calibration_batches": 2}},
+    result = parpkit.run(tiny_recipe(**{"pruning.criterion": {"name": "wanda"}, "pruning.calibration": {"utterances": 8},
                                         "pruning.scope": "per_row", "pruning.exclude": [r".*\.bias"],
                                         "pruning.schedule": {"name": "parp", "options": {"interval": 3}},
                                         "training.max_steps": 5, "training.save_steps": 5,

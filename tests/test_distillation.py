@@ -429,8 +429,48 @@ def test_features_on_the_device_give_the_runs_results_with_distillation_and_cali
     for where in ("cpu", "device"):
         path = write_recipe(tmp_path / f"{where}.yaml", tiny_recipe(**{
             "backbone.options.features": where, "distillation": {"weight": 0.5, "temperature": 2.0, "hidden_weight": 0.1},
-            "pruning.criterion": {"name": "sparsegpt", "options": {"calibration_batches": 1}}, "pruning.scope": "per_tensor",
+            "pruning.criterion": {"name": "sparsegpt"}, "pruning.calibration": {"utterances": 4}, "pruning.scope": "per_tensor",
             "pruning.include": [r"model\.(encoder|decoder)\.layers\.\d+\.fc[12]\.weight"], "pruning.schedule": {"name": "fixed"},
             "training.max_steps": 3}))
         results.append(parpkit.run(path, output_dir=tmp_path / where, progress=False).run_dir)
     same_results(*results)
+
+
+# --------------------------------------------------------------------------------- distillation's hidden states
+
+class _Backbone:
+    """The part of a backbone the hidden-state term reads: real positions from the labels."""
+
+    def hidden_mask(self, batch, kind, positions):
+        return None if kind == "encoder_hidden_states" else (batch["labels"] != -100)[:, :positions]
+
+
+def test_the_hidden_state_loss_leaves_padded_positions_out():
+    from parpkit.engine.distill import Distiller
+    from parpkit.recipe import DistillationSection
+
+    distiller = Distiller(torch.nn.Linear(1, 1), _Backbone(), DistillationSection(hidden_weight=1.0))
+    labels = torch.tensor([[5, 6, 7, -100], [5, -100, -100, -100]])
+    teacher = torch.randn(2, 4, 3)
+    student = teacher.clone()
+    student[0, 3] += 100.0  # padding only
+    student[1, 1:] -= 50.0
+    assert distiller.hidden_term({"labels": labels}, "decoder_hidden_states", student, teacher) == 0
+    student[0, 1] += 2.0  # one real position, all 3 features: (4 · 3 / 3) over 4 real positions
+    assert distiller.hidden_term({"labels": labels}, "decoder_hidden_states", student, teacher) == pytest.approx(1.0)
+    # encoder frames have no padding to leave out (whisper's window): every position counts
+    assert distiller.hidden_term({"labels": labels}, "encoder_hidden_states", student, teacher) > 100
+
+
+def test_whisper_and_wav2vec2_say_which_hidden_states_are_real(tmp_path):
+    from parpkit_plugins.backbones.wav2vec2 import CTCBackbone, CTCOptions
+    from parpkit_plugins.backbones.whisper import WhisperBackbone, WhisperOptions
+
+    whisper = WhisperBackbone(WhisperOptions(config={"d_model": 16}, tokenizer="t.json"), cache_dir=tmp_path)
+    labels = torch.tensor([[1, 2, -100], [1, -100, -100]])
+    assert whisper.hidden_mask({"labels": labels}, "decoder_hidden_states", 3).tolist() == [[True, True, False], [True, False, False]]
+    assert whisper.hidden_mask({"labels": labels}, "encoder_hidden_states", 300) is None
+    ctc = CTCBackbone(CTCOptions(config={"hidden_size": 32}), cache_dir=tmp_path)
+    batch = {"labels": labels, "attention_mask": torch.tensor([[1] * 800, [1] * 400 + [0] * 400])}
+    real = ctc.hidden_mask(batch, "hidden_states", 2)
+    assert real.tolist() == [[True, True], [True, False]]

@@ -212,3 +212,26 @@ def test_mask_upkeep_zeroes_weights_and_gradients_exactly():
         assert not p[~pruner.masks[n]].any() and not p.grad[~pruner.masks[n]].any()
         assert p.grad[pruner.masks[n]].abs().sum() > 0
     assert pruner.zero_fraction() == pytest.approx(0.5, abs=1 / pruner.size)
+
+
+def test_lowest_k_rows_is_a_stable_sort_per_row_for_one_count_or_one_per_row():
+    """The CPU's threshold-per-row selection against the rule itself (a stable sort of every row): ties,
+    -inf, every count, counts that differ by one between rows and counts that differ more."""
+    from parpkit.selection import lowest_k_rows
+
+    def rule(s, k):
+        order = torch.argsort(s, dim=1, stable=True)
+        k = torch.full((s.shape[0],), k) if isinstance(k, int) else k
+        return torch.zeros(s.shape, dtype=torch.bool).scatter_(1, order, torch.arange(s.shape[1])[None] < k[:, None])
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        rows, cols = torch.randint(1, 12, (2,), generator=g).tolist()
+        s = torch.randint(0, 3, (rows, cols), generator=g).float() if trial % 2 else torch.randn(rows, cols, generator=g)
+        s[0, 0] = float("-inf") if trial % 3 == 0 else s[0, 0]
+        k = int(torch.randint(0, cols + 1, (1,), generator=g))
+        assert torch.equal(lowest_k_rows(s, k), rule(s, k))
+        by_one = torch.randint(max(0, k - 1), k + 1, (rows,), generator=g).clamp(max=cols)
+        assert torch.equal(lowest_k_rows(s, by_one), rule(s, by_one))
+        anything = torch.randint(0, cols + 1, (rows,), generator=g)
+        assert torch.equal(lowest_k_rows(s, anything), rule(s, anything))

@@ -1,6 +1,7 @@
 """Distillation from the dense teacher: the loss mixes the task loss with the divergence between the
 student's and the teacher's output distributions (whisper: the decoder's token distributions under
-teacher forcing; CTC: the frame posteriors), optionally with hidden states matched layer by layer.
+teacher forcing; CTC: the frame posteriors), optionally with hidden states matched layer by layer over
+their real positions (``Backbone.hidden_mask``: padding left out).
 
 The teacher is the pretrained model as loaded, before the first prune, or a model directory (or hub id)
 that the backbone loads shaped as the student (``Backbone.load_teacher``: the same encoder window,
@@ -59,12 +60,23 @@ class Distiller:
         divergence = (kl * mask).sum() / mask.sum().clamp(min=1) * t * t
         loss = divergence if d.weight == 1 else (1 - d.weight) * task + d.weight * divergence
         if d.hidden_weight > 0:
-            pairs = [(a, b) for name in ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
+            pairs = [(name, a, b) for name in ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
                      for a, b in zip(getattr(student, name, None) or (), getattr(teacher, name, None) or (), strict=True)]
             if not pairs:
                 raise ParpkitError("distillation.hidden_weight: the model returns no hidden states to match")
-            loss = loss + d.hidden_weight * sum(F.mse_loss(a.float(), b.float()) for a, b in pairs) / len(pairs)
+            loss = loss + d.hidden_weight * sum(self.hidden_term(inputs, *pair) for pair in pairs) / len(pairs)
         return loss
+
+    def hidden_term(self, inputs: Mapping[str, torch.Tensor], kind: str, student: torch.Tensor,
+                    teacher: torch.Tensor) -> torch.Tensor:
+        """Mean squared difference of one layer's hidden states over its real positions (the backbone's
+        ``hidden_mask``: padded frames and tokens left out) and its features."""
+        squared = (student.float() - teacher.float()).pow(2).mean(-1)  # (batch, positions)
+        real = self.backbone.hidden_mask(inputs, kind, squared.shape[1])
+        if real is None:
+            return squared.mean()
+        real = real.to(squared.device, squared.dtype)
+        return (squared * real).sum() / real.sum().clamp(min=1)
 
 
 def teacher_error(exc: ParpkitError, file: str | None) -> RecipeError:

@@ -42,6 +42,7 @@ from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model
 from parpkit.metrics import normalise, normalise_units
 from parpkit.progress import Progress
 from parpkit.resolve import Resolved
+from parpkit.selection import as_rows, parse_pattern
 from parpkit.units import restrict
 
 
@@ -176,7 +177,8 @@ def run_context(resolved: Resolved, model: torch.nn.Module, pool: list[str], pha
                                 learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, warmup_steps=t.warmup_steps,
                                 precision=t.precision)
     return RunContext(model, pool, training=training, phases=phases, sparsity=r.pruning.sparsity, scope=r.pruning.scope,
-                      seed=r.seed, file=resolved.file, **live)
+                      seed=r.seed, file=resolved.file, pattern=parse_pattern(r.pruning.pattern),
+                      sequential=r.pruning.calibration.sequential, **live)
 
 
 def build_skeleton(backbone) -> torch.nn.Module:
@@ -218,10 +220,28 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
                           "alone", file=file, key="training.freeze_transformer_steps")
     phases = located(file, "pruning.schedule.options", lambda: schedule.phases(r.training.max_steps))
     context = run_context(resolved, model, pool, phases, loaded=False)
+    check_pattern(resolved, model, pool)
     located(file, "pruning.criterion", lambda: criterion.check(context))
     located(file, "pruning.schedule", lambda: schedule.check(context))
     check_teacher(r.distillation, resolved.backbone, file)
     return model, pool
+
+
+def check_pattern(resolved: Resolved, model: torch.nn.Module, pool: list[str]) -> None:
+    """An N:M pattern needs a criterion whose masks can follow it and rows that split into groups of M."""
+    r, file = resolved.recipe, resolved.file
+    pattern = parse_pattern(r.pruning.pattern)
+    if pattern is None:
+        return
+    if not resolved.criterion.supports_pattern:
+        raise RecipeError(f"criterion {resolved.criterion.name!r} cannot prune in an N:M pattern (magnitude, wanda and "
+                          "sparsegpt can); remove pattern or change the criterion", file=file, key="pruning.pattern")
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    odd = [n for n in pool if as_rows(shapes[n])[1] % pattern[1]]
+    if odd:
+        raise RecipeError(f"pattern {r.pruning.pattern}: {len(odd)} pool tensors have rows whose length is not a multiple "
+                          f"of {pattern[1]} (first: {odd[0]}, shape {tuple(shapes[odd[0]])}); leave them out with "
+                          "pruning.exclude", file=file, key="pruning.pattern")
 
 
 def check_this_machine(resolved: Resolved) -> None:
@@ -295,12 +315,41 @@ def prepare(s: Session) -> None:
         params = dict(s.model.named_parameters())
         donor = load_donor_masks(r.pruning.mask_from, {n: params[n] for n in s.pool}, file=s.resolved.file)
     s.phases = s.resolved.schedule.phases(r.training.max_steps)
-    s.context = run_context(s.resolved, s.model, s.pool, s.phases, batches=CalibrationSource(s), positions=backbone.position_mask)
-    s.pruner = PoolPruner(s.model, s.pool, criterion, r.pruning.scope, groups=groups, donor_masks=donor, context=s.context)
+    calibration = CalibrationSet(s, calibration_split(s)) if criterion.needs == "activations" else None
+    s.context = run_context(s.resolved, s.model, s.pool, s.phases, batches=CalibrationSource(s), calibration=calibration,
+                            positions=backbone.position_mask, warn=lambda message: warn(s, message))
+    s.pruner = PoolPruner(s.model, s.pool, criterion, r.pruning.scope, groups=groups, donor_masks=donor, context=s.context,
+                          pattern=parse_pattern(r.pruning.pattern))
     s.pruner.snapshot("pretrained")
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
                 pool_parameters=s.pruner.size, batch=batch_sizes(s))
+
+
+def warn(s: Session, message: str) -> None:
+    """A warning in the log and on the console."""
+    s.log.write("warning", message=message)
+    s.progress.console.print(f"warning: {message}", soft_wrap=True, markup=False)
+
+
+def calibration_split(s: Session) -> Sequence[Utterance]:
+    """The utterances the calibration set is drawn from: the training split as the run trains on it
+    (pseudo-labelled), or the split ``pruning.calibration.split`` names, which needs transcripts (the
+    decoder's inputs, the CTC targets the batches carry)."""
+    r = s.recipe
+    split = r.pruning.calibration.split or r.dataset.train_split
+    scored = set(r.dataset.eval_splits) | ({r.evaluation.validation_split or r.dataset.eval_splits[0]}
+                                           if r.evaluation.every_steps else set())
+    if split in scored and split != r.dataset.train_split:
+        warn(s, f"pruning.calibration.split {split!r} is also scored: the masks are chosen on the audio they are judged "
+                "on, and its scores are no longer those of unseen speech")
+    if split == r.dataset.train_split:
+        return s.train
+    utts = s.evals[split] if split in s.evals else load_split(s, split)
+    if any(u.text is None for u in utts):
+        raise ParpkitError(f"pruning.calibration.split: split {split!r} has utterances without transcripts; calibration "
+                           "batches carry transcripts (whisper's decoder inputs): use the training split or a labelled one")
+    return utts
 
 
 def load_split(s: Session, split: str) -> Sequence[Utterance]:
@@ -393,9 +442,44 @@ def start(s: Session, *, fresh: bool, resume: bool) -> Path | None:
     return None
 
 
+class CalibrationSet:
+    """The run's calibration set (``pruning.calibration``): its utterances drawn with the recipe's seed from
+    ``utterances`` (the same on every call, rank and resumed attempt), collated ``batch_size`` at a time
+    at the first use and kept."""
+
+    def __init__(self, s: Session, utterances: Sequence[Utterance]):
+        self.s = s
+        self.utterances = utterances
+        self.batches: list[CalibrationBatch] | None = None
+
+    def __call__(self) -> list[CalibrationBatch]:
+        if self.batches is None:
+            s, c = self.s, self.s.recipe.pruning.calibration
+            chosen = calibration_set_utterances(self.utterances, s.recipe.seed, c.utterances)
+            if len(chosen) < c.utterances:
+                warn(s, f"pruning.calibration.utterances is {c.utterances}, and its split has only {len(chosen)}: "
+                        "calibrating on all of them")
+            self.batches = collate_calibration(chosen, c.batch_size, s.resolved.backbone)
+            s.log.write("calibration_set", split=c.split or s.recipe.dataset.train_split, utterances=len(chosen),
+                        batches=len(self.batches))
+        return self.batches
+
+
+def calibration_set_utterances(utterances: Sequence[Utterance], seed: int, n: int) -> list[Utterance]:
+    """The first ``n`` utterances (all, if fewer) of an order drawn with the seed."""
+    order = torch.randperm(len(utterances), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [utterances[i] for i in order[:n]]
+
+
+def collate_calibration(utterances: Sequence[Utterance], batch_size: int, backbone) -> list[CalibrationBatch]:
+    """Calibration batches of ``batch_size`` utterances as the backbone collates them (model inputs only)."""
+    chunks = [tuple(utterances[i:i + batch_size]) for i in range(0, len(utterances), batch_size)]
+    return [CalibrationBatch(backbone.model_inputs(backbone.collate(chunk)), chunk) for chunk in chunks]
+
+
 class CalibrationSource:
-    """The run's calibration batches: training batches in an order drawn with the recipe's seed (the same
-    on every call, rank and resumed attempt), collated once and kept."""
+    """The training batches gradient criteria observe before the first mask: in an order drawn with the
+    recipe's seed (the same on every call, rank and resumed attempt), collated once and kept."""
 
     def __init__(self, s: Session):
         self.s = s
@@ -409,8 +493,8 @@ class CalibrationSource:
 
 
 def calibration_utterances(train: Sequence[Utterance], seed: int, batch_size: int, n: int) -> list[tuple[Utterance, ...]]:
-    """The utterances of a run's first ``n`` calibration batches: the training set in an order drawn with
-    the seed, ``batch_size`` at a time (wrapping round a small set)."""
+    """The utterances of the first ``n`` training batches a gradient criterion observes: the training set
+    in an order drawn with the seed, ``batch_size`` at a time (wrapping round a small set)."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     return [tuple(train[order[(b * batch_size + i) % len(order)]] for i in range(batch_size)) for b in range(n)]
 
@@ -528,10 +612,20 @@ def phase_key(s: Session, index: int) -> dict | None:
     return {"schedule": k, "steps": phase.steps, "seed": r.seed, "backbone": dump(r.backbone), "dataset": dump(r.dataset),
             "training": {k: v for k, v in dump(r.training).items() if k not in _BOOKKEEPING},
             "pool": {"include": r.pruning.include, "exclude": r.pruning.exclude, "scope": r.pruning.scope,
-                     "criterion": dump(r.pruning.criterion)},
+                     "criterion": dump(r.pruning.criterion), **calibration_key(s)},
             "evaluation": dump(r.evaluation), "world_size": s.world_size,
             "distillation": None if r.distillation is None else r.distillation.model_dump(mode="json"),
             **read_contents(s)}
+
+
+def calibration_key(s: Session) -> dict[str, Any]:
+    """What of the calibration set and the pattern shapes the masks: in full for activation-aware criteria
+    (their phases from before the calibration set existed are never taken), nothing otherwise."""
+    p = s.recipe.pruning
+    key: dict[str, Any] = {"pattern": p.pattern} if p.pattern is not None else {}
+    if s.resolved.criterion.needs == "activations":
+        key["calibration"] = {**p.calibration.model_dump(mode="json"), "split": p.calibration.split or s.recipe.dataset.train_split}
+    return key
 
 
 def read_contents(s: Session) -> dict[str, Any]:

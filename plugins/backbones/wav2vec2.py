@@ -220,6 +220,13 @@ class CTCBackbone(Backbone):
     def output_mask(self, batch, logits: torch.Tensor) -> torch.Tensor:
         """Frames of real audio: padding frames left out, from the attention mask or, for models that take
         none, the utterances' lengths that ``collate`` carries (``input_lengths``)."""
+        return self._real_frames(batch, logits.shape[1], logits.device)
+
+    def hidden_mask(self, batch, kind: str, positions: int) -> torch.Tensor | None:
+        """The transformer's frames of real audio (its hidden states are frame by frame, as the logits)."""
+        return self._real_frames(batch, positions, batch["labels"].device)
+
+    def _real_frames(self, batch, positions: int, device: torch.device) -> torch.Tensor:
         if "attention_mask" in batch:
             samples = batch["attention_mask"].sum(-1)
         elif "input_lengths" in batch:
@@ -227,8 +234,8 @@ class CTCBackbone(Backbone):
         else:
             raise ParpkitError(f"{self.name}: a batch without attention_mask or input_lengths: its padding frames are "
                                "unknown (batches come from collate)")
-        lengths = self._frames(samples.to(logits.device))
-        return torch.arange(logits.shape[1], device=logits.device)[None, :] < lengths.clamp(min=0)[:, None]
+        lengths = self._frames(samples.to(device))
+        return torch.arange(positions, device=device)[None, :] < lengths.clamp(min=0)[:, None]
 
     def position_mask(self, module: str, batch, positions: int) -> torch.Tensor | None:
         """Frames of real audio (the feature encoder's output frames of each utterance's samples)."""

@@ -461,6 +461,14 @@ class WhisperBackbone(Backbone):
         """Teacher-forced decoder positions that predict a label token."""
         return batch["labels"] != -100
 
+    def hidden_mask(self, batch, kind: str, positions: int) -> torch.Tensor | None:
+        """The decoder's teacher-forced positions that predict a label (as ``output_mask``); every encoder
+        frame (as ``position_mask``: the window's silence feeds the real frames)."""
+        if kind != "decoder_hidden_states":
+            return None
+        labels = batch["labels"]
+        return (labels != -100)[:, :positions] if labels.shape[1] >= positions else None
+
     def position_mask(self, module: str, batch, positions: int) -> torch.Tensor | None:
         """Decoder positions whose input is the start token or a label (the rest is padding no real position
         attends to). Every encoder frame counts, the silence the window is padded with included: whisper's
