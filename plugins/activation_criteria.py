@@ -135,9 +135,9 @@ def owl_sparsities(context: RunContext, sparsity: float, options: OwlOptions, no
 
 
 class WandaOptions(CalibrationOptions):
-    #: measure each block on the outputs of the blocks before it, pruned (the paper's method); false: one
-    #: forward pass over the model as it is (every norm from the unpruned model)
-    sequential: bool = True
+    #: true: one forward pass over the model as it is, every norm from the unpruned model (the walk through
+    #: the pruned blocks, pruning.calibration.sequential, is the paper's method and the default)
+    one_pass: bool = False
 
 
 def wanda_scores(param: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
@@ -153,7 +153,8 @@ class Wanda(PruningCriterion):
     global scope). Compared within each output row (``scope: per_row``) as the paper does; no weight is
     updated. Measured again before every prune, block by block: each block on the outputs of the blocks
     before it, pruned as the coming ranking will prune them (their weights are put back afterwards: the
-    engine applies the masks)."""
+    engine applies the masks). Under the global scope, whose ranking is known only once every block is
+    measured, each block is pruned for the next ones by a ranking of its own at the prune's sparsity."""
 
     name = "wanda"
     needs = "activations"
@@ -174,7 +175,7 @@ class Wanda(PruningCriterion):
     @torch.no_grad()
     def calibrate(self, context: RunContext) -> None:
         weights = _weights(context)
-        if not self.options.sequential or context.plan is None:
+        if self.options.one_pass or context.plan is None:
             self.norms = input_norms(context, weights)
             return
         plan = context.plan

@@ -175,7 +175,7 @@ def test_calibration_by_layer_refuses_batches_that_call_a_blocks_layers_in_diffe
 
 def test_sequential_wanda_differs_from_one_pass_over_the_unpruned_model_after_the_first_block():
     model = tiny_model(blocks=3)
-    one_pass, sequential = Wanda(Wanda.Options(sequential=False)), Wanda()
+    one_pass, sequential = Wanda(Wanda.Options(one_pass=True)), Wanda()
     for criterion in (one_pass, sequential):
         model_copy = tiny_model(blocks=3)
         model_copy.load_state_dict(model.state_dict())
