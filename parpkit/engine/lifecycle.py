@@ -39,6 +39,7 @@ from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
 from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model_zero_fraction
 from parpkit.metrics import normalise, normalise_units
+from parpkit.plugin_checks import check_leaves_weights, check_phases
 from parpkit.progress import Progress
 from parpkit.resolve import Resolved
 from parpkit.units import restrict
@@ -142,6 +143,7 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
             s.model.load_state_dict(s.extra["best"]["weights"])
             s.log.write("best", step=s.extra["best"]["step"], **s.extra["best"]["rates"])
         s.resolved.schedule.before_evaluate(s.pruner)
+        s.pruner.check_at_target(s.resolved.schedule.target, s.resolved.schedule.name)
         judge(s, "final")
         metrics = write(s)
         if s.main and not recipe.training.keep_checkpoints_when_done:
@@ -206,7 +208,10 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
                           "or use a schedule that starts from a given mask (fixed, parp …)", file=file, key="pruning.mask_from")
     if r.pruning.mask_from:
         check_donor_scope(r.pruning.mask_from, r.pruning.scope, file=file)
-    phases = located(file, "pruning.schedule.options", lambda: schedule.phases(r.training.max_steps))
+    phases = located(file, "pruning.schedule.options", lambda: check_phases(schedule.phases(r.training.max_steps), schedule.name))
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    located(file, "pruning.sparsity", lambda: check_leaves_weights({n: shapes[n] for n in pool}, r.pruning.sparsity,
+                                                                   r.pruning.scope, ""))
     context = run_context(resolved, model, pool, phases, loaded=False)
     located(file, "pruning.criterion", lambda: criterion.check(context))
     located(file, "pruning.schedule", lambda: schedule.check(context))
@@ -282,6 +287,7 @@ def prepare(s: Session) -> None:
     s.phases = s.resolved.schedule.phases(r.training.max_steps)
     s.context = run_context(s.resolved, s.model, s.pool, s.phases, batches=CalibrationSource(s), positions=backbone.position_mask)
     s.pruner = PoolPruner(s.model, s.pool, criterion, r.pruning.scope, groups=groups, donor_masks=donor, context=s.context)
+    s.pruner.owner, s.pruner.event = f"schedule {s.resolved.schedule.name!r}", s.log.write
     s.pruner.snapshot("pretrained")
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
@@ -369,6 +375,7 @@ def start(s: Session, *, fresh: bool, resume: bool) -> Path | None:
     t0 = time.time()
     calibrate(s)
     s.resolved.schedule.on_start(s.pruner)
+    s.state.plugin_states()  # a state a checkpoint cannot hold is named now, not at the first checkpoint
     if s.pruner.masks is not None:  # seconds: the first mask's calibration and selection (and reconstruction)
         s.log.write("prune", step=0, seconds=round(time.time() - t0, 2), **s.pruner.prune_event())
         if s.main:  # how far the final mask moves from this one is part of the answer (metrics: mask_iou_initial)
