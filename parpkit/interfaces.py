@@ -137,6 +137,12 @@ class Backbone(_Plugin, ABC):
         them, before anything trains (a CTC feature encoder needs one frame's receptive field)."""
         return 1
 
+    def check_lengths(self, utterances: Sequence[Utterance], *, training: bool) -> None:
+        """Called with each split once ``load`` ran, before anything is evaluated or trained: raise ParpkitError
+        naming an utterance the model cannot take (audio longer than its input window, a ``training`` transcript
+        longer than its decoder), so that it fails now, not at the first batch after the dense evaluations. By
+        default nothing is checked."""
+
     def prepare(self, train: Sequence[Utterance], unit: str) -> None:
         """Sees the training transcripts before ``load`` (e.g. to build a CTC vocabulary)."""
 

@@ -1,7 +1,8 @@
 """Helpers for testing plugins without running the engine: a tiny model, a run context with calibration
 batches (padding included), a recipe mapping for a tiny whisper, a pruner that records what a schedule
-asks of it, a driver that calls a schedule's hooks as the engine does around each update, and a run
-stopped after a checkpoint and resumed (``crash_and_resume``).
+asks of it, a driver that calls a schedule's hooks as the engine does around each update, the engine's
+checks of a dataset's splits (``check_dataset``), and a run stopped after a checkpoint and resumed
+(``crash_and_resume``).
 
     from parpkit.testing import FakePruner, drive, tiny_context, tiny_model
 
@@ -17,7 +18,7 @@ stopped after a checkpoint and resumed (``crash_and_resume``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ import torch
 
 from parpkit.api import RunResult
 from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
-from parpkit.interfaces import Criterion, Phase, Schedule
+from parpkit.errors import ParpkitError
+from parpkit.interfaces import Backbone, Criterion, Dataset, Phase, Schedule, Utterance
 from parpkit.masks import PoolPruner
 
 
@@ -169,6 +171,37 @@ class FakePruner(PoolPruner):
 
     def rewind(self, name: str) -> None:
         self._record("rewind", name)
+
+
+def check_dataset(dataset: Dataset, splits: Iterable[str] | None = None, *, scored: Iterable[str] | None = None,
+                  backbone: Backbone | None = None, normalizer: str = "basic") -> dict[str, Sequence[Utterance]]:
+    """Make the engine's checks of a dataset without a run: its ``check()``, then each split (default: all of
+    ``split_names()``) loaded and checked as ``parpkit run`` checks it when it loads (ids, transcripts, mono float
+    audio in [-1, 1], finite, at the sample rate and long enough for ``backbone``, or 16 kHz), and the ``scored``
+    splits (default: all but ``train``) as evaluation splits (every transcript present, something left to score
+    once normalised). Raises the ParpkitError a run would; returns the loaded splits.
+
+        splits = check_dataset(WavFolder(WavFolderOptions(root=str(tmp_path)), cache_dir=tmp_path))
+        assert len(splits["test"]) == 2
+    """
+    from parpkit.progress import QUIET
+    from parpkit.splits import check_scored, check_utterances
+
+    dataset.check()
+    names = list(splits) if splits is not None else list(dataset.split_names())
+    unknown = [n for n in names if n not in dataset.split_names()]
+    if unknown:
+        raise ParpkitError(f"{dataset.name} has no split {', '.join(map(repr, unknown))}; it has: "
+                           f"{', '.join(dataset.split_names())}")
+    judged = set(scored) if scored is not None else {n for n in names if n != "train"}
+    loaded = {}
+    for split in names:
+        utts = dataset.load_split(split, QUIET)
+        check_utterances(utts, split, backbone)
+        if split in judged:
+            check_scored(utts, split, dataset, normalizer)
+        loaded[split] = utts
+    return loaded
 
 
 class Crashed(Exception):

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -38,9 +37,9 @@ from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
 from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
 from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model_zero_fraction
-from parpkit.metrics import normalise, normalise_units
 from parpkit.plugin_checks import check_leaves_weights, check_phases
 from parpkit.progress import Progress
+from parpkit.splits import check_scored, check_utterances
 from parpkit.resolve import Resolved
 from parpkit.units import restrict
 
@@ -239,20 +238,22 @@ def prepare(s: Session) -> None:
     s.train = load_split(s, r.dataset.train_split)
     s.evals = {split: load_split(s, split) for split in r.dataset.eval_splits}
     for split, utts in s.evals.items():
-        norm = normalise if ds.unit == "words" else normalise_units
-        if any(u.text is None for u in utts):
-            raise ParpkitError(f"dataset.eval_split: split {split!r} has utterances without transcripts; an evaluation "
-                               "split needs them all")
-        if not any(norm(ds.score_text(u.text)) for u in utts):
-            raise ParpkitError(f"dataset.eval_split: split {split!r} has nothing to score: every one of its {len(utts)} "
-                               "transcripts is empty once normalised")
+        check_scored(utts, split, ds, r.evaluation.normalizer)
     if r.evaluation.every_steps:
         split = r.evaluation.validation_split or r.dataset.eval_splits[0]
         s.validation = s.evals[split] if split in s.evals else load_split(s, split)
     s.log.write("data", train=len(s.train), eval={k: len(v) for k, v in s.evals.items()}, **ds.report())
+    if ds.skipped:  # counted in metrics.json too; said here, so that a split scored on fewer utterances is noticed
+        s.progress.console.print(f"warning: {r.dataset.name} skipped {len(ds.skipped)} utterance(s) (skip_unreadable), "
+                                 f"first: {ds.skipped[0]}", soft_wrap=True, markup=False)
     labelled = [u for u in s.train if u.text is not None]
     backbone.prepare(labelled, ds.unit)
     s.model = backbone.load()
+    for split, utts in {r.dataset.train_split: s.train, **s.evals}.items():  # lengths the loaded model cannot take
+        try:
+            backbone.check_lengths(utts, training=utts is s.train)
+        except ParpkitError as exc:
+            raise ParpkitError(f"dataset: split {split!r}: {exc}") from None
     if s.shared.root is not None:
         s.contents["model"] = tensors_digest(s.model.state_dict())
     d = r.distillation
@@ -303,27 +304,6 @@ def load_split(s: Session, split: str) -> Sequence[Utterance]:
     if s.shared.root is not None:
         s.contents[f"split:{split}"] = utterances_digest(utts)
     return utts
-
-
-def check_utterances(utts: Sequence[Utterance], split: str, backbone) -> None:
-    where = f"dataset: split {split!r}"
-    sample_rate, shortest = backbone.sample_rate, backbone.min_samples()
-    seen: set[str] = set()
-    for u in utts:
-        if u.id in seen:
-            raise ParpkitError(f"{where}: utterance id {u.id!r} occurs more than once; ids must be unique within a split")
-        seen.add(u.id)
-        if u.sample_rate != sample_rate:
-            raise ParpkitError(f"{where}: utterance {u.id!r} is at {u.sample_rate} Hz; the backbone takes {sample_rate} Hz "
-                               "(resample it in the dataset)")
-        audio = np.asarray(u.audio)
-        if not np.isfinite(audio).all():
-            bad = int((~np.isfinite(audio)).sum())
-            raise ParpkitError(f"{where}: utterance {u.id!r} has {bad} non-finite audio sample{'s' if bad != 1 else ''} "
-                               f"(NaN or infinity) of {audio.size}")
-        if len(audio) < shortest:  # a 1-sample clip would crash a CTC model's feature encoder mid-training
-            raise ParpkitError(f"{where}: utterance {u.id} is {len(audio)} samples long; {backbone.name} needs at least "
-                               f"{shortest} ({shortest / sample_rate * 1000:g} ms) to make one output frame; remove it from the split")
 
 
 def training_split_scored(r) -> str | None:
