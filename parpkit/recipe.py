@@ -38,18 +38,20 @@ class RecipeLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
+            seen: dict[Any, Any] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # << merges: explicit keys override them by design
                     continue
                 key = self.construct_object(key_node, deep=True)
                 try:
-                    first = seen.setdefault(key, key_node.start_mark.line)
+                    first = seen.setdefault(key, key_node)
                 except TypeError:  # an unhashable key: the base constructor names it
                     continue
-                if first != key_node.start_mark.line:
+                if first is not key_node:  # also on one line: {interval: 3, interval: 1}
+                    mark = first.start_mark
+                    where = f"column {mark.column + 1}" if mark.line == key_node.start_mark.line else f"line {mark.line + 1}"
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key!r} is given twice in one mapping (first on line {first + 1}); "
+                        None, None, f"the key {key!r} is given twice in one mapping (first on {where}); "
                         "YAML would keep only the last", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
