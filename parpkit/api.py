@@ -60,7 +60,7 @@ def run(recipe: str | Path | Mapping[str, Any], *, overrides: Overrides = (), ou
     ``file``: how errors name a mapping recipe (default ``<recipe>``; a file recipe is named by its path).
     """
     from parpkit.engine import run as run_engine
-    from parpkit.registry import Plugins
+    from parpkit.registry import Plugins, plugin_name
     from parpkit.resolve import resolve
 
     if output_dir is not None and not str(output_dir).strip():
@@ -72,7 +72,7 @@ def run(recipe: str | Path | Mapping[str, Any], *, overrides: Overrides = (), ou
     else:
         data, file = read_recipe_file(recipe), str(recipe)
     model, mapping = recipe_from_mapping(data, overrides, file)
-    registered = Plugins(extra=[(p, f"{type(p).__module__}.{type(p).__qualname__}") for p in plugins])
+    registered = Plugins(extra=[(p, plugin_name(p)) for p in plugins])
     resolved = resolve(model, registered, file)
     out = Path(output_dir) if output_dir is not None else model.run_dir()
     shown = progress if isinstance(progress, Progress) else Progress(enabled=progress)

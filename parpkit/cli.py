@@ -81,6 +81,8 @@ def cmd_plugins(args) -> int:
     for kind, registry in plugins.registries.items():
         for e in registry.entries():
             table.add_row(kind, e.name, f"{e.cls.__module__}.{e.cls.__qualname__}", e.provider)
+    for name, why in plugins.unavailable.items():
+        table.add_row("[red]not loaded[/]", escape(name), escape(why), "")
     console.print(table)
     return 0
 
@@ -125,9 +127,14 @@ def cmd_run(args) -> int:
     leave_process_group()
     metrics = result.metrics
     if metrics:
-        console.print(results_table(metrics))
-        console.print(f"pool: {metrics['pool_pruned']:,} of {metrics['pool_parameters']:,} weights are zero; "
-                      f"{metrics['steps']} steps, {metrics['prunes']} prunes; wall time {metrics['wall_time_s']['total']:.0f} s")
+        try:
+            console.print(results_table(metrics))
+            console.print(f"pool: {metrics['pool_pruned']:,} of {metrics['pool_parameters']:,} weights are zero; "
+                          f"{metrics['steps']} steps, {metrics['prunes']} prunes; wall time {metrics['wall_time_s']['total']:.0f} s")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a metrics.json of an older parpkit
+            err_console.print(f"warning: {result.run_dir / 'metrics.json'} lacks what this summary shows ({type(exc).__name__}: "
+                              f"{exc}); written by an older parpkit? The run is complete", highlight=False, soft_wrap=True,
+                              markup=False)
         console.print(f"run directory: {result.run_dir}")
     return 0
 

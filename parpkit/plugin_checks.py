@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,36 @@ import torch
 from parpkit.errors import ParpkitError
 from parpkit.interfaces import Phase
 from parpkit.selection import as_rows, per_tensor_counts, row_count
+
+
+#: calibration batches are collated once and kept in memory for the whole run: more than this is a typo (the
+#: reference SparseGPT and Wanda calibrate on 128 sequences), not a setting (10⁹ took 5 GB in two minutes)
+MAX_CALIBRATION_BATCHES = 512
+
+
+def check_calibration_batches(criterion: Any) -> None:
+    """A criterion's ``calibration_batches``: a whole number from 0 to ``MAX_CALIBRATION_BATCHES``."""
+    n = getattr(criterion, "calibration_batches", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_CALIBRATION_BATCHES:
+        raise ParpkitError(f"criterion {criterion.name!r}: calibration_batches is {n!r}; expected a whole number from 0 to "
+                           f"{MAX_CALIBRATION_BATCHES} (the batches are collated once and kept in memory)")
+
+
+_COUNT = re.compile(r"(layers|heads|dim|size|positions|embeddings)$")
+
+
+def check_config_counts(backbone: str, config: Any) -> None:
+    """Sizes and counts of a model's (transformers) config that built a model but not the one meant: a negative
+    count builds nothing (``encoder_layers: -1`` made a whisper without an encoder: ``range(-1)`` is empty), and a
+    model without layers has nothing to prune or learn."""
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    for key, value in config.to_dict().items():
+        if isinstance(value, bool) or not isinstance(value, int) or not _COUNT.search(key):
+            continue
+        if value < 0 or (value == 0 and key.endswith(("layers", "heads"))):
+            raise ParpkitError(f"{backbone}: the config cannot build a model: {key} is {value}; expected a positive count "
+                               "(it would build a model without those parts, silently)")
 
 
 def check_sparsity(sparsity: Any, who: str, what: str = "sparsity") -> float:

@@ -31,6 +31,9 @@ MAX_STEPS = 10_000_000
 #: nested aliases ("billion laughs") must fail at once, not after minutes and gigabytes
 MAX_VALUES = 100_000
 
+#: one value (a string after ``${var}`` substitution) may hold at most this many characters
+MAX_TEXT = 100_000
+
 
 class RecipeLoader(yaml.SafeLoader):
     """Safe YAML, reading 1e-3 and 5e-1 as numbers (YAML 1.1 wants 1.0e-3; people write 1e-3), and refusing a
@@ -297,6 +300,9 @@ class Recipe(_Strict):
         if v is not None and v.strip() in ("", ".", ".."):
             what = "the run directory's name (runs/NAME)" if info.field_name == "name" else "a folder for the run"
             raise ValueError(f"expected {what}, got {v!r}")
+        if info.field_name == "name" and v is not None and (Path(v).is_absolute() or ".." in Path(v).parts):
+            raise ValueError(f"{v!r} would put the run directory outside runs/ (runs/NAME); give a plain name, and "
+                             "output_dir (or --output-dir) for a folder elsewhere")
         return v
 
     def run_dir(self) -> Path:
@@ -348,7 +354,11 @@ def _substitute(node: Any, variables: dict[str, Any], file: str, key: str) -> An
     whole = _VAR.fullmatch(node)
     if whole:  # a lone reference keeps the variable's type
         return variables[whole.group(1)]
-    return _VAR.sub(lambda m: str(variables[m.group(1)]), node)
+    text = _VAR.sub(lambda m: str(variables[m.group(1)]), node)
+    if len(text) > MAX_TEXT:  # variables that double each other reach gigabytes in 30 levels
+        raise RecipeError(f"expands to {len(text):,} characters, more than parpkit's {MAX_TEXT:,} for one value "
+                          "(variables that repeat each other?)", file=file, key=key)
+    return text
 
 
 def resolve_variables(variables: dict[str, Any], file: str) -> dict[str, Any]:
@@ -446,6 +456,9 @@ def recipe_from_mapping(data: Mapping[str, Any], overrides: Overrides = (), file
         raise RecipeError("expected a mapping of variable names to values", file=file, key="vars")
     variables = resolve_variables(variables, file)
     data = {k: (variables if k == "vars" else _substitute(v, variables, file, k)) for k, v in data.items()}
+    if count_values(data) > MAX_VALUES:  # lists of variables that repeat each other: shared here, copied by validation
+        raise RecipeError(f"the recipe expands to more than {MAX_VALUES:,} values once its variables are substituted; a "
+                          "recipe is a few hundred values (variables that repeat each other?)", file=file, key="vars")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -210,13 +210,14 @@ class Crashed(Exception):
 
 def crash_and_resume(recipe: str | Path | Mapping[str, Any], output_dir: str | Path, *, after_checkpoints: int = 1,
                      overrides: Mapping[str, Any] | Sequence[str] = (), plugins: Sequence[object] = (),
-                     callbacks: Sequence[Any] = ()) -> RunResult:
+                     callbacks: Sequence[Any] = (), between: Any = None) -> RunResult:
     """Run ``recipe`` into ``output_dir`` and stop it right after its ``after_checkpoints``-th checkpoint is complete
     (an exception out of the Trainer: nothing after it runs, as when a process is killed), then run it again into
     the same directory, which resumes. Returns the resumed run's result; compare it with an uninterrupted run
     (``parpkit.run``) to test that a plugin's ``state_dict`` / ``load_state_dict`` make resuming exact. The recipe must
     write checkpoints (``training.save_steps``); an AssertionError says so when the run ended before the stop, or
-    when the second run did not resume.
+    when the second run did not resume. ``between(output_dir)``, if given, runs after the stop and before the
+    resume (to damage or age what the first run left).
 
         from parpkit.testing import crash_and_resume, tiny_recipe
 
@@ -247,6 +248,8 @@ def crash_and_resume(recipe: str | Path | Mapping[str, Any], output_dir: str | P
     else:
         raise AssertionError(f"the run finished after {len(seen)} complete checkpoint(s), before the stop after "
                              f"{after_checkpoints}: set training.save_steps so that it writes them")
+    if between is not None:
+        between(Path(output_dir))
     result = run(recipe, overrides=overrides, output_dir=output_dir, plugins=plugins, progress=False, callbacks=callbacks)
     events = [json.loads(line)["event"] for line in (Path(output_dir) / "log.jsonl").read_text().splitlines()]
     assert "resume" in events, f"the second run into {output_dir} did not resume from the checkpoint"

@@ -93,7 +93,7 @@ class SparseGPTOptions(CalibrationOptions):
     #: columns whose mask is chosen together (the paper's adaptive mask selection), then updated column by column
     block_size: int = Field(default=128, gt=0)
     #: added to the diagonal of XᵀX, as a share of its mean (raised tenfold if the matrix is still singular)
-    dampening: float = Field(default=0.01, gt=0)
+    dampening: float = Field(default=0.01, gt=0, le=1)
 
 
 class SparseGPT(ReconstructingCriterion):

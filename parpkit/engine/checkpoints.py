@@ -86,6 +86,12 @@ def rotate(phase_dir: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def extra_defaults() -> dict[str, Any]:
+    """What a run keeps beside the stages, before anything happened: the learning curve, the best validation
+    checkpoint, the phases taken from other runs."""
+    return {"curve": [], "best": None, "shared_phases": []}
+
+
 class RunState:
     """What a checkpoint adds to the Trainer's: the ``state_dict`` of pruner, schedule and criterion,
     the stages evaluated so far, the run's own record (``extra``: learning curve, best checkpoint), the
@@ -126,8 +132,8 @@ class RunState:
         self.criterion.load_state_dict(meta["criterion"])
         self.stages.clear()
         self.stages.update(meta["stages"])
-        self.extra.clear()
-        self.extra.update(meta.get("extra", {}))
+        self.extra.clear()  # checkpoints of older parpkit releases have no (or less) extra: the defaults fill in
+        self.extra.update({**extra_defaults(), **(meta.get("extra") or {})})
         if (directory / "weights.safetensors").exists():
             self.pruner.model.load_state_dict(load_file(str(directory / "weights.safetensors")))
         return meta

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 import parpkit.version
 from parpkit.engine.distill import Distiller, check_teacher, make_teacher, pseudo_label
-from parpkit.engine.checkpoints import (RunState, checkpoints, find_resume_point, is_complete, join_tensors, problem,
-                                        split_tensors)
+from parpkit.engine.checkpoints import (RunState, checkpoints, extra_defaults, find_resume_point, is_complete, join_tensors,
+                                        problem, split_tensors)
 from parpkit.engine.evaluation import evaluate
 from parpkit.engine.rundir import RunDir
 from parpkit.engine.shared import SharedWork, tensors_digest, utterances_digest
@@ -37,7 +37,7 @@ from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
 from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
 from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model_zero_fraction
-from parpkit.plugin_checks import check_leaves_weights, check_phases
+from parpkit.plugin_checks import check_calibration_batches, check_config_counts, check_leaves_weights, check_phases
 from parpkit.progress import Progress
 from parpkit.splits import check_scored, check_utterances
 from parpkit.resolve import Resolved
@@ -79,7 +79,7 @@ class Session:
     pseudo_labelled: int = 0  # training utterances the teacher transcribed
     #: what checkpoints keep beside the stages: the learning curve, the best validation checkpoint and the
     #: phases taken from other runs (a resumed run still reports those its earlier attempts took)
-    extra: dict[str, Any] = field(default_factory=lambda: {"curve": [], "best": None, "shared_phases": []})
+    extra: dict[str, Any] = field(default_factory=extra_defaults)
 
     @property
     def recipe(self):
@@ -179,13 +179,15 @@ def build_skeleton(backbone) -> torch.nn.Module:
     raise: one line naming the backbone, never a traceback. Building it costs no memory: the real model
     builds from the same config."""
     try:
-        return backbone.skeleton()
+        model = backbone.skeleton()
     except (ParpkitError, RecipeError):
         raise
     except Exception as exc:  # noqa: BLE001  (TypeError, RuntimeError, ZeroDivisionError … from the model's constructor)
         text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         text = text if len(text) <= 300 else text[:300] + " …"
         raise ParpkitError(f"{backbone.name}: the config cannot build a model: {text}") from None
+    check_config_counts(backbone.name, getattr(model, "config", None))
+    return model
 
 
 def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
@@ -212,6 +214,7 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     located(file, "pruning.sparsity", lambda: check_leaves_weights({n: shapes[n] for n in pool}, r.pruning.sparsity,
                                                                    r.pruning.scope, ""))
     context = run_context(resolved, model, pool, phases, loaded=False)
+    located(file, "pruning.criterion.options", lambda: check_calibration_batches(criterion))
     located(file, "pruning.criterion", lambda: criterion.check(context))
     located(file, "pruning.schedule", lambda: schedule.check(context))
     check_teacher(r.distillation, resolved.backbone, file)

@@ -171,8 +171,20 @@ class RunDir:
         return None
 
     def finished_metrics(self) -> dict | None:
+        """The metrics.json of a finished run here, or None; a damaged one (truncated, not a mapping) is an error
+        naming it, not a traceback: what to do with it is the user's call."""
         path = self.path / "metrics.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            metrics = exc
+        if not isinstance(metrics, dict):
+            why = f"{type(metrics).__name__}: {metrics}" if isinstance(metrics, Exception) else f"a {type(metrics).__name__}"
+            raise ParpkitError(f"{path} is damaged ({why}); the run there finished but its metrics cannot be read: pass "
+                               "--fresh to run it again, or --output-dir for another folder")
+        return metrics
 
     def has_results(self) -> bool:
         """A finished run or a complete checkpoint: something a different recipe would destroy."""
