@@ -113,6 +113,7 @@ class Plugins:
         pm.add_hookspecs(hookspecs)
         self.pm = pm
         self.unavailable: dict[str, str] = {}  # installed plugin -> why it was left out
+        self._order: list[object] = []  # plugins in the order they were registered, as their classes are added
         providers: dict[int, str] = {}
         if load_entrypoints:
             providers.update(self._load_entrypoints())
@@ -124,9 +125,10 @@ class Plugins:
                 name += "'"
             names.add(name)
             pm.register(plugin, name=name)
+            self._order.append(plugin)
             self._validate(plugin, name, installed=False)
         self.registries = {kind: Registry(kind, base, self.unavailable) for kind, (_, base) in KINDS.items()}
-        for plugin in list(pm.get_plugins()):
+        for plugin in [p for p in self._order if pm.is_registered(p)]:
             name = pm.get_name(plugin) or repr(plugin)
             provider = providers.get(id(plugin), name)
             try:
@@ -159,7 +161,10 @@ class Plugins:
                     _warn(f"the parpkit plugin {ep.name!r} ({provider}) cannot be loaded, left out: {self.unavailable[ep.name]}. "
                           f"Fix or uninstall it; {LOAD_PLUGINS} names the plugins to load")
                     continue
+                if self.pm.is_registered(plugin):  # two entry points of one module: one plugin
+                    continue
                 self.pm.register(plugin, name=ep.name)
+                self._order.append(plugin)
                 providers[id(plugin)] = provider
                 if not self._validate(plugin, ep.name, installed=True, provider=provider):
                     providers.pop(id(plugin))
