@@ -193,8 +193,8 @@ class PoolPruner:
             if pruned != expected:
                 raise ParpkitError(f"the masks prune {pruned:,} of the pool's {self.size:,} weights, but sparsity "
                                    f"{self.sparsity:g} ({self.scope}) prunes {expected:,}: {what}")
-        alive = int(torch.stack([torch.count_nonzero(p[~m]) for p, m in zip(self.params.values(), self.masks.values(),
-                                                                             strict=True)]).sum())
+        alive = int(torch.stack([torch.count_nonzero((p != 0) & ~m) for p, m in zip(self.params.values(), self.masks.values(),
+                                                                                     strict=True)]).sum())
         if alive:
             raise ParpkitError(f"schedule {schedule!r} leaves {alive:,} pruned weights non-zero before the final evaluation "
                                f"(the masks say {pruned:,} are pruned): {what}. Its before_evaluate must zero them "

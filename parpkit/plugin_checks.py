@@ -117,7 +117,8 @@ def refuse_nonfinite(counts: dict[str, torch.Tensor], sizes: dict[str, int], cri
     (all-NaN scores pruned no weight at all while the log said the target)."""
     if not counts:
         return
-    values = torch.stack([c.to("cpu") for c in counts.values()]).tolist()
+    device = next(iter(counts.values())).device
+    values = torch.stack([c.to(device) for c in counts.values()]).tolist()  # one host synchronisation
     bad = [(n, v) for n, v in zip(counts, values, strict=True) if v]
     if bad:
         listed = "; ".join(f"{n}: {v:,} of {sizes[n]:,}" for n, v in bad[:3]) + (f"; and {len(bad) - 3} more tensors" if len(bad) > 3 else "")
