@@ -154,19 +154,21 @@ def test_audio_and_transcripts_of_another_shape_type_or_scale_are_refused(uttera
 # ------------------------------------------------------------------------------------ lengths
 
 @requires_offline
+@pytest.mark.parametrize("scored", ["test", ["test", "train"]])  # the training split scored too: still checked as trained
 @pytest.mark.parametrize("audio_s, words, message", [
     (7.0, "hello there", r"dataset: split 'train': whisper: utterance 'train-000001' lasts 7\.0 s, longer than the encoder "
                          r"window of 6 s; raise backbone\.options\.encoder_window_s"),
     (1.0, "word " * 70, r"dataset: split 'train': whisper: the transcript of utterance 'train-000001' is \d+ tokens; the "
                         r"decoder holds 64"),
 ])
-def test_a_training_clip_or_transcript_the_model_cannot_take_is_named_before_any_evaluation(tmp_path, capsys, audio_s, words, message):
+def test_a_training_clip_or_transcript_the_model_cannot_take_is_named_before_any_evaluation(tmp_path, capsys, audio_s, words,
+                                                                                            message, scored):
     ok, long = _wav(tmp_path / "a.wav", 1.0), _wav(tmp_path / "b.wav", audio_s)
     rows = [{"audio": ok, "text": "hello there"}, {"audio": long, "text": words.strip()}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "test.jsonl").write_text(json.dumps(rows[0]) + "\n")
     dataset = {"name": "manifest", "options": {"splits": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}}}
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(dataset=dataset, **{"training.max_steps": 1}))
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(dataset=dataset, **{"training.max_steps": 1, "dataset.eval_split": scored}))
     assert main(["run", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
     assert re.search(message, _err(capsys))
     assert not (tmp_path / "out" / "transcripts_dense.jsonl").exists()  # before the dense evaluation

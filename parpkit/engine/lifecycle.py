@@ -252,9 +252,13 @@ def prepare(s: Session) -> None:
     labelled = [u for u in s.train if u.text is not None]
     backbone.prepare(labelled, ds.unit)
     s.model = backbone.load()
-    for split, utts in {r.dataset.train_split: s.train, **s.evals}.items():  # lengths the loaded model cannot take
+    scored = dict(s.evals)
+    if s.validation and not any(s.validation is utts for utts in s.evals.values()):
+        scored[r.evaluation.validation_split] = s.validation
+    checked = [(r.dataset.train_split, s.train, True), *((split, utts, False) for split, utts in scored.items())]
+    for split, utts, training in checked:  # lengths the loaded model cannot take, named before anything runs
         try:
-            backbone.check_lengths(utts, training=utts is s.train)
+            backbone.check_lengths(utts, training=training)
         except ParpkitError as exc:
             raise ParpkitError(f"dataset: split {split!r}: {exc}") from None
     if s.shared.root is not None:
