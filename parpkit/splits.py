@@ -43,7 +43,7 @@ def check_utterances(utts: Sequence[Utterance], split: str, backbone: Any = None
             raise ParpkitError(f"{where}: utterance {u.id!r} has a transcript of type {type(u.text).__name__} ({u.text!r:.40}); "
                                "expected text (str), or None for unlabelled audio")
         if u.sample_rate != rate:
-            raise ParpkitError(f"{where}: utterance {u.id!r} is at {u.sample_rate} Hz; {name} takes {rate} Hz "
+            raise ParpkitError(f"{where}: utterance {u.id!r} is at {u.sample_rate} Hz; the backbone takes {rate} Hz "
                                "(resample it in the dataset)")
         audio = np.asarray(u.audio)
         if audio.ndim != 1:
