@@ -70,7 +70,7 @@ def run(recipe: str | Path | Mapping[str, Any], *, overrides: Overrides = (), ou
     ``file``: how errors name a mapping recipe (default ``<recipe>``; a file recipe is named by its path).
     """
     from parpkit.engine import run as run_engine
-    from parpkit.registry import Plugins
+    from parpkit.registry import Plugins, plugin_name
     from parpkit.resolve import resolve
 
     if output_dir is not None and not str(output_dir).strip():

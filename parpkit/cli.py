@@ -112,14 +112,57 @@ def cmd_plugins(args) -> int:
     from parpkit.registry import Plugins
 
     plugins = Plugins()
+    if args.options:
+        return show_plugin(plugins, args.options)
     table = Table(title="registered parpkit plugins")
     for col in ("kind", "name", "class", "provided by"):
         table.add_column(col)
     for kind, registry in plugins.registries.items():
         for e in registry.entries():
             table.add_row(kind, e.name, f"{e.cls.__module__}.{e.cls.__qualname__}", e.provider)
+    for name, why in plugins.unavailable.items():
+        table.add_row("[red]not loaded[/]", escape(name), escape(why), "")
     console.print(table)
+    console.print("`parpkit plugins --options NAME` shows a plugin's options and what it is for")
     return 0
+
+
+def show_plugin(plugins, name: str) -> int:
+    """A plugin's docstring, how the engine constructs it, and its options (type, default, the comment above it)."""
+    import inspect
+
+    from parpkit.interfaces import option_docs
+
+    found = [(kind, registry.get(name)) for kind, registry in plugins.registries.items() if name in registry.names()]
+    if not found:
+        known = ", ".join(sorted({n for r in plugins.registries.values() for n in r.names()}))
+        raise ParpkitError(f"--options: no plugin named {name!r}; plugins: {known}")
+    for kind, e in found:
+        console.print(f"[b]{kind} {e.name}[/] ({e.cls.__module__}.{e.cls.__qualname__}, {escape(e.provider)})", highlight=False)
+        console.print(escape(inspect.cleandoc(e.cls.__doc__ or "(no docstring)")), highlight=False)
+        console.print(f"constructed as {escape(CONSTRUCTED[kind])}", highlight=False)
+        docs = option_docs(e.cls.Options)
+        if not e.cls.Options.model_fields:
+            console.print("options: none")
+            continue
+        table = Table(title=f"{e.name} options (recipe: {OPTIONS_KEY[kind]})")
+        for col in ("option", "type", "default", "what"):
+            table.add_column(col)
+        for field, info in e.cls.Options.model_fields.items():
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            kind_text = info.annotation.__name__ if isinstance(info.annotation, type) else str(info.annotation).replace("typing.", "")
+            table.add_row(field, escape(kind_text), escape(default), escape(docs.get(field, "")))
+        console.print(table)
+    return 0
+
+
+#: how the engine constructs each kind of plugin (the keywords besides the validated options)
+CONSTRUCTED = {"backbone": "Backbone(options, cache_dir=<parpkit's cache folder>)",
+               "dataset": "Dataset(options, cache_dir=<parpkit's cache folder>)",
+               "criterion": "Criterion(options, seed=<the recipe's seed>)",
+               "schedule": "Schedule(options, target=<the recipe's pruning.sparsity>)"}
+OPTIONS_KEY = {"backbone": "backbone.options", "dataset": "dataset.options", "criterion": "pruning.criterion.options",
+               "schedule": "pruning.schedule.options"}
 
 
 def results_table(metrics: dict) -> Table:
@@ -162,9 +205,14 @@ def cmd_run(args) -> int:
     leave_process_group()
     metrics = result.metrics
     if metrics:
-        console.print(results_table(metrics))
-        console.print(f"pool: {metrics['pool_pruned']:,} of {metrics['pool_parameters']:,} weights are zero; "
-                      f"{metrics['steps']} steps, {metrics['prunes']} prunes; wall time {metrics['wall_time_s']['total']:.0f} s")
+        try:
+            console.print(results_table(metrics))
+            console.print(f"pool: {metrics['pool_pruned']:,} of {metrics['pool_parameters']:,} weights are zero; "
+                          f"{metrics['steps']} steps, {metrics['prunes']} prunes; wall time {metrics['wall_time_s']['total']:.0f} s")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a metrics.json of an older parpkit
+            err_console.print(f"warning: {result.run_dir / 'metrics.json'} lacks what this summary shows ({type(exc).__name__}: "
+                              f"{exc}); written by an older parpkit? The run is complete", highlight=False, soft_wrap=True,
+                              markup=False)
         console.print(f"run directory: {result.run_dir}")
     return 0
 
@@ -439,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     output_dir_flag(p, "write mask_iou.csv, mask_iou_layers.csv and mask_iou.png here")
     p.set_defaults(fn=cmd_compare_masks)
     p = sub.add_parser("plugins", help="list registered backbones, criteria, schedules and datasets")
+    p.add_argument("--options", metavar="NAME", help="show one plugin: what it does, how it is constructed, its options")
     p.set_defaults(fn=cmd_plugins)
     return parser
 

@@ -55,7 +55,33 @@ class StrictModel(BaseModel):
 
 
 class PluginOptions(StrictModel):
-    """Base for every plugin's options: unknown keys are errors, not silence."""
+    """Base for every plugin's options: unknown keys are errors, not silence. The ``#:`` comment above a field
+    is its documentation (``parpkit plugins --options NAME`` shows it)."""
+
+
+def option_docs(options: type[BaseModel]) -> dict[str, str]:
+    """Each field's ``#:`` comment (the lines right above it in its class's source), for the classes of ``options``'
+    MRO whose source can be read; fields without one are left out."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    for cls in reversed(options.__mro__):
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except (OSError, TypeError):
+            continue
+        comment: list[str] = []
+        for line in lines:
+            text = line.strip()
+            if text.startswith("#:"):
+                comment.append(text[2:].strip())
+                continue
+            field = re.match(r"(\w+)\s*:", text)
+            if field and comment:
+                docs[field.group(1)] = " ".join(comment)
+            comment = []
+    return docs
 
 
 class _Plugin:
@@ -84,6 +110,10 @@ class Dataset(_Plugin, ABC):
 
     ``unit`` says what transcripts hold: ``"words"`` (scored by WER/CER) or ``"phones"`` (space-separated
     labels, scored by PER after ``score_text``).
+
+    The engine constructs it as ``MyDataset(options, cache_dir=path)``: ``cache_dir`` is parpkit's cache folder
+    (``$PARPKIT_CACHE``, default ``~/.cache/parpkit``), where a dataset keeps what it builds or converts once.
+    A subclass that takes its own ``__init__`` passes ``cache_dir`` (and any other keyword) on to ``super()``.
     """
 
     #: what transcripts hold: "words" (WER/CER) or "phones" (space-separated labels, PER)
@@ -117,7 +147,11 @@ class Dataset(_Plugin, ABC):
 
 
 class Backbone(_Plugin, ABC):
-    """A pretrained speech recogniser: how to load it, feed it, decode it and save it."""
+    """A pretrained speech recogniser: how to load it, feed it, decode it and save it.
+
+    The engine constructs it as ``MyBackbone(options, cache_dir=path)`` (parpkit's cache folder, for converted
+    weights), as it does a ``Dataset``.
+    """
 
     #: regular expressions (``re.fullmatch`` on parameter names) of the default pruning pool
     default_pool: ClassVar[list[str]] = []
@@ -138,6 +172,12 @@ class Backbone(_Plugin, ABC):
         """The shortest audio (in samples) the model takes: the engine refuses shorter utterances, naming
         them, before anything trains (a CTC feature encoder needs one frame's receptive field)."""
         return 1
+
+    def check_lengths(self, utterances: Sequence[Utterance], *, training: bool) -> None:
+        """Called with each split once ``load`` ran, before anything is evaluated or trained: raise ParpkitError
+        naming an utterance the model cannot take (audio longer than its input window, a ``training`` transcript
+        longer than its decoder), so that it fails now, not at the first batch after the dense evaluations. By
+        default nothing is checked."""
 
     def prepare(self, train: Sequence[Utterance], unit: str) -> None:
         """Sees the training transcripts before ``load`` (e.g. to build a CTC vocabulary)."""
@@ -288,7 +328,8 @@ class Backbone(_Plugin, ABC):
 
 class Criterion(_Plugin, ABC):
     """What every kind of criterion shares: they may watch training and keep state. The engine passes
-    the recipe's ``seed`` as a keyword (criteria that draw random numbers use it; others ignore it).
+    the recipe's ``seed`` as a keyword: ``MyCriterion(options, seed=recipe.seed)`` (criteria that draw random
+    numbers use it; others ignore it; an ``__init__`` of one's own takes ``**kw`` and passes it to ``super()``).
 
     ``needs`` declares what a criterion must see besides the weights:
 
@@ -458,6 +499,10 @@ class Schedule(_Plugin, ABC):
     began, over all phases. Each phase is a fresh fine-tuning run (new optimizer and LR schedule).
     Around one update the order is: gradients ready → ``on_gradients`` → clipping → ``on_pre_optimizer_step``
     → the update → ``on_optimizer_step``.
+
+    The engine constructs it as ``MySchedule(options, target=recipe.pruning.sparsity)``: ``self.target`` is the
+    sparsity the model must be at when it is judged and saved (the engine refuses a model that is not). An
+    ``__init__`` of one's own takes ``**kw`` and passes it to ``super()``.
     """
 
     #: whether a recipe's ``mask_from`` can seed this schedule's first mask

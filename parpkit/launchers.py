@@ -16,6 +16,7 @@ when their launcher is asked for.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -75,6 +76,8 @@ def check(launcher: str, resources: Resources) -> None:
             continue
         if launcher not in launchers:
             raise ParpkitError(f"{flag} is for --launcher {' or '.join(launchers)}, not {launcher}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ParpkitError(f"{flag} must be a finite number, got {value}")
         if not isinstance(value, bool) and isinstance(value, (int, float)) and (value <= 0 if field != "gpus" else value < 0):
             raise ParpkitError(f"{flag} must be {'positive' if field != 'gpus' else 'zero or more'}, got {value:g}")
         if launcher == "slurm" and field in ("cpus", "gpus") and value != int(value):

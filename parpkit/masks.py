@@ -7,8 +7,9 @@ in place after optimizer steps: no ``weight_orig`` copies, no forward hooks.
 from __future__ import annotations
 
 import re
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Criterion, ReconstructingCriterion, StructuredCriterion
-from parpkit.selection import PoolLayout, PrunePlan, apportion, keep_masks, scope_counts
+from parpkit.plugin_checks import check_leaves_weights, check_scores, check_sparsity, nonfinite_count, refuse_nonfinite
+from parpkit.selection import PoolLayout, PrunePlan, apportion, as_rows, keep_masks, scope_counts
 from parpkit.units import UnitGroup, select_units, unit_masks
 
 if TYPE_CHECKING:
@@ -88,17 +90,34 @@ class PoolPruner:
         self.optimizer: torch.optim.Optimizer | None = None
         self.layout = PoolLayout({n: p.shape for n, p in self.params.items()})
         self._scores: torch.Tensor | None = None  # the global scope's score buffer, reused between prunes
+        #: who asks for prunes, as errors name it (the engine names the recipe's schedule)
+        self.owner = "the schedule"
+        #: ``(event, **fields)``: where the pruner reports work it does for the engine's log (the calibration of a
+        #: criterion that needs activations, timed apart from the prune); the engine points it at log.jsonl
+        self.event: Callable[..., None] = lambda event, **fields: None
         self._multipliers: list[torch.Tensor] = []  # the masks as the mask upkeep multiplies by them
 
     @property
     def size(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
+    def _asked(self, sparsity: Any, method: str) -> float:
+        """The sparsity a schedule asked for, refused outside [0, 1) or where it would prune every weight."""
+        sparsity = check_sparsity(sparsity, self.owner, f"pruner.{method}() at sparsity")
+        check_leaves_weights({n: p.shape for n, p in self.params.items()}, sparsity, self.scope,
+                             f"{self.owner} (pruner.{method})")
+        return sparsity
+
     @torch.no_grad()
     def prune(self, sparsity: float) -> None:
-        """Rank the whole pool now, at ``sparsity``, and zero the losers."""
+        """Rank the whole pool now, at ``sparsity``, and zero the losers. Scores that are not one finite number
+        per weight (or per unit) are refused, naming the criterion and the tensor; nothing is pruned then."""
+        sparsity = self._asked(sparsity, "prune")
+        name = self.criterion.name
         if isinstance(self.criterion, StructuredCriterion):
-            scores = {n: self.criterion.unit_scores(g, self.params) for n, g in self.groups.items()}
+            scores = {n: check_scores(self.criterion.unit_scores(g, self.params), self.params[g.members[0].param], name,
+                                      n, (g.units,)) for n, g in self.groups.items()}
+            refuse_nonfinite({n: nonfinite_count(v) for n, v in scores.items()}, {n: g.units for n, g in self.groups.items()}, name)
             pruned = select_units(scores, self.groups, sparsity, self.scope)
             masks = unit_masks(pruned, self.groups, {n: p.shape for n, p in self.params.items()})
             masks = {n: masks.get(n, torch.ones(p.shape, dtype=torch.bool)) for n, p in self.params.items()}
@@ -110,10 +129,20 @@ class PoolPruner:
                 masks = self._reconstruct(plan)
             else:
                 if self.criterion.needs == "activations":
+                    t0 = time.time()
                     self.criterion.calibrate(self._context())
+                    self.event("calibrate", criterion=name, seconds=round(time.time() - t0, 2))
+                bad: dict[str, torch.Tensor] = {}
+
+                def score(n: str) -> torch.Tensor:
+                    s = check_scores(self.criterion.scores(n, self.params[n]), self.params[n], name, n)
+                    bad[n] = nonfinite_count(s)
+                    return s
+
                 counts = None if plan.counts is None else [plan.counts[n] for n in self.params]
-                masks, self._scores = keep_masks(self.layout, lambda n: self.criterion.scores(n, self.params[n]), sparsity,
-                                                 self.scope, self._scores, counts=counts, pattern=plan.pattern)
+                masks, self._scores = keep_masks(self.layout, score, sparsity, self.scope, self._scores, counts=counts,
+                                                 pattern=plan.pattern)
+                refuse_nonfinite(bad, {n: p.numel() for n, p in self.params.items()}, name)
         self.set_masks(masks)
         self.sparsity = sparsity
         self.prune_count += 1
@@ -166,6 +195,7 @@ class PoolPruner:
 
     def initial_mask(self, sparsity: float) -> None:
         """The first mask of a run: from the criterion, or the donor mask a recipe's ``mask_from`` names."""
+        sparsity = self._asked(sparsity, "initial_mask")
         if self.donor_masks is None:
             self.prune(sparsity)
             return
@@ -176,6 +206,36 @@ class PoolPruner:
         self.set_masks(self.donor_masks)
         self.sparsity = donor
         self.prune_count += 1
+
+    @torch.no_grad()
+    def check_at_target(self, target: float, schedule: str) -> None:
+        """Before the final evaluation and the save: the masks are at the schedule's target (computed at it, within
+        one weight, and for single-weight criteria pruning exactly the count the scope takes) and every pruned
+        weight is zero. A model that is not is neither judged nor written."""
+        what = "the model is neither judged nor saved"
+        if self.masks is None:
+            if target == 0:
+                return
+            raise ParpkitError(f"schedule {schedule!r} never pruned: the pool is dense, but its target sparsity is {target}; "
+                               f"{what}. Its on_start or a later hook must call pruner.initial_mask or pruner.prune")
+        if abs(self.sparsity - target) * self.size > 1:
+            raise ParpkitError(f"schedule {schedule!r} leaves the pool at sparsity {self.sparsity:.4g} (the sparsity its masks "
+                               f"were last computed at) before the final evaluation, but its target is {target:g}: {what}. "
+                               "A schedule reaches its target by before_evaluate; one that keeps state (a step, a ramp) "
+                               "must save and restore it (state_dict / load_state_dict), or a resumed run starts it over")
+        pruned = int(torch.stack([torch.count_nonzero(~m) for m in self.masks.values()]).sum())
+        if not isinstance(self.criterion, StructuredCriterion) and self.donor_masks is None:
+            expected = (sum(scope_counts(self.layout.shapes, self.sparsity, self.scope)) if self.scope != "global"
+                        else round(self.sparsity * self.size))
+            if pruned != expected:
+                raise ParpkitError(f"the masks prune {pruned:,} of the pool's {self.size:,} weights, but sparsity "
+                                   f"{self.sparsity:g} ({self.scope}) prunes {expected:,}: {what}")
+        alive = int(torch.stack([torch.count_nonzero((p != 0) & ~m) for p, m in zip(self.params.values(), self.masks.values(),
+                                                                                     strict=True)]).sum())
+        if alive:
+            raise ParpkitError(f"schedule {schedule!r} leaves {alive:,} pruned weights non-zero before the final evaluation "
+                               f"(the masks say {pruned:,} are pruned): {what}. Its before_evaluate must zero them "
+                               "(pruner.apply() or pruner.prune(target))")
 
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         missing = [n for n in self.params if n not in masks]

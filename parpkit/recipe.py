@@ -31,6 +31,9 @@ MAX_STEPS = 10_000_000
 #: nested aliases ("billion laughs") must fail at once, not after minutes and gigabytes
 MAX_VALUES = 100_000
 
+#: one value (a string after ``${var}`` substitution) may hold at most this many characters
+MAX_TEXT = 100_000
+
 
 class RecipeLoader(yaml.SafeLoader):
     """Safe YAML, reading 1e-3 and 5e-1 as numbers (YAML 1.1 wants 1.0e-3; people write 1e-3), and refusing a
@@ -38,18 +41,20 @@ class RecipeLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
+            seen: dict[Any, Any] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # << merges: explicit keys override them by design
                     continue
                 key = self.construct_object(key_node, deep=True)
                 try:
-                    first = seen.setdefault(key, key_node.start_mark.line)
+                    first = seen.setdefault(key, key_node)
                 except TypeError:  # an unhashable key: the base constructor names it
                     continue
-                if first != key_node.start_mark.line:
+                if first is not key_node:  # also on one line: {interval: 3, interval: 1}
+                    mark = first.start_mark
+                    where = f"column {mark.column + 1}" if mark.line == key_node.start_mark.line else f"line {mark.line + 1}"
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key!r} is given twice in one mapping (first on line {first + 1}); "
+                        None, None, f"the key {key!r} is given twice in one mapping (first on {where}); "
                         "YAML would keep only the last", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
@@ -389,6 +394,9 @@ class Recipe(_Strict):
         if v is not None and v.strip() in ("", ".", ".."):
             what = "the run directory's name (runs/NAME)" if info.field_name == "name" else "a folder for the run"
             raise ValueError(f"expected {what}, got {v!r}")
+        if info.field_name == "name" and v is not None and (Path(v).is_absolute() or ".." in Path(v).parts):
+            raise ValueError(f"{v!r} would put the run directory outside runs/ (runs/NAME); give a plain name, and "
+                             "output_dir (or --output-dir) for a folder elsewhere")
         return v
 
     def run_dir(self) -> Path:
@@ -440,7 +448,11 @@ def _substitute(node: Any, variables: dict[str, Any], file: str, key: str) -> An
     whole = _VAR.fullmatch(node)
     if whole:  # a lone reference keeps the variable's type
         return variables[whole.group(1)]
-    return _VAR.sub(lambda m: str(variables[m.group(1)]), node)
+    text = _VAR.sub(lambda m: str(variables[m.group(1)]), node)
+    if len(text) > MAX_TEXT:  # variables that double each other reach gigabytes in 30 levels
+        raise RecipeError(f"expands to {len(text):,} characters, more than parpkit's {MAX_TEXT:,} for one value "
+                          "(variables that repeat each other?)", file=file, key=key)
+    return text
 
 
 def resolve_variables(variables: dict[str, Any], file: str) -> dict[str, Any]:
@@ -538,6 +550,9 @@ def recipe_from_mapping(data: Mapping[str, Any], overrides: Overrides = (), file
         raise RecipeError("expected a mapping of variable names to values", file=file, key="vars")
     variables = resolve_variables(variables, file)
     data = {k: (variables if k == "vars" else _substitute(v, variables, file, k)) for k, v in data.items()}
+    if count_values(data) > MAX_VALUES:  # lists of variables that repeat each other: shared here, copied by validation
+        raise RecipeError(f"the recipe expands to more than {MAX_VALUES:,} values once its variables are substituted; a "
+                          "recipe is a few hundred values (variables that repeat each other?)", file=file, key="vars")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -164,7 +164,8 @@ def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
                    "curve": m.get("curve") or [],
                    # the settings every stage was scored at (parpkit 0.2.0 on: the model's native ones); None before
                    "judged": (m.get("backbone_settings") or {}).get("judged"),
-                   "eval_sizes": {k: n for k, n in (m.get("eval_splits") or {}).items() if _number(n)}}
+                   "eval_sizes": {k: n for k, n in (m.get("eval_splits") or {}).items() if _number(n)},
+                   "corpus": corpus_digests(run_dir / "transcripts_final.jsonl")}
             _check_row(row)
         except (ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
             skipped.append(f"{run_dir / 'metrics.json'}: unreadable ({type(exc).__name__}: {exc})")
@@ -173,6 +174,7 @@ def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
     if not rows:
         raise ParpkitError("no readable runs: " + "; ".join(skipped))
     _one_setting(rows)
+    _true_seeds(rows)
     seeds: defaultdict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         seeds[(r["method"], r["target_sparsity"], r["seed"])].append(r)
@@ -195,13 +197,14 @@ def _check_row(row: dict) -> None:
         raise ValueError(f"target_sparsity is {row['target_sparsity']!r}, expected a number in [0, 1)")
     for key in ("pool_sparsity", "model_sparsity", "wer", "cer", "per", "dense_wer", "dense_cer", "dense_per",
                 "mask_iou_initial", "wall_time_s"):
-        if row[key] is not None and not _number(row[key]):
-            raise ValueError(f"{key} is {row[key]!r}, expected a number")
+        if row[key] is not None and not (_number(row[key]) and math.isfinite(row[key])):
+            raise ValueError(f"{key} is {row[key]!r}, expected a number")  # NaN would print as a blank, "not measured"
     if not _number(row["steps"]) or not _number(row["wall_time_s"]):
         raise ValueError(f"steps and wall_time_s.total must be numbers, got {row['steps']!r} and {row['wall_time_s']!r}")
     for what in ("splits", "dense_splits"):
         for split, rates in row[what].items():
-            if not isinstance(rates, dict) or any(not _number(rates.get(k, 0)) for k in ("wer", "cer", "per")):
+            if not isinstance(rates, dict) or any(not (_number(rates.get(k, 0)) and math.isfinite(rates.get(k, 0)))
+                                                  for k in ("wer", "cer", "per")):
                 raise ValueError(f"{what[:-1].replace('_', ' ')} {split!r} holds {rates!r}, expected error rates")
     for method in ("backbone", "dataset"):
         if not isinstance(row[method], str):
@@ -229,6 +232,92 @@ def _one_setting(rows: list[dict]) -> None:
             parts = [f"{n} in {run}" for n, run in seen.items()]
             raise ParpkitError(f"these runs were scored on different corpora (split {split!r} holds {'; '.join(parts)} "
                                "utterances) and do not belong in one table; report each group on its own")
+    corpora: defaultdict[str, OrderedDict[str, list[str]]] = defaultdict(OrderedDict)
+    for r in rows:
+        for split, digest in r["corpus"].items():
+            corpora[split].setdefault(digest, []).append(r["run"])
+    for split, seen in corpora.items():
+        if len(seen) > 1:
+            parts = [f"{', '.join(runs[:3])}{' …' if len(runs) > 3 else ''}" for runs in seen.values()]
+            raise ParpkitError(f"these runs were scored on different corpora (split {split!r} holds other utterances or "
+                               f"references in {' | '.join(parts)}: another dataset seed or options?) and do not belong in "
+                               "one table; report each group on its own")
+
+
+def corpus_digests(transcripts: Path) -> dict[str, str]:
+    """Per scored split, a digest of its utterances (ids and references) from a run's transcripts: runs of one
+    corpus share it. Empty where the run wrote none (or they cannot be read)."""
+    import hashlib
+
+    rows: defaultdict[str, list[tuple[str, str]]] = defaultdict(list)
+    try:
+        with transcripts.open() as f:
+            for line in f:
+                row = json.loads(line)
+                rows[str(row.get("split"))].append((str(row["id"]), str(row.get("reference"))))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    return {split: hashlib.sha256(json.dumps(sorted(pairs)).encode()).hexdigest()[:16] for split, pairs in rows.items()}
+
+
+#: recipe keys that do not make another configuration: the seed (what seeds vary), names and folders, the
+#: variables (already substituted), the sweep section, and training settings that change no number
+_NOT_CONFIGURATION = {"seed", "name", "output_dir", "vars", "sweep"}
+_BOOKKEEPING = {"save_steps", "keep_checkpoints", "keep_checkpoints_when_done", "logging_steps", "report_to",
+                "dataloader_workers"}
+
+
+def recipe_configuration(run_dir: Path) -> dict[str, Any] | None:
+    """A run's resolved recipe as flat dotted keys, without what does not make another configuration (the seed,
+    names, bookkeeping); None without a readable recipe.yaml."""
+    from parpkit.recipe import parse_yaml
+
+    try:
+        data = parse_yaml((run_dir / "recipe.yaml").read_text())
+    except Exception:  # noqa: BLE001  (missing, unreadable, not YAML: no configuration to compare)
+        return None
+    if not isinstance(data, dict):
+        return None
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        else:
+            flat[key] = node
+
+    walk({k: v for k, v in data.items() if k not in _NOT_CONFIGURATION}, "")
+    return {k: v for k, v in flat.items() if not (k.startswith("training.") and k.split(".", 1)[1] in _BOOKKEEPING)}
+
+
+def _true_seeds(rows: list[dict]) -> None:
+    """Rows that would be averaged as seeds of one method (same label and sparsity) but whose recipes differ in more
+    than the seed (another width, learning rate, step count …) are told apart: each configuration's label gets the
+    keys in which it differs (``parp d_model=32``), or its folder where they are many or a recipe is missing."""
+    groups: defaultdict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["target_sparsity"])].append(r)
+    for same in groups.values():
+        configs = [recipe_configuration(Path(r["run"])) for r in same]
+        texts = [json.dumps(c, sort_keys=True, default=str) for c in configs]
+        if len(set(texts)) < 2:
+            continue
+        if None in configs:
+            differing: list[str] = []
+        else:
+            keys = sorted(set().union(*configs))
+            differing = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+        if 0 < len(differing) <= 3:
+            for r, c in zip(same, configs, strict=True):
+                r["method"] += " " + " ".join(f"{k.rsplit('.', 1)[-1]}={axis_text(c.get(k))}" for k in differing)
+        else:  # one label per configuration: its first run's folder
+            first: dict[str, str] = {}
+            for r, t in zip(same, texts, strict=True):
+                first.setdefault(t, r["run"])
+            labels = dict(zip(first.values(), unique_labels([Path(p) for p in first.values()]), strict=True))
+            for r, t in zip(same, texts, strict=True):
+                r["method"] += f" [{labels[first[t]]}]"
 
 
 def _recipe_seed(run_dir: Path) -> int | None:

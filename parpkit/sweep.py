@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import shlex
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,10 @@ from pydantic import Field, model_validator
 
 from parpkit.errors import RecipeError
 from parpkit.recipe import _Strict, dump_value, parse_override, recipe_from_mapping
+
+
+#: points in one sweep at most: more is a typo in a grid (a sweep of 10⁶ points would never finish)
+MAX_POINTS = 10_000
 
 
 class Grid(_Strict):
@@ -119,6 +125,12 @@ def points(sweep: SweepSection, file: str = "<recipe>", dropped: list[tuple[str,
     is added to ``dropped`` as (its name, the name of the point it repeats)."""
     out: list[Point] = []
     seen: dict[str, str] = {}
+    sizes = [math.prod(len(v) for v in grid.cross.values()) * (len(next(iter(grid.zip.values()))) if grid.zip else 1)
+             for grid in sweep.grids]
+    for g, size in enumerate(sizes):  # counted before any point is made: a 10⁶-point grid hung --dry-run
+        if sum(sizes[:g + 1]) > MAX_POINTS:
+            raise RecipeError(f"the sweep has {sum(sizes):,} points ({size:,} in this grid); parpkit runs at most "
+                              f"{MAX_POINTS:,} in one sweep: split it, or cross fewer values", file=file, key=f"sweep.grids[{g}]")
     for g, grid in enumerate(sweep.grids):
         crossed = list(itertools.product(*[[(a, v) for v in vals] for a, vals in grid.cross.items()]))
         zipped = list(zip(*[[(a, v) for v in vals] for a, vals in grid.zip.items()], strict=True)) or [()]
@@ -148,11 +160,19 @@ def points(sweep: SweepSection, file: str = "<recipe>", dropped: list[tuple[str,
                     continue
                 seen[canon] = _name(axes)
                 out.append(Point(_name(axes), axes, overrides))
-    names = [p.name for p in out]
-    clashes = {n for n in names if names.count(n) > 1}
-    if clashes:  # two different override sets under one label (e.g. dict values of the same hash prefix)
-        out = [Point(f"{p.name}_{i}", p.axes, p.overrides) if p.name in clashes else p for i, p in enumerate(out)]
-    return out
+    counts = Counter(p.name for p in out)
+    taken = set(counts)
+    renamed = []
+    for i, p in enumerate(out):  # two override sets under one name (a/b and a_b, dict values of one hash prefix)
+        if counts[p.name] > 1:
+            name, k = f"{p.name}_{i}", i
+            while name in taken:  # never the name of another point (a_b_1 may be one)
+                k += 1
+                name = f"{p.name}_{k}"
+            taken.add(name)
+            p = Point(name, p.axes, p.overrides)
+        renamed.append(p)
+    return renamed
 
 
 def point_recipe(base: dict[str, Any], point: Point, overrides: list[str] = (), file: str = "<recipe>"):

@@ -1,6 +1,8 @@
 """Helpers for testing plugins without running the engine: a tiny model, a run context with calibration
 batches (padding included), a recipe mapping for a tiny whisper, a pruner that records what a schedule
-asks of it, and a driver that calls a schedule's hooks as the engine does around each update.
+asks of it, a driver that calls a schedule's hooks as the engine does around each update, the engine's
+checks of a dataset's splits (``check_dataset``), and a run stopped after a checkpoint and resumed
+(``crash_and_resume``).
 
     from parpkit.testing import FakePruner, drive, tiny_context, tiny_model
 
@@ -16,13 +18,16 @@ asks of it, and a driver that calls a schedule's hooks as the engine does around
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from parpkit.api import RunResult
 from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
-from parpkit.interfaces import Criterion, Phase, Schedule
+from parpkit.errors import ParpkitError
+from parpkit.interfaces import Backbone, Criterion, Dataset, Phase, Schedule, Utterance
 from parpkit.masks import PoolPruner
 
 
@@ -132,30 +137,133 @@ def apply_changes(recipe: dict, changes: Mapping[str, Any]) -> dict:
 
 
 class FakePruner(PoolPruner):
-    """The engine's pruner, recording every call a schedule makes (``calls``: (method, arguments)) and the
-    sparsity of every mask it set (``history``)."""
+    """The engine's pruner, recording every call a schedule makes (``calls``: (method, arguments), in order:
+    ``initial_mask``, ``prune``, ``apply``, ``zero_pruned_grads``, ``reset_optimizer_state``, ``snapshot``,
+    ``rewind``) and the sparsity of every mask it set (``history``). Only the schedule's own calls are recorded:
+    the prune ``initial_mask`` makes, and the apply every new mask makes, are the pruner's business."""
 
     def __init__(self, model: torch.nn.Module, pool: list[str], criterion: Criterion, scope: str = "global", **kw: Any):
         super().__init__(model, pool, criterion, scope, **kw)
         self.calls: list[tuple[str, tuple]] = []
         self.history: list[float] = []
+        self._depth = 0  # > 0 inside a recorded call: the calls it makes itself are not the schedule's
+
+    def _record(self, method: str, *args: Any, shown: tuple | None = None) -> Any:
+        if self._depth == 0:
+            self.calls.append((method, args if shown is None else shown))
+        self._depth += 1
+        try:
+            return getattr(super(), method)(*args)
+        finally:
+            self._depth -= 1
 
     def prune(self, sparsity: float) -> None:
-        self.calls.append(("prune", (sparsity,)))
-        super().prune(sparsity)
-        self.history.append(sparsity)
+        outer = self._depth == 0
+        self._record("prune", sparsity)
+        if outer:
+            self.history.append(self.sparsity)
 
     def initial_mask(self, sparsity: float) -> None:
-        self.calls.append(("initial_mask", (sparsity,)))
-        super().initial_mask(sparsity)
+        self._record("initial_mask", sparsity)
+        self.history.append(self.sparsity)
+
+    def apply(self) -> None:
+        self._record("apply")
 
     def zero_pruned_grads(self) -> None:
-        self.calls.append(("zero_pruned_grads", ()))
-        super().zero_pruned_grads()
+        self._record("zero_pruned_grads")
 
     def reset_optimizer_state(self, where: Mapping[str, torch.Tensor]) -> int:
-        self.calls.append(("reset_optimizer_state", ()))
-        return super().reset_optimizer_state(where)
+        return self._record("reset_optimizer_state", where, shown=())
+
+    def snapshot(self, name: str) -> None:
+        self._record("snapshot", name)
+
+    def rewind(self, name: str) -> None:
+        self._record("rewind", name)
+
+
+def check_dataset(dataset: Dataset, splits: Iterable[str] | None = None, *, scored: Iterable[str] | None = None,
+                  backbone: Backbone | None = None, normalizer: str = "basic") -> dict[str, Sequence[Utterance]]:
+    """Make the engine's checks of a dataset without a run: its ``check()``, then each split (default: all of
+    ``split_names()``) loaded and checked as ``parpkit run`` checks it when it loads (ids, transcripts, mono float
+    audio in [-1, 1], finite, at the sample rate and long enough for ``backbone``, or 16 kHz), and the ``scored``
+    splits (default: all but ``train``) as evaluation splits (every transcript present, something left to score
+    once normalised). Raises the ParpkitError a run would; returns the loaded splits.
+
+        splits = check_dataset(WavFolder(WavFolderOptions(root=str(tmp_path)), cache_dir=tmp_path))
+        assert len(splits["test"]) == 2
+    """
+    from parpkit.progress import QUIET
+    from parpkit.splits import check_scored, check_utterances
+
+    dataset.check()
+    names = list(splits) if splits is not None else list(dataset.split_names())
+    unknown = [n for n in names if n not in dataset.split_names()]
+    if unknown:
+        raise ParpkitError(f"{dataset.name} has no split {', '.join(map(repr, unknown))}; it has: "
+                           f"{', '.join(dataset.split_names())}")
+    judged = set(scored) if scored is not None else {n for n in names if n != "train"}
+    loaded = {}
+    for split in names:
+        utts = dataset.load_split(split, QUIET)
+        check_utterances(utts, split, backbone)
+        if split in judged:
+            check_scored(utts, split, dataset, normalizer)
+        loaded[split] = utts
+    return loaded
+
+
+class Crashed(Exception):
+    """What ``crash_and_resume`` raises inside a run to stop it as a crash would."""
+
+
+def crash_and_resume(recipe: str | Path | Mapping[str, Any], output_dir: str | Path, *, after_checkpoints: int = 1,
+                     overrides: Mapping[str, Any] | Sequence[str] = (), plugins: Sequence[object] = (),
+                     callbacks: Sequence[Any] = (), between: Any = None) -> RunResult:
+    """Run ``recipe`` into ``output_dir`` and stop it right after its ``after_checkpoints``-th checkpoint is complete
+    (an exception out of the Trainer: nothing after it runs, as when a process is killed), then run it again into
+    the same directory, which resumes. Returns the resumed run's result; compare it with an uninterrupted run
+    (``parpkit.run``) to test that a plugin's ``state_dict`` / ``load_state_dict`` make resuming exact. The recipe must
+    write checkpoints (``training.save_steps``); an AssertionError says so when the run ended before the stop, or
+    when the second run did not resume. ``between(output_dir)``, if given, runs after the stop and before the
+    resume (to damage or age what the first run left).
+
+        from parpkit.testing import crash_and_resume, tiny_recipe
+
+        straight = parpkit.run(tiny_recipe(**{"training.save_steps": 2}), output_dir=tmp / "a", plugins=[Mine()])
+        resumed = crash_and_resume(tiny_recipe(**{"training.save_steps": 2}), tmp / "b", plugins=[Mine()])
+        assert resumed.final == straight.final
+    """
+    import json
+
+    from transformers import TrainerCallback
+
+    from parpkit.api import run
+
+    seen: list[int] = []
+
+    class Stop(TrainerCallback):
+        def on_save(self, args, state, control, **kw):  # after parpkit's own callback marked the checkpoint complete
+            if (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "COMPLETE").is_file():
+                seen.append(state.global_step)
+                if len(seen) == after_checkpoints:
+                    raise Crashed(f"stopped after the checkpoint at step {state.global_step}")
+
+    try:
+        run(recipe, overrides=overrides, output_dir=output_dir, plugins=plugins, progress=False,
+            callbacks=[*callbacks, Stop()])
+    except Crashed:
+        pass
+    else:
+        raise AssertionError(f"the run finished after {len(seen)} complete checkpoint(s), before the stop after "
+                             f"{after_checkpoints}: set training.save_steps so that it writes them")
+    if between is not None:
+        between(Path(output_dir))
+    result = run(recipe, overrides=overrides, output_dir=output_dir, plugins=plugins, progress=False, callbacks=callbacks)
+    events = [json.loads(line)["event"] for line in (Path(output_dir) / "log.jsonl").read_text().splitlines()]
+    assert "resume" in events, f"the second run into {output_dir} did not resume from the checkpoint"
+    return result
 
 
 def drive(schedule: Schedule, pruner: PoolPruner, steps: int) -> list[float]:

@@ -220,7 +220,7 @@ class SparseGPTOptions(CalibrationOptions):
     #: column; a multiple of M under an N:M pattern
     block_size: int = Field(default=128, gt=0)
     #: added to the diagonal of XᵀX, as a share of its mean (raised tenfold if the matrix is still singular)
-    dampening: float = Field(default=0.01, gt=0)
+    dampening: float = Field(default=0.01, gt=0, le=1)
 
 
 class SparseGPT(ReconstructingCriterion):

@@ -25,8 +25,8 @@ class Magnitude(PruningCriterion):
 
 
 class RandomOptions(PluginOptions):
-    #: null: the recipe's `seed`, so that runs with different seeds draw different masks
-    seed: int | None = None
+    #: null: the recipe's `seed`, so that runs with different seeds draw different masks (torch takes 32 bits)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
 
 
 class Random(PruningCriterion):

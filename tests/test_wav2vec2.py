@@ -143,7 +143,7 @@ def test_manifest_errors(tmp_path):
 
     (tmp_path / "m.csv").write_text("file,text\nmissing.wav,hello\n")
     m = Manifest(ManifestOptions(splits={"train": str(tmp_path / "m.csv")}), cache_dir=tmp_path)
-    with pytest.raises(ParpkitError, match="no column 'audio'; columns are file, text"):
+    with pytest.raises(ParpkitError, match=r"no column 'audio' \(audio_column\); columns are file, text"):
         m.load_split("train", QUIET)
     m = Manifest(ManifestOptions(splits={"train": str(tmp_path / "m.csv")}, audio_column="file"), cache_dir=tmp_path)
     with pytest.raises(ParpkitError, match=r"missing\.wav: unreadable audio .*row 1"):

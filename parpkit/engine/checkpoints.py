@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from parpkit.engine.rundir import atomic_write
+from parpkit.plugin_checks import check_state
 
 MARKER = "COMPLETE"
 
@@ -85,6 +86,12 @@ def rotate(phase_dir: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def extra_defaults() -> dict[str, Any]:
+    """What a run keeps beside the stages, before anything happened: the learning curve, the best validation
+    checkpoint, the phases taken from other runs."""
+    return {"curve": [], "best": None, "shared_phases": []}
+
+
 class RunState:
     """What a checkpoint adds to the Trainer's: the ``state_dict`` of pruner, schedule and criterion,
     the stages evaluated so far, the run's own record (``extra``: learning curve, best checkpoint), the
@@ -99,8 +106,7 @@ class RunState:
     def write(self, directory: Path, *, phase: int, offset: int, weights: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MARKER).unlink(missing_ok=True)
-        tree, tensors = split_tensors({"pruner": self.pruner.state_dict(), "schedule": self.schedule.state_dict(),
-                                       "criterion": self.criterion.state_dict(), "extra": self.extra})
+        tree, tensors = split_tensors({"pruner": self.pruner.state_dict(), **self.plugin_states(), "extra": self.extra})
         save_file(tensors, str(directory / "parpkit_tensors.safetensors"))
         if weights:
             state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.pruner.model.state_dict().items()}
@@ -111,6 +117,14 @@ class RunState:
         # last: a checkpoint without it is never used; the checksums catch damage done after it was written
         atomic_write(directory / MARKER, json.dumps({"sha256": checksums(directory)}, indent=1) + "\n")
 
+    def plugin_states(self) -> dict[str, Any]:
+        """The schedule's and criterion's ``state_dict``, refused (naming the plugin and the key) unless a
+        checkpoint can hold them; the engine also calls this when a run begins, before any training."""
+        states = {"schedule": self.schedule.state_dict(), "criterion": self.criterion.state_dict()}
+        for kind, state in states.items():
+            check_state(state, f"{kind} {getattr(self, kind).name!r}")
+        return states
+
     def read(self, directory: Path) -> dict:
         meta = read_state(directory)
         self.pruner.load_state_dict(meta["pruner"])
@@ -118,8 +132,8 @@ class RunState:
         self.criterion.load_state_dict(meta["criterion"])
         self.stages.clear()
         self.stages.update(meta["stages"])
-        self.extra.clear()
-        self.extra.update(meta.get("extra", {}))
+        self.extra.clear()  # checkpoints of older parpkit releases have no (or less) extra: the defaults fill in
+        self.extra.update({**extra_defaults(), **(meta.get("extra") or {})})
         if (directory / "weights.safetensors").exists():
             self.pruner.model.load_state_dict(load_file(str(directory / "weights.safetensors")))
         return meta

@@ -21,15 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 import parpkit.version
 from parpkit.engine.distill import Distiller, check_teacher, make_teacher, pseudo_label
-from parpkit.engine.checkpoints import (RunState, checkpoints, find_resume_point, is_complete, join_tensors, problem,
-                                        split_tensors)
+from parpkit.engine.checkpoints import (RunState, checkpoints, extra_defaults, find_resume_point, is_complete, join_tensors,
+                                        problem, split_tensors)
 from parpkit.engine.evaluation import evaluate
 from parpkit.engine.rundir import RunDir
 from parpkit.engine.shared import SharedWork, tensors_digest, utterances_digest
@@ -39,8 +38,9 @@ from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
 from parpkit.errors import ParpkitError, RecipeError, UsageError
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
 from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model_zero_fraction
-from parpkit.metrics import normalise, normalise_units
+from parpkit.plugin_checks import check_calibration_batches, check_config_counts, check_leaves_weights, check_phases
 from parpkit.progress import Progress
+from parpkit.splits import check_scored, check_utterances
 from parpkit.resolve import Resolved
 from parpkit.selection import as_rows, parse_pattern
 from parpkit.units import restrict
@@ -81,7 +81,7 @@ class Session:
     pseudo_labelled: int = 0  # training utterances the teacher transcribed
     #: what checkpoints keep beside the stages: the learning curve, the best validation checkpoint and the
     #: phases taken from other runs (a resumed run still reports those its earlier attempts took)
-    extra: dict[str, Any] = field(default_factory=lambda: {"curve": [], "best": None, "shared_phases": []})
+    extra: dict[str, Any] = field(default_factory=extra_defaults)
 
     @property
     def recipe(self):
@@ -147,6 +147,7 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
             s.resolved.schedule.before_evaluate(s.pruner)
             if s.pruner.prune_count != before:  # PARP's re-prune before scoring moves the mask too: logged like the others
                 s.log.write("prune", step=offset, before_scoring=True, **s.pruner.prune_event())
+            s.pruner.check_at_target(s.resolved.schedule.target, s.resolved.schedule.name)
             judge(s, "final")
             metrics = write(s)
         except (ParpkitError, OSError) as exc:
@@ -187,13 +188,15 @@ def build_skeleton(backbone) -> torch.nn.Module:
     raise: one line naming the backbone, never a traceback. Building it costs no memory: the real model
     builds from the same config."""
     try:
-        return backbone.skeleton()
+        model = backbone.skeleton()
     except (ParpkitError, RecipeError):
         raise
     except Exception as exc:  # noqa: BLE001  (TypeError, RuntimeError, ZeroDivisionError … from the model's constructor)
         text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         text = text if len(text) <= 300 else text[:300] + " …"
         raise ParpkitError(f"{backbone.name}: the config cannot build a model: {text}") from None
+    check_config_counts(backbone.name, getattr(model, "config", None))
+    return model
 
 
 def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
@@ -218,9 +221,13 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     if r.training.freeze_transformer_steps and resolved.backbone.output_layer(model) is None:
         raise RecipeError(f"backbone {resolved.backbone.name!r} names no output layer (get_output_embeddings) to train "
                           "alone", file=file, key="training.freeze_transformer_steps")
-    phases = located(file, "pruning.schedule.options", lambda: schedule.phases(r.training.max_steps))
+    phases = located(file, "pruning.schedule.options", lambda: check_phases(schedule.phases(r.training.max_steps), schedule.name))
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    located(file, "pruning.sparsity", lambda: check_leaves_weights({n: shapes[n] for n in pool}, r.pruning.sparsity,
+                                                                   r.pruning.scope, ""))
     context = run_context(resolved, model, pool, phases, loaded=False)
     check_pattern(resolved, model, pool)
+    located(file, "pruning.criterion.options", lambda: check_calibration_batches(criterion))
     located(file, "pruning.criterion", lambda: criterion.check(context))
     located(file, "pruning.schedule", lambda: schedule.check(context))
     check_teacher(r.distillation, resolved.backbone, file)
@@ -268,20 +275,26 @@ def prepare(s: Session) -> None:
     s.train = load_split(s, r.dataset.train_split)
     s.evals = {split: load_split(s, split) for split in r.dataset.eval_splits}
     for split, utts in s.evals.items():
-        norm = normalise if ds.unit == "words" else normalise_units
-        if any(u.text is None for u in utts):
-            raise ParpkitError(f"dataset.eval_split: split {split!r} has utterances without transcripts; an evaluation "
-                               "split needs them all")
-        if not any(norm(ds.score_text(u.text)) for u in utts):
-            raise ParpkitError(f"dataset.eval_split: split {split!r} has nothing to score: every one of its {len(utts)} "
-                               "transcripts is empty once normalised")
+        check_scored(utts, split, ds, r.evaluation.normalizer)
     if r.evaluation.every_steps:
         split = r.evaluation.validation_split or r.dataset.eval_splits[0]
         s.validation = s.evals[split] if split in s.evals else load_split(s, split)
     s.log.write("data", train=len(s.train), eval={k: len(v) for k, v in s.evals.items()}, **ds.report())
+    if ds.skipped:  # counted in metrics.json too; said here, so that a split scored on fewer utterances is noticed
+        s.progress.console.print(f"warning: {r.dataset.name} skipped {len(ds.skipped)} utterance(s) (skip_unreadable), "
+                                 f"first: {ds.skipped[0]}", soft_wrap=True, markup=False)
     labelled = [u for u in s.train if u.text is not None]
     backbone.prepare(labelled, ds.unit)
     s.model = backbone.load()
+    scored = dict(s.evals)
+    if s.validation and not any(s.validation is utts for utts in s.evals.values()):
+        scored[r.evaluation.validation_split] = s.validation
+    checked = [(r.dataset.train_split, s.train, True), *((split, utts, False) for split, utts in scored.items())]
+    for split, utts, training in checked:  # lengths the loaded model cannot take, named before anything runs
+        try:
+            backbone.check_lengths(utts, training=training)
+        except ParpkitError as exc:
+            raise ParpkitError(f"dataset: split {split!r}: {exc}") from None
     if s.shared.root is not None:
         s.contents["model"] = tensors_digest(s.model.state_dict())
     d = r.distillation
@@ -320,6 +333,7 @@ def prepare(s: Session) -> None:
                             positions=backbone.position_mask, warn=lambda message: warn(s, message))
     s.pruner = PoolPruner(s.model, s.pool, criterion, r.pruning.scope, groups=groups, donor_masks=donor, context=s.context,
                           pattern=parse_pattern(r.pruning.pattern))
+    s.pruner.owner, s.pruner.event = f"schedule {s.resolved.schedule.name!r}", s.log.write
     s.pruner.snapshot("pretrained")
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
@@ -361,27 +375,6 @@ def load_split(s: Session, split: str) -> Sequence[Utterance]:
     if s.shared.root is not None:
         s.contents[f"split:{split}"] = utterances_digest(utts)
     return utts
-
-
-def check_utterances(utts: Sequence[Utterance], split: str, backbone) -> None:
-    where = f"dataset: split {split!r}"
-    sample_rate, shortest = backbone.sample_rate, backbone.min_samples()
-    seen: set[str] = set()
-    for u in utts:
-        if u.id in seen:
-            raise ParpkitError(f"{where}: utterance id {u.id!r} occurs more than once; ids must be unique within a split")
-        seen.add(u.id)
-        if u.sample_rate != sample_rate:
-            raise ParpkitError(f"{where}: utterance {u.id!r} is at {u.sample_rate} Hz; the backbone takes {sample_rate} Hz "
-                               "(resample it in the dataset)")
-        audio = np.asarray(u.audio)
-        if not np.isfinite(audio).all():
-            bad = int((~np.isfinite(audio)).sum())
-            raise ParpkitError(f"{where}: utterance {u.id!r} has {bad} non-finite audio sample{'s' if bad != 1 else ''} "
-                               f"(NaN or infinity) of {audio.size}")
-        if len(audio) < shortest:  # a 1-sample clip would crash a CTC model's feature encoder mid-training
-            raise ParpkitError(f"{where}: utterance {u.id} is {len(audio)} samples long; {backbone.name} needs at least "
-                               f"{shortest} ({shortest / sample_rate * 1000:g} ms) to make one output frame; remove it from the split")
 
 
 def training_split_scored(r) -> str | None:
@@ -433,6 +426,7 @@ def start(s: Session, *, fresh: bool, resume: bool) -> Path | None:
     t0 = time.time()
     calibrate(s)
     s.resolved.schedule.on_start(s.pruner)
+    s.state.plugin_states()  # a state a checkpoint cannot hold is named now, not at the first checkpoint
     if s.pruner.masks is not None:  # seconds: the first mask's calibration and selection (and reconstruction)
         s.log.write("prune", step=0, seconds=round(time.time() - t0, 2), **s.pruner.prune_event())
         if s.main:  # how far the final mask moves from this one is part of the answer (metrics: mask_iou_initial)

@@ -6,7 +6,9 @@ import csv
 import datetime
 import fcntl
 import json
+import io
 import os
+import re
 import shutil
 import socket
 import time
@@ -61,6 +63,23 @@ RUN_OUTPUTS = ("metrics.json", "metrics.json.tmp", "checkpoints", "log.jsonl", "
                "compact.partial", "recipe.yaml")
 
 
+#: the folder ``RunDir.clear`` moves a run's outputs into before deleting them
+CLEARING = ".parpkit-clearing"
+
+_LOCK_LINE = re.compile(r"pid \d+ on .*, started ")
+_EVENT_LINE = re.compile(r'\{"event": "')
+
+
+def _strings(node: Any, key: str = "") -> list[tuple[str, str]]:
+    """Every string value of a recipe mapping with its dotted key (not ``name``, ``output_dir`` or ``sweep``)."""
+    if isinstance(node, dict):
+        return [s for k, v in node.items() if not (not key and k in ("name", "output_dir", "sweep"))
+                for s in _strings(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(node, list):
+        return [s for i, v in enumerate(node) for s in _strings(v, f"{key}[{i}]")]
+    return [(key, node)] if isinstance(node, str) else []
+
+
 class RunDir:
     """``recipe.yaml``, ``metrics.json``, ``log.jsonl``, ``sparsity.csv``, masks, transcripts, ``model/`` and
     ``checkpoints/``. One run at a time: an exclusive lock (``.lock``, naming its holder) is held while a
@@ -79,10 +98,17 @@ class RunDir:
             return
         if self.path.exists() and not self.path.is_dir():
             raise ParpkitError(f"{self.path}: the run directory is a file; pass --output-dir with a directory")
-        if (self.path / "recipe.yaml").is_file() and not self.is_run_directory():
+        foreign = self.foreign_outputs()
+        if self.path / "recipe.yaml" in foreign:
             raise ParpkitError(f"{self.path / 'recipe.yaml'} was not written by a parpkit run (the folder holds no run: no "
-                               ".lock, log.jsonl, metrics.json or checkpoints), and a run writes its own recipe.yaml "
+                               ".lock, log.jsonl, metrics.json or checkpoints of one), and a run writes its own recipe.yaml "
                                "there; pass --output-dir with a folder of its own")
+        if foreign:
+            shown = ", ".join(str(f.relative_to(self.path)) for f in foreign[:3]) + (" …" if len(foreign) > 3 else "")
+            raise ParpkitError(f"{self.path} is not a parpkit run directory (no run wrote there: no .lock, log.jsonl, "
+                               f"metrics.json or checkpoints/phase-* of one), and it holds files a run writes or removes "
+                               f"({shown}); they are not a run's to overwrite or delete, with --fresh or without: pass "
+                               "--output-dir with a folder of its own")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             lock = open(self.path / ".lock", "a+")
@@ -109,13 +135,34 @@ class RunDir:
             self._lock = None
 
     def is_run_directory(self) -> bool:
-        """Whether a run has used this folder (a user's own folder with a recipe.yaml in it is not one)."""
-        return any((self.path / name).exists() for name in (".lock", "log.jsonl", "metrics.json", "checkpoints"))
+        """Whether a run has used this folder, judged by what only a run writes: its lock naming a process, its
+        log of events, a metrics.json beside a recipe.yaml, or checkpoints/phase-N (a user's own folder with
+        a recipe.yaml, a model/ or a checkpoints/ of its own is not one)."""
+        p = self.path
+        try:
+            lock = (p / ".lock").read_text(errors="replace") if (p / ".lock").is_file() else ""
+            with (p / "log.jsonl").open(errors="replace") if (p / "log.jsonl").is_file() else io.StringIO() as f:
+                first = f.readline()
+        except OSError:
+            return False
+        return bool(_LOCK_LINE.match(lock) or _EVENT_LINE.match(first)
+                    or ((p / "metrics.json").is_file() and (p / "recipe.yaml").is_file())
+                    or any(c.is_dir() for c in p.glob("checkpoints/phase-*")))
+
+    def foreign_outputs(self) -> list[Path]:
+        """Files with the names a run writes (``RUN_OUTPUTS``) in a folder that is not a run directory: a run
+        would overwrite or remove them, and they are not a run's (empty when the folder is a run directory)."""
+        if not self.path.is_dir() or self.is_run_directory():
+            return []
+        found = [p for pattern in RUN_OUTPUTS for p in sorted(self.path.glob(pattern))]
+        return [f for p in found for f in ([p] if not p.is_dir() else sorted(x for x in p.rglob("*") if not x.is_dir()) or [p])]
 
     def complete_run(self) -> dict | None:
         """The metrics of a finished run of this same recipe, read without writing anything (no lock): a
         finished run on a read-only mount is reported complete, not refused."""
         recipe, metrics = self.path / "recipe.yaml", self.path / "metrics.json"
+        if (self.path / CLEARING).exists():
+            return None  # being cleared (or left half cleared): the locked path finishes that
         try:
             if metrics.is_file() and recipe.is_file() and same_recipe(recipe.read_text(), self.recipe_text):
                 return json.loads(metrics.read_text())
@@ -124,8 +171,20 @@ class RunDir:
         return None
 
     def finished_metrics(self) -> dict | None:
+        """The metrics.json of a finished run here, or None; a damaged one (truncated, not a mapping) is an error
+        naming it, not a traceback: what to do with it is the user's call."""
         path = self.path / "metrics.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            metrics = exc
+        if not isinstance(metrics, dict):
+            why = f"{type(metrics).__name__}: {metrics}" if isinstance(metrics, Exception) else f"a {type(metrics).__name__}"
+            raise ParpkitError(f"{path} is damaged ({why}); the run there finished but its metrics cannot be read: pass "
+                               "--fresh to run it again, or --output-dir for another folder")
+        return metrics
 
     def has_results(self) -> bool:
         """A finished run or a complete checkpoint: something a different recipe would destroy."""
@@ -134,7 +193,9 @@ class RunDir:
     def claim(self, fresh: bool) -> None:
         """Make the directory this recipe's: with ``fresh`` discard what is there; otherwise refuse a
         directory that holds results of another recipe (a run that stopped before writing any, say on
-        a typo, does not block its corrected re-run)."""
+        a typo, does not block its corrected re-run). Nothing is removed that the recipe reads (a
+        ``mask_from`` or a teacher inside the directory), and a clearing an earlier process began and did
+        not end is finished first."""
         recipe = self.path / "recipe.yaml"
         if not self.main:
             return
@@ -142,17 +203,41 @@ class RunDir:
         if other and not fresh and self.has_results():
             raise ParpkitError(f"{self.path} holds a run of a different recipe; pass --fresh to start it over, or "
                                "--output-dir for a new directory")
-        if fresh or other:
+        if fresh or other or (self.path / CLEARING).exists():
+            self.refuse_reading_what_is_cleared()
             self.clear()
 
+    def outputs(self) -> list[Path]:
+        """What ``clear`` removes: every file and folder here matching ``RUN_OUTPUTS``."""
+        return [p for pattern in RUN_OUTPUTS for p in sorted(self.path.glob(pattern))]
+
+    def refuse_reading_what_is_cleared(self) -> None:
+        """The recipe reads nothing that clearing would remove: a ``pruning.mask_from`` of this directory or a
+        ``distillation.teacher: <this directory>/model`` would be deleted first and then found missing."""
+        import yaml
+
+        doomed = [p.resolve() for p in self.outputs()]
+        here = self.path.resolve()
+        for key, value in _strings(yaml.safe_load(self.recipe_text) or {}):
+            target = Path(value).expanduser()
+            if not value.strip() or not target.exists():
+                continue
+            target = target.resolve()
+            if target == here or any(target == d or d in target.parents for d in doomed):
+                raise ParpkitError(f"{key}: {value!r} lies in the run directory {self.path}, whose outputs this run would "
+                                   "remove before it starts (--fresh, or another recipe): nothing was removed. Copy it "
+                                   "elsewhere and point the recipe there, or pass --output-dir with another folder")
+
     def clear(self) -> None:
-        """Remove every output of an earlier run (``RUN_OUTPUTS``); the lock and files of others stay."""
-        for pattern in RUN_OUTPUTS:
-            for stale in sorted(self.path.glob(pattern)):
-                if stale.is_dir() and not stale.is_symlink():
-                    shutil.rmtree(stale)
-                else:
-                    stale.unlink(missing_ok=True)
+        """Remove every output of an earlier run (``RUN_OUTPUTS``; the lock and files of others stay), all or
+        nothing: each is first moved into ``.parpkit-clearing`` (renames, instant), metrics.json first, then
+        that folder is deleted. A process killed meanwhile leaves the folder behind, and the next run here
+        finishes the clearing (``claim``) before it reads anything."""
+        trash = self.path / CLEARING
+        trash.mkdir(exist_ok=True)
+        for i, stale in enumerate(self.outputs()):
+            os.replace(stale, trash / f"{os.getpid()}-{i}-{stale.name}")
+        shutil.rmtree(trash)
 
     def write_recipe(self) -> None:
         if self.main:

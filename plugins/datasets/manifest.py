@@ -57,13 +57,19 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                 rows.append(row)
         return rows
     if suffix == ".tsv":  # tab-separated values have no quoting: a quote is part of its field
-        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+        rows = []
+        for row in reader:
+            _whole_row(path, reader, row, len(rows) + 1, "a tab inside a transcript?")
+            rows.append(row)
+        return rows
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         rows: list[dict[str, Any]] = []
         start = 2  # the line the next row begins on (after the header)
         try:
             for row in reader:
+                _whole_row(path, reader, row, len(rows) + 1, "a comma inside a transcript? put the field in double quotes")
                 # a field over several lines is a quote opened and closed rows later: the rows between are gone
                 if any(isinstance(v, str) and ("\n" in v or "\r" in v) for v in row.values()):
                     raise ParpkitError(f"{path}:{start}: row {len(rows) + 1} has a field that runs over lines {start}-"
@@ -75,6 +81,17 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                                "one?)") from None
         return rows
     raise ParpkitError(f"{path}: unknown manifest type {suffix!r}; expected .csv, .tsv or .jsonl")
+
+
+def _whole_row(path: Path, reader: csv.DictReader, row: dict[str, Any], number: int, hint: str) -> None:
+    """A row with as many fields as the header has columns: extra fields would be cut off (``s4.wav,hello, world``
+    scored against ``hello``) and missing ones read as empty, silently."""
+    columns = len(reader.fieldnames or ())
+    extra = row.get(None)
+    fields = columns + len(extra) if extra else sum(v is not None for v in row.values())
+    if fields != columns:
+        raise ParpkitError(f"{path}:{reader.line_num}: row {number} has {fields} field{'s' if fields != 1 else ''}, but the "
+                           f"header has {columns} columns ({hint})")
 
 
 class Manifest(Dataset):
@@ -89,18 +106,9 @@ class Manifest(Dataset):
         return list(self.options.splits)
 
     def check(self) -> None:
-        """Each manifest exists and has the columns the options name (read, not the audio)."""
-        o = self.options
-        for split, file in o.splits.items():
-            path = Path(file).expanduser()
-            if not path.is_file():
-                raise ParpkitError(f"manifest for split {split!r} not found: {file}")
-            rows = read_rows(path)
-            if not rows:
-                raise ParpkitError(f"{path}: the manifest has no rows")
-            for key, col in (("audio_column", o.audio_column), ("speaker_column", o.speaker_column), ("id_column", o.id_column)):
-                if col and col not in rows[0]:
-                    raise ParpkitError(f"{path}: no column {col!r} ({key}); columns are {', '.join(map(str, rows[0]))}")
+        """Each manifest exists, its rows are whole, and it has the columns the options name (read, not the audio)."""
+        for split in self.options.splits:
+            path, rows = self._rows(split)
             self._labelled(path, rows[0])
 
     def _labelled(self, path: Path, columns: dict) -> bool:
@@ -119,7 +127,7 @@ class Manifest(Dataset):
                                "distillation) has no column besides the audio, id and speaker ones")
         return False
 
-    def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
+    def _rows(self, split: str) -> tuple[Path, list[dict[str, Any]]]:
         o = self.options
         path = Path(o.splits[split]).expanduser()
         if not path.is_file():
@@ -127,9 +135,19 @@ class Manifest(Dataset):
         rows = read_rows(path)
         if not rows:
             raise ParpkitError(f"{path}: the manifest has no rows")
-        for col in (o.audio_column, o.speaker_column, o.id_column):
+        # text_column as given: a misspelled one would read a labelled split as unlabelled audio
+        named = ("text_column", o.text_column) if "text_column" in o.model_fields_set else ("", None)
+        for key, col in (("audio_column", o.audio_column), named, ("speaker_column", o.speaker_column),
+                         ("id_column", o.id_column)):
             if col and col not in rows[0]:
-                raise ParpkitError(f"{path}: no column {col!r}; columns are {', '.join(rows[0])}")
+                close = difflib.get_close_matches(col, list(map(str, rows[0])), 1)
+                raise ParpkitError(f"{path}: no column {col!r} ({key}); columns are {', '.join(map(str, rows[0]))}"
+                                   + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return path, rows
+
+    def load_split(self, split: str, progress: Progress) -> Sequence[Utterance]:
+        o = self.options
+        path, rows = self._rows(split)
         # a manifest without the text column is unlabelled audio: a training split of it needs distillation
         # (the teacher transcribes it); the engine refuses it anywhere else
         labelled = self._labelled(path, rows[0])

@@ -33,6 +33,14 @@ FOLD_39 = {"ao": "aa", "ax": "ah", "ax-h": "ah", "axr": "er", "hv": "hh", "ix": 
 SPLITS = ("train", "dev", "core_test", "test")
 
 
+#: the files of one utterance (``.WAV.wav``: the RIFF copy some redistributions add)
+_EXTENSIONS = ("wav", "wav.wav", "txt", "phn", "wrd")
+
+
+class Damaged(ParpkitError):
+    """An utterance's files are missing or malformed."""
+
+
 class TimitOptions(PluginOptions):
     #: the folder holding ``TRAIN`` and ``TEST`` (any case)
     root: str = "data/TIMIT"
@@ -41,7 +49,8 @@ class TimitOptions(PluginOptions):
     targets: Literal["words", "characters", "phones"] = "words"
     #: include SA1 and SA2, which every speaker reads (excluded by default, as usual)
     include_sa: bool = False
-    #: skip unreadable audio files (counted in metrics.json) instead of stopping
+    #: skip utterances whose audio is unreadable or whose files are missing, empty or malformed (each counted
+    #: and named in metrics.json) instead of stopping at the first
     skip_unreadable: bool = False
     #: at most this many utterances per split (quick trials); null for all
     max_utterances: int | None = Field(default=None, gt=0)
@@ -91,6 +100,8 @@ class Timit(Dataset):
         return parts
 
     def _utterance_files(self, split: str) -> list[tuple[str, str, dict[str, Path]]]:
+        """Every utterance of the split with the files it has (a stem with any of .WAV, .TXT, .PHN, .WRD counts:
+        one that lacks a file it needs is named when the split loads, not dropped)."""
         part = self._locate()["train" if split == "train" else "test"]
         out = []
         for dr in sorted(part.iterdir(), key=lambda p: p.name.lower()):
@@ -104,12 +115,12 @@ class Timit(Dataset):
                 for f in spk.iterdir():
                     lower = f.name.lower()
                     stem, _, ext = lower.partition(".")
-                    files.setdefault(stem, {})[ext] = f
+                    if stem and ext in _EXTENSIONS:
+                        files.setdefault(stem, {})[ext] = f
                 for stem in sorted(files):
                     if not self.options.include_sa and stem.startswith("sa"):
                         continue
-                    if "txt" in files[stem] and ("wav" in files[stem] or "wav.wav" in files[stem]):
-                        out.append((f"{dr.name.lower()}_{speaker}_{stem}", speaker, files[stem]))
+                    out.append((f"{dr.name.lower()}_{speaker}_{stem}", speaker, files[stem]))
         return out
 
     def _speaker_in(self, split: str, speaker: str) -> bool:
@@ -120,16 +131,41 @@ class Timit(Dataset):
         return True  # train: the whole TRAIN part; test: the whole TEST part
 
     # ------------------------------------------------------------------------------- reading
-    def _target(self, files: dict[str, Path]) -> str:
-        if self.options.targets == "phones":
-            if "phn" not in files:
-                raise ParpkitError(f"{files['txt'].with_suffix('.PHN')}: phone targets need the .PHN file")
-            return " ".join(line.split()[2] for line in files["phn"].read_text().splitlines() if len(line.split()) == 3)
-        words = files["txt"].read_text().split(maxsplit=2)
-        return normalise(words[2] if len(words) == 3 else "")
+    def _target(self, uid: str, files: dict[str, Path]) -> str:
+        """The transcript: the .PHN phones (every line ``start end phone``) or the .TXT sentence (``start end
+        sentence``), refused when the file is missing, malformed or empty (it would train and score as blank)."""
+        kind = "phn" if self.options.targets == "phones" else "txt"
+        if kind not in files:
+            have = ", ".join(f".{e.upper()}" for e in sorted(files)) or "nothing"
+            raise Damaged(f"TIMIT utterance {uid} has no .{kind.upper()} file (found {have}) beside its audio")
+        path = files[kind]
+        lines = path.read_text(errors="replace").splitlines()
+        if kind == "phn":
+            phones = []
+            for n, line in enumerate(lines, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+                    raise Damaged(f"{path}:{n}: expected 'start end phone', got {line.strip()[:40]!r}")
+                phones.append(parts[2])
+            if not phones:
+                raise Damaged(f"{path}: holds no phones")
+            return " ".join(phones)
+        first = next((line for line in lines if line.strip()), "")
+        words = first.split(maxsplit=2)
+        if len(words) < 2 or not (words[0].isdigit() and words[1].isdigit()):
+            raise Damaged(f"{path}:1: expected 'start end sentence', got {first.strip()[:40]!r}")
+        text = normalise(words[2] if len(words) == 3 else "")
+        if not text:
+            raise Damaged(f"{path}: holds no sentence ({first.strip()[:40]!r}); it would train and score as a blank transcript")
+        return text
 
-    def _audio(self, files: dict[str, Path]):
+    def _audio(self, uid: str, files: dict[str, Path]):
         candidates = [files[k] for k in ("wav", "wav.wav") if k in files]
+        if not candidates:
+            have = ", ".join(f".{e.upper()}" for e in sorted(files))
+            raise Damaged(f"TIMIT utterance {uid} has no .WAV file (found {have})")
         error = None
         for path in candidates:
             try:
@@ -150,14 +186,16 @@ class Timit(Dataset):
         with progress.task(f"reading TIMIT {split}", total=len(entries)) as task:
             for uid, speaker, files in entries:
                 try:
-                    audio = self._audio(files)
-                except AudioError as exc:
+                    audio = self._audio(uid, files)
+                    text = self._target(uid, files)
+                except (AudioError, Damaged) as exc:
                     if not self.options.skip_unreadable:
-                        raise ParpkitError(f"{exc}; set dataset.options.skip_unreadable: true to skip such files") from None
-                    self.skipped.append(os.fspath(exc.path))
+                        raise ParpkitError(f"{exc}; set dataset.options.skip_unreadable: true to skip (and count) such "
+                                           "utterances") from None
+                    self.skipped.append(os.fspath(exc.path) if isinstance(exc, AudioError) else str(exc))
                     task.advance()
                     continue
-                out.append(Utterance(uid, audio, 16000, self._target(files), speaker))
+                out.append(Utterance(uid, audio, 16000, text, speaker))
                 task.advance()
         return out
 

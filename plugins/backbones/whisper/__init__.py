@@ -372,6 +372,21 @@ class WhisperBackbone(Backbone):
         return teacher
 
     # ------------------------------------------------------------------------------ batches
+    def check_lengths(self, utterances: Sequence[Utterance], *, training: bool) -> None:
+        """Training splits against the training window and the decoder's positions; scored ones against the
+        model's own window, at which they are decoded."""
+        if training:
+            self._check_lengths([u.audio for u in utterances], [u.id for u in utterances])
+            if labelled := [u for u in utterances if u.text is not None]:
+                self._labels(labelled)  # tokenised now (and kept): a transcript too long for the decoder is named
+            return
+        extractor = self.feature_extractor
+        self.feature_extractor = self._extractor(extractor.feature_size, self._native_positions)
+        try:
+            self._check_lengths([u.audio for u in utterances], [u.id for u in utterances])
+        finally:
+            self.feature_extractor = extractor
+
     def _check_lengths(self, audios: Sequence[np.ndarray], ids: Sequence[str] = ()) -> None:
         fe = self.feature_extractor
         for i, a in enumerate(audios):

@@ -66,6 +66,10 @@ OOD_VARIANTS = [
 MAX_UTTERANCES = 100_000
 
 
+#: the speaking rates espeak-ng takes (words per minute)
+RATES = (80, 450)
+
+
 class SyntheticOptions(PluginOptions):
     #: utterances per split
     sizes: dict[str, int] = Field(default_factory=lambda: {"train": 200, "validation": 20, "test": 40})
@@ -140,6 +144,15 @@ class SyntheticOptions(PluginOptions):
             if not 0.5 <= lo or hi - lo <= 2 * SECONDS_MARGIN + 0.2:
                 raise ValueError(f"seconds {list(self.seconds)}: expected [low, high] with low at least 0.5 and high above "
                                  f"low + {2 * SECONDS_MARGIN + 0.2:g} (the estimate's margin at each end)")
+        ranges = [("rate", self.rate, RATES), ("pitch", self.pitch, (0, 100)), ("flite_pitch", self.flite_pitch, (20, 500)),
+                  ("flite_stretch", self.flite_stretch, (0.25, 4.0))]
+        ranges += [(f"ood_rate[{i}]", r, RATES) for i, r in enumerate(self.ood_rate)]
+        ranges += [(f"ood_pitch[{i}]", r, (0, 100)) for i, r in enumerate(self.ood_pitch)]
+        for key, (low, high), (least, most) in ranges:  # a synthesiser clamps or fails on values outside them
+            if not least <= low <= high <= most:
+                raise ValueError(f"{key}: [{low}, {high}] is not a range within [{least}, {most}] (lowest first)")
+        if not all(0 <= i <= 100 for i in self.ood_intonation):
+            raise ValueError(f"ood_intonation: {self.ood_intonation} has values outside espeak's 0..100")
         shared = set(self.ood_variants) & set(self.variants)
         if shared:
             raise ValueError(f"ood_variants must differ from the training variants; both have {sorted(shared)}")

@@ -1,0 +1,78 @@
+"""Issue 33: ``parpkit report`` averages as seeds only runs whose recipes differ in the seed alone, refuses a table
+over different corpora (naming the runs), and never prints a NaN error rate as a blank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from parpkit.cli import main
+from parpkit.testing import apply_changes, tiny_recipe
+
+
+def _err(capsys) -> str:
+    return " ".join(capsys.readouterr().err.split())
+
+
+def _run(folder: Path, *, wer: float, seed: int = 0, references: tuple[str, ...] = ("hello there", "good morning"),
+         **changes) -> Path:
+    """A finished run written by hand: recipe.yaml (the tiny recipe with ``changes``), metrics.json, transcripts."""
+    folder.mkdir(parents=True)
+    recipe = apply_changes(tiny_recipe(**changes), {"seed": seed})
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    final = {"wer": wer, "cer": wer / 2, "pool_sparsity": 0.5, "model_sparsity": 0.01, "splits": {"test": {"wer": wer, "cer": wer / 2}}}
+    dense = {"wer": 0.9, "cer": 0.5, "pool_sparsity": 0.0, "model_sparsity": 0.0, "splits": {"test": {"wer": 0.9, "cer": 0.5}}}
+    m = {"recipe": "tiny", "plugins": {"backbone": "whisper", "dataset": "synthetic_speech", "criterion": "magnitude", "schedule": "parp"},
+         "target_sparsity": 0.5, "scope": "global", "eval_split": "test", "eval_utterances": len(references),
+         "eval_splits": {"test": len(references)}, "stages": {"dense": dense, "final": final}, "mask_iou_initial": 0.9,
+         "steps": 6, "wall_time_s": {"total": 1.0}, "curve": []}
+    (folder / "metrics.json").write_text(json.dumps(m))
+    rows = [{"split": "test", "id": f"test-{i:06d}", "reference": ref, "hypothesis": ref, "edits": i, "words": len(ref.split())}
+            for i, ref in enumerate(references)]
+    (folder / "transcripts_final.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_runs_of_different_configurations_are_not_averaged_as_seeds(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _run(runs / "a0", wer=0.30, seed=0)
+    _run(runs / "a1", wer=0.40, seed=1)
+    _run(runs / "b0", wer=0.80, seed=0, **{"backbone.options.config.d_model": 32, "training.learning_rate": 0.001})
+    assert main(["report", str(runs), "--csv", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    a = next(line for line in lines if "d_model=16" in line)
+    b = next(line for line in lines if "d_model=32" in line)
+    assert "parp d_model=16 learning_rate=0.01" in a and "│ 2 │" in a and "0.350 ± 0.050" in a  # the two seeds of a
+    assert "parp d_model=32 learning_rate=0.001" in b and "│ 1 │" in b and "0.800" in b
+    # runs that differ only in the seed (and in bookkeeping such as save_steps) stay one row of seeds
+    same = tmp_path / "same"
+    _run(same / "s0", wer=0.30, seed=0)
+    _run(same / "s1", wer=0.50, seed=1, **{"training.save_steps": 2, "name": "other"})
+    assert main(["report", str(same)]) == 0
+    assert "0.400 ± 0.100" in capsys.readouterr().out
+
+
+def test_runs_scored_on_different_corpora_are_refused_in_one_table_and_compare(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    a = _run(runs / "seed0", wer=0.3)
+    b = _run(runs / "seed1", wer=0.4, references=("one two", "three four"), **{"dataset.options.seed": 1,
+                                                                               "pruning.schedule.name": "fixed"})
+    for args in (["report", str(runs)], ["report", str(runs), "--compare", "parp", "fixed"]):
+        assert main(args) == 2
+        err = _err(capsys)
+        assert "these runs were scored on different corpora (split 'test' holds other utterances or references in" in err
+        assert str(a) in err and str(b) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_error_rate_is_named_not_printed_blank(tmp_path, capsys, value):
+    runs = tmp_path / "runs"
+    _run(runs / "good", wer=0.3)
+    bad = _run(runs / "bad", wer=value, seed=1)
+    assert main(["report", str(runs)]) == 0
+    err = _err(capsys)
+    assert f"skipped {bad / 'metrics.json'}: unreadable (ValueError: wer is {value!r}, expected a number" in err
