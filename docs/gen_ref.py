@@ -145,8 +145,8 @@ KIND_TITLES = {"backbone": "Backbones", "dataset": "Datasets", "criterion": "Cri
 
 
 def recipe_keys_page() -> str:
-    from parpkit.recipe import (DatasetRef, DistillationSection, EvaluationSection, PluginRef, PruningSection, Recipe,
-                                TrainingSection)
+    from parpkit.recipe import (CalibrationSection, DatasetRef, DistillationSection, EvaluationSection, PluginRef,
+                                PruningSection, Recipe, TrainingSection)
 
     out = [GENERATED, "", "# Recipe keys", "",
            "Every key a recipe may hold, and every option of parpkit's own plugins, with its type, default and "
@@ -157,6 +157,7 @@ def recipe_keys_page() -> str:
         ("backbone", PluginRef, "backbone.", PLUGIN_REF_NOTES),
         ("dataset", DatasetRef, "dataset.", PLUGIN_REF_NOTES),
         ("pruning", PruningSection, "pruning.", None),
+        ("pruning.calibration", CalibrationSection, "pruning.calibration.", None),
         ("pruning.criterion", PluginRef, "pruning.criterion.", PLUGIN_REF_NOTES),
         ("pruning.schedule", PluginRef, "pruning.schedule.", PLUGIN_REF_NOTES),
         ("training", TrainingSection, "training.", None),

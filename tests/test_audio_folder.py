@@ -148,7 +148,7 @@ def test_a_misspelled_manifest_text_column_is_an_error_not_unlabelled_audio(tmp_
     (tmp_path / "m.csv").write_text(f"audio,sentence\n{a},hello\n")
     m = Manifest(ManifestOptions(splits={"train": str(tmp_path / "m.csv")}, text_column="sentance"), cache_dir=tmp_path)
     for call in (m.check, lambda: m.load_split("train", QUIET)):
-        with pytest.raises(ParpkitError, match=r"no column 'sentance' \(text_column\); did you mean 'sentence'\? Columns are audio, sentence"):
+        with pytest.raises(ParpkitError, match=r"no column 'sentance' \(text_column\); columns are audio, sentence \(did you mean 'sentence'\?\)"):
             call()
     # a manifest of only audio (and id, speaker) columns is still unlabelled audio, for distillation
     (tmp_path / "u.csv").write_text(f"audio,who\n{a},me\n")
