@@ -114,7 +114,9 @@ class PoolPruner:
         per weight (or per unit) are refused, naming the criterion and the tensor; nothing is pruned then."""
         sparsity = self._asked(sparsity, "prune")
         name = self.criterion.name
-        if isinstance(self.criterion, StructuredCriterion):
+        if sparsity == 0 and self.pattern is None:  # nothing to rank (a dense reference row): no calibration, no scores
+            masks = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in self.params.items()}
+        elif isinstance(self.criterion, StructuredCriterion):
             scores = {n: check_scores(self.criterion.unit_scores(g, self.params), self.params[g.members[0].param], name,
                                       n, (g.units,)) for n, g in self.groups.items()}
             refuse_nonfinite({n: nonfinite_count(v) for n, v in scores.items()}, {n: g.units for n, g in self.groups.items()}, name)

@@ -118,6 +118,12 @@ class DatasetRef(PluginRef):
     train_split: str = "train"
     #: the split every stage is scored on, or several (the first is the headline; all are reported)
     eval_split: str | list[str] = "test"
+    #: training-audio augmentation: audiomentations transforms (``pip install 'parpkit[augment]'``) applied in
+    #: order to each fine-tuning utterance as it is served, each ``{name: <class>, <its arguments>, p: <chance>}``,
+    #: e.g. ``[{name: AddGaussianSNR, min_snr_db: 10, max_snr_db: 30, p: 0.5}, {name: RoomSimulator, p: 0.3}]``.
+    #: Draws depend on the seed, the utterance and the epoch only (a resumed run hears the same); scored splits,
+    #: calibration and pseudo-labelling use the audio as it is. Empty: none
+    augment: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
 
     @field_validator("eval_split")
     @classmethod

@@ -366,3 +366,18 @@ def test_a_one_shot_run_calibrates_on_its_calibration_set_and_logs_it(tmp_path):
     assert any(e["event"] == "warning" and "10 × their input width" in e["message"] for e in events)
     for name, keep in result.masks().items():
         assert (keep.reshape(keep.shape[0], -1, 4).sum(2) == 2).all(), name
+
+
+@requires_offline
+def test_a_dense_reference_run_neither_calibrates_nor_changes_a_weight(tmp_path):
+    """Sparsity 0 (the zero-shot rows of the results) has nothing to rank: the calibration set is never
+    forwarded, no reconstruction touches the weights, and the final model scores as the dense one."""
+    result = parpkit.run(tiny_recipe(**{"pruning.criterion": {"name": "sparsegpt"}, "pruning.scope": "per_tensor",
+                                        "pruning.sparsity": 0.0, "pruning.schedule": {"name": "fixed"}, "pruning.exclude": [r".*\.bias"],
+                                        "training.max_steps": 0, "evaluation.after_prune": False}),
+                         output_dir=tmp_path / "o", progress=False)
+    events = [json.loads(line) for line in (result.run_dir / "log.jsonl").open()]
+    assert not [e for e in events if e["event"] in ("calibrate", "calibration_set")]
+    assert all(bool(keep.all()) for keep in result.masks().values())
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["stages"]["final"]["splits"] == metrics["stages"]["dense"]["splits"]

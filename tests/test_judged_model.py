@@ -29,6 +29,13 @@ assert "parpkit" not in sys.modules
 processor = AutoProcessor.from_pretrained(model_dir)
 if kind == "whisper":
     model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
+    try:  # the run's temperature fallback, if it used one: what to pass generate, and the seed of its sampling
+        decoding = json.loads(open(model_dir + "/decoding.json").read())
+    except FileNotFoundError:
+        decoding = {}
+    seed = decoding.pop("seed", None)
+    if decoding:
+        decoding["temperature"] = tuple(decoding["temperature"])
 else:
     model = AutoModelForCTC.from_pretrained(model_dir).eval()
 hyps = []
@@ -37,7 +44,9 @@ for i in range(0, len(rows), batch):
     with torch.no_grad():
         if kind == "whisper":
             feats = processor(audio, sampling_rate=16000, return_tensors="pt").input_features
-            ids = model.generate(input_features=feats)
+            if seed is not None:
+                torch.manual_seed(seed)
+            ids = model.generate(input_features=feats, **decoding)
             text = processor.batch_decode(ids, skip_special_tokens=True)
         else:
             inputs = processor(audio, sampling_rate=16000, return_tensors="pt", padding=True)
@@ -73,13 +82,26 @@ def _plain_transcripts(tmp_path, out, kind: str) -> tuple[list[dict], list[str]]
     return rows, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def whisper_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("judged")
-    recipe = write_recipe(tmp / "r.yaml", tiny_recipe(**{"training.max_steps": 3, "training.learning_rate": 3e-3}))
+def _whisper_run(tmp, **changes):
+    recipe = write_recipe(tmp / "r.yaml", tiny_recipe(**{"training.max_steps": 3, "training.learning_rate": 3e-3,
+                                                        **changes}))
     out = tmp / "out"
     assert main(["run", str(recipe), "--output-dir", str(out), "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def whisper_run(tmp_path_factory):
+    return _whisper_run(tmp_path_factory.mktemp("judged"))
+
+
+FALLBACK = [0.0, 0.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def fallback_run(tmp_path_factory):
+    return _whisper_run(tmp_path_factory.mktemp("fallback"), **{"backbone.options.fallback_temperatures": FALLBACK,
+                                                                "backbone.options.seed": 7})
 
 
 def test_whisper_trains_at_its_window_but_is_judged_and_saved_at_the_native_one(whisper_run):
@@ -103,6 +125,39 @@ def test_plain_transformers_reproduces_the_final_whisper_wer(whisper_run, tmp_pa
     final = metrics["stages"]["final"]
     rates = error_rates([r["reference"] for r in rows], hyps, "words", "basic")
     assert rates["wer"] == final["wer"] and rates["cer"] == final["cer"]
+
+
+def test_temperature_fallback_is_saved_with_the_model_and_reproduced_by_plain_transformers(fallback_run, tmp_path):
+    """A random 1-layer whisper is unsure of every token (mean log-probability far below -1), so each utterance
+    is decoded again by seeded sampling: plain transformers, given decoding.json, draws the same."""
+    decoding = json.loads((fallback_run / "model" / "decoding.json").read_text())
+    assert decoding == {"temperature": FALLBACK, "compression_ratio_threshold": 1.35, "logprob_threshold": -1.0,
+                        "seed": 7}
+    judged = json.loads((fallback_run / "metrics.json").read_text())["backbone_settings"]["judged"]
+    assert judged["temperature"] == FALLBACK and judged["seed"] == 7
+    rows, hyps = _plain_transcripts(tmp_path, fallback_run, "whisper")
+    assert hyps == [r["hypothesis"] for r in rows]
+    final = json.loads((fallback_run / "metrics.json").read_text())["stages"]["final"]
+    assert error_rates([r["reference"] for r in rows], hyps, "words", "basic")["wer"] == final["wer"]
+
+
+def test_fallback_sampling_differs_from_greedy_and_repeats_itself(tmp_path):
+    """The fallback really samples (hypotheses differ from greedy on a model unsure of everything), the same
+    seed draws the same, and the caller's random state is left as it was."""
+    opts = dict(config=dict(TINY_WHISPER), tokenizer=str(offline_file("model/tokenizer.json")), max_new_tokens=6)
+    greedy = WhisperBackbone(WhisperOptions(**opts), cache_dir=tmp_path)
+    sampled = WhisperBackbone(WhisperOptions(**opts, fallback_temperatures=FALLBACK), cache_dir=tmp_path)
+    m_greedy, m_sampled = greedy.load().eval(), sampled.load().eval()
+    audio = [np.random.default_rng(i).standard_normal(16000 * 2).astype(np.float32) * 0.1 for i in range(4)]
+    torch.manual_seed(123)
+    first = sampled.transcribe(m_sampled, audio)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert sampled.transcribe(m_sampled, audio) == first
+    assert torch.equal(torch.rand(3), after)  # training's random stream is not consumed by decoding
+    assert first != greedy.transcribe(m_greedy, audio)
+    with pytest.raises(Exception, match="fallback_temperatures must rise"):
+        WhisperBackbone(WhisperOptions(**opts, fallback_temperatures=[0.5, 0.0]), cache_dir=tmp_path).load()
 
 
 def test_plain_transformers_reproduces_the_final_ctc_wer(tmp_path):

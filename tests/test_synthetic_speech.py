@@ -245,3 +245,21 @@ def test_seconds_gives_in_domain_utterances_of_the_asked_length(tmp_path):
         SyntheticOptions(seconds=(2, 2.5))
     with pytest.raises(ValueError, match=r"of 400 sentences fit 2-4 s .* no more are left"):
         _plan(tmp_path, text="grammar", sizes={"train": 400}, speakers={"train": 4}, seconds=(2, 4), rate=(100, 100))
+
+
+@pytest.mark.parametrize("text", ["grammar", "docs"])
+def test_the_extra_split_changes_no_other_split_and_shares_no_sentence_or_speaker(tmp_path, text):
+    """``extra`` (a calibration set larger than the training split) is planned after everything else."""
+    without = _plan(tmp_path, text=text, **WITH_VALIDATION)
+    sizes, speakers = {**WITH_VALIDATION["sizes"], "extra": 40}, {**WITH_VALIDATION["speakers"], "extra": 5}
+    plan = _plan(tmp_path, text=text, sizes=sizes, speakers=speakers)
+    assert {s: rows for s, rows in plan.items() if s != "extra"} == without
+    extra = plan["extra"]
+    assert len(extra) == 40 and len({r["speaker"] for r in extra}) == 5
+    others = [r for s, rows in without.items() for r in rows]
+    assert not {r["text"] for r in extra} & {r["text"] for r in others}
+    assert not {r["voice"] for r in extra} & {r["voice"] for s in ("train", "validation", "test") for r in without[s]}
+    assert not {r["seed"] for r in extra} & {r.get("seed") for r in others}
+    assert len({r["text"] for r in extra}) == 40
+    with pytest.raises(ValueError, match="extra speakers asked for"):
+        _plan(tmp_path, text=text, sizes=sizes, speakers={**speakers, "extra": 200})

@@ -26,6 +26,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import parpkit.version
+from parpkit.augment import AugmentedDataset, build as build_augmenter
 from parpkit.engine.distill import Distiller, check_teacher, make_teacher, pseudo_label
 from parpkit.engine.checkpoints import (RunState, checkpoints, extra_defaults, find_resume_point, is_complete, join_tensors,
                                         problem, split_tensors)
@@ -231,6 +232,8 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     located(file, "pruning.criterion", lambda: criterion.check(context))
     located(file, "pruning.schedule", lambda: schedule.check(context))
     check_teacher(r.distillation, resolved.backbone, file)
+    if r.dataset.augment:
+        located(file, "dataset.augment", lambda: build_augmenter(r.dataset.augment))
     return model, pool
 
 
@@ -563,7 +566,8 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
     with s.progress.task(label, total=phase.steps) as task, tensorboard_dir(r.training.report_to, s.rundir.path / "tensorboard" / phase.name):
         driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training, validate,
                              r.evaluation.every_steps, s.distiller, s.resolved.backbone)
-        trainer = trainer_class()(model=s.model, args=args, train_dataset=ListDataset(s.train),
+        train = AugmentedDataset(s.train, r.dataset.augment, r.seed) if r.dataset.augment else ListDataset(s.train)
+        trainer = trainer_class()(model=s.model, args=args, train_dataset=train,
                                   data_collator=s.resolved.backbone.collate,
                                   callbacks=[*callbacks(driver, s.state, index, r.training.keep_checkpoints), *extra_callbacks])
         trainer.remove_callback(PrinterCallback)  # progress and the JSONL log report instead

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import importlib.util
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from parpkit import (Backbone, ModelFormatError, ParpkitError, PluginOptions, Utterance, ffn_group, head_group, hookimpl,
                      install_atomically)
@@ -59,7 +60,26 @@ class WhisperOptions(PluginOptions):
     feature_cache: bool = True
     #: beams of ``generate`` (1: greedy); also written into the saved model's generation_config
     num_beams: int = Field(default=1, gt=0)
-    #: the seed of a random initialisation (with ``config``)
+    #: decode as OpenAI's ``transcribe`` does (the Whisper paper, section 4.5): first at the list's first
+    #: temperature (0: greedy), then an utterance whose output repeats itself (``compression_ratio_threshold``)
+    #: or is unlikely (``logprob_threshold``) is decoded again by sampling at the next temperature, and so on;
+    #: sampling is seeded with ``seed`` at every ``generate`` call, so every row draws alike. Empty: one
+    #: decoding, no fallback. Saved beside the model as ``decoding.json``: the arguments for ``generate``
+    fallback_temperatures: list[float] = Field(default_factory=list, max_length=16)
+
+    @field_validator("fallback_temperatures")
+    @classmethod
+    def _rising(cls, temperatures: list[float]) -> list[float]:
+        if any(not 0 <= t <= 2 for t in temperatures) or list(temperatures) != sorted(set(temperatures)):
+            raise ValueError(f"fallback_temperatures must rise (from 0: greedy) and stay within [0, 2], got {temperatures}")
+        return temperatures
+
+    #: zlib compression ratio of an utterance's token ids above which it is decoded again (transformers'
+    #: token-level measure; 1.35 is its documented equivalent of OpenAI's 2.4 on text); with fallback only
+    compression_ratio_threshold: float | None = Field(default=1.35, gt=0)
+    #: mean token log-probability below which an utterance is decoded again; with fallback only
+    logprob_threshold: float | None = Field(default=-1.0, le=0)
+    #: the seed of a random initialisation (with ``config``) and of the fallback's sampling
     seed: int = 0
 
 
@@ -154,6 +174,10 @@ def _set_generation_defaults(model, english_only: bool) -> None:
     gc.suppress_tokens = list(model.config.suppress_tokens or [])
     gc.begin_suppress_tokens = list(model.config.begin_suppress_tokens or [])
     gc.forced_decoder_ids = None
+    # what was set here is the model's own, not derived from its config: transformers otherwise rebuilds a
+    # ``_from_model_config`` generation_config on loading, dropping the ids above (a saved model would then
+    # decode without <|notimestamps|> in its prompt where the run decoded with it)
+    gc._from_model_config = False
 
 
 class WhisperBackbone(Backbone):
@@ -276,6 +300,9 @@ class WhisperBackbone(Backbone):
                 model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
             except Exception as exc:  # OSError for missing files; safetensors and torch errors for damaged ones
                 raise ModelFormatError(f"whisper: cannot load {o.model!r}: {_first_line(exc)}") from None
+            if getattr(model.generation_config, "no_timestamps_token_id", None) is None and model.config.vocab_size in (
+                    51864, 51865):  # a conversion cached before 0.2.1 lost the ids (see _set_generation_defaults)
+                _set_generation_defaults(model, english_only=model.config.vocab_size == 51864)
             self.tokenizer = _load_tokenizer(resolve_source(o.tokenizer)) if o.tokenizer else _auto_tokenizer(source)
         self._check_prompt(model.config)
         self._set_decoding(model)
@@ -303,6 +330,15 @@ class WhisperBackbone(Backbone):
         gc.max_new_tokens = self.options.max_new_tokens
         gc.num_beams = self.options.num_beams
 
+    def decoding(self) -> dict[str, Any]:
+        """The arguments ``generate`` takes besides the generation_config (temperature fallback), and the seed
+        set before each call; empty for a single decoding."""
+        o = self.options
+        if not o.fallback_temperatures:
+            return {}
+        return {"temperature": list(o.fallback_temperatures), "compression_ratio_threshold": o.compression_ratio_threshold,
+                "logprob_threshold": o.logprob_threshold, "seed": o.seed}
+
     # ------------------------------------------------------------------------------ native settings
     @contextlib.contextmanager
     def native(self, model: torch.nn.Module):
@@ -325,7 +361,7 @@ class WhisperBackbone(Backbone):
     def settings(self, model: torch.nn.Module) -> dict[str, Any]:
         gc = model.generation_config
         return {"encoder_window_s": model.config.max_source_positions / 50, "max_new_tokens": gc.max_new_tokens,
-                "max_length": gc.max_length, "num_beams": gc.num_beams}
+                "max_length": gc.max_length, "num_beams": gc.num_beams, **self.decoding()}
 
     # ------------------------------------------------------------------------------ distillation teacher
     def _teacher_config(self, source: str, directory: Path | str):
@@ -470,7 +506,10 @@ class WhisperBackbone(Backbone):
         labels = self._labels(batch)
         if self.features_on_device:
             return {"input_audio": self._padded_audio([u.audio for u in batch], [u.id for u in batch]), "labels": labels}
-        return {"input_features": self._features([u.audio for u in batch], [u.id for u in batch]), "labels": labels}
+        # an augmented utterance (parpkit.augment) sounds different at every use: its features are never cached
+        cacheable = not any(u.extra.get("augmented") for u in batch)
+        ids = [u.id for u in batch] if cacheable else []
+        return {"input_features": self._features([u.audio for u in batch], ids), "labels": labels}
 
     def output_mask(self, batch, logits: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder positions that predict a label token."""
@@ -502,10 +541,18 @@ class WhisperBackbone(Backbone):
             feats = self.log_mel(self._padded_audio(audios).to(device)).to(dtype)
         else:
             feats = self._features(audios).to(device=device, dtype=dtype)
-        kwargs: dict[str, Any] = {}  # decoding limits: the model's generation_config (``_set_decoding``)
+        kwargs: dict[str, Any] = self.decoding()  # decoding limits: the model's generation_config (``_set_decoding``)
+        seed = kwargs.pop("seed", None)
+        if kwargs:
+            kwargs["temperature"] = tuple(kwargs["temperature"])
         if self.multilingual:
             kwargs.update(language=self.options.language, task=self.task)
-        out = model.generate(input_features=feats, **kwargs)
+        # sampling (fallback) from a seed of its own: the same draws for every call, and the caller's random
+        # state (training's) untouched
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(input_features=feats, **kwargs)
         sequences = out.sequences if hasattr(out, "sequences") else out
         return [t.strip() for t in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
 
@@ -514,6 +561,10 @@ class WhisperBackbone(Backbone):
 
         model.save_pretrained(directory)
         WhisperProcessor(feature_extractor=self.feature_extractor, tokenizer=self.tokenizer).save_pretrained(directory)
+        decoding = self.decoding()
+        if decoding:  # what plain transformers needs to decode as the run judged: torch.manual_seed(seed) then
+            # generate(input_features, temperature=tuple(temperature), compression_ratio_threshold=..., logprob_threshold=...)
+            (directory / "decoding.json").write_text(json.dumps(decoding, indent=1) + "\n")
 
     def load_saved(self, directory: Path) -> torch.nn.Module:
         from transformers import WhisperForConditionalGeneration, WhisperProcessor

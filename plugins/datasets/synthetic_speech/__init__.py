@@ -41,7 +41,7 @@ from ..real_speech import load_real_split
 
 GENERATOR_VERSION = 3  # bump when sentences, speakers or audio processing change
 SAMPLE_RATE = 16000
-SPLITS = ("train", "validation", "test", "ood", "ood_flite", "validation_ood", "validation_flite")
+SPLITS = ("train", "validation", "test", "ood", "ood_flite", "validation_ood", "validation_flite", "extra")
 IN_DOMAIN = ("train", "validation", "test")
 #: splits read from the out-of-domain text sources, in the order they take their sentences
 OOD_SPLITS = ("ood", "ood_flite", "validation_ood", "validation_flite")
@@ -71,7 +71,9 @@ RATES = (80, 450)
 
 
 class SyntheticOptions(PluginOptions):
-    #: utterances per split
+    #: utterances per split: train, validation, test (in domain), ood, ood_flite, validation_ood,
+    #: validation_flite (out of domain), and ``extra``: more in-domain audio by speakers of its own, planned after
+    #: every other split so that adding it changes none (a calibration set larger than the training split)
     sizes: dict[str, int] = Field(default_factory=lambda: {"train": 200, "validation": 20, "test": 40})
     #: speakers per split (disjoint between splits)
     speakers: dict[str, int] = Field(default_factory=lambda: {"train": 16, "validation": 4, "test": 6})
@@ -241,6 +243,8 @@ class SyntheticSpeech(Dataset):
                              "seed": o.seed * 1_000_003 + start_t + i, **spk})
             start_t += sizes[split]
             plan[split] = rows
+        if "extra" in self._synthetic_splits():
+            plan["extra"] = self._plan_extra(combos[start_s:], {r["text"] for rows in plan.values() for r in rows}, rng)
         pools = self._ood_texts()
         ood_speakers = self._ood_speakers()
         for split in OOD_SPLITS:
@@ -252,6 +256,36 @@ class SyntheticSpeech(Dataset):
             else:
                 plan[split] = self._plan_ood(split, pools[split], ood_speakers[split])
         return plan
+
+    def _plan_extra(self, combos: list[tuple[str, str]], used: set[str], rng: random.Random) -> list[dict]:
+        """``extra``: more in-domain audio (the training voices, rates and text source) by speakers of its own,
+        none of its sentences in another split. Planned after every other split from draws of its own, so asking
+        for it changes no other split: a calibration set larger than the training split, or audio to distil on."""
+        from .sentences import SentenceGenerator, docs_sentences
+
+        o = self.options
+        n, k = o.sizes["extra"], o.speakers["extra"]
+        if k > len(combos):
+            raise ValueError(f"{k} extra speakers asked for, but only {len(combos)} voice/variant pairs are left after "
+                             "the other in-domain splits")
+        pick = random.Random(o.seed * 7919 + 31)
+        if o.text == "docs":
+            candidates = [t for t in docs_sentences() if t not in used]
+        else:
+            candidates = [t for t in SentenceGenerator(o.seed * 7919 + 31).unique(3 * n + len(used) + 100) if t not in used]
+        pick.shuffle(candidates)
+        speakers = [{"voice": f"{voice}+{variant}", "rate": rng.randint(*o.rate), "pitch": rng.randint(*o.pitch)}
+                    for voice, variant in combos[:k]]
+        if o.seconds is None:
+            if n > len(candidates):
+                raise ValueError(f"text {o.text} has {len(candidates):,} sentences the other splits do not use; extra "
+                                 f"asks for {n:,}")
+            texts = candidates[:n]
+        else:
+            texts = _of_length(candidates, [speakers[i % k]["rate"] for i in range(n)], o.seconds, f"{o.text} (extra)")
+        return [{"id": f"extra-{i:05d}", "text": text, "speaker": f"{speakers[i % k]['voice']}@{speakers[i % k]['rate']}/"
+                 f"{speakers[i % k]['pitch']}", "seed": o.seed * 1_000_003 + 800_000 + i, **speakers[i % k]}
+                for i, text in enumerate(texts)]
 
     def _ood_texts(self) -> dict[str, TextPool]:
         """Per out-of-domain split, candidate sentences of each kind (twice what it needs, so that slow

@@ -1,0 +1,99 @@
+"""Training-audio augmentation (``dataset.augment``): audiomentations transforms on fine-tuning batches only,
+drawn from the seed, the utterance and the epoch, so a resumed run hears what an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import parpkit
+from parpkit.augment import AUGMENTED, AugmentedDataset, augment, build
+from parpkit.cli import main
+from parpkit.errors import ParpkitError
+from parpkit.interfaces import Utterance
+from parpkit.testing import crash_and_resume
+from tests.conftest import requires_offline, tiny_recipe, write_recipe
+
+pytest.importorskip("audiomentations")
+
+NOISE = [{"name": "AddGaussianSNR", "min_snr_db": 5.0, "max_snr_db": 20.0, "p": 1.0},
+         {"name": "LowPassFilter", "min_cutoff_freq": 1500.0, "max_cutoff_freq": 4000.0, "p": 0.5}]
+
+
+def _utterance(i: int) -> Utterance:
+    t = np.arange(16000, dtype=np.float32) / 16000
+    return Utterance(id=f"u{i}", audio=(0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32),
+                     sample_rate=16000, text="a b", speaker="s")
+
+
+def test_draws_depend_on_seed_utterance_and_epoch_only_and_leave_global_random_state_alone():
+    compose = build(NOISE)
+    u = _utterance(0)
+    np.random.seed(1)
+    before = np.random.random(3)
+    np.random.seed(1)
+    a = augment(compose, u, seed=0, epoch=0)
+    assert np.array_equal(np.random.random(3), before)  # the caller's stream is untouched
+    assert np.array_equal(a.audio, augment(build(NOISE), u, seed=0, epoch=0).audio)  # a fresh compose draws alike
+    assert a.audio.dtype == np.float32 and a.audio.shape == u.audio.shape and a.extra[AUGMENTED]
+    assert not np.array_equal(a.audio, u.audio)
+    assert not np.array_equal(a.audio, augment(compose, u, seed=0, epoch=1).audio)
+    assert not np.array_equal(a.audio, augment(compose, u, seed=1, epoch=0).audio)
+    assert not np.array_equal(a.audio, augment(compose, _utterance(0).__class__(**{**u.__dict__, "id": "v"}), 0, 0).audio)
+    snr = 10 * np.log10(np.mean(u.audio ** 2) / np.mean((a.audio - u.audio) ** 2))
+    assert 0 < snr < 25  # noise at about the asked SNR (the low-pass filter may add its own change)
+
+
+def test_the_dataset_follows_the_trainers_epoch():
+    data = AugmentedDataset([_utterance(i) for i in range(3)], NOISE, seed=0)
+    first = data[1].audio
+    assert np.array_equal(data[1].audio, first)
+    data.set_epoch(1)
+    assert not np.array_equal(data[1].audio, first)
+    data.set_epoch(0)
+    assert np.array_equal(data[1].audio, first)
+
+
+@pytest.mark.parametrize("spec, text", [
+    ([{"name": "NoSuchTransform"}], "not an audiomentations transform"),
+    ([{"name": "AddGaussianSNR", "min_snr_db": 30.0, "max_snr_db": 5.0}], r"augment\[0\] \(AddGaussianSNR\)"),
+    ([{"name": "AddGaussianSNR", "loudness": 3}], r"augment\[0\] \(AddGaussianSNR\)"),
+])
+def test_a_bad_transform_is_refused_naming_the_entry(spec, text):
+    with pytest.raises(ParpkitError, match=text):
+        build(spec)
+
+
+@requires_offline
+def test_validate_refuses_a_bad_transform_before_anything_trains(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"dataset.augment": [{"name": "AddGaussianSNR", "p": 7}]}))
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset.augment" in err and "AddGaussianSNR" in err
+
+
+@requires_offline
+def test_augmentation_changes_training_only_and_resumes_exactly(tmp_path, monkeypatch):
+    """The same run with and without augmentation: the dense scores are the same (scored audio is not
+    augmented), the trained weights differ; a run stopped after a checkpoint and resumed ends where an
+    uninterrupted one does (the draws follow the epoch the Trainer resumes in)."""
+    base = {"training.max_steps": 6, "training.batch_size": 2, "training.save_steps": 2, "pruning.schedule": {"name": "fixed"},
+            "training.learning_rate": 3e-3}
+    plain = parpkit.run(tiny_recipe(**base), output_dir=tmp_path / "plain", progress=False)
+    noisy_recipe = tiny_recipe(**base, **{"dataset.augment": NOISE})
+    epochs: list[int] = []
+    set_epoch = AugmentedDataset.set_epoch
+    monkeypatch.setattr(AugmentedDataset, "set_epoch", lambda self, e: (epochs.append(e), set_epoch(self, e))[1])
+    noisy = parpkit.run(noisy_recipe, output_dir=tmp_path / "noisy", progress=False)
+    assert set(epochs) == {0, 1} and epochs == sorted(epochs)  # 8 utterances in batches of 2: 6 steps, two epochs
+    metrics = {k: json.loads((r.run_dir / "metrics.json").read_text()) for k, r in (("plain", plain), ("noisy", noisy))}
+    assert metrics["plain"]["stages"]["dense"] == metrics["noisy"]["stages"]["dense"]
+    assert metrics["plain"]["train_loss"] != metrics["noisy"]["train_loss"]
+    resumed = crash_and_resume(noisy_recipe, tmp_path / "resumed", after_checkpoints=2)
+    assert resumed.final == noisy.final
+    weights = [{n: t for n, t in load_file(str(r.run_dir / "model" / "model.safetensors")).items()} for r in (noisy, resumed)]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
