@@ -260,8 +260,9 @@ class TrainingSection(_Strict):
     freeze_transformer_steps: int = Field(default=0, ge=0)
     #: gradient clipping (0: none); fixed masks zero pruned gradients before it
     max_grad_norm: float = Field(default=1.0, ge=0)
-    #: fp32; bf16 (autocast, on a CPU too); fp16 (needs CUDA: its loss scaler)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: fp32; bf16 (autocast, on a CPU too: there many times slower than fp32 unless the CPU computes in bf16
+    #: natively); fp16 (needs CUDA: its loss scaler); auto: bf16 on a CUDA device that supports it, else fp32
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     #: write the training loss, learning rate and gradient norm to log.jsonl every this many steps
     logging_steps: int = Field(default=10, gt=0)
     #: worker processes that collate batches (persistent); 0: in the training process

@@ -93,7 +93,15 @@ def test_augmentation_changes_training_only_and_resumes_exactly(tmp_path, monkey
     metrics = {k: json.loads((r.run_dir / "metrics.json").read_text()) for k, r in (("plain", plain), ("noisy", noisy))}
     assert metrics["plain"]["stages"]["dense"] == metrics["noisy"]["stages"]["dense"]
     assert metrics["plain"]["train_loss"] != metrics["noisy"]["train_loss"]
+    # in a worker process the data hears each epoch too (workers are not kept across epochs when augmenting)
+    workers = parpkit.run({**noisy_recipe, "training": {**noisy_recipe["training"], "dataloader_workers": 1}},
+                          output_dir=tmp_path / "workers", progress=False)
+    assert _same_weights(workers, noisy)
     resumed = crash_and_resume(noisy_recipe, tmp_path / "resumed", after_checkpoints=2)
-    assert resumed.final == noisy.final
-    weights = [{n: t for n, t in load_file(str(r.run_dir / "model" / "model.safetensors")).items()} for r in (noisy, resumed)]
-    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    assert resumed.final == noisy.final and _same_weights(resumed, noisy)
+    assert not _same_weights(plain, noisy)
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = (load_file(str(r.run_dir / "model" / "model.safetensors")) for r in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)

@@ -438,3 +438,24 @@ def test_fp16_without_a_cuda_device_is_refused_and_bf16_trains_on_the_cpu(tmp_pa
     losses = [e["loss"] for e in map(json.loads, (tmp_path / "bf16" / "log.jsonl").read_text().splitlines())
               if e["event"] == "train" and "loss" in e]
     assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_precision_auto_is_fp32_on_a_cpu_and_bf16_on_a_gpu_that_computes_in_it(tmp_path, monkeypatch):
+    """``auto`` (the GPU-scale recipes): on this CPU the run is the fp32 run, to the last bit."""
+    from parpkit.engine.training import effective_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert effective_precision("auto") == "fp32" and effective_precision("bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert effective_precision("auto") == "bf16"
+    monkeypatch.undo()
+    losses = {}
+    for precision in ("auto", "fp32"):
+        path = write_recipe(tmp_path / f"{precision}.yaml", tiny_recipe(**{"training.precision": precision,
+                                                                            "training.max_steps": 3}))
+        assert main(["run", str(path), "--output-dir", str(tmp_path / precision), "--quiet"]) == 0
+        losses[precision] = [e["loss"] for e in map(json.loads, (tmp_path / precision / "log.jsonl").read_text().splitlines())
+                             if e["event"] == "train" and "loss" in e]
+    assert losses["auto"] and losses["auto"] == losses["fp32"]

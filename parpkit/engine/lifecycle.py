@@ -33,8 +33,8 @@ from parpkit.engine.checkpoints import (RunState, checkpoints, extra_defaults, f
 from parpkit.engine.evaluation import evaluate
 from parpkit.engine.rundir import RunDir
 from parpkit.engine.shared import SharedWork, tensors_digest, utterances_digest
-from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, callbacks, tensorboard_dir, trainer_class,
-                                     training_arguments)
+from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, callbacks, effective_precision,
+                                     tensorboard_dir, trainer_class, training_arguments)
 from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
 from parpkit.errors import ParpkitError, RecipeError, UsageError
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
@@ -177,7 +177,7 @@ def run_context(resolved: Resolved, model: torch.nn.Module, pool: list[str], pha
     r, t = resolved.recipe, resolved.recipe.training
     training = TrainingSettings(max_steps=t.max_steps, batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
                                 learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, warmup_steps=t.warmup_steps,
-                                precision=t.precision)
+                                precision=effective_precision(t.precision))
     return RunContext(model, pool, training=training, phases=phases, sparsity=r.pruning.sparsity, scope=r.pruning.scope,
                       seed=r.seed, file=resolved.file, pattern=parse_pattern(r.pruning.pattern),
                       sequential=r.pruning.calibration.sequential, **live)
@@ -307,7 +307,7 @@ def prepare(s: Session) -> None:
         s.progress.console.print("distillation: weight and hidden_weight are 0, so the teacher teaches nothing: "
                                   "it is not loaded (this is fine-tuning without distillation)", soft_wrap=True, markup=False)
     elif d is not None:  # before the first prune: the teacher is the dense pretrained model
-        s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, r.training.precision,
+        s.distiller = make_teacher(r.distillation, s.model, backbone, s.device, effective_precision(r.training.precision),
                                    s.resolved.file)
         if s.shared.root is not None and r.distillation.teacher is not None:
             s.contents["teacher"] = tensors_digest(s.distiller.teacher.state_dict())

@@ -45,10 +45,19 @@ class ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def effective_precision(precision: str) -> str:
+    """``auto``: bf16 where a CUDA device computes in it, fp32 elsewhere (on a CPU without native bf16,
+    autocast to bf16 is many times slower than fp32); the other settings as they are."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def training_arguments(recipe: Recipe, output_dir: Path, steps: int, group_by_length: bool = False):
     from transformers import TrainingArguments
 
     t = recipe.training
+    precision = effective_precision(t.precision)
     return TrainingArguments(
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
@@ -57,16 +66,18 @@ def training_arguments(recipe: Recipe, output_dir: Path, steps: int, group_by_le
         lr_scheduler_kwargs={} if t.lr_scheduler == "tri_stage" else dict(t.lr_scheduler_kwargs),
         warmup_steps=min(t.warmup_steps, steps), weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, max_grad_norm=t.max_grad_norm,
-        bf16=t.precision == "bf16", fp16=t.precision == "fp16", logging_steps=t.logging_steps,
+        bf16=precision == "bf16", fp16=precision == "fp16", logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=None,
         eval_strategy="no", report_to=t.report_to, seed=recipe.seed, data_seed=recipe.seed,
         dataloader_num_workers=t.dataloader_workers, dataloader_pin_memory=torch.cuda.is_available(),
-        dataloader_persistent_workers=t.dataloader_workers > 0,  # workers keep their state (feature caches) across epochs
+        # workers keep their state (feature caches) across epochs; not with augmentation, whose draws follow the
+        # epoch the Trainer tells the dataset (set_epoch), which only workers started after it hear
+        dataloader_persistent_workers=t.dataloader_workers > 0 and not recipe.dataset.augment,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         remove_unused_columns=False, disable_tqdm=True,
         # several CPU processes (torchrun without GPUs): accelerate sets up gloo DDP only when told "cpu"; bf16
         # on a CPU (autocast): transformers refuses it unless told "cpu"
-        use_cpu=not torch.cuda.is_available() and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or t.precision == "bf16"),
+        use_cpu=not torch.cuda.is_available() and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or precision == "bf16"),
     )
 
 
