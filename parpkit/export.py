@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from parpkit.compact import kept_units, load_compact, remove_units, save_compact
-from parpkit.errors import ParpkitError
+from parpkit.errors import ParpkitError, RecipeError
 from parpkit.interfaces import Backbone, StructuredCriterion, Utterance
 from parpkit.recipe import load_recipe
 from parpkit.registry import Plugins
@@ -74,7 +74,19 @@ def open_run(run_dir: Path) -> OpenRun:
     if not any((run_dir / "model" / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
         raise ParpkitError(f"{run_dir / 'model'}: no model weights (model.safetensors); the run did not finish writing it")
     recipe, _ = load_recipe(run_dir / "recipe.yaml")
-    resolved = resolve(recipe, Plugins(), str(run_dir / "recipe.yaml"))
+    try:
+        resolved = resolve(recipe, Plugins(), str(run_dir / "recipe.yaml"))
+    except RecipeError as exc:
+        # the mask is found: exporting needs the criterion's kind, not its options, and a run made by an older
+        # parpkit may hold options that were since moved or renamed (wanda's and sparsegpt's calibration_batches)
+        if exc.key != "pruning.criterion.options":
+            raise
+        stripped = recipe.model_copy(update={"pruning": recipe.pruning.model_copy(update={
+            "criterion": recipe.pruning.criterion.model_copy(update={"options": {}})})})
+        try:
+            resolved = resolve(stripped, Plugins(), str(run_dir / "recipe.yaml"))
+        except RecipeError:
+            raise exc from None
     backbone = resolved.backbone
     masked = backbone.load_saved(run_dir / "model").eval()
     all_groups = backbone.structured_groups(masked)

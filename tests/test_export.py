@@ -320,3 +320,27 @@ def test_a_wav2vec2_ffn_prune_at_per_tensor_scope_exports_plain_transformers(tmp
     x = torch.randn(2, 16000)
     with torch.no_grad():
         assert (plain(x).logits - masked(x).logits).abs().max() <= 1e-5
+
+
+def test_a_run_made_before_the_calibration_set_still_exports(tmp_path, capsys):
+    """Runs of parpkit 0.1.0 wrote sparsegpt's calibration_batches into their recipe.yaml; a recipe may no longer
+    say it (it is refused with what to write instead), but the run's mask is found and its model exports."""
+    import yaml
+
+    mapping = tiny_recipe(**{"pruning.criterion": {"name": "sparsegpt"}, "pruning.scope": "per_tensor",
+                             "pruning.exclude": [r".*\.bias"], "pruning.calibration": {"utterances": 4},
+                             "pruning.schedule": {"name": "fixed"}, "training.max_steps": 0,
+                             "evaluation.dense": False, "evaluation.after_prune": False})
+    run = tmp_path / "run"
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", mapping)), "--output-dir", str(run), "--quiet"]) == 0
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    saved["pruning"]["criterion"]["options"] = {"calibration_batches": 4}  # as 0.1.0 wrote it
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    assert main(["export", str(run)]) == 0
+    assert "wrote sparse" in capsys.readouterr().out
+    # an option that is wrong for another reason than its age is still refused
+    saved["pruning"]["criterion"]["name"] = "no_such_criterion"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["export", str(run), "--output-dir", str(tmp_path / "again")]) == 2
+    assert "no_such_criterion" in capsys.readouterr().err
