@@ -61,6 +61,28 @@ def _load(args):
     return resolve(recipe, Plugins(), str(args.recipe)), mapping
 
 
+def _structured_pruned(resolved, model, pool: list[str], sparsity: float) -> tuple[int, str]:
+    """Pool weights a structured criterion prunes at ``sparsity`` (as the run's pruner selects units: the counts
+    per kind and scope, whichever units the scores pick), and the units it removes, by kind."""
+    from collections import Counter
+
+    import torch
+
+    from parpkit.units import restrict, select_units, unit_masks
+
+    groups = {g.name: g for g in restrict(resolved.backbone.structured_groups(model), set(pool))
+              if resolved.criterion.prunes(g)}
+    if not groups:
+        return 0, "no"
+    shapes = {n: p.shape for n, p in model.named_parameters() if n in pool}
+    chosen = select_units({n: torch.zeros(g.units) for n, g in groups.items()}, groups, sparsity, resolved.recipe.pruning.scope)
+    pruned = sum(int((~m).sum()) for m in unit_masks(chosen, groups, shapes).values())
+    kinds = Counter()
+    for n, g in groups.items():
+        kinds[g.kind] += int(chosen[n].sum())
+    return pruned, ", ".join(f"{k:,} {kind}" for kind, k in sorted(kinds.items()))
+
+
 def cmd_validate(args) -> int:
     from parpkit.engine.lifecycle import preflight
     from parpkit.interfaces import StructuredCriterion
@@ -83,8 +105,14 @@ def cmd_validate(args) -> int:
     console.print(table)
     s = r.pruning.sparsity
     console.print(f"model parameters: {total:,}; pool: {pool_size:,} ({pool_size / total:.1%} of the model)")
-    console.print(f"at sparsity {s:g} ({r.pruning.scope}): {round(s * pool_size):,} pool weights pruned "
-                  f"= {round(s * pool_size) / total:.1%} of the model")
+    if isinstance(resolved.criterion, StructuredCriterion):
+        pruned, units = _structured_pruned(resolved, model, pool, s)
+        console.print(f"at sparsity {s:g} ({r.pruning.scope}): {units} whole units removed, {pruned:,} pool weights pruned "
+                      f"= {pruned / pool_size:.1%} of the pool, {pruned / total:.1%} of the model (weights outside "
+                      "every unit stay)")
+    else:
+        console.print(f"at sparsity {s:g} ({r.pruning.scope}): {round(s * pool_size):,} pool weights pruned "
+                      f"= {round(s * pool_size) / total:.1%} of the model")
     names = {"backbone": r.backbone.name, "dataset": r.dataset.name, "criterion": r.pruning.criterion.name,
              "schedule": r.pruning.schedule.name}
     for kind, provider in resolved.providers.items():

@@ -344,3 +344,18 @@ def test_a_run_made_before_the_calibration_set_still_exports(tmp_path, capsys):
     (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
     assert main(["export", str(run), "--output-dir", str(tmp_path / "again")]) == 2
     assert "no_such_criterion" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_validate_says_how_many_weights_a_structured_prune_removes_as_the_run_does(tmp_path, capsys, scope):
+    """Whole units: validate's count is the run's (units round down, weights outside units stay)."""
+    import json
+    import re
+
+    run = _structured_run(tmp_path, scope, name=scope)
+    capsys.readouterr()
+    assert main(["validate", str(run / "recipe.yaml")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    m = re.search(r"(\d[\d,]*) pool weights pruned", out)
+    assert m and "whole units removed" in out, out
+    assert int(m.group(1).replace(",", "")) == json.loads((run / "metrics.json").read_text())["pool_pruned"]
