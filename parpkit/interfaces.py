@@ -507,6 +507,11 @@ class Schedule(_Plugin, ABC):
 
     #: whether a recipe's ``mask_from`` can seed this schedule's first mask
     accepts_mask_from: ClassVar[bool] = True
+    #: whether every mask it makes is at ``target`` (fixed, parp, omp); False for a schedule that prunes at
+    #: lower sparsities on the way (gmp, imp, parp_progressive). An N:M pattern prunes exactly 1 - N/M of every
+    #: row, so ``parpkit validate`` refuses a pattern with a schedule that says False (and the pruner refuses
+    #: any other sparsity when it comes)
+    prunes_at_target_only: ClassVar[bool] = True
 
     def __init__(self, options: PluginOptions | None = None, *, target: float, **kw: Any):
         super().__init__(options, **kw)

@@ -128,6 +128,7 @@ class ParpProgressive(Parp):
     (by equal steps, or cubic as in Zhu & Gupta 2017: fast at first, slow near the target), then stays there."""
 
     name = "parp_progressive"
+    prunes_at_target_only = False
     Options = ProgressiveOptions
 
     def __init__(self, options=None, **kw: Any):
@@ -181,6 +182,7 @@ class Gmp(Fixed):
     mid-training stays exactly zero (its Adam moments would move it otherwise)."""
 
     name = "gmp"
+    prunes_at_target_only = False
     Options = GmpOptions
 
     def __init__(self, options=None, **kw: Any):
@@ -310,6 +312,7 @@ class Imp(_Rewinding):
     evaluated (stage ``round_<r>``, before its prune) and its mask saved (``masks_round_<r>.safetensors``)."""
 
     name = "imp"
+    prunes_at_target_only = False
     Options = ImpOptions
 
     def __init__(self, options=None, **kw: Any):

@@ -304,6 +304,10 @@ def test_n_of_m_selection_takes_ties_in_index_order():
       "pruning.exclude": [r".*\.bias"]}, "pruning.criterion", "use one or the other"),
     ({"pruning.criterion": {"name": "wanda", "options": {"owl": {"spread": 0.1}}}, "pruning.exclude": [r".*\.bias"]},
      "pruning.criterion", "set pruning.scope to per_row or per_tensor"),
+    ({"pruning.pattern": "2:4", "pruning.scope": "per_row", "pruning.schedule": {"name": "gmp"}}, "pruning.pattern",
+     "schedule 'gmp' prunes at lower sparsities on its way to the target"),
+    ({"pruning.pattern": "2:4", "pruning.scope": "per_row", "pruning.schedule": {"name": "imp", "options": {"rounds": 2}}},
+     "pruning.pattern", "use a schedule that prunes at one sparsity"),
 ])
 def test_patterns_and_owl_are_checked_before_anything_loads(tmp_path, capsys, changes, key, text):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**changes))

@@ -246,6 +246,11 @@ def check_pattern(resolved: Resolved, model: torch.nn.Module, pool: list[str]) -
     if not resolved.criterion.supports_pattern:
         raise RecipeError(f"criterion {resolved.criterion.name!r} cannot prune in an N:M pattern (magnitude, wanda and "
                           "sparsegpt can); remove pattern or change the criterion", file=file, key="pruning.pattern")
+    if not resolved.schedule.prunes_at_target_only:
+        raise RecipeError(f"schedule {resolved.schedule.name!r} prunes at lower sparsities on its way to the target, and "
+                          f"the {r.pruning.pattern} pattern prunes exactly {1 - pattern[0] / pattern[1]:g} of every row; use a "
+                          "schedule that prunes at one sparsity (fixed, parp, omp) or remove pattern",
+                          file=file, key="pruning.pattern")
     shapes = {n: p.shape for n, p in model.named_parameters()}
     odd = [n for n in pool if as_rows(shapes[n])[1] % pattern[1]]
     if odd:
