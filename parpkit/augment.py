@@ -9,7 +9,7 @@ keyword arguments, each with its probability ``p``::
     dataset:
       augment:
         - {name: AddGaussianSNR, min_snr_db: 10, max_snr_db: 30, p: 0.5}
-        - {name: RoomSimulator, p: 0.3}
+        - {name: RoomSimulator, leave_length_unchanged: true, p: 0.3}
         - {name: LowPassFilter, min_cutoff_freq: 2000, max_cutoff_freq: 7000, p: 0.3}
 """
 
@@ -27,6 +27,9 @@ import torch
 
 from parpkit.errors import ParpkitError
 from parpkit.interfaces import Utterance
+
+#: the sample rate of the probe each transform is tried on when built
+PROBE_RATE = 16000
 
 #: set on an augmented utterance's ``extra``: its audio differs at every use, so nothing may be cached by its id
 AUGMENTED = "augmented"
@@ -55,9 +58,20 @@ def build(spec: Sequence[Mapping[str, Any]]):
             raise ParpkitError(f"dataset.augment[{i}]: {name!r} is not an audiomentations transform; some are: "
                                f"{', '.join(known[:12])} …")
         try:
-            transforms.append(cls(**entry))
-        except Exception as exc:  # the library's own check of its arguments (TypeError, ValueError, AssertionError)
+            transform = cls(**entry)
+            # once on a probe, whatever its p: what fails only when applied (an optional dependency missing, such
+            # as RoomSimulator's pyroomacoustics) fails here, at validate, and not hours into training
+            probe = np.random.default_rng(0).standard_normal(PROBE_RATE // 2).astype(np.float32) * 0.1
+            chance, transform.p = transform.p, 1.0
+            try:
+                with _seeded(0):
+                    transform.randomize_parameters(probe, PROBE_RATE)
+                    transform.apply(probe, PROBE_RATE)
+            finally:
+                transform.p = chance
+        except Exception as exc:  # the library's own checks (TypeError, ValueError, AssertionError, ImportError …)
             raise ParpkitError(f"dataset.augment[{i}] ({name}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        transforms.append(transform)
     return lib.Compose(transforms, p=1.0)
 
 
@@ -83,7 +97,10 @@ def augment(compose, utterance: Utterance, seed: int, epoch: int) -> Utterance:
     """``utterance`` as heard in ``epoch``: float32 audio of the same rate, marked ``AUGMENTED``."""
     with _seeded(draw_seed(seed, utterance.id, epoch)):
         audio = compose(samples=np.asarray(utterance.audio, dtype=np.float32), sample_rate=utterance.sample_rate)
-    audio = np.clip(np.nan_to_num(np.asarray(audio, dtype=np.float32)), -1.0, 1.0)
+    audio = np.nan_to_num(np.asarray(audio, dtype=np.float32))
+    peak = float(np.abs(audio).max(initial=0.0))
+    if peak > 1.0:  # reverberation or gain can push past full scale: scale down, as a recording level would, not clip
+        audio = audio / peak
     return dataclasses.replace(utterance, audio=audio, extra={**utterance.extra, AUGMENTED: True})
 
 

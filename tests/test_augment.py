@@ -68,6 +68,34 @@ def test_a_bad_transform_is_refused_naming_the_entry(spec, text):
         build(spec)
 
 
+def test_a_transform_that_fails_only_when_applied_is_refused_when_built(monkeypatch):
+    """An optional dependency missing (RoomSimulator's pyroomacoustics, Mp3Compression's encoder) shows only when
+    a transform runs; each is tried once on a probe when built, whatever its p."""
+    import audiomentations
+
+    class NeedsAPackage(audiomentations.core.transforms_interface.BaseWaveformTransform):
+        def apply(self, samples, sample_rate):
+            raise ImportError("No module named 'some_optional_package'")
+
+    monkeypatch.setattr(audiomentations, "NeedsAPackage", NeedsAPackage, raising=False)
+    with pytest.raises(ParpkitError, match=r"augment\[1\] \(NeedsAPackage\): No module named 'some_optional_package'"):
+        build([{"name": "AddGaussianSNR", "p": 0.5}, {"name": "NeedsAPackage", "p": 0.01}])
+
+
+def test_audio_pushed_past_full_scale_is_scaled_down_not_clipped():
+    u = _utterance(3)
+    louder = augment(build([{"name": "Gain", "min_gain_db": 20.0, "max_gain_db": 20.0, "p": 1.0}]), u, seed=0, epoch=0)
+    assert np.abs(louder.audio).max() == pytest.approx(1.0)
+    assert np.allclose(louder.audio, u.audio / np.abs(u.audio).max(), atol=1e-5)  # the waveform's shape kept
+
+
+def test_reverberation_runs_and_keeps_the_length_when_asked():
+    pytest.importorskip("pyroomacoustics")
+    u = _utterance(1)
+    wet = augment(build([{"name": "RoomSimulator", "leave_length_unchanged": True, "p": 1.0}]), u, seed=0, epoch=0)
+    assert wet.audio.shape == u.audio.shape and not np.allclose(wet.audio, u.audio)
+
+
 @requires_offline
 def test_validate_refuses_a_bad_transform_before_anything_trains(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"dataset.augment": [{"name": "AddGaussianSNR", "p": 7}]}))
