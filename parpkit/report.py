@@ -393,6 +393,18 @@ def zero_shot(rows: list[dict]) -> dict[str, dict] | None:
     return dense[0]["dense_splits"] if len(zeros) == 1 else None
 
 
+def _decoding(judged: dict) -> str:
+    """How a run's transcripts were decoded, in words ('' for one decoding with no fallback)."""
+    temperatures = judged.get("temperature")
+    if not temperatures:
+        return ""
+    tests = [f"compression ratio above {judged['compression_ratio_threshold']:g}"] if judged.get("compression_ratio_threshold") else []
+    if judged.get("logprob_threshold") is not None:
+        tests.append(f"mean log-probability below {judged['logprob_threshold']:g}")
+    return (f"with temperature fallback: again at {', '.join(f'{t:g}' for t in temperatures[1:])} where "
+            f"{' or '.join(tests) or 'asked'} (sampling seed {judged.get('seed')})")
+
+
 def judged_note(rows: list[dict]) -> list[str]:
     """Where the scores were judged: at the model's native settings (parpkit 0.2.0 on), or, for runs made
     before that, at their training settings (whisper's training window), which this table cannot compare
@@ -403,6 +415,12 @@ def judged_note(rows: list[dict]) -> list[str]:
     if windows and not old:
         out.append(f"Every score, zero-shot included, at the model's native settings (encoder window "
                    f"{', '.join(f'{w:g}' for w in windows)} s).")
+    decodings = {_decoding(r["judged"]) for r in rows if r.get("judged")}
+    if len(decodings) == 1 and next(iter(decodings)):
+        out.append(f"Decoded {next(iter(decodings))}.")
+    elif len(decodings) > 1:
+        out.append("The runs were decoded differently (" + "; ".join(sorted(d or "greedy, no fallback" for d in decodings))
+                   + "): compare rows decoded alike.")
     if old:
         out.append(f"{len(old)} of {len(rows)} runs were scored before parpkit 0.2.0, at their training settings "
                    "(whisper: the recipe's encoder window), not at the model's own: their zero-shot is not the model as "

@@ -205,3 +205,15 @@ def test_the_zero_shot_row_does_not_depend_on_the_training_window(tmp_path):
         assert main(["run", str(recipe), "--output-dir", str(out), "--quiet"]) == 0
         stages.append(json.loads((out / "metrics.json").read_text())["stages"]["dense"])
     assert stages[0]["splits"] == stages[1]["splits"]
+
+
+def test_the_report_says_how_the_runs_were_decoded(whisper_run, fallback_run):
+    from parpkit.report import collect, markdown
+
+    rows, _ = collect([fallback_run])
+    assert "Decoded with temperature fallback: again at 0.5, 1 where compression ratio above 1.35 or mean " \
+           "log-probability below -1 (sampling seed 7)." in markdown(rows)
+    rows, _ = collect([whisper_run, fallback_run])
+    assert "The runs were decoded differently (greedy, no fallback; with temperature fallback" in markdown(rows)
+    rows, _ = collect([whisper_run])
+    assert "Decoded" not in markdown(rows) and "decoded differently" not in markdown(rows)
