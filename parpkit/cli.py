@@ -68,10 +68,10 @@ def _structured_pruned(resolved, model, pool: list[str], sparsity: float) -> tup
 
     import torch
 
-    from parpkit.units import restrict, select_units, unit_masks
+    from parpkit.engine.lifecycle import pruned_groups
+    from parpkit.units import select_units, unit_masks
 
-    groups = {g.name: g for g in restrict(resolved.backbone.structured_groups(model), set(pool))
-              if resolved.criterion.prunes(g)}
+    groups = {g.name: g for g in pruned_groups(resolved.backbone, resolved.criterion, model, pool)}
     if not groups:
         return 0, "no"
     shapes = {n: p.shape for n, p in model.named_parameters() if n in pool}

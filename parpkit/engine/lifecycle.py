@@ -237,6 +237,14 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     return model, pool
 
 
+def pruned_groups(backbone, criterion, model: torch.nn.Module, pool: list[str]) -> list:
+    """The structured groups (FFN neurons, heads) inside the pool that a structured criterion prunes; none for
+    any other criterion."""
+    if not isinstance(criterion, StructuredCriterion):
+        return []
+    return [g for g in restrict(backbone.structured_groups(model), set(pool)) if criterion.prunes(g)]
+
+
 def check_pattern(resolved: Resolved, model: torch.nn.Module, pool: list[str]) -> None:
     """An N:M pattern needs a criterion whose masks can follow it and rows that split into groups of M."""
     r, file = resolved.recipe, resolved.file
@@ -329,8 +337,7 @@ def prepare(s: Session) -> None:
         s.log.write("pseudo_labels", utterances=s.pseudo_labelled)
     s.pool = s.resolved.select_pool(s.model)
     criterion = s.resolved.criterion
-    groups = [g for g in restrict(backbone.structured_groups(s.model), set(s.pool)) if criterion.prunes(g)] \
-        if isinstance(criterion, StructuredCriterion) else []
+    groups = pruned_groups(backbone, criterion, s.model, s.pool)
     donor = None
     if r.pruning.mask_from:
         params = dict(s.model.named_parameters())

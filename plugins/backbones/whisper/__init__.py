@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import importlib.util
+import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -22,6 +22,8 @@ from pydantic import Field, field_validator
 
 from parpkit import (Backbone, ModelFormatError, ParpkitError, PluginOptions, Utterance, ffn_group, head_group, hookimpl,
                      install_atomically)
+from parpkit.augment import AUGMENTED
+
 from . import ct2
 
 # Weights and biases of q/k/v/out of self- and cross-attention and fc1/fc2, every encoder and decoder block.
@@ -506,8 +508,8 @@ class WhisperBackbone(Backbone):
         labels = self._labels(batch)
         if self.features_on_device:
             return {"input_audio": self._padded_audio([u.audio for u in batch], [u.id for u in batch]), "labels": labels}
-        # an augmented utterance (parpkit.augment) sounds different at every use: its features are never cached
-        cacheable = not any(u.extra.get("augmented") for u in batch)
+        # an augmented utterance sounds different at every use: its features are never cached
+        cacheable = not any(u.extra.get(AUGMENTED) for u in batch)
         ids = [u.id for u in batch] if cacheable else []
         return {"input_features": self._features([u.audio for u in batch], ids), "labels": labels}
 
@@ -549,7 +551,9 @@ class WhisperBackbone(Backbone):
             kwargs.update(language=self.options.language, task=self.task)
         # sampling (fallback) from a seed of its own: the same draws for every call, and the caller's random
         # state (training's) untouched
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        sampling = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None \
+            else contextlib.nullcontext()
+        with sampling:
             if seed is not None:
                 torch.manual_seed(seed)
             out = model.generate(input_features=feats, **kwargs)
