@@ -26,13 +26,11 @@ import numpy as np
 import torch
 
 from parpkit.errors import ParpkitError
-from parpkit.interfaces import Utterance
+from parpkit.interfaces import AUGMENTED, Utterance
 
 #: the sample rate of the probe each transform is tried on when built
 PROBE_RATE = 16000
 
-#: set on an augmented utterance's ``extra``: its audio differs at every use, so nothing may be cached by its id
-AUGMENTED = "augmented"
 
 
 def _library():

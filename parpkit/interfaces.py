@@ -92,6 +92,10 @@ class _Plugin:
         self.options = options if options is not None else self.Options()
 
 
+#: set on an augmented utterance's ``extra``: its audio differs at every use, so nothing may be cached by its id
+AUGMENTED = "augmented"
+
+
 @dataclass
 class Utterance:
     """One recording: mono float32 audio in [-1, 1] at ``sample_rate``, and its transcript (``None``: an
@@ -103,6 +107,12 @@ class Utterance:
     text: str | None
     speaker: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether what is computed from this audio (features) may be cached by ``id``: False for augmented
+        audio, which sounds different at every use."""
+        return not self.extra.get(AUGMENTED, False)
 
 
 class Dataset(_Plugin, ABC):

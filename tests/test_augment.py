@@ -39,7 +39,7 @@ def test_draws_depend_on_seed_utterance_and_epoch_only_and_leave_global_random_s
     a = augment(compose, u, seed=0, epoch=0)
     assert np.array_equal(np.random.random(3), before)  # the caller's stream is untouched
     assert np.array_equal(a.audio, augment(build(NOISE), u, seed=0, epoch=0).audio)  # a fresh compose draws alike
-    assert a.audio.dtype == np.float32 and a.audio.shape == u.audio.shape and a.extra[AUGMENTED]
+    assert a.audio.dtype == np.float32 and a.audio.shape == u.audio.shape and a.extra[AUGMENTED] and not a.cacheable and u.cacheable
     assert not np.array_equal(a.audio, u.audio)
     assert not np.array_equal(a.audio, augment(compose, u, seed=0, epoch=1).audio)
     assert not np.array_equal(a.audio, augment(compose, u, seed=1, epoch=0).audio)

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from safetensors.torch import load_file
 
 from tests.conftest import requires_offline, tiny_recipe, write_recipe
@@ -13,6 +15,7 @@ from tests.conftest import requires_offline, tiny_recipe, write_recipe
 pytestmark = requires_offline
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 4, "training.batch_size": 2,
                                                             "training.save_steps": 2, "training.logging_steps": 1}))
@@ -68,6 +71,7 @@ def _torchrun(path, out, nproc):
                            "--quiet"], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_processes_give_one_process_result_with_the_same_global_batch(tmp_path):
     """gloo DDP with 2 ranks x batch 2 against one process x batch 4, PARP re-pruning twice: the same masks
     (each rank's masks are also checked equal at every prune) and the same weights to float tolerance."""

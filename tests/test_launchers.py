@@ -93,6 +93,7 @@ def _sweep_kill_rerun_report(tmp_path, plain, launcher_args, capsys, monkeypatch
     assert f"1 sweep point(s) failed: {POINTS[1]}" in err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_RAY, reason="needs ray (pip install 'parpkit[ray]'); not in the test extra: its wheel is ~80 MB")
 def test_ray_launcher_runs_skips_resumes_and_reports_like_the_plain_sweep(tmp_path, plain, capsys, monkeypatch):
     import ray
@@ -104,6 +105,7 @@ def test_ray_launcher_runs_skips_resumes_and_reports_like_the_plain_sweep(tmp_pa
         ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_SUBMITIT, reason="needs submitit (pip install 'parpkit[slurm]')")
 def test_slurm_launcher_runs_skips_resumes_and_reports_like_the_plain_sweep(tmp_path, plain, capsys, monkeypatch):
     _sweep_kill_rerun_report(tmp_path, plain, ["--launcher", "slurm", "--slurm-local", "--max-parallel", "2"], capsys, monkeypatch)

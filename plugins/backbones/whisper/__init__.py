@@ -22,7 +22,6 @@ from pydantic import Field, field_validator
 
 from parpkit import (Backbone, ModelFormatError, ParpkitError, PluginOptions, Utterance, ffn_group, head_group, hookimpl,
                      install_atomically)
-from parpkit.augment import AUGMENTED
 
 from . import ct2
 
@@ -509,7 +508,7 @@ class WhisperBackbone(Backbone):
         if self.features_on_device:
             return {"input_audio": self._padded_audio([u.audio for u in batch], [u.id for u in batch]), "labels": labels}
         # an augmented utterance sounds different at every use: its features are never cached
-        cacheable = not any(u.extra.get(AUGMENTED) for u in batch)
+        cacheable = all(u.cacheable for u in batch)
         ids = [u.id for u in batch] if cacheable else []
         return {"input_features": self._features([u.audio for u in batch], ids), "labels": labels}
 
