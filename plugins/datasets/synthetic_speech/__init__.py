@@ -43,6 +43,10 @@ GENERATOR_VERSION = 3  # bump when sentences, speakers or audio processing chang
 SAMPLE_RATE = 16000
 SPLITS = ("train", "validation", "test", "ood", "ood_flite", "validation_ood", "validation_flite", "extra")
 IN_DOMAIN = ("train", "validation", "test")
+#: the order the in-domain splits take their speakers and sentences: validation after test, so that adding
+#: validation splits to a recipe changes none of its reported splits (a select recipe can then read exactly the
+#: corpus of the recipe it chooses settings for, every split disjoint from every other)
+IN_DOMAIN_PLAN = ("train", "test", "validation")
 #: splits read from the out-of-domain text sources, in the order they take their sentences
 OOD_SPLITS = ("ood", "ood_flite", "validation_ood", "validation_flite")
 #: flite's 16 kHz English voices (kal, 8 kHz, left out); ood_flite takes two and validation_flite the other
@@ -88,6 +92,10 @@ class SyntheticOptions(PluginOptions):
     pitch: tuple[int, int] = (30, 70)
     #: the corpus's seed: speakers, sentences and synthesis
     seed: int = 0
+    #: plan the in-domain ``validation`` split before ``test`` (the plan before parpkit 0.2.2, for reproducing
+    #: results made then): adding validation then changes test. The default plans it after test, so that a
+    #: select recipe can read exactly the corpus of the recipe it chooses settings for
+    validation_first: bool = False
     #: the text of train, validation and test: ``grammar`` (a template grammar of about 200 words: easy to
     #: learn, and a fine-tune learns its narrow language too) or ``docs`` (3,611 plain English sentences from
     #: the docstrings of Python's standard library, about 3,400 distinct words; disjoint between the splits)
@@ -201,7 +209,12 @@ class SyntheticSpeech(Dataset):
     # --------------------------------------------------------------------------- planning
     def _key(self) -> str:
         unset = {"seconds"} if self.options.seconds is None else set()  # corpora made before the option keep their key
-        blob = json.dumps({"v": GENERATOR_VERSION, **self.options.model_dump(exclude={"real_source", *unset})}, sort_keys=True)
+        # a corpus planned as before validation_first existed keeps its key; one with both validation and test
+        # planned test first (the default since) gets a key of its own
+        both = {"validation", "test"} <= set(self._synthetic_splits())
+        order = {"plan": "test_first"} if both and not self.options.validation_first else {}
+        dump = self.options.model_dump(exclude={"real_source", "validation_first", *unset})
+        blob = json.dumps({"v": GENERATOR_VERSION, **order, **dump}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def plan(self) -> dict[str, list[dict]]:
@@ -212,7 +225,8 @@ class SyntheticSpeech(Dataset):
         rng = random.Random(o.seed)
         combos = list(itertools.product(o.voices, o.variants))
         rng.shuffle(combos)
-        in_domain = [s for s in self._synthetic_splits() if s in IN_DOMAIN]
+        order = IN_DOMAIN if o.validation_first else IN_DOMAIN_PLAN
+        in_domain = [s for s in order if s in self._synthetic_splits()]
         need = sum(o.speakers.get(s, 0) for s in in_domain)
         if need > len(combos):
             raise ValueError(f"{need} speakers asked for, but only {len(combos)} voice/variant pairs exist")
