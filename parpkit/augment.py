@@ -32,7 +32,6 @@ from parpkit.interfaces import AUGMENTED, Utterance
 PROBE_RATE = 16000
 
 
-
 def _library():
     try:
         import audiomentations

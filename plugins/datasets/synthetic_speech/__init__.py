@@ -42,6 +42,7 @@ from ..real_speech import load_real_split
 GENERATOR_VERSION = 3  # bump when sentences, speakers or audio processing change
 SAMPLE_RATE = 16000
 SPLITS = ("train", "validation", "test", "ood", "ood_flite", "validation_ood", "validation_flite", "extra")
+#: the in-domain splits; under ``validation_first`` (the plan before 0.2.2) also the order they are planned in
 IN_DOMAIN = ("train", "validation", "test")
 #: the order the in-domain splits take their speakers and sentences: validation after test, so that adding
 #: validation splits to a recipe changes none of its reported splits (a select recipe can then read exactly the
