@@ -145,8 +145,8 @@ KIND_TITLES = {"backbone": "Backbones", "dataset": "Datasets", "criterion": "Cri
 
 
 def recipe_keys_page() -> str:
-    from parpkit.recipe import (CalibrationSection, DatasetRef, DistillationSection, EvaluationSection, PluginRef,
-                                PruningSection, Recipe, TrainingSection)
+    from parpkit.recipe import (CalibrationSection, ConcatenateSection, DatasetRef, DistillationSection, EvaluationSection,
+                                PluginRef, PruningSection, Recipe, TrainingSection)
 
     out = [GENERATED, "", "# Recipe keys", "",
            "Every key a recipe may hold, and every option of parpkit's own plugins, with its type, default and "
@@ -156,6 +156,7 @@ def recipe_keys_page() -> str:
         ("Top level", Recipe, "", None),
         ("backbone", PluginRef, "backbone.", PLUGIN_REF_NOTES),
         ("dataset", DatasetRef, "dataset.", PLUGIN_REF_NOTES),
+        ("dataset.concatenate", ConcatenateSection, "dataset.concatenate.", None),
         ("pruning", PruningSection, "pruning.", None),
         ("pruning.calibration", CalibrationSection, "pruning.calibration.", None),
         ("pruning.criterion", PluginRef, "pruning.criterion.", PLUGIN_REF_NOTES),

@@ -1,4 +1,4 @@
-"""Training-audio augmentation (``dataset.augment``): audiomentations transforms applied to each training
+"""Training-audio augmentation (``dataset.augment``, and ``dataset.concatenate``'s joined passages): audiomentations transforms applied to each training
 utterance as it is served, the draws a function of the recipe's seed, the utterance and the epoch, so a run
 resumed from a checkpoint hears what an uninterrupted one would. Scored splits, calibration and the
 teacher's pseudo-labels use the audio as it is; only fine-tuning batches are augmented.
@@ -101,13 +101,57 @@ def augment(compose, utterance: Utterance, seed: int, epoch: int) -> Utterance:
     return dataclasses.replace(utterance, audio=audio, extra={**utterance.extra, AUGMENTED: True})
 
 
-class AugmentedDataset(torch.utils.data.Dataset):
-    """The training utterances, each augmented as served; the Trainer's dataloader calls ``set_epoch`` before
-    every epoch (resumed ones included), which is all the draws depend on besides the seed and the id."""
+class Concatenator:
+    """``dataset.concatenate``: serves a share of the training utterances joined to further ones (of the same
+    speaker where known, in a drawn order, a drawn silence between them) into a passage of up to
+    ``max_seconds``, its transcript the pieces' joined by spaces. Which utterances, and how long each passage
+    grows (a goal drawn between half of ``max_seconds`` and all of it), follow the seed, the utterance and
+    the epoch. Unlabelled utterances (no transcript) are served as they are and never joined."""
 
-    def __init__(self, items: Sequence[Utterance], spec: Sequence[Mapping[str, Any]], seed: int):
+    def __init__(self, items: Sequence[Utterance], options: Any, seed: int):
+        self.items, self.options, self.seed = items, options, seed
+        self.by_speaker: dict[Any, list[int]] = {}
+        for i, u in enumerate(items):
+            if u.text is not None:
+                self.by_speaker.setdefault(u.speaker if options.same_speaker else None, []).append(i)
+
+    def __call__(self, i: int, epoch: int) -> Utterance:
+        first, o = self.items[i], self.options
+        rng = random.Random(draw_seed(self.seed, f"concatenate\0{first.id}", epoch))
+        if first.text is None or rng.random() >= o.p:
+            return first
+        rate, limit = first.sample_rate, o.max_seconds * first.sample_rate
+        goal = rng.uniform(limit / 2, limit)
+        pool = [j for j in self.by_speaker.get(first.speaker if o.same_speaker else None, []) if j != i]
+        rng.shuffle(pool)
+        pieces, texts, ids = [np.asarray(first.audio, dtype=np.float32)], [first.text], [first.id]
+        total = len(pieces[0])
+        for j in pool:
+            if total >= goal:
+                break
+            u = self.items[j]
+            gap = int(rng.uniform(*o.gap_seconds) * rate)
+            if u.sample_rate != rate or total + gap + len(u.audio) > limit:
+                continue
+            pieces += [np.zeros(gap, dtype=np.float32), np.asarray(u.audio, dtype=np.float32)]
+            texts.append(u.text)
+            ids.append(u.id)
+            total += gap + len(u.audio)
+        if len(ids) == 1:
+            return first
+        return dataclasses.replace(first, audio=np.concatenate(pieces), text=" ".join(t.strip() for t in texts),
+                                   extra={**first.extra, AUGMENTED: True, "concatenated": ids})
+
+
+class AugmentedDataset(torch.utils.data.Dataset):
+    """The training utterances, each joined to others (``concatenate``, if given) and augmented (``spec``) as
+    served; the Trainer's dataloader calls ``set_epoch`` before every epoch (resumed ones included), which is
+    all the draws depend on besides the seed and the id."""
+
+    def __init__(self, items: Sequence[Utterance], spec: Sequence[Mapping[str, Any]], seed: int, concatenate: Any = None):
         self.items, self.seed, self.epoch = items, seed, 0
-        self.compose = build(spec)
+        self.compose = build(spec) if spec else None
+        self.concatenate = Concatenator(items, concatenate, seed) if concatenate is not None else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -116,4 +160,5 @@ class AugmentedDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> Utterance:
-        return augment(self.compose, self.items[i], self.seed, self.epoch)
+        u = self.concatenate(i, self.epoch) if self.concatenate is not None else self.items[i]
+        return augment(self.compose, u, self.seed, self.epoch) if self.compose is not None else u

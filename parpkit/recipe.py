@@ -113,6 +113,29 @@ class PluginRef(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ConcatenateSection(_Strict):
+    """Training passages joined from several utterances, so that a model fine-tuned on single sentences still
+    transcribes a recording as long as its window (whisper: 30 s). Draws depend on the seed, the utterance and
+    the epoch only; scored splits and calibration are left as they are."""
+
+    #: the share of training utterances served joined to others (each drawn anew every epoch)
+    p: float = Field(default=0.5, gt=0, le=1)
+    #: the longest passage, in seconds: the model's training window must hold it (whisper at 30 s: set
+    #: backbone.options.encoder_window_s to null or 30)
+    max_seconds: float = Field(default=28.0, gt=0)
+    #: the silence between joined utterances, in seconds: drawn from this range
+    gap_seconds: tuple[float, float] = (0.2, 0.8)
+    #: join utterances of the same speaker only (where the dataset names speakers), as a recording would
+    same_speaker: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        low, high = self.gap_seconds
+        if not 0 <= low <= high:
+            raise ValueError(f"gap_seconds {list(self.gap_seconds)}: expected [low, high] with 0 <= low <= high")
+        return self
+
+
 class DatasetRef(PluginRef):
     #: the split fine-tuning trains on (and calibration draws its batches from)
     train_split: str = "train"
@@ -124,6 +147,9 @@ class DatasetRef(PluginRef):
     #: Draws depend on the seed, the utterance and the epoch only (a resumed run hears the same); scored splits,
     #: calibration and pseudo-labelling use the audio as it is. Empty: none
     augment: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
+    #: training passages joined from several utterances of a speaker (``{p: 0.5, max_seconds: 28}``), so that
+    #: the model keeps transcribing recordings as long as its window; joined before augmentation. Null: none
+    concatenate: ConcatenateSection | None = None
 
     @field_validator("eval_split")
     @classmethod

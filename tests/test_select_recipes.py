@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ SELECTS = {
                                 "zero_shot_native_tiny_en:corpus-compress", "compress_v2_tiny_en"],
     "compress_v2_select_tiny_en": ["compress_v2_tiny_en"],
     "grid_v3_select_tiny_en": ["grid_v3_tiny_en"],
+    "long_select_tiny_en": ["compress_v2_tiny_en"],
 }
 
 
@@ -58,12 +60,19 @@ def _plans(name: str) -> list[dict[str, list[dict]]]:
     return out
 
 
+def _values(split: str, rows: list[dict], what: str) -> set[str]:
+    """The speakers, or the sentences, of a split's rows (a long split's passages cut into their sentences)."""
+    if what == "text" and split.endswith("_long"):
+        return {piece for u in rows for piece in re.split(r"(?<=[.!?])\s+", u["text"])}
+    return {u[what] for u in rows}
+
+
 def _shared(chosen_on: dict[str, list[dict]], reported: dict[str, list[dict]]) -> list[str]:
     problems = []
     for v in (s for s in chosen_on if s.startswith("validation")):
         for r in (s for s in reported if not s.startswith("validation") and s not in ("train", "extra")):
             for what in ("text", "speaker"):
-                both = {u[what] for u in chosen_on[v]} & {u[what] for u in reported[r]}
+                both = _values(v, chosen_on[v], what) & _values(r, reported[r], what)
                 if both:
                     problems.append(f"{v} and {r} share {len(both)} {what}s, e.g. {sorted(both)[0]!r}")
     return problems
@@ -108,7 +117,7 @@ def test_validation_first_plans_the_corpus_as_before_under_its_old_key(tmp_path)
     assert old_plan["validation"][0]["text"] == new_plan["test"][0]["text"]
     assert old_plan["test"][0]["text"] == new_plan["validation"][0]["text"]
     assert old._key() != new._key()
-    legacy = old.options.model_dump(exclude={"real_source", "validation_first", "seconds"})
+    legacy = old.options.model_dump(exclude={"real_source", "validation_first", "seconds", "long_seconds"})
     assert old._key() == hashlib.sha256(json.dumps({"v": GENERATOR_VERSION, **legacy}, sort_keys=True).encode()).hexdigest()[:16]
     # without both validation and test the order changes nothing, and neither does the key
     alone = dict(opts, sizes={"train": 20, "test": 10}, speakers={"train": 4, "test": 2})

@@ -263,3 +263,49 @@ def test_the_extra_split_changes_no_other_split_and_shares_no_sentence_or_speake
     assert len({r["text"] for r in extra}) == 40
     with pytest.raises(ValueError, match="extra speakers asked for"):
         _plan(tmp_path, text=text, sizes=sizes, speakers={**speakers, "extra": 200})
+
+
+@pytest.mark.parametrize("text", ["grammar", "docs"])
+def test_long_splits_are_passages_of_unread_sentences_that_change_no_other_split(tmp_path, text):
+    """``test_long`` and ``validation_long`` join sentences no other split reads into passages of
+    ``long_seconds``, by speakers of their own; asking for either changes no other split (nor the other), and
+    corpora without them keep their cache key."""
+    import re
+
+    with_extra = {"sizes": {**WITH_VALIDATION["sizes"], "extra": 20}, "speakers": {**WITH_VALIDATION["speakers"], "extra": 3}}
+    without = _plan(tmp_path, text=text, **with_extra)
+    sizes = {**with_extra["sizes"], "test_long": 6, "validation_long": 8}
+    speakers = {**with_extra["speakers"], "test_long": 2, "validation_long": 3}
+    plan = _plan(tmp_path, text=text, sizes=sizes, speakers=speakers)
+    assert {s: rows for s, rows in plan.items() if not s.endswith("_long")} == without
+    only_validation = _plan(tmp_path, text=text, sizes={k: v for k, v in sizes.items() if k != "test_long"},
+                            speakers={k: v for k, v in speakers.items() if k != "test_long"})
+    assert only_validation["validation_long"] == plan["validation_long"]
+    short = {r["text"] for rows in without.values() for r in rows}
+    pieces = {}
+    for split in ("test_long", "validation_long"):
+        rows = plan[split]
+        assert len(rows) == sizes[split] and len({r["speaker"] for r in rows}) == speakers[split]
+        pieces[split] = [p for r in rows for p in re.split(r"(?<=[.!?])\s+", r["text"])]
+        assert all(len(re.split(r"(?<=[.!?])\s+", r["text"])) >= 2 for r in rows)  # passages, not sentences
+        assert not set(pieces[split]) & short
+        assert not {r["voice"] for r in rows} & {r["voice"] for s in ("train", "validation", "test", "extra") for r in without[s]}
+    assert not set(pieces["test_long"]) & set(pieces["validation_long"])
+    assert not {r["voice"] for r in plan["test_long"]} & {r["voice"] for r in plan["validation_long"]}
+    assert _corpus(tmp_path)._key() == _corpus(tmp_path, long_seconds=(10, 20))._key()
+    with pytest.raises(ValueError, match="long_seconds"):
+        SyntheticOptions(long_seconds=(20, 31))
+
+
+def test_long_passages_last_about_as_long_as_asked(tmp_path):
+    """Synthesised, the passages fall in ``long_seconds`` (give or take the estimate's error), every one within
+    whisper's 30 s window."""
+    d = _corpus(tmp_path, text="docs", sizes={"train": 2, "validation_long": 24}, speakers={"train": 1, "validation_long": 3})
+    lengths = np.array([len(u.audio) / 16000 for u in d.load_split("validation_long", QUIET)])
+    assert lengths.min() > 13 and lengths.max() < 30
+    assert lengths.mean() > 19  # spread over the range, not bunched at its low end
+    # the other splits' audio is what it was without the long split (synthesised before it, in a fresh process)
+    plain = _corpus(tmp_path, text="docs", sizes={"train": 2}, speakers={"train": 1})
+    assert plain.corpus_dir != d.corpus_dir
+    for a, b in zip(plain.load_split("train", QUIET), d.load_split("train", QUIET), strict=True):
+        assert a.text == b.text and np.array_equal(a.audio, b.audio)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -311,6 +312,14 @@ def prepare(s: Session) -> None:
             backbone.check_lengths(utts, training=training)
         except ParpkitError as exc:
             raise ParpkitError(f"dataset: split {split!r}: {exc}") from None
+    if (c := r.dataset.concatenate) is not None and s.train:  # the longest passage it may join, as training sees it
+        rate = s.train[0].sample_rate
+        probe = Utterance(id="longest passage", audio=np.zeros(int(c.max_seconds * rate), np.float32), sample_rate=rate,
+                          text=None)
+        try:
+            backbone.check_lengths([probe], training=True)
+        except ParpkitError as exc:
+            raise ParpkitError(f"dataset.concatenate.max_seconds {c.max_seconds:g}: {exc}") from None
     if s.shared.root is not None:
         s.contents["model"] = tensors_digest(s.model.state_dict())
     d = r.distillation
@@ -578,7 +587,9 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
     with s.progress.task(label, total=phase.steps) as task, tensorboard_dir(r.training.report_to, s.rundir.path / "tensorboard" / phase.name):
         driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training, validate,
                              r.evaluation.every_steps, s.distiller, s.resolved.backbone)
-        train = AugmentedDataset(s.train, r.dataset.augment, r.seed) if r.dataset.augment else ListDataset(s.train)
+        served = r.dataset.augment or r.dataset.concatenate
+        train = (AugmentedDataset(s.train, r.dataset.augment, r.seed, r.dataset.concatenate) if served
+                 else ListDataset(s.train))
         trainer = trainer_class()(model=s.model, args=args, train_dataset=train,
                                   data_collator=s.resolved.backbone.collate,
                                   callbacks=[*callbacks(driver, s.state, index, r.training.keep_checkpoints), *extra_callbacks])

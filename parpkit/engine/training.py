@@ -72,7 +72,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, steps: int, group_by_le
         dataloader_num_workers=t.dataloader_workers, dataloader_pin_memory=torch.cuda.is_available(),
         # workers keep their state (feature caches) across epochs; not with augmentation, whose draws follow the
         # epoch the Trainer tells the dataset (set_epoch), which only workers started after it hear
-        dataloader_persistent_workers=t.dataloader_workers > 0 and not recipe.dataset.augment,
+        dataloader_persistent_workers=t.dataloader_workers > 0 and not (recipe.dataset.augment or recipe.dataset.concatenate),
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         remove_unused_columns=False, disable_tqdm=True,
         # several CPU processes (torchrun without GPUs): accelerate sets up gloo DDP only when told "cpu"; bf16

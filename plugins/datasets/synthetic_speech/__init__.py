@@ -41,13 +41,18 @@ from ..real_speech import load_real_split
 
 GENERATOR_VERSION = 3  # bump when sentences, speakers or audio processing change
 SAMPLE_RATE = 16000
-SPLITS = ("train", "validation", "test", "ood", "ood_flite", "validation_ood", "validation_flite", "extra")
+SPLITS = ("train", "validation", "test", "ood", "ood_flite", "validation_ood", "validation_flite", "extra", "test_long",
+          "validation_long")
 #: the in-domain splits; under ``validation_first`` (the plan before 0.2.2) also the order they are planned in
 IN_DOMAIN = ("train", "validation", "test")
 #: the order the in-domain splits take their speakers and sentences: validation after test, so that adding
 #: validation splits to a recipe changes none of its reported splits (a select recipe can then read exactly the
 #: corpus of the recipe it chooses settings for, every split disjoint from every other)
 IN_DOMAIN_PLAN = ("train", "test", "validation")
+#: in-domain splits of long utterances (several sentences read in one breath, ``long_seconds`` long), planned after
+#: every other split: ``test_long`` takes its speakers and sentences from the front of what is left, ``validation_long``
+#: from the back, so that neither changes another split or the other
+LONG_SPLITS = ("test_long", "validation_long")
 #: splits read from the out-of-domain text sources, in the order they take their sentences
 OOD_SPLITS = ("ood", "ood_flite", "validation_ood", "validation_flite")
 #: flite's 16 kHz English voices (kal, 8 kHz, left out); ood_flite takes two and validation_flite the other
@@ -77,8 +82,10 @@ RATES = (80, 450)
 
 class SyntheticOptions(PluginOptions):
     #: utterances per split: train, validation, test (in domain), ood, ood_flite, validation_ood,
-    #: validation_flite (out of domain), and ``extra``: more in-domain audio by speakers of its own, planned after
-    #: every other split so that adding it changes none (a calibration set larger than the training split)
+    #: validation_flite (out of domain), ``extra``: more in-domain audio by speakers of its own, planned after
+    #: every other split so that adding it changes none (a calibration set larger than the training split), and
+    #: ``test_long`` / ``validation_long``: in-domain passages of several sentences, ``long_seconds`` long (whisper
+    #: hears 30 s at a time: what a model trained on single sentences does with a long recording shows there)
     sizes: dict[str, int] = Field(default_factory=lambda: {"train": 200, "validation": 20, "test": 40})
     #: speakers per split (disjoint between splits)
     speakers: dict[str, int] = Field(default_factory=lambda: {"train": 16, "validation": 4, "test": 6})
@@ -107,6 +114,9 @@ class SyntheticOptions(PluginOptions):
     #: ``SECONDS_MARGIN`` at each end, so that nearly all utterances fall inside it and none far past it; null:
     #: any sentence of the text source (the default)
     seconds: tuple[float, float] | None = None
+    #: how long the utterances of ``test_long`` and ``validation_long`` last, in seconds (estimated from the text
+    #: as ``seconds`` is); the high end stays under whisper's 30 s window
+    long_seconds: tuple[float, float] = (15.0, 28.0)
     # the out-of-domain split (sizes.ood > 0): its own variants, prosody and text
     #: espeak-ng variants of the out-of-domain splits (85 whose spectra differ from the training ones; whispered
     #: ones left out); ``ood`` and ``validation_ood`` share none
@@ -150,6 +160,10 @@ class SyntheticOptions(PluginOptions):
                                  "sentence is made, and kept in memory, before anything is synthesised)")
             if n > 0 and self.speakers.get(split, 0) <= 0:
                 raise ValueError(f"split {split!r} has {n} utterances but no speakers")
+        lo, hi = self.long_seconds
+        if not 2.0 <= lo or hi - lo < 2.0 or hi > 29.0:
+            raise ValueError(f"long_seconds {list(self.long_seconds)}: expected [low, high] with low at least 2, high at "
+                             "least low + 2 and at most 29 (whisper's window holds 30 s)")
         if self.seconds is not None:
             lo, hi = self.seconds
             if not 0.5 <= lo or hi - lo <= 2 * SECONDS_MARGIN + 0.2:
@@ -210,6 +224,8 @@ class SyntheticSpeech(Dataset):
     # --------------------------------------------------------------------------- planning
     def _key(self) -> str:
         unset = {"seconds"} if self.options.seconds is None else set()  # corpora made before the option keep their key
+        if not set(LONG_SPLITS) & set(self._synthetic_splits()):
+            unset.add("long_seconds")
         # a corpus planned as before validation_first existed keeps its key; one with both validation and test
         # planned test first (the default since) gets a key of its own
         both = {"validation", "test"} <= set(self._synthetic_splits())
@@ -260,6 +276,8 @@ class SyntheticSpeech(Dataset):
             plan[split] = rows
         if "extra" in self._synthetic_splits():
             plan["extra"] = self._plan_extra(combos[start_s:], {r["text"] for rows in plan.values() for r in rows}, rng)
+            start_s += o.speakers["extra"]
+        in_domain_texts = {r["text"] for rows in plan.values() for r in rows}
         pools = self._ood_texts()
         ood_speakers = self._ood_speakers()
         for split in OOD_SPLITS:
@@ -270,6 +288,8 @@ class SyntheticSpeech(Dataset):
                 plan[split] = self._plan_flite(split, pools[split], voices)
             else:
                 plan[split] = self._plan_ood(split, pools[split], ood_speakers[split])
+        if set(LONG_SPLITS) & set(self._synthetic_splits()):  # last: synthesised after every other split too
+            plan.update(self._plan_long(combos[start_s:], in_domain_texts))
         return plan
 
     def _plan_extra(self, combos: list[tuple[str, str]], used: set[str], rng: random.Random) -> list[dict]:
@@ -301,6 +321,69 @@ class SyntheticSpeech(Dataset):
         return [{"id": f"extra-{i:05d}", "text": text, "speaker": f"{speakers[i % k]['voice']}@{speakers[i % k]['rate']}/"
                  f"{speakers[i % k]['pitch']}", "seed": o.seed * 1_000_003 + 800_000 + i, **speakers[i % k]}
                 for i, text in enumerate(texts)]
+
+    #: per long split: (draws seed offset, synthesis seed offset)
+    _LONG_SEEDS = {"test_long": (41, 700_000), "validation_long": (43, 750_000)}
+
+    def _plan_long(self, combos: list[tuple[str, str]], used: set[str]) -> dict[str, list[dict]]:
+        """``test_long`` and ``validation_long``: in-domain passages (the training voices, rates and text source)
+        by speakers of their own, each several sentences no other split reads, joined until the passage lasts
+        ``long_seconds``. ``test_long`` takes its speakers from the front of what the other splits left and
+        ``validation_long`` from the back; of the unread sentences, each reads every other one; each has draws of
+        its own: asking for either changes nothing else."""
+        from .sentences import SentenceGenerator, docs_sentences
+
+        o = self.options
+        wanted = [s for s in LONG_SPLITS if s in self._synthetic_splits()]
+        k = {s: o.speakers[s] for s in wanted}
+        if sum(k.values()) > len(combos):
+            raise ValueError(f"{sum(k.values())} speakers asked for by {' and '.join(wanted)}, but only {len(combos)} "
+                             "voice/variant pairs are left after the other in-domain splits")
+        if o.text == "docs":
+            everything = docs_sentences()
+            random.Random(o.seed * 7919 + 47).shuffle(everything)
+        else:  # a stream whose every prefix is the same whatever its length: the splits' shares do not depend on it
+            everything = SentenceGenerator(o.seed * 7919 + 47).unique(32 * max(o.sizes[s] for s in wanted) + len(used) + 100)
+        unread = [t for t in everything if t not in used]
+        lo, hi = o.long_seconds[0] + SECONDS_MARGIN, o.long_seconds[1] - SECONDS_MARGIN
+        plan = {}
+        for split in wanted:
+            draws, seed0 = self._LONG_SEEDS[split]
+            rng = random.Random(o.seed * 7919 + draws)
+            back = split == "validation_long"
+            mine = combos[-k[split]:][::-1] if back else combos[:k[split]]
+            speakers = [{"voice": f"{voice}+{variant}", "rate": rng.randint(*o.rate), "pitch": rng.randint(*o.pitch)}
+                        for voice, variant in mine]
+            candidates = unread[int(back)::2]  # test_long reads every other unread sentence, validation_long the rest
+            units = [_spoken_units(t) for t in candidates]
+            free = [True] * len(candidates)
+            order = range(len(candidates))
+            rows = []
+            for i in range(o.sizes[split]):
+                spk = speakers[i % len(speakers)]
+                per_unit = 60 / spk["rate"]
+                goal = rng.uniform(lo, hi)  # passages spread over the range
+                taken, total = [], 0.0
+                for j in order:  # the next free sentences that keep the passage under its high end, until it reaches its goal
+                    if not free[j]:
+                        continue
+                    pause = 1.5 if taken else 0.0  # the pause after a full stop (fitted), in the units spoken_seconds counts
+                    if (total + units[j] + pause) * per_unit + 0.27 <= hi:
+                        taken.append(j)
+                        total += units[j] + pause
+                        free[j] = False
+                        if total * per_unit + 0.27 >= goal:
+                            break
+                if total * per_unit + 0.27 < lo:
+                    raise ValueError(f"text {o.text} ({split}): {i} of {o.sizes[split]} passages of {o.long_seconds[0]:g}-"
+                                     f"{o.long_seconds[1]:g} s could be made from the sentences no other split reads; ask for "
+                                     "fewer")
+                text = " ".join(candidates[j].rstrip() if candidates[j].rstrip()[-1:] in ".!?" else candidates[j].rstrip() + "."
+                                for j in taken)
+                rows.append({"id": f"{split}-{i:05d}", "text": text, "speaker": f"{spk['voice']}@{spk['rate']}/{spk['pitch']}",
+                             "seed": o.seed * 1_000_003 + seed0 + i, **spk})
+            plan[split] = rows
+        return plan
 
     def _ood_texts(self) -> dict[str, TextPool]:
         """Per out-of-domain split, candidate sentences of each kind (twice what it needs, so that slow

@@ -1,0 +1,103 @@
+"""``dataset.concatenate``: training passages joined from several utterances of a speaker, so that a model
+fine-tuned on single sentences keeps transcribing recordings as long as its window."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import parpkit
+from parpkit.augment import AUGMENTED, AugmentedDataset, Concatenator
+from parpkit.errors import ParpkitError
+from parpkit.interfaces import Utterance
+from parpkit.recipe import ConcatenateSection
+from tests.conftest import requires_offline, tiny_recipe
+
+
+def _items(n: int = 12, speakers: int = 3, rate: int = 100) -> list[Utterance]:
+    """Utterances of 1-3 s whose samples say which utterance they are (value i + 1), at a toy rate."""
+    return [Utterance(id=f"u{i}", audio=np.full(rate * (1 + i % 3), i + 1, np.float32), sample_rate=rate,
+                      text=f"word{i}", speaker=f"s{i % speakers}") for i in range(n)]
+
+
+def _pieces(audio: np.ndarray) -> list[int]:
+    """The utterances a joined passage holds, in order (silence between them is 0)."""
+    values = [int(v) - 1 for v in audio if v != 0]
+    return [v for k, v in enumerate(values) if k == 0 or values[k - 1] != v]
+
+
+def test_a_passage_joins_utterances_of_one_speaker_within_max_seconds_with_silence_between():
+    items = _items()
+    options = ConcatenateSection(p=1.0, max_seconds=7.0, gap_seconds=(0.2, 0.5))
+    c = Concatenator(items, options, seed=0)
+    joined = 0
+    for i, first in enumerate(items):
+        u = c(i, epoch=0)
+        ids = _pieces(u.audio)
+        assert ids[0] == i and u.id == first.id
+        assert len(u.audio) <= 7.0 * 100
+        assert {items[j].speaker for j in ids} == {first.speaker} and len(set(ids)) == len(ids)
+        assert u.text == " ".join(items[j].text for j in ids)
+        if len(ids) > 1:
+            joined += 1
+            assert u.extra[AUGMENTED] and u.extra["concatenated"] == [items[j].id for j in ids]
+            gaps = len(u.audio) - sum(len(items[j].audio) for j in ids)
+            assert 0.2 * 100 * (len(ids) - 1) <= gaps <= 0.5 * 100 * (len(ids) - 1)
+        else:
+            assert u is first
+    assert joined >= len(items) - 2  # every speaker has 4 utterances of 1-3 s: nearly all join something
+
+
+def test_draws_follow_seed_utterance_and_epoch_and_p_is_the_share_joined():
+    items = _items(n=200, speakers=4)
+    options = ConcatenateSection(p=0.3, max_seconds=6.0)
+    c = Concatenator(items, options, seed=0)
+    assert all(np.array_equal(c(i, 1).audio, Concatenator(items, options, seed=0)(i, 1).audio) for i in range(50))
+    epochs = [[_pieces(c(i, e).audio) for i in range(200)] for e in (0, 1)]
+    assert epochs[0] != epochs[1]
+    assert [_pieces(Concatenator(items, options, seed=1)(i, 0).audio) for i in range(200)] != epochs[0]
+    share = np.mean([len(p) > 1 for p in epochs[0]])
+    assert 0.2 < share < 0.4
+    # across speakers when asked; an unlabelled utterance is served as it is, and never joined to another
+    mixed = Concatenator(items, ConcatenateSection(p=1.0, max_seconds=9.0, same_speaker=False), seed=0)
+    assert any(len({items[j].speaker for j in _pieces(mixed(i, 0).audio)}) > 1 for i in range(20))
+    items[5] = Utterance(id="u5", audio=items[5].audio, sample_rate=100, text=None, speaker=items[5].speaker)
+    c = Concatenator(items, ConcatenateSection(p=1.0, max_seconds=9.0), seed=0)
+    assert c(5, 0) is items[5]
+    assert all(5 not in _pieces(c(i, 0).audio) for i in range(200) if i != 5)
+
+
+def test_the_dataset_joins_then_augments_and_follows_the_epoch():
+    items = _items()
+    ds = AugmentedDataset(items, [], 0, ConcatenateSection(p=1.0, max_seconds=7.0))
+    first = [_pieces(ds[i].audio) for i in range(len(ds))]
+    ds.set_epoch(3)
+    assert [_pieces(ds[i].audio) for i in range(len(ds))] != first
+    with pytest.raises(ValueError, match="gap_seconds"):
+        ConcatenateSection(gap_seconds=(0.5, 0.1))
+
+
+@requires_offline
+def test_a_run_trains_on_joined_passages_and_refuses_ones_longer_than_its_window(tmp_path, monkeypatch):
+    """Passages change training only (the scored splits are as they were), the collated batches hold joined
+    transcripts, and a max_seconds past the training window is refused before anything trains."""
+    base = {"training.max_steps": 4, "training.batch_size": 4, "pruning.schedule": {"name": "fixed"},
+            "training.learning_rate": 3e-3, "dataset.options.speakers": {"train": 1, "test": 2}}
+    plain = parpkit.run(tiny_recipe(**base), output_dir=tmp_path / "plain", progress=False)
+    served: list[Utterance] = []
+    call = Concatenator.__call__
+    monkeypatch.setattr(Concatenator, "__call__", lambda self, i, e: (u := call(self, i, e), served.append(u))[0])
+    joined = parpkit.run(tiny_recipe(**base, **{"dataset.concatenate": {"p": 1.0, "max_seconds": 5.5}}),
+                         output_dir=tmp_path / "joined", progress=False)
+    metrics = {k: json.loads((r.run_dir / "metrics.json").read_text()) for k, r in (("plain", plain), ("joined", joined))}
+    assert metrics["plain"]["stages"]["dense"] == metrics["joined"]["stages"]["dense"]
+    assert metrics["plain"]["train_loss"] != metrics["joined"]["train_loss"]
+    passages = [u for u in served if "concatenated" in u.extra]
+    assert len(served) == 16 and len(passages) >= 2  # 2-3 s sentences: two fit 5.5 s now and then
+    assert all(u.text.count(".") == len(u.extra["concatenated"]) >= 2 for u in passages)
+    assert all(len(u.audio) <= 5.5 * u.sample_rate for u in served)
+    with pytest.raises(ParpkitError, match=r"dataset.concatenate.max_seconds 10: .*longer than the encoder window of 6 s"):
+        parpkit.run(tiny_recipe(**base, **{"dataset.concatenate": {"max_seconds": 10}}), output_dir=tmp_path / "long",
+                    progress=False)
