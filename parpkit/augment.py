@@ -101,12 +101,18 @@ def augment(compose, utterance: Utterance, seed: int, epoch: int) -> Utterance:
     return dataclasses.replace(utterance, audio=audio, extra={**utterance.extra, AUGMENTED: True})
 
 
+#: utterances a passage may be joined from, drawn from its speaker's (or, without speakers, the split's)
+CANDIDATES = 64
+
+
 class Concatenator:
     """``dataset.concatenate``: serves a share of the training utterances joined to further ones (of the same
     speaker where known, in a drawn order, a drawn silence between them) into a passage of up to
     ``max_seconds``, its transcript the pieces' joined by spaces. Which utterances, and how long each passage
     grows (a goal drawn between half of ``max_seconds`` and all of it), follow the seed, the utterance and
-    the epoch. Unlabelled utterances (no transcript) are served as they are and never joined."""
+    the epoch. Unlabelled utterances (no transcript) are served as they are and never joined; an utterance
+    already as long as its drawn goal, or one with nothing short enough to join, is served alone, so the share
+    of passages is at most ``p``."""
 
     def __init__(self, items: Sequence[Utterance], options: Any, seed: int):
         self.items, self.options, self.seed = items, options, seed
@@ -122,8 +128,8 @@ class Concatenator:
             return first
         rate, limit = first.sample_rate, o.max_seconds * first.sample_rate
         goal = rng.uniform(limit / 2, limit)
-        pool = [j for j in self.by_speaker.get(first.speaker if o.same_speaker else None, []) if j != i]
-        rng.shuffle(pool)
+        pool = self.by_speaker.get(first.speaker if o.same_speaker else None, [])
+        pool = [j for j in rng.sample(pool, min(len(pool), CANDIDATES)) if j != i]  # a bounded draw, in random order
         pieces, texts, ids = [np.asarray(first.audio, dtype=np.float32)], [first.text], [first.id]
         total = len(pieces[0])
         for j in pool:

@@ -118,11 +118,12 @@ class ConcatenateSection(_Strict):
     transcribes a recording as long as its window (whisper: 30 s). Draws depend on the seed, the utterance and
     the epoch only; scored splits and calibration are left as they are."""
 
-    #: the share of training utterances served joined to others (each drawn anew every epoch)
+    #: the share of training utterances served joined to others (each drawn anew every epoch; at most: an
+    #: utterance as long as its drawn goal, or with nothing short enough to join, is served alone)
     p: float = Field(default=0.5, gt=0, le=1)
     #: the longest passage, in seconds: the model's training window must hold it (whisper at 30 s: set
     #: backbone.options.encoder_window_s to null or 30)
-    max_seconds: float = Field(default=28.0, gt=0)
+    max_seconds: float = Field(default=28.0, gt=0, le=600)
     #: the silence between joined utterances, in seconds: drawn from this range
     gap_seconds: tuple[float, float] = (0.2, 0.8)
     #: join utterances of the same speaker only (where the dataset names speakers), as a recording would
@@ -294,7 +295,8 @@ class TrainingSection(_Strict):
     #: worker processes that collate batches (persistent); 0: in the training process
     dataloader_workers: int = Field(default=0, ge=0)
     #: batches of utterances of similar length (less padding); null: yes for backbones that pad each
-    #: batch to its longest input (CTC), no for those with a fixed input length (whisper)
+    #: batch to its longest input (CTC), no for those with a fixed input length (whisper), and no with
+    #: dataset.concatenate (the lengths it groups by are the utterances', not the joined passages')
     group_by_length: bool | None = None
     #: checkpoint (weights, optimizer, masks, schedule state) every this many steps; null: none
     save_steps: int | None = Field(default=None, gt=0)

@@ -3,6 +3,7 @@ fine-tuned on single sentences keeps transcribing recordings as long as its wind
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -75,6 +76,15 @@ def test_the_dataset_joins_then_augments_and_follows_the_epoch():
     first = [_pieces(ds[i].audio) for i in range(len(ds))]
     ds.set_epoch(3)
     assert [_pieces(ds[i].audio) for i in range(len(ds))] != first
+    pytest.importorskip("audiomentations")
+    gain = [{"name": "Gain", "min_gain_db": -6.0, "max_gain_db": -6.0, "p": 1.0}]  # halves every sample, gaps stay 0
+    items = [dataclasses.replace(u, audio=u.audio / 100) for u in items]  # under full scale, which augment keeps
+    louder = AugmentedDataset(items, [], 0, ConcatenateSection(p=1.0, max_seconds=7.0))
+    softer = AugmentedDataset(items, gain, 0, ConcatenateSection(p=1.0, max_seconds=7.0))
+    for i in range(len(items)):
+        a, b = louder[i], softer[i]
+        assert len(b.audio) == len(a.audio) > len(items[i].audio) or len(a.extra.get("concatenated", [])) < 2
+        assert np.allclose(b.audio, a.audio * 10 ** (-6 / 20), atol=1e-4)  # the whole passage augmented
     with pytest.raises(ValueError, match="gap_seconds"):
         ConcatenateSection(gap_seconds=(0.5, 0.1))
 
@@ -89,15 +99,15 @@ def test_a_run_trains_on_joined_passages_and_refuses_ones_longer_than_its_window
     served: list[Utterance] = []
     call = Concatenator.__call__
     monkeypatch.setattr(Concatenator, "__call__", lambda self, i, e: (u := call(self, i, e), served.append(u))[0])
-    joined = parpkit.run(tiny_recipe(**base, **{"dataset.concatenate": {"p": 1.0, "max_seconds": 5.5}}),
+    joined = parpkit.run(tiny_recipe(**base, **{"dataset.concatenate": {"p": 1.0, "max_seconds": 5.9}}),
                          output_dir=tmp_path / "joined", progress=False)
     metrics = {k: json.loads((r.run_dir / "metrics.json").read_text()) for k, r in (("plain", plain), ("joined", joined))}
     assert metrics["plain"]["stages"]["dense"] == metrics["joined"]["stages"]["dense"]
     assert metrics["plain"]["train_loss"] != metrics["joined"]["train_loss"]
     passages = [u for u in served if "concatenated" in u.extra]
-    assert len(served) == 16 and len(passages) >= 2  # 2-3 s sentences: two fit 5.5 s now and then
+    assert len(served) == 16 and len(passages) >= 2  # 2-3 s sentences: two fit 5.9 s now and then
     assert all(u.text.count(".") == len(u.extra["concatenated"]) >= 2 for u in passages)
-    assert all(len(u.audio) <= 5.5 * u.sample_rate for u in served)
+    assert all(len(u.audio) <= 5.9 * u.sample_rate for u in served)
     with pytest.raises(ParpkitError, match=r"dataset.concatenate.max_seconds 10: .*longer than the encoder window of 6 s"):
         parpkit.run(tiny_recipe(**base, **{"dataset.concatenate": {"max_seconds": 10}}), output_dir=tmp_path / "long",
                     progress=False)

@@ -274,7 +274,7 @@ def test_long_splits_are_passages_of_unread_sentences_that_change_no_other_split
 
     with_extra = {"sizes": {**WITH_VALIDATION["sizes"], "extra": 20}, "speakers": {**WITH_VALIDATION["speakers"], "extra": 3}}
     without = _plan(tmp_path, text=text, **with_extra)
-    sizes = {**with_extra["sizes"], "test_long": 6, "validation_long": 8}
+    sizes = {**with_extra["sizes"], "test_long": 10, "validation_long": 8}  # test_long larger: the sentence stream grows
     speakers = {**with_extra["speakers"], "test_long": 2, "validation_long": 3}
     plan = _plan(tmp_path, text=text, sizes=sizes, speakers=speakers)
     assert {s: rows for s, rows in plan.items() if not s.endswith("_long")} == without
@@ -298,12 +298,24 @@ def test_long_splits_are_passages_of_unread_sentences_that_change_no_other_split
 
 
 def test_long_passages_last_about_as_long_as_asked(tmp_path):
-    """Synthesised, the passages fall in ``long_seconds`` (give or take the estimate's error), every one within
-    whisper's 30 s window."""
-    d = _corpus(tmp_path, text="docs", sizes={"train": 2, "validation_long": 24}, speakers={"train": 1, "validation_long": 3})
-    lengths = np.array([len(u.audio) / 16000 for u in d.load_split("validation_long", QUIET)])
-    assert lengths.min() > 13 and lengths.max() < 30
+    """Synthesised, the passages fall in ``long_seconds`` (give or take the estimate's error, which grows with a
+    passage's sentences), every one within whisper's 30 s window: one synthesised past it loses its last
+    sentences (at the default range, validation_long-00018 of these 120 planned 30.3 s). Asking for test_long
+    changes none of validation_long's audio."""
+    from parpkit_plugins.datasets.synthetic_speech import LONG_MAX_SECONDS
+
+    sizes, speakers = {"train": 2, "validation_long": 120}, {"train": 1, "validation_long": 12}
+    d = _corpus(tmp_path, text="docs", sizes=sizes, speakers=speakers)
+    planned = {r["id"]: r["text"] for r in d.plan()["validation_long"]}
+    served = d.load_split("validation_long", QUIET)
+    lengths = np.array([len(u.audio) / 16000 for u in served])
+    assert lengths.min() > 13 and lengths.max() <= LONG_MAX_SECONDS
     assert lengths.mean() > 19  # spread over the range, not bunched at its low end
+    shortened = [u for u in served if u.text != planned[u.id]]
+    assert shortened and all(planned[u.id].startswith(u.text) for u in shortened)
+    both = _corpus(tmp_path, text="docs", sizes={**sizes, "test_long": 4}, speakers={**speakers, "test_long": 2})
+    for a, b in zip(served, both.load_split("validation_long", QUIET), strict=True):
+        assert a.text == b.text and np.array_equal(a.audio, b.audio)
     # the other splits' audio is what it was without the long split (synthesised before it, in a fresh process)
     plain = _corpus(tmp_path, text="docs", sizes={"train": 2}, speakers={"train": 1})
     assert plain.corpus_dir != d.corpus_dir

@@ -319,7 +319,8 @@ def prepare(s: Session) -> None:
         try:
             backbone.check_lengths([probe], training=True)
         except ParpkitError as exc:
-            raise ParpkitError(f"dataset.concatenate.max_seconds {c.max_seconds:g}: {exc}") from None
+            raise ParpkitError(f"dataset.concatenate.max_seconds {c.max_seconds:g}: the longest passage must fit the "
+                               f"training window ({exc}); lower max_seconds, or train at a longer window") from None
     if s.shared.root is not None:
         s.contents["model"] = tensors_digest(s.model.state_dict())
     d = r.distillation
@@ -579,7 +580,9 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
     r, schedule, pruner = s.recipe, s.resolved.schedule, s.pruner
     phase = s.phases[index]
     phase_dir = s.rundir.checkpoints / f"phase-{index}"
-    group = r.training.group_by_length if r.training.group_by_length is not None else s.resolved.backbone.pads_to_longest
+    # grouping reads the lengths of the utterances, not of the passages concatenate joins: not by default then
+    group = (r.training.group_by_length if r.training.group_by_length is not None
+             else s.resolved.backbone.pads_to_longest and r.dataset.concatenate is None)
     args = training_arguments(r, phase_dir, phase.steps, group_by_length=group)
     t0 = s.training_since = time.time()
     label = "fine-tuning" if len(s.phases) == 1 else f"fine-tuning ({phase.name})"

@@ -53,6 +53,9 @@ IN_DOMAIN_PLAN = ("train", "test", "validation")
 #: every other split: ``test_long`` takes its speakers and sentences from the front of what is left, ``validation_long``
 #: from the back, so that neither changes another split or the other
 LONG_SPLITS = ("test_long", "validation_long")
+#: a long passage synthesised longer than this (the length estimate's error grows with its sentences) loses its
+#: last sentences until it fits: every one stays inside whisper's 30 s window
+LONG_MAX_SECONDS = 29.5
 #: splits read from the out-of-domain text sources, in the order they take their sentences
 OOD_SPLITS = ("ood", "ood_flite", "validation_ood", "validation_flite")
 #: flite's 16 kHz English voices (kal, 8 kHz, left out); ood_flite takes two and validation_flite the other
@@ -330,7 +333,8 @@ class SyntheticSpeech(Dataset):
         by speakers of their own, each several sentences no other split reads, joined until the passage lasts
         ``long_seconds``. ``test_long`` takes its speakers from the front of what the other splits left and
         ``validation_long`` from the back; of the unread sentences, each reads every other one; each has draws of
-        its own: asking for either changes nothing else."""
+        its own, and ``test_long`` is synthesised in a process of its own: asking for either changes nothing
+        else. A passage synthesised past ``LONG_MAX_SECONDS`` loses its last sentences until it fits."""
         from .sentences import SentenceGenerator, docs_sentences
 
         o = self.options
@@ -381,7 +385,7 @@ class SyntheticSpeech(Dataset):
                 text = " ".join(candidates[j].rstrip() if candidates[j].rstrip()[-1:] in ".!?" else candidates[j].rstrip() + "."
                                 for j in taken)
                 rows.append({"id": f"{split}-{i:05d}", "text": text, "speaker": f"{spk['voice']}@{spk['rate']}/{spk['pitch']}",
-                             "seed": o.seed * 1_000_003 + seed0 + i, **spk})
+                             "seed": o.seed * 1_000_003 + seed0 + i, "max_seconds": LONG_MAX_SECONDS, **spk})
             plan[split] = rows
         return plan
 
@@ -511,7 +515,12 @@ class SyntheticSpeech(Dataset):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
-            splits = self._synthesise_in_child(plan, tmp, progress)
+            # test_long in a process of its own (espeak-ng's output depends on what the process made before), so that
+            # asking for validation_long, synthesised last in the first process, changes none of its audio
+            first = {s: rows for s, rows in plan.items() if s != "test_long"}
+            splits = self._synthesise_in_child(first, tmp, progress)
+            if "test_long" in plan:
+                splits.update(self._synthesise_in_child({"test_long": plan["test_long"]}, tmp, progress))
             manifest = {"options": self.options.model_dump(), "generator_version": GENERATOR_VERSION, "splits": splits}
             (tmp / "COMPLETE").write_text(json.dumps(manifest, indent=1))
             install_atomically(tmp, target, self._valid)
@@ -581,9 +590,14 @@ def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
                         raw, rate = flite_synth(row["text"], row["voice"], row["stretch"], row["f0"])
                         audio = soxr.resample(raw, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else raw
                     else:
-                        raw = engine.synth(row["text"], row["voice"], row["rate"], row["pitch"], seed=row["seed"],
-                                           intonation=row.get("intonation"))
-                        audio = soxr.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
+                        while True:
+                            raw = engine.synth(row["text"], row["voice"], row["rate"], row["pitch"], seed=row["seed"],
+                                               intonation=row.get("intonation"))
+                            audio = soxr.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
+                            sentences = re.split(r"(?<=[.!?])\s+", row["text"])
+                            if len(audio) <= row.get("max_seconds", np.inf) * SAMPLE_RATE or len(sentences) < 2:
+                                break
+                            row = {**row, "text": " ".join(sentences[:-1])}  # a passage past its limit: one sentence less
                     if "reverb_rt60_s" in row:
                         audio = reverberate(audio, row["reverb_rt60_s"], np.random.default_rng(row["seed"]), SAMPLE_RATE)
                     if "noise_snr_db" in row:
