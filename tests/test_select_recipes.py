@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from parpkit.recipe import load_recipe, read_recipe_file
 from parpkit.sweep import point_recipe, points, sweep_of
-from parpkit_plugins.datasets.synthetic_speech import GENERATOR_VERSION, SyntheticOptions, SyntheticSpeech
+from parpkit_plugins.datasets.synthetic_speech import GENERATOR_VERSION, SyntheticOptions, SyntheticSpeech, sentences_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +62,7 @@ def _plans(name: str) -> list[dict[str, list[dict]]]:
 def _values(split: str, rows: list[dict], what: str) -> set[str]:
     """The speakers, or the sentences, of a split's rows (a long split's passages cut into their sentences)."""
     if what == "text" and split.endswith("_long"):
-        return {piece for u in rows for piece in re.split(r"(?<=[.!?])\s+", u["text"])}
+        return {piece for u in rows for piece in sentences_of(u["text"])}
     return {u[what] for u in rows}
 
 

@@ -270,7 +270,7 @@ def test_long_splits_are_passages_of_unread_sentences_that_change_no_other_split
     """``test_long`` and ``validation_long`` join sentences no other split reads into passages of
     ``long_seconds``, by speakers of their own; asking for either changes no other split (nor the other), and
     corpora without them keep their cache key."""
-    import re
+    from parpkit_plugins.datasets.synthetic_speech import sentences_of
 
     with_extra = {"sizes": {**WITH_VALIDATION["sizes"], "extra": 20}, "speakers": {**WITH_VALIDATION["speakers"], "extra": 3}}
     without = _plan(tmp_path, text=text, **with_extra)
@@ -286,8 +286,8 @@ def test_long_splits_are_passages_of_unread_sentences_that_change_no_other_split
     for split in ("test_long", "validation_long"):
         rows = plan[split]
         assert len(rows) == sizes[split] and len({r["speaker"] for r in rows}) == speakers[split]
-        pieces[split] = [p for r in rows for p in re.split(r"(?<=[.!?])\s+", r["text"])]
-        assert all(len(re.split(r"(?<=[.!?])\s+", r["text"])) >= 2 for r in rows)  # passages, not sentences
+        pieces[split] = [p for r in rows for p in sentences_of(r["text"])]
+        assert all(len(sentences_of(r["text"])) >= 2 for r in rows)  # passages, not sentences
         assert not set(pieces[split]) & short
         assert not {r["voice"] for r in rows} & {r["voice"] for s in ("train", "validation", "test", "extra") for r in without[s]}
     assert not set(pieces["test_long"]) & set(pieces["validation_long"])

@@ -50,8 +50,8 @@ IN_DOMAIN = ("train", "validation", "test")
 #: corpus of the recipe it chooses settings for, every split disjoint from every other)
 IN_DOMAIN_PLAN = ("train", "test", "validation")
 #: in-domain splits of long utterances (several sentences read in one breath, ``long_seconds`` long), planned after
-#: every other split: ``test_long`` takes its speakers and sentences from the front of what is left, ``validation_long``
-#: from the back, so that neither changes another split or the other
+#: every other split: ``test_long`` takes its speakers from the front of what is left and ``validation_long`` from
+#: the back, each every other unread sentence, so that neither changes another split or the other
 LONG_SPLITS = ("test_long", "validation_long")
 #: a long passage synthesised longer than this (the length estimate's error grows with its sentences) loses its
 #: last sentences until it fits: every one stays inside whisper's 30 s window
@@ -361,14 +361,13 @@ class SyntheticSpeech(Dataset):
             candidates = unread[int(back)::2]  # test_long reads every other unread sentence, validation_long the rest
             units = [_spoken_units(t) for t in candidates]
             free = [True] * len(candidates)
-            order = range(len(candidates))
             rows = []
             for i in range(o.sizes[split]):
                 spk = speakers[i % len(speakers)]
                 per_unit = 60 / spk["rate"]
                 goal = rng.uniform(lo, hi)  # passages spread over the range
                 taken, total = [], 0.0
-                for j in order:  # the next free sentences that keep the passage under its high end, until it reaches its goal
+                for j in range(len(candidates)):  # the next free sentences that keep the passage under its high end, until it reaches its goal
                     if not free[j]:
                         continue
                     pause = 1.5 if taken else 0.0  # the pause after a full stop (fitted), in the units spoken_seconds counts
@@ -382,8 +381,7 @@ class SyntheticSpeech(Dataset):
                     raise ValueError(f"text {o.text} ({split}): {i} of {o.sizes[split]} passages of {o.long_seconds[0]:g}-"
                                      f"{o.long_seconds[1]:g} s could be made from the sentences no other split reads; ask for "
                                      "fewer")
-                text = " ".join(candidates[j].rstrip() if candidates[j].rstrip()[-1:] in ".!?" else candidates[j].rstrip() + "."
-                                for j in taken)
+                text = " ".join(t if (t := candidates[j].rstrip())[-1:] in ".!?" else t + "." for j in taken)
                 rows.append({"id": f"{split}-{i:05d}", "text": text, "speaker": f"{spk['voice']}@{spk['rate']}/{spk['pitch']}",
                              "seed": o.seed * 1_000_003 + seed0 + i, "max_seconds": LONG_MAX_SECONDS, **spk})
             plan[split] = rows
@@ -594,7 +592,7 @@ def _synthesise(plan: dict[str, list[dict]], tmp: str, conn) -> None:
                             raw = engine.synth(row["text"], row["voice"], row["rate"], row["pitch"], seed=row["seed"],
                                                intonation=row.get("intonation"))
                             audio = soxr.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
-                            sentences = re.split(r"(?<=[.!?])\s+", row["text"])
+                            sentences = sentences_of(row["text"])
                             if len(audio) <= row.get("max_seconds", np.inf) * SAMPLE_RATE or len(sentences) < 2:
                                 break
                             row = {**row, "text": " ".join(sentences[:-1])}  # a passage past its limit: one sentence less
@@ -624,6 +622,11 @@ class TextPool:
 
     sentences: dict[str, list[str]]  # kind (prose | numbers) -> candidates, in random order
     rows: dict[str, int]  # kind -> rows of the split
+
+
+def sentences_of(passage: str) -> list[str]:
+    """The sentences a long split's passage joins (each ends in . ! or ?)."""
+    return re.split(r"(?<=[.!?])\s+", passage)
 
 
 def _fit(pools: TextPool, rates: list[float], max_seconds: float, rng: random.Random, per_word: float) -> list[tuple[str, str]]:
