@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SELECTS = {
     "quickstart_select": ["quickstart"],
     "decoding_select_tiny_en": ["quickstart", "one_shot_tiny_en", "zero_shot_native_tiny_en:corpus-grid_v1",
-                                "zero_shot_native_tiny_en:corpus-compress", "compress_v2_tiny_en"],
-    "compress_v2_select_tiny_en": ["compress_v2_tiny_en"],
+                                "zero_shot_native_tiny_en:corpus-compress", "compress_v2_tiny_en",
+                                "compress_v3_tiny_en"],
+    "compress_v2_select_tiny_en": ["compress_v2_tiny_en", "compress_v3_tiny_en"],
     "grid_v3_select_tiny_en": ["grid_v3_tiny_en"],
-    "long_select_tiny_en": ["compress_v2_tiny_en"],
+    "long_select_tiny_en": ["compress_v2_tiny_en", "compress_v3_tiny_en"],
 }
 
 
