@@ -118,6 +118,23 @@ def test_whisper_trains_at_its_window_but_is_judged_and_saved_at_the_native_one(
     assert generation["max_new_tokens"] == 8  # plain transformers decodes with the judged limit
 
 
+def test_parameter_counts_are_the_saved_model_s_not_the_training_window_s(whisper_run):
+    """Trained at a 6 s window (300 encoder positions), saved and judged at 30 s (1,500): the counts the run
+    reports, and the report's non-zero parameters, are those of ``model/``."""
+    from safetensors.torch import load_file
+
+    from parpkit.report import collect
+
+    metrics = json.loads((whisper_run / "metrics.json").read_text())
+    weights = load_file(str(whisper_run / "model" / "model.safetensors"))
+    total = sum(t.numel() for t in weights.values())  # tied weights are saved once, as parameters() counts them
+    nonzero = sum(int(t.count_nonzero()) for t in weights.values())
+    assert metrics["model_parameters"] == total
+    assert round(total * (1 - metrics["stages"]["final"]["model_sparsity"])) == nonzero
+    (row,), _ = collect([whisper_run])
+    assert row["model_parameters"] == total and row["nonzero_parameters"] == nonzero
+
+
 def test_plain_transformers_reproduces_the_final_whisper_wer(whisper_run, tmp_path):
     rows, hyps = _plain_transcripts(tmp_path, whisper_run, "whisper")
     assert hyps == [r["hypothesis"] for r in rows]

@@ -777,8 +777,10 @@ def judge(s: Session, stage: str) -> None:
 
 def record(s: Session, stage: str, rates: dict[str, dict[str, float]]) -> None:
     """A stage's scores; its top-level rates are the first split's, ``splits`` holds each split's."""
+    with s.resolved.backbone.native(s.model):  # the model as judged (whisper: every position of its own window)
+        model_sparsity = model_zero_fraction(s.model)
     s.stages[stage] = {**next(iter(rates.values())), "pool_sparsity": s.pruner.zero_fraction(),
-                       "model_sparsity": model_zero_fraction(s.model), "splits": rates}
+                       "model_sparsity": model_sparsity, "splits": rates}
     s.log.write("evaluate", stage=stage, **s.stages[stage])
 
 
@@ -804,6 +806,7 @@ def write(s: Session) -> dict[str, Any]:
     with backbone.native(s.model):  # the judged model, as it was judged (whisper: its own window)
         backbone.save(s.model, rundir.path / "model")
         judged_at = backbone.settings(s.model)
+        parameters = sum(p.numel() for p in s.model.parameters())  # the saved model's, not the training window's
     if pruner.masks is not None:
         pruner.save_masks(rundir.path / "masks.safetensors")
     rows = pruner.per_tensor_rows()
@@ -815,7 +818,7 @@ def write(s: Session) -> dict[str, Any]:
         "target_sparsity": r.pruning.sparsity, "scope": r.pruning.scope,
         "eval_split": r.dataset.eval_splits[0], "eval_utterances": len(next(iter(s.evals.values()))),
         "eval_splits": {k: len(v) for k, v in s.evals.items()}, "train_utterances": len(s.train),
-        "model_parameters": sum(p.numel() for p in s.model.parameters()),
+        "model_parameters": parameters,
         "pool_parameters": pruner.size, "pool_tensors": len(s.pool),
         "pool_pruned": sum(row["zeros"] for row in rows),
         "dataset": s.resolved.dataset.report(),
