@@ -246,3 +246,23 @@ def test_a_frozen_start_must_end_before_training_does_and_runs_in_one_process(tm
     recipe, _ = load_recipe(path)
     with pytest.raises(parpkit.ParpkitError, match="not supported under several processes"):
         check_this_machine(resolve(recipe, Plugins(), str(path)))
+
+
+def _first_update(tmp_path, recipe_file, name, **changes):
+    path = recipe_file(**{"training.max_steps": 1, "training.logging_steps": 1, "training.learning_rate": 1e-5,
+                          "training.group_by_length": False, "pruning.schedule": {"name": "fixed"}, **changes})
+    recipe, mapping = load_recipe(path)
+    run(resolve(recipe, Plugins(), str(path)), QUIET, output_dir=tmp_path / name, resolved_mapping=mapping)
+    (row,) = [r for r in _log(tmp_path / name, "train") if "grad_norm" in r]  # not the phase's summary
+    return row
+
+
+def test_accumulated_micro_batches_give_the_mean_loss_and_gradient_not_their_sum(tmp_path, recipe_file):
+    """One update of the same 4 utterances, as one batch of 4 or as 2 micro-batches of 2: the logged loss and
+    the gradient norm are a mean either way (whisper's forward takes **kwargs, so the Trainer, given a token
+    count, had summed the micro-batches' mean losses: both twice as large under 2 micro-batches)."""
+    whole = _first_update(tmp_path, recipe_file, "whole", **{"training.batch_size": 4})
+    split = _first_update(tmp_path, recipe_file, "split", **{"training.batch_size": 2,
+                                                             "training.gradient_accumulation_steps": 2})
+    assert split["loss"] == pytest.approx(whole["loss"], rel=0.25)
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=0.25)

@@ -181,7 +181,11 @@ def trainer_class():
             return (loss, outputs) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            # Every backbone's loss (whisper's, CTC's, the distillation's) is a mean over its micro-batch. Given a
+            # token count, the Trainer would take that loss as already divided by the whole accumulated batch
+            # (models whose forward takes **kwargs) and sum the micro-batches' means: the gradient, its clipping
+            # and the logged loss all times the accumulation steps. Without it, it divides by them.
+            loss = super().training_step(model, inputs, None)
             if not torch.isfinite(loss).all():
                 raise NonFiniteLoss(self.parp.offset + self.state.global_step + 1, float(loss))
             self.parp.pruner.optimizer = self.optimizer
