@@ -19,9 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"<!-- checked: (\S+) -->")
 #: the committed CSVs whose tables the README and the results pages quote: each must stay checked somewhere
-QUOTED = ("results/compress_tiny_en/table.csv", "results/compress_v2_tiny_en/table.csv", "results/compress_v3_tiny_en/table.csv", "results/grid_v2_tiny_en/table.csv",
-          "results/grid_v2_tiny_en/compare.csv", "results/zero_shot_native_v021/table.csv",
-          "results/quickstart_tiny_en/table.csv")
+QUOTED = (
+    "results/compress_tiny_en/table.csv", "results/compress_v2_tiny_en/table.csv", "results/compress_v3_tiny_en/table.csv",
+    "results/grid_v2_tiny_en/table.csv", "results/grid_v2_tiny_en/compare.csv",
+    "results/zero_shot_native_v021/table.csv", "results/quickstart_tiny_en/table.csv",
+)
 
 
 def documents() -> list[Path]:
