@@ -356,6 +356,12 @@ def check_report_to(report_to: str | list[str]) -> None:
                              "or use report_to: none")
 
 
+#: training settings that change no number: where and how often a run writes checkpoints and logs, and how
+#: many processes collate its batches. A run directory whose recipe differs from the new one only in these
+#: is the same run (it resumes, or counts as finished), and runs that differ only in them are one configuration
+BOOKKEEPING = frozenset({"save_steps", "keep_checkpoints", "keep_checkpoints_when_done", "logging_steps", "report_to",
+                         "dataloader_workers"})
+
 class EvaluationSection(_Strict):
     #: utterances decoded at once
     batch_size: int = Field(default=16, gt=0)

@@ -263,14 +263,12 @@ def corpus_digests(transcripts: Path) -> dict[str, str]:
 #: recipe keys that do not make another configuration: the seed (what seeds vary), names and folders, the
 #: variables (already substituted), the sweep section, and training settings that change no number
 _NOT_CONFIGURATION = {"seed", "name", "output_dir", "vars", "sweep"}
-_BOOKKEEPING = {"save_steps", "keep_checkpoints", "keep_checkpoints_when_done", "logging_steps", "report_to",
-                "dataloader_workers"}
 
 
 def recipe_configuration(run_dir: Path) -> dict[str, Any] | None:
     """A run's resolved recipe as flat dotted keys, without what does not make another configuration (the seed,
     names, bookkeeping); None without a readable recipe.yaml."""
-    from parpkit.recipe import parse_yaml
+    from parpkit.recipe import BOOKKEEPING, parse_yaml
 
     try:
         data = parse_yaml((run_dir / "recipe.yaml").read_text())
@@ -288,7 +286,7 @@ def recipe_configuration(run_dir: Path) -> dict[str, Any] | None:
             flat[key] = node
 
     walk({k: v for k, v in data.items() if k not in _NOT_CONFIGURATION}, "")
-    return {k: v for k, v in flat.items() if not (k.startswith("training.") and k.split(".", 1)[1] in _BOOKKEEPING)}
+    return {k: v for k, v in flat.items() if not (k.startswith("training.") and k.split(".", 1)[1] in BOOKKEEPING)}
 
 
 def _true_seeds(rows: list[dict]) -> None:

@@ -32,11 +32,15 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
 
     # kill once a complete checkpoint of the second phase (imp) or of the only one (parp) exists
     run_and_kill(path, killed, phase=1 if schedule["name"] == "imp" else 0)
-    # re-running into the same directory resumes
-    assert main(["run", str(path), "--output-dir", str(killed), "--quiet"]) == 0
+    # re-running into the same directory resumes, also with checkpoints and logs written at other intervals
+    # (settings that change no number); the directory's recipe.yaml is then the one it finished with
+    again = write_recipe(tmp_path / "again.yaml", _recipe(**{"pruning.schedule": schedule, "training.save_steps": 3,
+                                                             "training.logging_steps": 1}))
+    assert main(["run", str(again), "--output-dir", str(killed), "--quiet"]) == 0
     events = [json.loads(line)["event"] for line in (killed / "log.jsonl").open()]
     assert "resume" in events
     same_results(alone, killed)
+    assert load_recipe(killed / "recipe.yaml", [])[0].training.save_steps == 3
     assert not (killed / "checkpoints").exists() and not (alone / "checkpoints").exists()  # complete runs drop them
 
 
@@ -70,6 +74,9 @@ def test_finished_runs_and_other_recipes_in_the_same_directory(tmp_path, capsys)
     out = tmp_path / "out"
     assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
     assert main(["run", str(path), "--output-dir", str(out), "--quiet"]) == 0
+    assert "this run is complete" in " ".join(capsys.readouterr().err.split())
+    logged = write_recipe(tmp_path / "l.yaml", _recipe(**{"training.max_steps": 2, "training.logging_steps": 1}))
+    assert main(["run", str(logged), "--output-dir", str(out), "--quiet"]) == 0  # logs more often: the same run
     assert "this run is complete" in " ".join(capsys.readouterr().err.split())
     other = write_recipe(tmp_path / "o.yaml", _recipe(**{"training.max_steps": 3}))
     assert main(["run", str(other), "--output-dir", str(out), "--quiet"]) == 2

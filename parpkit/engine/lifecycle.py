@@ -42,6 +42,7 @@ from parpkit.interfaces import Phase, StructuredCriterion, Utterance
 from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model_zero_fraction
 from parpkit.plugin_checks import check_calibration_batches, check_config_counts, check_leaves_weights, check_phases
 from parpkit.progress import Progress
+from parpkit.recipe import BOOKKEEPING
 from parpkit.splits import check_scored, check_utterances
 from parpkit.resolve import Resolved
 from parpkit.selection import as_rows, parse_pattern
@@ -620,8 +621,6 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
 
 # ------------------------------------------------------------------------------------------ shared phases
 
-#: training settings that change no number (where and how often things are written)
-_BOOKKEEPING = {"save_steps", "keep_checkpoints", "keep_checkpoints_when_done", "logging_steps", "report_to", "dataloader_workers", "max_steps"}
 
 
 def phase_key(s: Session, index: int) -> dict | None:
@@ -634,7 +633,7 @@ def phase_key(s: Session, index: int) -> dict | None:
         return None  # keep_best keeps weights of the last phase only: another run's phase would not have them
     dump = lambda section: section.model_dump(mode="json", exclude_defaults=True)  # noqa: E731  (new keys keep old entries)
     return {"schedule": k, "steps": phase.steps, "seed": r.seed, "backbone": dump(r.backbone), "dataset": dump(r.dataset),
-            "training": {k: v for k, v in dump(r.training).items() if k not in _BOOKKEEPING},
+            "training": {k: v for k, v in dump(r.training).items() if k not in BOOKKEEPING | {"max_steps"}},  # the phase's own steps are in the key
             "pool": {"include": r.pruning.include, "exclude": r.pruning.exclude, "scope": r.pruning.scope,
                      "criterion": dump(r.pruning.criterion), **calibration_key(s)},
             "evaluation": dump(r.evaluation), "world_size": s.world_size,

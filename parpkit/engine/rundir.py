@@ -43,13 +43,19 @@ class JsonlLog:
 def same_recipe(old_text: str, new_text: str) -> bool:
     """Whether two resolved recipes ask for the same run. Compared without the values that equal the
     schema's defaults, so that a parpkit release adding a recipe key (with a default) still recognises
-    the run directories it wrote before."""
+    the run directories it wrote before, and without the training settings that change no number
+    (``recipe.BOOKKEEPING``), so that a run resumes with checkpoints written more often."""
     if old_text == new_text:
         return True
-    from parpkit.recipe import Recipe, parse_yaml
+    from parpkit.recipe import BOOKKEEPING, Recipe, parse_yaml
+
+    def settings(text: str) -> dict:
+        dump = Recipe.model_validate(parse_yaml(text)).model_dump(mode="json", exclude_defaults=True)
+        dump["training"] = {k: v for k, v in dump.get("training", {}).items() if k not in BOOKKEEPING}
+        return dump
 
     try:
-        old, new = (Recipe.model_validate(parse_yaml(t)).model_dump(mode="json", exclude_defaults=True) for t in (old_text, new_text))
+        old, new = settings(old_text), settings(new_text)
     except Exception:  # a recipe.yaml this release cannot read is not this recipe
         return False
     return old == new
