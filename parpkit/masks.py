@@ -86,6 +86,7 @@ class PoolPruner:
         self.sparsity = 0.0  # sparsity of the current masks
         self.prune_count = 0  # how many times masks were computed
         self._previous: OrderedDict[str, torch.Tensor] | None = None  # the masks before the last set_masks
+        self._reach: dict[str, float | None] | None = None  # what _magnitudes measured at the last set_masks
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.layout = PoolLayout({n: p.shape for n, p in self.params.items()})
@@ -247,7 +248,20 @@ class PoolPruner:
         self.masks = OrderedDict((n, masks[n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
         self._multipliers = []
         check_ranks_agree(self.masks)
+        self._reach = None if self._previous is None else self._magnitudes(self._previous, self.masks)
         self.apply()
+
+    @torch.no_grad()
+    def _magnitudes(self, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> dict[str, float | None]:
+        """At a re-prune, before its masks zero anything: the largest magnitude a weight the masks ``before``
+        pruned has reached (``pruned_max``; 0 where those weights were held at zero) and the smallest the masks
+        ``after`` keep (``kept_min``). Under global magnitude ranking a weight grows back only once pruned_max
+        reaches kept_min, so the two say how near a mask that did not move came to moving."""
+        pairs = list(zip(self.params.values(), before.values(), after.values(), strict=True))
+        pruned = torch.stack([torch.where(b, 0, p.abs()).amax().float() for p, b, _ in pairs]).amax()
+        kept = torch.stack([torch.where(a, p.abs(), torch.inf).amin().float() for p, _, a in pairs]).amin()
+        as_number = lambda t: float(f"{float(t):.6g}") if torch.isfinite(t) else None  # noqa: E731  (no kept weight: none)
+        return {"pruned_max": as_number(pruned), "kept_min": as_number(kept)}
 
     def multipliers(self) -> list[torch.Tensor]:
         """The masks as the upkeep multiplies by them: bool on accelerators; in the parameters' dtype on the
@@ -311,7 +325,7 @@ class PoolPruner:
         if state["masks"] is not None:
             self.masks = OrderedDict((n, state["masks"][n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
             self._multipliers = []
-            self._previous = None
+            self._previous = self._reach = None
         self.sparsity = float(state["sparsity"])
         self.prune_count = int(state["prune_count"])
         self.snapshots.update(state["snapshots"])
@@ -333,9 +347,11 @@ class PoolPruner:
 
     def prune_event(self) -> dict[str, Any]:
         """What the log's ``prune`` event records of the masks just set: their sparsity, the pool's exact
-        zeros, and how many weights they let back (``regrown``: how far a re-prune moved the mask)."""
-        event = {"sparsity": self.sparsity, "pool_zero_fraction": self.zero_fraction(), "regrown": self.regrown()}
-        self._previous = None  # counted: free it
+        zeros, and how many weights they let back (``regrown``: how far a re-prune moved the mask); at a re-prune
+        also ``pruned_max`` and ``kept_min`` (``_magnitudes``: how near the mask came to moving)."""
+        event = {"sparsity": self.sparsity, "pool_zero_fraction": self.zero_fraction(), "regrown": self.regrown(),
+                 **(self._reach or {})}
+        self._previous = self._reach = None  # counted: free it
         return event
 
     @torch.no_grad()

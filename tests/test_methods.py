@@ -198,14 +198,22 @@ def test_prune_events_count_the_weights_a_re_prune_lets_back(tmp_path):
     """PARP at lr 1e-2 re-prunes once, at the end: its event's ``regrown`` is exactly the weights the final
     mask keeps and the first one pruned (the re-prune before scoring, logged too, finds nothing more to let
     back); with an interval past the run's steps the re-prune before scoring is the only one, and its event
-    says what it moved; MPI-fixed never moves its mask."""
+    says what it moved; MPI-fixed never moves its mask. ``pruned_max`` and ``kept_min`` say how near a re-prune
+    came to moving the mask."""
     out, metrics = _run(tmp_path, tiny_recipe(**{"pruning.schedule": {"name": "parp", "options": {"interval": 6}}}), "parp")
     prunes = _prunes(out)
     assert [p["step"] for p in prunes] == [0, 6, 6] and prunes[0]["regrown"] is None
     first, final = load_file(str(out / "masks_initial.safetensors")), load_file(str(out / "masks.safetensors"))
     moved = sum(int((final[n] & ~first[n]).sum()) for n in first)
     assert moved > 0 and prunes[1]["regrown"] == moved
+    assert prunes[1]["pruned_max"] >= prunes[1]["kept_min"] > 0  # global magnitude: it moved, so one pruned weight passed
     assert prunes[2]["before_scoring"] and prunes[2]["regrown"] == 0
+    assert prunes[2]["pruned_max"] == 0 < prunes[2]["kept_min"]  # the weights just pruned are zero
+    assert "pruned_max" not in prunes[0]  # a first mask has nothing before it
+    # at a learning rate too small to pass the threshold in one interval the pruned weights move but stay below it
+    out, _ = _run(tmp_path, tiny_recipe(**{"training.learning_rate": 1e-6}), "parp_slow")
+    slow = _prunes(out)[1]
+    assert slow["step"] == 3 and slow["regrown"] == 0 and 0 < slow["pruned_max"] < slow["kept_min"]
     out, _ = _run(tmp_path, tiny_recipe(**{"pruning.schedule": {"name": "parp", "options": {"interval": 400}}}), "parp400")
     prunes = _prunes(out)
     first, final = load_file(str(out / "masks_initial.safetensors")), load_file(str(out / "masks.safetensors"))
