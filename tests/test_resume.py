@@ -35,13 +35,19 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
     # re-running into the same directory resumes, also with checkpoints and logs written at other intervals
     # (settings that change no number); the directory's recipe.yaml is then the one it finished with
     again = write_recipe(tmp_path / "again.yaml", _recipe(**{"pruning.schedule": schedule, "training.save_steps": 3,
-                                                             "training.logging_steps": 1}))
+                                                             "training.logging_steps": 1, "training.keep_checkpoints": 9,
+                                                             "training.keep_checkpoints_when_done": True}))
     assert main(["run", str(again), "--output-dir", str(killed), "--quiet"]) == 0
-    events = [json.loads(line)["event"] for line in (killed / "log.jsonl").open()]
-    assert "resume" in events
+    events = [json.loads(line) for line in (killed / "log.jsonl").open()]
+    resumed = next(i for i, e in enumerate(events) if e["event"] == "resume")
     same_results(alone, killed)
     assert load_recipe(killed / "recipe.yaml", [])[0].training.save_steps == 3
-    assert not (killed / "checkpoints").exists() and not (alone / "checkpoints").exists()  # complete runs drop them
+    # ... and the resumed part keeps the new intervals, not those of the checkpoint it resumed from
+    steps = [e["step"] for e in events[resumed:] if e["event"] == "train"]
+    assert any(b - a == 1 for a, b in zip(steps, steps[1:]))  # logged every update (the checkpoint's interval: 2)
+    last_phase = sorted((killed / "checkpoints").glob("phase-*"))[-1]
+    assert {p.name for p in last_phase.glob("checkpoint-*")} >= {"checkpoint-3", "checkpoint-6", "checkpoint-9"}  # (not 4, 8)
+    assert not (alone / "checkpoints").exists()  # complete runs drop them
 
 
 def test_an_incomplete_checkpoint_is_never_used(tmp_path):

@@ -204,6 +204,11 @@ def callbacks(driver: PhaseDriver, state: RunState, phase: int, keep_checkpoints
     class ScheduleCallback(TrainerCallback):
         """Drives the schedule around optimizer steps and logs every (re-)prune."""
 
+        def on_train_begin(self, args, st, control, **kw):
+            # a resumed Trainer takes its logging and checkpoint intervals from the checkpoint's state: the
+            # recipe's own apply (a run may resume with checkpoints written more often: recipe.BOOKKEEPING)
+            st.compute_steps(args, st.max_steps)
+
         def on_pre_optimizer_step(self, args, st, control, **kw):
             driver.schedule.on_pre_optimizer_step(driver.offset + st.global_step, driver.pruner)
 
