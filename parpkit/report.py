@@ -832,12 +832,54 @@ def write_overlap(result: dict[str, Any], directory: Path) -> list[Path]:
     return [matrix, per_layer, png]
 
 
+# ------------------------------------------------------------------------------------------ re-prunes
+
+PRUNE_COLUMNS = ["run", "method", "seed", "target_sparsity", "step", "before_scoring", "sparsity", "regrown", "pruned_max",
+                 "kept_min"]
+
+
+def prune_events(run_dir: Path) -> list[dict]:
+    """The ``prune`` events of a run's log.jsonl in step order, one per step (a run that resumed from a checkpoint
+    before a re-prune it had logged logs it again: the later entry is the one the run went on from; the re-prune
+    before scoring is kept apart). Unreadable lines are passed over."""
+    events: dict[tuple, dict] = {}
+    try:
+        lines = (run_dir / "log.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and e.get("event") == "prune" and _number(e.get("step")):
+            events[(e["step"], bool(e.get("before_scoring")))] = e
+    return [events[k] for k in sorted(events)]
+
+
+def write_prunes(rows: list[dict], path: Path) -> bool:
+    """``prunes.csv``: one row per (re-)prune of every run (its step, whether it was the one before scoring, the
+    weights it let back and how near the mask came to moving; see the log's ``prune`` event). False, and nothing
+    written, where no run re-pruned."""
+    table = [{"run": r["run"], "method": r["method"], "seed": r["seed"], "target_sparsity": r["target_sparsity"],
+              "before_scoring": bool(e.get("before_scoring")), **{k: e.get(k) for k in ("step", "sparsity", "regrown",
+                                                                                       "pruned_max", "kept_min")}}
+             for r in rows for e in prune_events(Path(r["run"]))]
+    if not any(t["regrown"] is not None for t in table):
+        return False
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PRUNE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    return True
+
+
 # ------------------------------------------------------------------------------------------ all of it
 
 def write_report(rows: list[dict], directory: Path, notes: list[str] | None = None) -> list[Path]:
     """Everything ``parpkit report`` writes: table.md, table.csv, wer_vs_sparsity.png, learning_curves.png
-    (where periodic evaluation ran), heatmaps/<run>.png and the mask overlap of the runs that pruned (left
-    out, with a line in ``notes``, when their masks cover different pools)."""
+    (where periodic evaluation ran), prunes.csv (where a run re-pruned), heatmaps/<run>.png and the mask overlap
+    of the runs that pruned (left out, with a line in ``notes``, when their masks cover different pools)."""
     pruned = [Path(r["run"]) for r in rows if (Path(r["run"]) / "masks.safetensors").is_file() and r["target_sparsity"] > 0]
     overlap = None
     if len(pruned) > 1:
@@ -855,6 +897,8 @@ def write_report(rows: list[dict], directory: Path, notes: list[str] | None = No
     written += [directory / "table.md", directory / "table.csv", directory / "wer_vs_sparsity.png"]
     if plot_curves(rows, directory / "learning_curves.png"):
         written.append(directory / "learning_curves.png")
+    if write_prunes(rows, directory / "prunes.csv"):
+        written.append(directory / "prunes.csv")
     for r in rows:
         run_dir = Path(r["run"])
         if (run_dir / "sparsity.csv").is_file():

@@ -1,5 +1,6 @@
 """The method family on tiny random-initialised whisper and wav2vec2: sparsity at every stage."""
 
+import csv
 import json
 
 import pytest
@@ -218,7 +219,18 @@ def test_prune_events_count_the_weights_a_re_prune_lets_back(tmp_path):
     prunes = _prunes(out)
     first, final = load_file(str(out / "masks_initial.safetensors")), load_file(str(out / "masks.safetensors"))
     assert [(p["step"], p.get("before_scoring", False)) for p in prunes] == [(0, False), (6, True)]
-    assert prunes[1]["regrown"] == sum(int((final[n] & ~first[n]).sum()) for n in first) > 0
+    moved400 = sum(int((final[n] & ~first[n]).sum()) for n in first)
+    assert prunes[1]["regrown"] == moved400 > 0
     assert metrics["mask_iou_initial"] < 1
     out, _ = _run(tmp_path, tiny_recipe(**{"pruning.schedule": {"name": "fixed"}}), "fixed")
     assert [p["regrown"] for p in _prunes(out)] == [None]
+    # the report gathers every run's (re-)prunes in prunes.csv; a re-prune logged twice (a run that resumed from
+    # a checkpoint before it) is one row, the later entry
+    parp = tmp_path / "parp"
+    with (parp / "log.jsonl").open("a") as log:
+        log.write(json.dumps({**_prunes(parp)[1], "regrown": 12345}) + "\n")
+    assert main(["report", str(parp), str(tmp_path / "parp400"), str(tmp_path / "fixed"), "--output-dir", str(tmp_path / "r")]) == 0
+    table = list(csv.DictReader((tmp_path / "r" / "prunes.csv").open()))
+    assert [(r["method"], r["step"], r["before_scoring"], r["regrown"]) for r in table] == [
+        ("fixed", "0", "False", ""), ("parp interval=400", "0", "False", ""), ("parp interval=400", "6", "True", str(moved400)),
+        ("parp interval=6", "0", "False", ""), ("parp interval=6", "6", "False", "12345"), ("parp interval=6", "6", "True", "0")]
