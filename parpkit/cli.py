@@ -368,6 +368,8 @@ def cmd_export(args) -> int:
 def cmd_report(args) -> int:
     from parpkit.report import collect, grouped, write_csv, write_report
 
+    if not args.choose and (args.by or args.within):
+        raise UsageError("--by and --within go with --choose KEY (the recipe key to choose)")
     paths = [Path(p) for p in args.runs]
     rows, skipped = collect(paths)
     for problem in skipped:
@@ -395,6 +397,8 @@ def cmd_report(args) -> int:
             console.print(f"wrote {path}")
         for note in notes:
             err_console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
+    if args.choose:
+        report_choice(args, rows, out)
     if args.compare:
         from parpkit.report import compare, compare_markdown, family, family_note, interval_cells, write_compare_csv
 
@@ -420,6 +424,27 @@ def cmd_report(args) -> int:
             write_compare_csv(pairs, out / "compare.csv")
             console.print(f"wrote {out / 'compare.md'} and {out / 'compare.csv'}")
     return 0
+
+
+def report_choice(args, rows: list[dict], out: Path | None) -> None:
+    """``parpkit report --choose KEY --by SPLITS``: the rule's table, printed and (with an output folder) written."""
+    from parpkit.report import CHOICE_COLUMNS, choose, write_choice
+
+    if not args.by:
+        raise UsageError("--choose needs --by: the (validation) splits the choice is judged on, comma-separated")
+    choices = choose(rows, args.choose, [s.strip() for s in args.by.split(",") if s.strip()], args.within, args.prefer)
+    splits = [k for k in choices[0] if k not in CHOICE_COLUMNS]
+    table = Table(title=f"{args.choose} chosen on the mean of {', '.join(args.by.split(','))}"
+                        + (f" (within {args.within:g}: the {args.prefer} value)" if args.within else ""))
+    for col in ("method", "sparsity", args.choose, "seeds", "mean", *splits, "chosen", "note"):
+        table.add_column(col, justify="left" if col in ("method", "note") else "right")
+    for c in choices:
+        table.add_row(escape(c["method"]), f"{c['sparsity']:g}", f"{c['value']:g}", str(c["seeds"]), f"{c['mean']:.4f}",
+                      *[f"{c[k]:.3f}" for k in splits], "yes" if c["chosen"] else "", escape(c["note"]))
+    console.print(table)
+    if out is not None:
+        for path in write_choice(choices, out):
+            console.print(f"wrote {path}")
 
 
 def cmd_compare_masks(args) -> int:
@@ -509,6 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "over utterances, one over seeds and utterances where both have several seeds, a paired t-interval "
                         "over the seeds both ran and a bootstrap over speakers, at every sparsity and split both have, with "
                         "Holm-adjusted p over all rows (repeatable; written to compare.md and compare.csv)")
+    p.add_argument("--choose", metavar="KEY", help="a recipe key the runs vary (training.learning_rate): for every method "
+                   "and sparsity, the value whose runs have the lowest error rate averaged over the --by splits (written "
+                   "to choice.md and choice.csv)")
+    p.add_argument("--by", metavar="SPLIT,...", help="with --choose: the splits it is judged on, comma-separated (validation "
+                   "splits: never the ones you report)")
+    p.add_argument("--within", type=float, default=0.0, metavar="X",
+                   help="with --choose: values whose mean is within X of the lowest count as tied (default 0)")
+    p.add_argument("--prefer", choices=("lower", "higher"), default="lower",
+                   help="with --choose: of tied values, take this one (default: lower)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("compare-masks", help="intersection over union of the kept weights between runs (matrix, per layer)")
     p.add_argument("runs", nargs="+", help="run directories (their masks.safetensors) or mask files")

@@ -832,6 +832,84 @@ def write_overlap(result: dict[str, Any], directory: Path) -> list[Path]:
     return [matrix, per_layer, png]
 
 
+# ------------------------------------------------------------------------------------------ choosing a setting
+
+CHOICE_COLUMNS = ["method", "sparsity", "axis", "value", "seeds", "mean", "chosen", "note"]
+
+
+def choose(rows: list[dict], axis: str, splits: list[str], within: float = 0.0, prefer: str = "lower") -> list[dict]:
+    """A rule for choosing one setting per method on validation splits, applied as written before the runs: for
+    every method and sparsity, the value of recipe key ``axis`` (``training.learning_rate``) whose runs have the
+    lowest error rate averaged over ``splits`` (each split's corpus rate, averaged over the value's seeds); of the
+    values within ``within`` of that lowest mean, the ``prefer``-most (``lower`` or ``higher``). One row per value,
+    with its mean over the splits, each split's rate (``<rate>_<split>``), ``chosen``, and a note where the chosen
+    value is an end of the grid (the rule cannot tell that a value beyond it would not be better)."""
+    if prefer not in ("lower", "higher"):
+        raise ParpkitError(f"--prefer takes lower or higher, not {prefer!r}")
+    if not splits:
+        raise ParpkitError("choosing needs the splits it is judged on (--by validation,...)")
+    values: dict[str, Any] = {}
+    for r in rows:
+        config = recipe_configuration(Path(r["run"])) or {}
+        if axis not in config:
+            raise ParpkitError(f"{r['run']}: its recipe.yaml has no {axis} (choose by a recipe key, such as "
+                               "training.learning_rate)")
+        if not _number(config[axis]):
+            raise ParpkitError(f"{r['run']}: {axis} is {config[axis]!r}; choosing compares numbers (the rule prefers "
+                               "the lower or the higher of values within --within)")
+        values[r["run"]] = config[axis]
+        missing = [sp for sp in splits if not any(k in r["splits"].get(sp, {}) for k in ("wer", "per"))]
+        if missing:
+            raise ParpkitError(f"{r['run']} was not scored on {', '.join(missing)}; it was on {', '.join(r['splits'])}")
+    token = lambda r: f"{axis.rsplit('.', 1)[-1]}={axis_text(values[r['run']])}"  # noqa: E731  (how method_of labels it)
+    groups: defaultdict[tuple, defaultdict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        method = " ".join(t for t in r["method"].split(" ") if t != token(r))
+        groups[(method, r["target_sparsity"])][values[r["run"]]].append(r)
+    out = []
+    for (method, sparsity), by_value in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        table = []
+        for value, runs in by_value.items():
+            rate = "wer" if "wer" in runs[0]["splits"][splits[0]] else "per"
+            per_split = {sp: sum(r["splits"][sp][rate] for r in runs) / len(runs) for sp in splits}
+            table.append({"method": method, "sparsity": sparsity, "axis": axis, "value": value, "seeds": len(runs),
+                          "mean": sum(per_split.values()) / len(splits), **{f"{rate}_{sp}": v for sp, v in per_split.items()},
+                          "chosen": False, "note": ""})
+        table.sort(key=lambda t: t["value"])
+        best = min(t["mean"] for t in table)
+        near = [t for t in table if t["mean"] <= best + within + 1e-12]
+        pick = near[0] if prefer == "lower" else near[-1]
+        pick["chosen"] = True
+        if len(table) > 1 and pick in (table[0], table[-1]):
+            pick["note"] = f"the {'lowest' if pick is table[0] else 'highest'} value tried: a value beyond it may be better"
+        out += table
+    return out
+
+
+def choice_markdown(choices: list[dict]) -> str:
+    """The choices as a Markdown table, the chosen value of each method in bold."""
+    splits = [k for k in choices[0] if k not in CHOICE_COLUMNS]
+    lines = ["| method | sparsity | " + choices[0]["axis"] + " | seeds | mean | " + " | ".join(splits) + " | note |",
+             "|---|---|---|---|---|" + "---|" * len(splits) + "---|"]
+    for c in choices:
+        value = f"**{axis_text(c['value'])}**" if c["chosen"] else axis_text(c["value"])
+        lines.append(f"| {c['method']} | {c['sparsity']:g} | {value} | {c['seeds']} | {c['mean']:.4f} | "
+                     + " | ".join(f"{c[k]:.3f}" for k in splits) + f" | {c['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_choice(choices: list[dict], directory: Path) -> list[Path]:
+    """``choice.csv`` (every row of ``choose``) and ``choice.md``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    splits = [k for k in choices[0] if k not in CHOICE_COLUMNS]
+    with (directory / "choice.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CHOICE_COLUMNS[:6] + splits + CHOICE_COLUMNS[6:])
+        writer.writeheader()
+        writer.writerows(choices)
+    (directory / "choice.md").write_text(choice_markdown(choices))
+    return [directory / "choice.csv", directory / "choice.md"]
+
+
 # ------------------------------------------------------------------------------------------ re-prunes
 
 PRUNE_COLUMNS = ["run", "method", "seed", "target_sparsity", "step", "before_scoring", "sparsity", "regrown", "pruned_max",

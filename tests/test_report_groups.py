@@ -3,6 +3,7 @@ over different corpora (naming the runs), and never prints a NaN error rate as a
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -76,3 +77,45 @@ def test_a_non_finite_error_rate_is_named_not_printed_blank(tmp_path, capsys, va
     assert main(["report", str(runs)]) == 0
     err = _err(capsys)
     assert f"skipped {bad / 'metrics.json'}: unreadable (ValueError: wer is {value!r}, expected a number" in err
+
+
+def _scored(folder: Path, schedule: str, lr: float, seed: int, validation: float, validation_ood: float) -> Path:
+    """A hand-written run of ``schedule`` at learning rate ``lr``, scored on two validation splits."""
+    _run(folder, wer=validation, seed=seed, **{"training.learning_rate": lr, "pruning.schedule": {"name": schedule}})
+    m = json.loads((folder / "metrics.json").read_text())
+    m["plugins"]["schedule"] = schedule
+    m["stages"]["final"]["splits"] = {"validation": {"wer": validation}, "validation_ood": {"wer": validation_ood}}
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return folder
+
+
+def test_report_choose_applies_the_rule_per_method_and_says_when_the_choice_is_an_end_of_the_grid(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _scored(runs / "p1", "parp", 3e-5, 0, 0.30, 0.50)    # mean 0.40
+    _scored(runs / "p2", "parp", 1e-4, 0, 0.20, 0.40)    # with seed 1: 0.21 and 0.41, mean 0.31
+    _scored(runs / "p3", "parp", 1e-4, 1, 0.22, 0.42)
+    _scored(runs / "p4", "parp", 3e-4, 0, 0.21, 0.40)    # mean 0.305: the lowest, at the top of the grid
+    _scored(runs / "f1", "fixed", 3e-5, 0, 0.25, 0.35)   # mean 0.30: the lowest, at the bottom of the grid
+    _scored(runs / "f2", "fixed", 1e-4, 0, 0.30, 0.40)
+    by = ["--choose", "training.learning_rate", "--by", "validation,validation_ood"]
+    assert main(["report", str(runs), *by, "--within", "0.01", "--output-dir", str(tmp_path / "r")]) == 0
+    table = list(csv.DictReader((tmp_path / "r" / "choice.csv").open()))
+    got = {(t["method"], float(t["value"])): (int(t["seeds"]), float(t["mean"]), t["chosen"], t["note"]) for t in table}
+    assert got[("parp", 1e-4)][:3] == (2, pytest.approx(0.31), "True")  # within 0.01 of 0.305: the lower rate
+    assert got[("parp", 3e-4)][2] == "False" and got[("parp", 3e-5)][1] == pytest.approx(0.40)
+    assert got[("fixed", 3e-5)][2:] == ("True", "the lowest value tried: a value beyond it may be better")
+    assert float(table[0]["wer_validation"]) == pytest.approx(0.25)  # fixed, 3e-5 first: methods, then values, in order
+    assert "**0.0001**" in (tmp_path / "r" / "choice.md").read_text()
+    # with no tolerance the lowest mean wins outright, and it is an end of the grid
+    assert main(["report", str(runs), *by, "--output-dir", str(tmp_path / "r0")]) == 0
+    chosen = [t for t in csv.DictReader((tmp_path / "r0" / "choice.csv").open()) if t["chosen"] == "True"]
+    assert [(t["method"], float(t["value"]), t["note"]) for t in chosen] == [
+        ("fixed", 3e-5, "the lowest value tried: a value beyond it may be better"),
+        ("parp", 3e-4, "the highest value tried: a value beyond it may be better")]
+    capsys.readouterr()
+    assert main(["report", str(runs), "--choose", "training.learning_rate", "--by", "validation,test_long"]) == 2
+    assert "was not scored on test_long" in _err(capsys)
+    assert main(["report", str(runs), "--by", "validation"]) == 2
+    assert "--by and --within go with --choose" in _err(capsys)
+    assert main(["report", str(runs), "--choose", "training.learning_rate"]) == 2
+    assert "--choose needs --by" in _err(capsys)
