@@ -366,12 +366,18 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from parpkit.report import collect, grouped, write_csv, write_report
+    from parpkit.report import choose, collect, grouped, write_csv, write_report
 
-    if not args.choose and (args.by or args.within):
-        raise UsageError("--by and --within go with --choose KEY (the recipe key to choose)")
+    if not args.choose and (args.by or args.within or args.prefer):
+        raise UsageError("--by, --within and --prefer go with --choose KEY (the recipe key to choose)")
+    if args.choose and not args.by:
+        raise UsageError("--choose needs --by: the (validation) splits the choice is judged on, comma-separated")
+    if not 0 <= args.within < math.inf:
+        raise UsageError(f"--within is {args.within}: give a tolerance of 0 or more")
     paths = [Path(p) for p in args.runs]
     rows, skipped = collect(paths)
+    by = [split.strip() for split in (args.by or "").split(",") if split.strip()]
+    choices = choose(rows, args.choose, by, args.within, args.prefer or "lower") if args.choose else None
     for problem in skipped:
         err_console.print(f"[yellow]skipped[/] {escape(problem)}", highlight=False, soft_wrap=True)
     groups = grouped(rows)
@@ -397,8 +403,8 @@ def cmd_report(args) -> int:
             console.print(f"wrote {path}")
         for note in notes:
             err_console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
-    if args.choose:
-        report_choice(args, rows, out)
+    if choices is not None:
+        report_choice(args, choices, out)
     if args.compare:
         from parpkit.report import compare, compare_markdown, family, family_note, interval_cells, write_compare_csv
 
@@ -426,16 +432,14 @@ def cmd_report(args) -> int:
     return 0
 
 
-def report_choice(args, rows: list[dict], out: Path | None) -> None:
+def report_choice(args, choices: list[dict], out: Path | None) -> None:
     """``parpkit report --choose KEY --by SPLITS``: the rule's table, printed and (with an output folder) written."""
-    from parpkit.report import CHOICE_COLUMNS, choose, write_choice
+    from parpkit.report import CHOICE_COLUMNS, write_choice
 
-    if not args.by:
-        raise UsageError("--choose needs --by: the (validation) splits the choice is judged on, comma-separated")
-    choices = choose(rows, args.choose, [s.strip() for s in args.by.split(",") if s.strip()], args.within, args.prefer)
     splits = [k for k in choices[0] if k not in CHOICE_COLUMNS]
-    table = Table(title=f"{args.choose} chosen on the mean of {', '.join(args.by.split(','))}"
-                        + (f" (within {args.within:g}: the {args.prefer} value)" if args.within else ""))
+    splits_by = ", ".join(dict.fromkeys(split.strip() for split in args.by.split(",") if split.strip()))
+    table = Table(title=f"{args.choose} chosen on the mean of {splits_by}"
+                        + (f" (within {args.within:g}: the {args.prefer or 'lower'} value)" if args.within else ""))
     for col in ("method", "sparsity", args.choose, "seeds", "mean", *splits, "chosen", "note"):
         table.add_column(col, justify="left" if col in ("method", "note") else "right")
     for c in choices:
@@ -541,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "splits: never the ones you report)")
     p.add_argument("--within", type=float, default=0.0, metavar="X",
                    help="with --choose: values whose mean is within X of the lowest count as tied (default 0)")
-    p.add_argument("--prefer", choices=("lower", "higher"), default="lower",
+    p.add_argument("--prefer", choices=("lower", "higher"),
                    help="with --choose: of tied values, take this one (default: lower)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("compare-masks", help="intersection over union of the kept weights between runs (matrix, per layer)")

@@ -248,7 +248,9 @@ class PoolPruner:
         self.masks = OrderedDict((n, masks[n].to(device=p.device, dtype=torch.bool)) for n, p in self.params.items())
         self._multipliers = []
         check_ranks_agree(self.masks)
-        self._reach = None if self._previous is None else self._magnitudes(self._previous, self.masks)
+        # how near a re-prune came to moving the mask: said where it means what it says, under global magnitude
+        magnitude = self.scope == "global" and self.pattern is None and self.criterion.name == "magnitude"
+        self._reach = self._magnitudes(self._previous, self.masks) if magnitude and self._previous is not None else None
         self.apply()
 
     @torch.no_grad()

@@ -841,49 +841,67 @@ def choose(rows: list[dict], axis: str, splits: list[str], within: float = 0.0, 
     """A rule for choosing one setting per method on validation splits, applied as written before the runs: for
     every method and sparsity, the value of recipe key ``axis`` (``training.learning_rate``) whose runs have the
     lowest error rate averaged over ``splits`` (each split's corpus rate, averaged over the value's seeds); of the
-    values within ``within`` of that lowest mean, the ``prefer``-most (``lower`` or ``higher``). One row per value,
-    with its mean over the splits, each split's rate (``<rate>_<split>``), ``chosen``, and a note where the chosen
-    value is an end of the grid (the rule cannot tell that a value beyond it would not be better)."""
+    values within ``within`` of that lowest mean, the ``prefer``-most (``lower`` or ``higher``). A method is the
+    runs whose recipes agree in everything but ``axis``, the sparsity, the seed and bookkeeping. One row per
+    value, with its mean over the splits, each split's rate (``<rate>_<split>``), ``chosen``, and a note where the
+    chosen value is an end of the grid (the rule cannot tell that a value beyond it would not be better) or where
+    the values were run on different seeds."""
     if prefer not in ("lower", "higher"):
         raise ParpkitError(f"--prefer takes lower or higher, not {prefer!r}")
+    if not (_number(within) and 0 <= within < math.inf):
+        raise ParpkitError(f"--within is {within!r}: give a tolerance of 0 or more")
+    splits = list(dict.fromkeys(splits))
     if not splits:
         raise ParpkitError("choosing needs the splits it is judged on (--by validation,...)")
+    rate = next((k for k in ("wer", "per") if all(k in r["splits"].get(sp, {}) for r in rows for sp in splits)), None)
+    if rate is None:
+        for r in rows:
+            if missing := [sp for sp in splits if not any(k in r["splits"].get(sp, {}) for k in ("wer", "per"))]:
+                raise ParpkitError(f"{r['run']} was not scored on {', '.join(missing)}; it was on {', '.join(r['splits'])}")
+        raise ParpkitError("the runs are scored by different error rates (WER and PER): choose among runs of one kind")
     values: dict[str, Any] = {}
+    groups: defaultdict[tuple, defaultdict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         config = recipe_configuration(Path(r["run"])) or {}
         if axis not in config:
-            raise ParpkitError(f"{r['run']}: its recipe.yaml has no {axis} (choose by a recipe key, such as "
-                               "training.learning_rate)")
+            raise ParpkitError(f"{r['run']}: its recipe.yaml sets no {axis} (choose by a recipe key the runs set, such "
+                               "as training.learning_rate; not the seed or bookkeeping)")
         if not _number(config[axis]):
             raise ParpkitError(f"{r['run']}: {axis} is {config[axis]!r}; choosing compares numbers (the rule prefers "
                                "the lower or the higher of values within --within)")
         values[r["run"]] = config[axis]
-        missing = [sp for sp in splits if not any(k in r["splits"].get(sp, {}) for k in ("wer", "per"))]
-        if missing:
-            raise ParpkitError(f"{r['run']} was not scored on {', '.join(missing)}; it was on {', '.join(r['splits'])}")
+        rest = json.dumps({k: v for k, v in config.items() if k not in (axis, "pruning.sparsity")}, sort_keys=True, default=str)
+        groups[(rest, r["target_sparsity"])][config[axis]].append(r)
     token = lambda r: f"{axis.rsplit('.', 1)[-1]}={axis_text(values[r['run']])}"  # noqa: E731  (how method_of labels it)
-    groups: defaultdict[tuple, defaultdict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        method = " ".join(t for t in r["method"].split(" ") if t != token(r))
-        groups[(method, r["target_sparsity"])][values[r["run"]]].append(r)
+    label = lambda r: " ".join(t for t in r["method"].split(" ") if t != token(r))  # noqa: E731
     out = []
-    for (method, sparsity), by_value in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (_, sparsity), by_value in sorted(groups.items(), key=lambda kv: (label(next(iter(kv[1].values()))[0]), kv[0][1])):
+        method = label(next(iter(by_value.values()))[0])
         table = []
         for value, runs in by_value.items():
-            rate = "wer" if "wer" in runs[0]["splits"][splits[0]] else "per"
-            per_split = {sp: sum(r["splits"][sp][rate] for r in runs) / len(runs) for sp in splits}
+            per_split = {sp: sum(_rate(r["splits"][sp][rate]) for r in runs) / len(runs) for sp in splits}
             table.append({"method": method, "sparsity": sparsity, "axis": axis, "value": value, "seeds": len(runs),
                           "mean": sum(per_split.values()) / len(splits), **{f"{rate}_{sp}": v for sp, v in per_split.items()},
                           "chosen": False, "note": ""})
+        if any(not math.isfinite(t["mean"]) for t in table):
+            raise ParpkitError(f"{method} at {sparsity:g}: an error rate on {', '.join(splits)} is not a number")
         table.sort(key=lambda t: t["value"])
         best = min(t["mean"] for t in table)
         near = [t for t in table if t["mean"] <= best + within + 1e-12]
         pick = near[0] if prefer == "lower" else near[-1]
         pick["chosen"] = True
+        notes = []
         if len(table) > 1 and pick in (table[0], table[-1]):
-            pick["note"] = f"the {'lowest' if pick is table[0] else 'highest'} value tried: a value beyond it may be better"
+            notes.append(f"the {'lowest' if pick is table[0] else 'highest'} value tried: a value beyond it may be better")
+        if len({tuple(sorted(str(r["seed"]) for r in runs)) for runs in by_value.values()}) > 1:
+            notes.append("the values were run on different seeds")
+        pick["note"] = "; ".join(notes)
         out += table
     return out
+
+
+def _rate(value: Any) -> float:
+    return float(value) if _number(value) else math.nan
 
 
 def choice_markdown(choices: list[dict]) -> str:
@@ -893,7 +911,8 @@ def choice_markdown(choices: list[dict]) -> str:
              "|---|---|---|---|---|" + "---|" * len(splits) + "---|"]
     for c in choices:
         value = f"**{axis_text(c['value'])}**" if c["chosen"] else axis_text(c["value"])
-        lines.append(f"| {c['method']} | {c['sparsity']:g} | {value} | {c['seeds']} | {c['mean']:.4f} | "
+        method = c["method"].replace("|", "\\|")
+        lines.append(f"| {method} | {c['sparsity']:g} | {value} | {c['seeds']} | {c['mean']:.4f} | "
                      + " | ".join(f"{c[k]:.3f}" for k in splits) + f" | {c['note']} |")
     return "\n".join(lines) + "\n"
 
@@ -944,6 +963,7 @@ def write_prunes(rows: list[dict], path: Path) -> bool:
                                                                                        "pruned_max", "kept_min")}}
              for r in rows for e in prune_events(Path(r["run"]))]
     if not any(t["regrown"] is not None for t in table):
+        path.unlink(missing_ok=True)  # an earlier report's, of other runs
         return False
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=PRUNE_COLUMNS)

@@ -215,6 +215,10 @@ def test_prune_events_count_the_weights_a_re_prune_lets_back(tmp_path):
     out, _ = _run(tmp_path, tiny_recipe(**{"training.learning_rate": 1e-6}), "parp_slow")
     slow = _prunes(out)[1]
     assert slow["step"] == 3 and slow["regrown"] == 0 and 0 < slow["pruned_max"] < slow["kept_min"]
+    # ranked within each row the pool-wide extremes say nothing of whether a weight grows back: not logged
+    out, _ = _run(tmp_path, tiny_recipe(**{"pruning.scope": "per_row"}), "parp_row")
+    assert [("pruned_max" in p, p["regrown"] is None) for p in _prunes(out)] == [(False, True), (False, False), (False, False),
+                                                                                   (False, False)]
     out, _ = _run(tmp_path, tiny_recipe(**{"pruning.schedule": {"name": "parp", "options": {"interval": 400}}}), "parp400")
     prunes = _prunes(out)
     first, final = load_file(str(out / "masks_initial.safetensors")), load_file(str(out / "masks.safetensors"))

@@ -111,11 +111,22 @@ def test_report_choose_applies_the_rule_per_method_and_says_when_the_choice_is_a
     chosen = [t for t in csv.DictReader((tmp_path / "r0" / "choice.csv").open()) if t["chosen"] == "True"]
     assert [(t["method"], float(t["value"]), t["note"]) for t in chosen] == [
         ("fixed", 3e-5, "the lowest value tried: a value beyond it may be better"),
-        ("parp", 3e-4, "the highest value tried: a value beyond it may be better")]
+        ("parp", 3e-4, "the highest value tried: a value beyond it may be better; the values were run on different seeds")]
+    # --prefer higher takes the higher of tied values; a split named twice counts once
+    assert main(["report", str(runs), *by[:3], "validation,validation_ood,validation", "--within", "0.01", "--prefer", "higher",
+                 "--output-dir", str(tmp_path / "rh")]) == 0
+    chosen = [t for t in csv.DictReader((tmp_path / "rh" / "choice.csv").open()) if t["chosen"] == "True"]
+    assert [(t["method"], float(t["value"]), float(t["mean"])) for t in chosen] == [
+        ("fixed", 3e-5, pytest.approx(0.30)), ("parp", 3e-4, pytest.approx(0.305))]
     capsys.readouterr()
-    assert main(["report", str(runs), "--choose", "training.learning_rate", "--by", "validation,test_long"]) == 2
+    assert main(["report", str(runs), "--choose", "training.learning_rate", "--by", "validation,test_long",
+                 "--output-dir", str(tmp_path / "refused")]) == 2
     assert "was not scored on test_long" in _err(capsys)
+    assert not (tmp_path / "refused").exists()  # refused before any report file was written
     assert main(["report", str(runs), "--by", "validation"]) == 2
-    assert "--by and --within go with --choose" in _err(capsys)
+    assert "--by, --within and --prefer go with --choose" in _err(capsys)
+    assert main(["report", str(runs), "--prefer", "higher"]) == 2
     assert main(["report", str(runs), "--choose", "training.learning_rate"]) == 2
     assert "--choose needs --by" in _err(capsys)
+    assert main(["report", str(runs), *by, "--within", "-0.1"]) == 2
+    assert "give a tolerance of 0 or more" in _err(capsys)

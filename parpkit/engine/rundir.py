@@ -43,8 +43,9 @@ class JsonlLog:
 def same_recipe(old_text: str, new_text: str) -> bool:
     """Whether two resolved recipes ask for the same run. Compared without the values that equal the
     schema's defaults, so that a parpkit release adding a recipe key (with a default) still recognises
-    the run directories it wrote before, and without the training settings that change no number
-    (``recipe.BOOKKEEPING``), so that a run resumes with checkpoints written more often."""
+    the run directories it wrote before, without the training settings that change no number
+    (``recipe.BOOKKEEPING``), so that a run resumes with checkpoints written more often, and without ``vars``
+    (substituted where they are used), so that a grid's points keep when a variable only later arms use is set."""
     if old_text == new_text:
         return True
     from parpkit.recipe import BOOKKEEPING, Recipe, parse_yaml
@@ -52,6 +53,7 @@ def same_recipe(old_text: str, new_text: str) -> bool:
     def settings(text: str) -> dict:
         dump = Recipe.model_validate(parse_yaml(text)).model_dump(mode="json", exclude_defaults=True)
         dump["training"] = {k: v for k, v in dump.get("training", {}).items() if k not in BOOKKEEPING}
+        dump.pop("vars", None)  # already substituted where used: a variable no key uses changes nothing
         return dump
 
     try:
