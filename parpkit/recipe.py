@@ -362,6 +362,7 @@ def check_report_to(report_to: str | list[str]) -> None:
 BOOKKEEPING = frozenset({"save_steps", "keep_checkpoints", "keep_checkpoints_when_done", "logging_steps", "report_to",
                          "dataloader_workers"})
 
+
 class EvaluationSection(_Strict):
     #: utterances decoded at once
     batch_size: int = Field(default=16, gt=0)

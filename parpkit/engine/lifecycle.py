@@ -622,7 +622,6 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
 # ------------------------------------------------------------------------------------------ shared phases
 
 
-
 def phase_key(s: Session, index: int) -> dict | None:
     """Everything that determines phase ``index``'s trained weights and its stage's scores, when the
     schedule says the phase can be shared (``Schedule.phase_key``); None otherwise."""
@@ -633,7 +632,8 @@ def phase_key(s: Session, index: int) -> dict | None:
         return None  # keep_best keeps weights of the last phase only: another run's phase would not have them
     dump = lambda section: section.model_dump(mode="json", exclude_defaults=True)  # noqa: E731  (new keys keep old entries)
     return {"schedule": k, "steps": phase.steps, "seed": r.seed, "backbone": dump(r.backbone), "dataset": dump(r.dataset),
-            "training": {k: v for k, v in dump(r.training).items() if k not in BOOKKEEPING | {"max_steps"}},  # the phase's own steps are in the key
+            # (max_steps too: the phase's own steps are in the key)
+            "training": {k: v for k, v in dump(r.training).items() if k not in BOOKKEEPING | {"max_steps"}},
             "pool": {"include": r.pruning.include, "exclude": r.pruning.exclude, "scope": r.pruning.scope,
                      "criterion": dump(r.pruning.criterion), **calibration_key(s)},
             "evaluation": dump(r.evaluation), "world_size": s.world_size,
