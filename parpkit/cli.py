@@ -436,9 +436,8 @@ def report_choice(args, choices: list[dict], out: Path | None) -> None:
     """``parpkit report --choose KEY --by SPLITS``: the rule's table, printed and (with an output folder) written."""
     from parpkit.report import CHOICE_COLUMNS, write_choice
 
-    splits = [k for k in choices[0] if k not in CHOICE_COLUMNS]
-    splits_by = ", ".join(dict.fromkeys(split.strip() for split in args.by.split(",") if split.strip()))
-    table = Table(title=f"{args.choose} chosen on the mean of {splits_by}"
+    splits = [k for k in choices[0] if k not in CHOICE_COLUMNS]  # <rate>_<split>, as choose deduplicated them
+    table = Table(title=f"{args.choose} chosen on the mean of {', '.join(k.split('_', 1)[1] for k in splits)}"
                         + (f" (within {args.within:g}: the {args.prefer or 'lower'} value)" if args.within else ""))
     for col in ("method", "sparsity", args.choose, "seeds", "mean", *splits, "chosen", "note"):
         table.add_column(col, justify="left" if col in ("method", "note") else "right")

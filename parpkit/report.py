@@ -872,11 +872,14 @@ def choose(rows: list[dict], axis: str, splits: list[str], within: float = 0.0, 
         values[r["run"]] = config[axis]
         rest = json.dumps({k: v for k, v in config.items() if k not in (axis, "pruning.sparsity")}, sort_keys=True, default=str)
         groups[(rest, r["target_sparsity"])][config[axis]].append(r)
-    token = lambda r: f"{axis.rsplit('.', 1)[-1]}={axis_text(values[r['run']])}"  # noqa: E731  (how method_of labels it)
-    label = lambda r: " ".join(t for t in r["method"].split(" ") if t != token(r))  # noqa: E731
+    def label(r: dict) -> str:  # the method's label without the chosen key's value (how method_of adds it)
+        token = f"{axis.rsplit('.', 1)[-1]}={axis_text(values[r['run']])}"
+        return " ".join(t for t in r["method"].split(" ") if t != token)
+
+    named = sorted(((label(next(iter(by_value.values()))[0]), sparsity, by_value) for (_, sparsity), by_value in groups.items()),
+                   key=lambda g: g[:2])
     out = []
-    for (_, sparsity), by_value in sorted(groups.items(), key=lambda kv: (label(next(iter(kv[1].values()))[0]), kv[0][1])):
-        method = label(next(iter(by_value.values()))[0])
+    for method, sparsity, by_value in named:
         table = []
         for value, runs in by_value.items():
             per_split = {sp: sum(_rate(r["splits"][sp][rate]) for r in runs) / len(runs) for sp in splits}

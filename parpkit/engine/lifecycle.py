@@ -599,8 +599,6 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
                                   callbacks=[*callbacks(driver, s.state, index, r.training.keep_checkpoints), *extra_callbacks])
         trainer.remove_callback(PrinterCallback)  # progress and the JSONL log report instead
         trainer.parp = driver
-        if s.distiller is not None:  # the loss is a mean per batch: let the Trainer scale it for accumulation
-            trainer.model_accepts_loss_kwargs = False
         if resume_ckpt is not None:
             task.advance(int(resume_ckpt.name.split("-")[-1]))
         try:

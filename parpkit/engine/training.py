@@ -149,6 +149,15 @@ def trainer_class():
 
         parp: PhaseDriver
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Every backbone's loss (whisper's, CTC's, the distillation's) is a mean over its micro-batch. A model
+            # whose forward takes **kwargs would be handed the accumulated batch's token count, and the Trainer
+            # would take its loss as already divided by it and sum the micro-batches' means: the gradient, its
+            # clipping and the logged loss all times the accumulation steps. So the Trainer counts no tokens and
+            # divides by the accumulation steps itself.
+            self.model_accepts_loss_kwargs = False
+
         def _get_train_sampler(self, train_dataset=None):
             if self.args.train_sampling_strategy != "group_by_length":
                 return super()._get_train_sampler(train_dataset)
@@ -181,11 +190,7 @@ def trainer_class():
             return (loss, outputs) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            # Every backbone's loss (whisper's, CTC's, the distillation's) is a mean over its micro-batch. Given a
-            # token count, the Trainer would take that loss as already divided by the whole accumulated batch
-            # (models whose forward takes **kwargs) and sum the micro-batches' means: the gradient, its clipping
-            # and the logged loss all times the accumulation steps. Without it, it divides by them.
-            loss = super().training_step(model, inputs, None)
+            loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
                 raise NonFiniteLoss(self.parp.offset + self.state.global_step + 1, float(loss))
             self.parp.pruner.optimizer = self.optimizer
