@@ -844,8 +844,8 @@ def choose(rows: list[dict], axis: str, splits: list[str], within: float = 0.0, 
     values within ``within`` of that lowest mean, the ``prefer``-most (``lower`` or ``higher``). A method is the
     runs whose recipes agree in everything but ``axis``, the sparsity, the seed and bookkeeping. One row per
     value, with its mean over the splits, each split's rate (``<rate>_<split>``), ``chosen``, and a note where the
-    chosen value is an end of the grid (the rule cannot tell that a value beyond it would not be better) or where
-    the values were run on different seeds."""
+    chosen value is an end of the grid (the rule cannot tell that a value beyond it would not be better), the only
+    value run, or where the values were run on different seeds."""
     if prefer not in ("lower", "higher"):
         raise ParpkitError(f"--prefer takes lower or higher, not {prefer!r}")
     if not (_number(within) and 0 <= within < math.inf):
@@ -894,7 +894,9 @@ def choose(rows: list[dict], axis: str, splits: list[str], within: float = 0.0, 
         pick = near[0] if prefer == "lower" else near[-1]
         pick["chosen"] = True
         notes = []
-        if len(table) > 1 and pick in (table[0], table[-1]):
+        if len(table) == 1:
+            notes.append("the only value tried: nothing was compared")
+        elif pick in (table[0], table[-1]):
             notes.append(f"the {'lowest' if pick is table[0] else 'highest'} value tried: a value beyond it may be better")
         if len({tuple(sorted(str(r["seed"]) for r in runs)) for runs in by_value.values()}) > 1:
             notes.append("the values were run on different seeds")

@@ -118,6 +118,11 @@ def test_report_choose_applies_the_rule_per_method_and_says_when_the_choice_is_a
     chosen = [t for t in csv.DictReader((tmp_path / "rh" / "choice.csv").open()) if t["chosen"] == "True"]
     assert [(t["method"], float(t["value"]), float(t["mean"])) for t in chosen] == [
         ("fixed", 3e-5, pytest.approx(0.30)), ("parp", 3e-4, pytest.approx(0.305))]
+    # a method run at one value only (a grid half run) is chosen, and says that nothing was compared
+    _scored(runs / "o1", "omp", 1e-4, 0, 0.25, 0.35)
+    assert main(["report", str(runs), *by, "--output-dir", str(tmp_path / "ro")]) == 0
+    chosen = {t["method"]: t for t in csv.DictReader((tmp_path / "ro" / "choice.csv").open()) if t["chosen"] == "True"}
+    assert (float(chosen["omp"]["value"]), chosen["omp"]["note"]) == (1e-4, "the only value tried: nothing was compared")
     capsys.readouterr()
     assert main(["report", str(runs), "--choose", "training.learning_rate", "--by", "validation,test_long",
                  "--output-dir", str(tmp_path / "refused")]) == 2
