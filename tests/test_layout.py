@@ -170,11 +170,9 @@ def test_every_shipped_recipe_is_valid(recipe, tmp_path):
 
 
 def _variants() -> list[tuple[str, str, str]]:
-    import yaml
-
+    """(recipe, axis, label) of every sweep variant, the recipes read as parpkit reads them."""
     return [(recipe, axis, label) for recipe in RECIPES
-            for axis, table in ((yaml.safe_load((ROOT / "recipes" / recipe).read_text()).get("sweep") or {}).get("variants")
-                                or {}).items()
+            for axis, table in ((read_recipe_file(ROOT / "recipes" / recipe).get("sweep") or {}).get("variants") or {}).items()
             for label in table]
 
 
