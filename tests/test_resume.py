@@ -41,6 +41,14 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
     events = [json.loads(line) for line in (killed / "log.jsonl").open()]
     resumed = next(i for i, e in enumerate(events) if e["event"] == "resume")
     same_results(alone, killed)
+    # the training loss is the mean over every update, the killed attempt's included (the Trainer's own counts
+    # only the updates after the checkpoint it resumed from)
+    la, lk = (json.loads((d / "metrics.json").read_text()) for d in (alone, killed))
+    assert la["train_loss_updates"] == lk["train_loss_updates"] == la["steps"] == lk["steps"]
+    assert lk["train_loss"] == pytest.approx(la["train_loss"], rel=1e-6)
+    if schedule["name"] == "parp":  # one phase: the Trainer's own mean, where it trained every update in one sitting
+        logged = [json.loads(line) for line in (alone / "log.jsonl").open()]
+        assert next(e["train_loss"] for e in logged if e["event"] == "train" and "train_loss" in e) == pytest.approx(la["train_loss"], rel=1e-6)
     assert load_recipe(killed / "recipe.yaml", [])[0].training.save_steps == 3
     # ... and the phase it resumed keeps the new intervals, not those of the checkpoint it resumed from (2)
     resume = events[resumed]

@@ -131,7 +131,10 @@ def test_omp_points_share_one_dense_fine_tune_and_get_the_same_result(tmp_path):
     assert main(args) == 0
     assert (alone / "recipe.yaml").read_text() == (out / taker / "recipe.yaml").read_text()  # the command runs the same recipe
     same_results(alone, out / taker)
-    assert json.loads((alone / "metrics.json").read_text())["shared_phases"] == []
+    alone_metrics = json.loads((alone / "metrics.json").read_text())
+    assert alone_metrics["shared_phases"] == []
+    assert metrics["train_loss_updates"] == alone_metrics["train_loss_updates"] == alone_metrics["steps"]
+    assert metrics["train_loss"] == pytest.approx(alone_metrics["train_loss"], rel=1e-6)
 
 
 def test_learning_curve_leaves_training_alone_and_keep_best_picks_the_best_point(tmp_path):
@@ -280,6 +283,9 @@ def test_imp_at_a_lower_target_shares_its_final_fine_tune_with_the_next_round_of
                         progress=False)
     assert alone.metrics["shared_phases"] == []
     same_results(tmp_path / "alone", out / "sparsity-0.6")
+    # the phases taken count in the training loss as the run that trained them measured them
+    assert again["train_loss_updates"] == alone.metrics["train_loss_updates"] == alone.metrics["steps"]
+    assert again["train_loss"] == pytest.approx(alone.metrics["train_loss"], rel=1e-6)
 
 
 def test_shared_work_is_keyed_on_contents_distillation_and_version(tmp_path, monkeypatch):

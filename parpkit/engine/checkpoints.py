@@ -88,8 +88,10 @@ def rotate(phase_dir: Path, keep: int) -> None:
 
 def extra_defaults() -> dict[str, Any]:
     """What a run keeps beside the stages, before anything happened: the learning curve, the best validation
-    checkpoint, the phases taken from other runs."""
-    return {"curve": [], "best": None, "shared_phases": []}
+    checkpoint, the phases taken from other runs, and each phase's training loss so far (``loss``: phase name ->
+    ``{"sum": sum of the updates' mean losses, "updates": updates counted}``, so that a resumed run's mean covers
+    the updates of every sitting)."""
+    return {"curve": [], "best": None, "shared_phases": [], "loss": {}}
 
 
 class RunState:

@@ -74,7 +74,6 @@ class Session:
     training_since: float | None = None  # when the phase now training began (its time is not in ``seconds`` yet)
     #: wall time of earlier attempts up to the checkpoint this one resumed from (a resumed run counts them)
     earlier: dict[str, float] = field(default_factory=lambda: {"total": 0.0, "train": 0.0, "evaluate": 0.0, "attempts": 0})
-    phase_loss: dict[str, float] = field(default_factory=dict)  # mean training loss of each phase trained here
     first_phase: int = 0
     shared: SharedWork = field(default_factory=lambda: SharedWork(None))
     #: with sharing on: digests of what the run read (each loaded split, the pretrained weights, an explicit
@@ -589,8 +588,10 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
     label = "fine-tuning" if len(s.phases) == 1 else f"fine-tuning ({phase.name})"
     validate = (lambda step: validate_now(s, step, index)) if r.evaluation.every_steps and s.main else None
     with s.progress.task(label, total=phase.steps) as task, tensorboard_dir(r.training.report_to, s.rundir.path / "tensorboard" / phase.name):
+        # restored with the checkpoint it resumes from (one older parpkit wrote has none: the updates before it go uncounted)
+        loss = s.extra.setdefault("loss", {}).setdefault(phase.name, {"sum": 0.0, "updates": 0})
         driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training, validate,
-                             r.evaluation.every_steps, s.distiller, s.resolved.backbone)
+                             r.evaluation.every_steps, s.distiller, s.resolved.backbone, loss)
         served = r.dataset.augment or r.dataset.concatenate
         train = (AugmentedDataset(s.train, r.dataset.augment, r.seed, r.dataset.concatenate) if served
                  else ListDataset(s.train))
@@ -612,12 +613,21 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
                                "limits, then rerun into this directory to resume") from None
     s.seconds["train"] += time.time() - t0
     s.training_since = None
-    s.phase_loss[phase.name] = float(result.training_loss)
-    s.log.write("phase", phase=phase.name, **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+    if s.world_size > 1:  # each process summed its own micro-batches (the restored part is the same on all)
+        total = trainer.accelerator.reduce(torch.tensor([loss["sum"]], device=trainer.accelerator.device), reduction="mean")
+        loss["sum"] = float(total[0])
+    # the Trainer's train_loss covers this sitting's updates only (none, for a run killed after its last checkpoint)
+    s.log.write("phase", phase=phase.name, **{**{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+                                              "train_loss": phase_loss(loss), "train_loss_updates": loss["updates"]})
     s.model = trainer.model
 
 
 # ------------------------------------------------------------------------------------------ shared phases
+
+
+def phase_loss(loss: dict) -> float | None:
+    """The mean training loss over the updates ``loss`` counted (``extra["loss"]``); None where it counted none."""
+    return loss["sum"] / loss["updates"] if loss["updates"] else None
 
 
 def phase_key(s: Session, index: int) -> dict | None:
@@ -662,7 +672,7 @@ def store_shared_phase(s: Session, index: int, folder: Path) -> None:
               str(folder / "weights.safetensors"))
     (folder / "phase.json").write_text(json.dumps({
         "state": tree, "stage": s.stages.get(phase.stage) if phase.stage else None, "name": phase.name,
-        "train_loss": s.phase_loss.get(phase.name), "curve": [c for c in s.extra["curve"] if c["phase"] == index],
+        "loss": s.extra["loss"].get(phase.name), "curve": [c for c in s.extra["curve"] if c["phase"] == index],
         "run": str(s.rundir.path)}))
 
 
@@ -676,8 +686,10 @@ def load_shared_phase(s: Session, index: int, folder: Path) -> None:
     s.pruner.load_state_dict(state["pruner"])
     s.resolved.criterion.load_state_dict(state["criterion"])
     s.extra["curve"] += meta["curve"]
-    if meta["train_loss"] is not None:
-        s.phase_loss[phase.name] = meta["train_loss"]
+    if meta.get("loss") is not None:
+        s.extra["loss"][phase.name] = meta["loss"]
+    elif meta.get("train_loss") is not None:  # entries older parpkit wrote: the phase's mean, over all its updates
+        s.extra["loss"][phase.name] = {"sum": meta["train_loss"] * phase.steps, "updates": phase.steps}
     if phase.stage:  # scored by the run that trained it, or (if it did not score it) here
         if meta["stage"] is not None:
             s.stages[phase.stage] = meta["stage"]
@@ -821,8 +833,10 @@ def write(s: Session) -> dict[str, Any]:
         "dataset": s.resolved.dataset.report(),
         "phases": [{"name": p.name, "steps": p.steps} for p in s.phases],
         "steps": sum(p.steps for p in s.phases), "prunes": pruner.prune_count, "batch": batch_sizes(s),
-        "train_loss": (sum(s.phase_loss[p.name] * p.steps for p in s.phases if p.name in s.phase_loss)
-                       / max(1, sum(p.steps for p in s.phases if p.name in s.phase_loss))),
+        # the mean over every update trained (this run's or a shared phase's), in every sitting
+        "train_loss": phase_loss(totals := {"sum": sum(v["sum"] for v in s.extra["loss"].values()),
+                                            "updates": sum(v["updates"] for v in s.extra["loss"].values())}),
+        "train_loss_updates": totals["updates"],
         "stages": s.stages,
         # what shapes the outputs: every stage was scored, and the model saved, at ``judged``; ``trained`` may
         # differ by speed settings only (whisper's encoder window)

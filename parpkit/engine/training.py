@@ -96,6 +96,7 @@ class PhaseDriver:
     every: int | None = None  # … every this many steps
     distiller: Any = None  # parpkit.engine.distill.Distiller, when the recipe distils
     backbone: Any = None  # turns a batch on the device into model inputs (Backbone.model_inputs); None: as it is
+    loss: dict | None = None  # the phase's running loss, {"sum", "updates"}, kept in the checkpoints (extra_defaults)
 
     def gradients_ready(self, done: int, scaler: Any = None, others: Iterable[torch.nn.Parameter] = ()) -> None:
         """``done``: updates of this phase finished before the coming one. ``scaler``: the fp16 loss scaler
@@ -193,6 +194,9 @@ def trainer_class():
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
                 raise NonFiniteLoss(self.parp.offset + self.state.global_step + 1, float(loss))
+            if self.parp.loss is not None:  # a micro-batch's loss, divided by the accumulation steps: summed per update
+                self.parp.loss["sum"] += float(loss)
+                self.parp.loss["updates"] += int(self.accelerator.sync_gradients)
             self.parp.pruner.optimizer = self.optimizer
             if self.accelerator.sync_gradients:  # the last micro-batch: gradients are complete (and all-reduced)
                 scaler = getattr(self.accelerator, "scaler", None)  # fp16 only: the other parameters matter to it alone
