@@ -17,6 +17,7 @@ JSON values and tensors, ``load_state_dict(state)`` takes it back. Checkpoints s
 from __future__ import annotations
 
 import contextlib
+import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -41,16 +42,39 @@ def _numeric(annotation: Any) -> bool:
     return any(a in (int, float) for a in args) and bool not in args
 
 
+def _boolean_as_number(annotation: Any, value: Any, where: str = "") -> str | None:
+    """Where in ``value`` a boolean stands for a number that ``annotation`` asks for, also inside lists, tuples
+    and mappings (``""`` at the top, ``"[1]"``, ``".train"``); None where nowhere."""
+    if isinstance(value, bool):
+        return where if _numeric(annotation) else None
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _boolean_as_number(args[0], value, where)
+    if origin in (typing.Union, types.UnionType):  # X | Y, Optional[X]: any alternative that asks
+        return next((w for a in args if (w := _boolean_as_number(a, value, where)) is not None), None)
+    if isinstance(value, (list, tuple)) and origin in (list, tuple, set, frozenset, Sequence) and args:
+        each = args if origin is tuple and args[-1] is not Ellipsis else (args[0],) * len(value)
+        return next((w for i, (a, v) in enumerate(zip(each, value)) if (w := _boolean_as_number(a, v, f"{where}[{i}]"))
+                     is not None), None)
+    if isinstance(value, dict) and origin in (dict, Mapping) and len(args) == 2:
+        return next((w for k, v in value.items() if (w := _boolean_as_number(args[1], v, f"{where}.{k}")) is not None), None)
+    return None
+
+
 class StrictModel(BaseModel):
-    """Unknown keys are errors, not silence; a boolean is not a number; nor is ``.inf`` or ``.nan``."""
+    """Unknown keys are errors, not silence; a boolean is not a number (nor inside a list or mapping of numbers);
+    nor is ``.inf`` or ``.nan``."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
     def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+        where = _boolean_as_number(cls.model_fields[info.field_name].annotation, value)
+        if where == "":
             raise ValueError(f"expected a number, got {value!r}")
+        if where is not None:
+            raise ValueError(f"expected numbers, got a boolean at {where.lstrip('.')}")
         return value
 
 
@@ -182,6 +206,12 @@ class Backbone(_Plugin, ABC):
         """The shortest audio (in samples) the model takes: the engine refuses shorter utterances, naming
         them, before anything trains (a CTC feature encoder needs one frame's receptive field)."""
         return 1
+
+    def training_window_s(self, model: torch.nn.Module) -> float | None:
+        """The longest audio, in seconds, that ``model`` (the skeleton, or the loaded model) takes in training;
+        None: any length. Validation refuses a recipe whose joined passages (``dataset.concatenate``) would be
+        longer. By default None."""
+        return None
 
     def check_lengths(self, utterances: Sequence[Utterance], *, training: bool) -> None:
         """Called with each split once ``load`` ran, before anything is evaluated or trained: raise ParpkitError

@@ -134,6 +134,9 @@ class ConcatenateSection(_Strict):
         low, high = self.gap_seconds
         if not 0 <= low <= high:
             raise ValueError(f"gap_seconds {list(self.gap_seconds)}: expected [low, high] with 0 <= low <= high")
+        if high >= self.max_seconds:  # a passage joins utterances and a gap: this one would leave no room for them
+            raise ValueError(f"gap_seconds {list(self.gap_seconds)}: a gap must be shorter than max_seconds "
+                             f"({self.max_seconds:g}), or no passage is ever joined")
         return self
 
 
@@ -412,7 +415,7 @@ class Recipe(_Strict):
     #: run directory; default ``runs/<name>``
     output_dir: str | None = None
     #: values that ``${name}`` references use anywhere in the recipe (a lone reference keeps its type; vars may
-    #: refer to vars)
+    #: refer to vars; names are letters, digits and _). In ``sweep:``, within a point's values, not as an axis's list
     vars: dict[str, Any] = Field(default_factory=dict)
     #: the model to prune
     backbone: PluginRef
@@ -483,6 +486,9 @@ def _substitute(node: Any, variables: dict[str, Any], file: str, key: str) -> An
         return [_substitute(v, variables, file, f"{key}[{i}]") for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
         return node
+    if "${" in _VAR.sub("", node):  # ${run-id}, ${ n }, ${1x}: kept as text, it would name a folder or model literally
+        raise RecipeError(f"{node!r} holds a '${{' that is no variable reference: a reference is ${{name}}, the name of "
+                          "letters, digits and _, not starting with a digit", file=file, key=key)
     for name in _VAR.findall(node):
         if name not in variables:
             known = ", ".join(sorted(variables)) or "none defined"
@@ -500,6 +506,10 @@ def _substitute(node: Any, variables: dict[str, Any], file: str, key: str) -> An
 def resolve_variables(variables: dict[str, Any], file: str) -> dict[str, Any]:
     """``vars`` whose values refer to other vars (``${other}``), resolved in any order; a cycle is an error."""
     done: dict[str, Any] = {}
+    for name in variables:
+        if not isinstance(name, str) or not _VAR.fullmatch(f"${{{name}}}"):
+            raise RecipeError(f"{name!r} cannot be referred to: a variable's name is letters, digits and _, not starting "
+                              "with a digit", file=file, key=f"vars.{name}")
 
     def value(name: str, chain: tuple[str, ...]) -> Any:
         if name in done:
@@ -585,6 +595,7 @@ def recipe_from_mapping(data: Mapping[str, Any], overrides: Overrides = (), file
     data = copy.deepcopy(dict(data))
     pairs = ([(k.split("."), v) for k, v in overrides.items()] if isinstance(overrides, Mapping)
              else [parse_override(text) for text in overrides])
+    check_variables_used(data, pairs, file)
     for keys, value in pairs:
         _set_path(data, keys, value, file)
     variables = data.get("vars") or {}
@@ -600,6 +611,19 @@ def recipe_from_mapping(data: Mapping[str, Any], overrides: Overrides = (), file
     except ValidationError as exc:
         raise format_validation_error(exc, file) from None
     return recipe, recipe.model_dump(mode="json")
+
+
+def check_variables_used(data: Mapping[str, Any], pairs: list[tuple[list[str], Any]], file: str) -> None:
+    """An override of ``vars.NAME`` where no ``${NAME}`` refers to it (in the recipe, the sweep section included,
+    in the other variables or in the overrides) is a misspelt name: refused, as a misspelt key is."""
+    used = set(_refs({k: v for k, v in data.items() if k != "vars"}))
+    used |= {r for v in (data.get("vars") or {}).values() for r in _refs(v)} if isinstance(data.get("vars"), dict) else set()
+    used |= {r for _, value in pairs for r in _refs(value)}
+    for keys, _ in pairs:
+        if len(keys) == 2 and keys[0] == "vars" and keys[1] not in used:
+            names = ", ".join(f"${{{n}}}" for n in sorted(used)) or "none"
+            raise RecipeError(f"no ${{{keys[1]}}} in the recipe refers to this variable, so setting it changes nothing "
+                              f"(variables referred to: {names})", file=file, key=".".join(keys))
 
 
 def load_recipe(path: str | Path, overrides: Overrides = ()) -> tuple[Recipe, dict[str, Any]]:

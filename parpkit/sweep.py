@@ -183,6 +183,10 @@ def point_recipe(base: dict[str, Any], point: Point, overrides: list[str] = (), 
     for text in overrides:
         keys, value = parse_override(text)
         combined[".".join(keys)] = value
+        # the point's overrides come after --set: one that sets this key, or a mapping above it, would drop it
+        if hidden := next((k for k in point.overrides if ".".join(keys) == k or ".".join(keys).startswith(f"{k}.")), None):
+            raise RecipeError(f"--set {text}: the point sets {hidden} itself, so this setting would be lost; change the "
+                              "sweep's axis or variant instead", file=file)
     combined.update(point.overrides)
     return recipe_from_mapping(base, combined, file)
 
@@ -197,7 +201,11 @@ def sweep_of(data: dict[str, Any], file: str) -> SweepSection:
     try:
         return SweepSection.model_validate(data["sweep"])
     except ValidationError as exc:
-        raise format_validation_error(exc, file, prefix="sweep") from None
+        error = format_validation_error(exc, file, prefix="sweep")
+        if "valid list, got '${" in str(error):  # the sweep section is read before vars are substituted
+            error.args = (f"{error}; an axis's list of values cannot be a variable (vars are substituted in each "
+                          "point's values): write the list",)
+        raise error from None
 
 
 def run_command(recipe: Path, point: Point, run_dir: Path, shared: Path, overrides: list[str]) -> str:

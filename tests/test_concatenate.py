@@ -87,6 +87,8 @@ def test_the_dataset_joins_then_augments_and_follows_the_epoch():
         assert np.allclose(b.audio, a.audio * 10 ** (-6 / 20), atol=1e-4)  # the whole passage augmented
     with pytest.raises(ValueError, match="gap_seconds"):
         ConcatenateSection(gap_seconds=(0.5, 0.1))
+    with pytest.raises(ValueError, match=r"gap_seconds \[1.0, 5.0\]: a gap must be shorter than max_seconds \(5\)"):
+        ConcatenateSection(max_seconds=5, gap_seconds=(1, 5))
 
 
 @requires_offline
@@ -108,6 +110,9 @@ def test_a_run_trains_on_joined_passages_and_refuses_ones_longer_than_its_window
     assert len(served) == 16 and len(passages) >= 2  # 2-3 s sentences: two fit 5.9 s now and then
     assert all(u.text.count(".") == len(u.extra["concatenated"]) >= 2 for u in passages)
     assert all(len(u.audio) <= 5.9 * u.sample_rate for u in served)
-    with pytest.raises(ParpkitError, match=r"dataset.concatenate.max_seconds 10: .*longer than the encoder window of 6 s"):
+    # refused by validation (no data read, no model loaded), so before the run claims its directory
+    with pytest.raises(ParpkitError, match=r"dataset\.concatenate\.max_seconds: 10 s: the longest passage must fit the "
+                                           r"training window of 6 s"):
         parpkit.run(tiny_recipe(**base, **{"dataset.concatenate": {"max_seconds": 10}}), output_dir=tmp_path / "long",
                     progress=False)
+    assert not (tmp_path / "long").exists()

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from parpkit.cli import main
@@ -105,6 +107,27 @@ def test_variables_and_overrides(tmp_path):
         load_recipe(write_recipe(tmp_path / "r2.yaml", tiny_recipe(**{"pruning.sparsity": "${t}"})))
     with pytest.raises(RecipeError, match="--set expects key.path=value"):
         load_recipe(p, ["training.max_steps"])
+    # a variable nothing refers to: a misspelt name, refused as a misspelt key is (the recipe's own may wait for
+    # arms added later; one referred to by another variable, or by an override, counts)
+    with pytest.raises(RecipeError, match=r"vars\.ss: no \$\{ss\} in the recipe refers to this variable, so setting it "
+                                          r"changes nothing \(variables referred to: \$\{s\}\)"):
+        load_recipe(p, ["vars.ss=0.5"])
+    assert load_recipe(p, ["vars.t=0.5", "training.learning_rate=${t}"])[0].training.learning_rate == 0.5
+    r["vars"] = {"s": "${half}", "half": 0.5, "later": 1}
+    assert load_recipe(write_recipe(tmp_path / "r3.yaml", r), ["vars.half=0.4"])[0].pruning.sparsity == 0.4
+
+
+@pytest.mark.parametrize("text, var", [("runs/x-${run-id}", "run-id"), ("runs/${1bad}", "1bad"), ("runs/${ n }", "n")])
+def test_a_dollar_brace_that_refers_to_no_variable_is_refused_not_kept_as_text(tmp_path, text, var):
+    r = tiny_recipe(**{"output_dir": text})
+    r["vars"] = {var: "a1"}
+    path = write_recipe(tmp_path / "r.yaml", r)
+    if var == "n":  # a name that can be referred to, but not with spaces inside the braces
+        with pytest.raises(RecipeError, match=r"output_dir: 'runs/\$\{ n \}' holds a '\$\{' that is no variable reference"):
+            load_recipe(path)
+    else:
+        with pytest.raises(RecipeError, match=rf"vars\.{re.escape(var)}: '{re.escape(var)}' cannot be referred to"):
+            load_recipe(path)
 
 
 @requires_offline

@@ -207,16 +207,22 @@ def test_the_ctranslate2_conversion_is_keyed_on_every_file_it_reads(tmp_path):
 @pytest.mark.parametrize("changes, message", [
     ({"training.adam_beta1": 5}, r"training\.adam_beta1: Input should be less than 1"),
     ({"training.max_steps": True}, r"training\.max_steps: expected a number, got True"),
-    ({"pruning.schedule.options": {"interval": True}}, None),  # plugin options: checked at resolve (below)
+    # inside a list or a mapping of numbers too (YAML's true had become 1: a 1-utterance split, 1 s gaps)
+    ({"dataset.concatenate": {"p": 0.5, "max_seconds": 5, "gap_seconds": [0.5, True]}},
+     r"dataset\.concatenate\.gap_seconds: expected numbers, got a boolean at \[1\]"),
+    # plugin options: checked at resolve (below)
+    ({"pruning.schedule.options": {"interval": True}}, r"pruning\.schedule\.options\.interval: expected a number, got True"),
+    ({"dataset.options.sizes": {"train": True, "test": 4}}, r"dataset\.options\.sizes: expected numbers, got a boolean at train"),
 ])
 def test_numbers_are_numbers(tmp_path, changes, message):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**changes))
-    if message is None:
+    if ".options" in next(iter(changes)):
         from parpkit.registry import Plugins
         from parpkit.resolve import resolve
 
-        with pytest.raises(RecipeError, match=r"pruning\.schedule\.options\.interval: expected a number, got True"):
-            resolve(load_recipe(path)[0], Plugins(), str(path))
+        recipe = load_recipe(path)[0]
+        with pytest.raises(RecipeError, match=message):
+            resolve(recipe, Plugins(), str(path))
         return
     with pytest.raises(RecipeError, match=message):
         load_recipe(path)
@@ -234,7 +240,9 @@ def test_yaml_1_1_floats_without_a_dot_are_numbers(tmp_path):
     ({"backbone.options.max_new_tokens": 80}, r"max_new_tokens 80 and the 2-token prompt do not fit the decoder's 64 positions"),
     ({"backbone.options.config.encoder_layer": 3}, r"backbone\.options: config: WhisperConfig has no key 'encoder_layer' "
                                                    r"\(did you mean 'encoder_layers'\?\)"),
-    ({"dataset.options.speakers": {"train": 90, "test": 10}}, r"100 speakers asked for, but only 96 voice/variant pairs exist"),
+    ({"dataset.options.speakers": {"train": 90, "test": 10}, "dataset.options.sizes": {"train": 90, "test": 10}},
+     r"100 speakers asked for, but only 96 voice/variant pairs exist"),
+    ({"dataset.options.speakers": {"train": 9, "test": 2}}, r"speakers\.train: 9 speakers for 8 utterances"),
     ({"backbone.options.config.vocab_size": 51865, "backbone.options.language": "klingon"}, r"unknown language 'klingon'"),
 ])
 def test_mistakes_are_caught_by_validate_and_before_run_loads_anything(tmp_path, capsys, changes, message):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import parpkit
 from parpkit.cli import main
 from parpkit.errors import RecipeError
-from parpkit.sweep import SweepSection, points
+from parpkit.sweep import SweepSection, points, sweep_of
 from tests.conftest import requires_offline, same_results, tiny_recipe, write_recipe
 
 pytestmark = requires_offline
@@ -245,6 +245,18 @@ def test_sweep_points_that_come_out_the_same_recipe_run_once_and_errors_name_the
     assert main(["sweep", str(write_recipe(tmp_path / "twins.yaml", twins)), "--output-dir", str(tmp_path / "t"), "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert "1 points" in out and "sweep point method-also_fixed is the same recipe as method-fixed: left out" in " ".join(err.split())
+    # --set on a key a point sets itself (or on a key below one a point's variant replaces whole) would be lost
+    grid = write_recipe(tmp_path / "grid.yaml", _sweep_recipe([{"pruning.sparsity": [0.3, 0.6]}, {"method": ["fixed"]}]))
+    capsys.readouterr()
+    assert main(["sweep", str(grid), "--output-dir", str(tmp_path / "g"), "--dry-run", "--set", "pruning.sparsity=0.7"]) == 2
+    assert ("(sweep point sparsity-0.3): --set pruning.sparsity=0.7: the point sets pruning.sparsity itself, so this setting "
+            "would be lost") in " ".join(capsys.readouterr().err.split())
+    assert main(["sweep", str(grid), "--output-dir", str(tmp_path / "g"), "--dry-run", "--set", "pruning.schedule.options.interval=4"]) == 2
+    assert "(sweep point method-fixed): --set pruning.schedule.options.interval=4: the point sets pruning.schedule itself" in " ".join(capsys.readouterr().err.split())
+    assert main(["sweep", str(grid), "--output-dir", str(tmp_path / "g"), "--dry-run", "--set", "training.max_steps=3"]) == 0
+    with pytest.raises(RecipeError, match=r"sweep\.grids\.0\.cross\.pruning\.sparsity: .*an axis's list of values cannot be a "
+                                          "variable"):
+        sweep_of({"vars": {"sps": [0.3, 0.5]}, "sweep": {"grids": [{"pruning.sparsity": "${sps}"}]}}, "r.yaml")
     with pytest.raises(ValueError, match="a grid needs at least one axis"):
         SweepSection.model_validate({"grids": [{}]})
     with pytest.raises(ValueError, match="variants table 'method' has no labels"):

@@ -98,6 +98,13 @@ def test_an_unknown_ood_variant_is_refused_not_ignored(tmp_path):
         d.load_split("ood", QUIET)
 
 
+@pytest.mark.parametrize("speakers, message", [({"train": 3}, r"speakers\.train: 3 speakers for 2 utterances"),
+                                               ({"train": 1, "ood": -5}, r"speakers\.ood: -5; a split has 0 or more")])
+def test_speaker_counts_a_split_cannot_honour_are_refused(speakers, message):
+    with pytest.raises(ValueError, match=message):
+        SyntheticOptions(sizes={"train": 2}, speakers=speakers)
+
+
 def test_sentences_use_a_real_vocabulary(tmp_path):
     d = SyntheticSpeech(SyntheticOptions(sizes={"train": 300}, speakers={"train": 10}), cache_dir=tmp_path)
     plan = d.plan()["train"]
@@ -262,7 +269,7 @@ def test_the_extra_split_changes_no_other_split_and_shares_no_sentence_or_speake
     assert not {r["seed"] for r in extra} & {r.get("seed") for r in others}
     assert len({r["text"] for r in extra}) == 40
     with pytest.raises(ValueError, match="extra speakers asked for"):
-        _plan(tmp_path, text=text, sizes=sizes, speakers={**speakers, "extra": 200})
+        _plan(tmp_path, text=text, sizes={**sizes, "extra": 200}, speakers={**speakers, "extra": 200})
 
 
 @pytest.mark.parametrize("text", ["grammar", "docs"])

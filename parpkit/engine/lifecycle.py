@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -233,6 +232,10 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     located(file, "pruning.criterion", lambda: criterion.check(context))
     located(file, "pruning.schedule", lambda: schedule.check(context))
     check_teacher(r.distillation, resolved.backbone, file)
+    window = resolved.backbone.training_window_s(model)
+    if (c := r.dataset.concatenate) is not None and window is not None and c.max_seconds > window:
+        raise RecipeError(f"{c.max_seconds:g} s: the longest passage must fit the training window of {window:g} s; lower "
+                          "max_seconds, or train at a longer window", file=file, key="dataset.concatenate.max_seconds")
     if r.dataset.augment:
         located(file, "dataset.augment", lambda: build_augmenter(r.dataset.augment))
     return model, pool
@@ -312,15 +315,6 @@ def prepare(s: Session) -> None:
             backbone.check_lengths(utts, training=training)
         except ParpkitError as exc:
             raise ParpkitError(f"dataset: split {split!r}: {exc}") from None
-    if (c := r.dataset.concatenate) is not None and s.train:  # the longest passage it may join, as training sees it
-        rate = s.train[0].sample_rate
-        probe = Utterance(id="longest passage", audio=np.zeros(int(c.max_seconds * rate), np.float32), sample_rate=rate,
-                          text=None)
-        try:
-            backbone.check_lengths([probe], training=True)
-        except ParpkitError as exc:
-            raise ParpkitError(f"dataset.concatenate.max_seconds {c.max_seconds:g}: the longest passage must fit the "
-                               f"training window ({exc}); lower max_seconds, or train at a longer window") from None
     if s.shared.root is not None:
         s.contents["model"] = tensors_digest(s.model.state_dict())
     d = r.distillation

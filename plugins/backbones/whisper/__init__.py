@@ -409,6 +409,9 @@ class WhisperBackbone(Backbone):
         return teacher
 
     # ------------------------------------------------------------------------------ batches
+    def training_window_s(self, model: torch.nn.Module) -> float:
+        return model.config.max_source_positions / 50  # the encoder window, cut to encoder_window_s where set
+
     def check_lengths(self, utterances: Sequence[Utterance], *, training: bool) -> None:
         """Training splits against the training window and the decoder's positions; scored ones against the
         model's own window, at which they are decoded."""

@@ -163,6 +163,12 @@ class SyntheticOptions(PluginOptions):
                                  "sentence is made, and kept in memory, before anything is synthesised)")
             if n > 0 and self.speakers.get(split, 0) <= 0:
                 raise ValueError(f"split {split!r} has {n} utterances but no speakers")
+            if n > 0 and self.speakers.get(split, 0) > n:  # each speaker reads at least one: the rest would be silent
+                raise ValueError(f"speakers.{split}: {self.speakers[split]} speakers for {n} utterances; at most one "
+                                 "speaker an utterance")
+        for split, k in self.speakers.items():
+            if k < 0:
+                raise ValueError(f"speakers.{split}: {k}; a split has 0 or more speakers")
         lo, hi = self.long_seconds
         if not 2.0 <= lo or hi - lo < 2.0 or hi > 29.0:
             raise ValueError(f"long_seconds {list(self.long_seconds)}: expected [low, high] with low at least 2, high at "
