@@ -171,6 +171,12 @@ class Dataset(_Plugin, ABC):
     def check(self) -> None:
         """Cheap checks for ``parpkit validate`` (paths exist, layout is right); raise ParpkitError."""
 
+    def labelled(self, split: str) -> bool | None:
+        """Whether every utterance of ``split`` has a transcript, where that is known without loading it (from
+        transcript files, say): validation then refuses a scored split without them, or a training split without
+        them and without distillation. None (the default): known only once the split is loaded."""
+        return None
+
     def score_text(self, text: str) -> str:
         """A reference or hypothesis as it is scored (e.g. TIMIT's 61 phones folded to 39)."""
         return text

@@ -65,13 +65,24 @@ def check_utterances(utts: Sequence[Utterance], split: str, backbone: Any = None
                                "values? divide by 32768)")
 
 
+def unlabelled_scored(split: str) -> str:
+    """What is wrong with a scored split that has utterances without transcripts."""
+    return f"split {split!r} has utterances without transcripts; an evaluation split needs them all"
+
+
+def unlabelled_training(split: str, which: str = "some") -> str:
+    """What is wrong with a training split with utterances without transcripts, in a recipe that does not distil."""
+    return (f"{which} of the utterances of {split!r} have no transcript; unlabelled audio trains only with distillation "
+            "(the teacher transcribes it): add a distillation: section")
+
+
 def check_scored(utts: Sequence[Utterance], split: str, dataset: Any, normalizer: str = "basic") -> None:
     """A split that is scored: every utterance has a transcript with something left to score once normalised as
     the scores normalise it (a reference such as ``?!`` would be counted but never scored, and the model's words
     on it ignored)."""
     where = f"dataset.eval_split: split {split!r}"
     if any(u.text is None for u in utts):
-        raise ParpkitError(f"{where} has utterances without transcripts; an evaluation split needs them all")
+        raise ParpkitError(f"dataset.eval_split: {unlabelled_scored(split)}")
     norm = text_normaliser(getattr(dataset, "unit", "words"), normalizer)
     empty = [u for u in utts if not norm(dataset.score_text(u.text))]
     if empty and len(empty) == len(utts):

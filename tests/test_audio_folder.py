@@ -155,3 +155,106 @@ def test_a_misspelled_manifest_text_column_is_an_error_not_unlabelled_audio(tmp_
     m = Manifest(ManifestOptions(splits={"train": str(tmp_path / "u.csv")}, speaker_column="who"), cache_dir=tmp_path)
     m.check()
     assert [u.text for u in m.load_split("train", QUIET)] == [None]
+
+
+def _metadata(path, rows, columns=("file_name", "transcription")):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        w.writerows(rows)
+    return path
+
+
+def test_split_subfolders_stay_the_splits_with_a_file_at_the_top(tmp_path):
+    # an audiofolder metadata.csv at the top naming files in train/ and test/ labels those splits
+    hf = tmp_path / "hf"
+    for i in range(4):
+        _wav(hf / "train" / f"train_{i:02d}.wav", seed=i)
+    for i in range(2):
+        _wav(hf / "test" / f"test_{i:02d}.wav", seed=10 + i)
+    _metadata(hf / "metadata.csv", [[f"train/train_{i:02d}.wav", f"train {i}"] for i in range(4)]
+              + [[f"test/test_{i:02d}.wav", f"test {i}"] for i in range(2)])
+    d = _dataset(hf)
+    assert d.split_names() == ["test", "train"]
+    assert [(u.id, u.text) for u in d.load_split("test", QUIET)] == [("test_00", "test 0"), ("test_01", "test 1")]
+    assert [u.id for u in d.load_split("train", QUIET)] == [f"train_{i:02d}" for i in range(4)]
+    with pytest.raises(ParpkitError, match=r"has split subfolders \(test, train\), which are the splits; remove dataset.options.fractions"):
+        _dataset(hf, fractions={"train": 0.5, "test": 0.5}).check()
+
+    # split subfolders with their own transcripts and a stray (here empty) transcripts.txt at the top: refused
+    both = tmp_path / "both"
+    _transcribed_folder(both / "train", ["a", "b"])
+    _transcribed_folder(both / "test", ["c"])
+    (both / "transcripts.txt").write_text("")
+    for call in (lambda: _dataset(both).split_names(), lambda: _dataset(both).load_split("train", QUIET)):
+        with pytest.raises(ParpkitError, match=r"both: has split subfolders with their own transcripts \(test, train\) and "
+                                               r"transcripts\.txt at its top; .*move transcripts\.txt into a split subfolder"):
+            call()
+
+    # transcripts at the top for recordings in subfolders named like splits: refused, not divided by fractions
+    top = tmp_path / "top"
+    for name in ("train/a", "train/b", "test/c"):
+        _wav(top / f"{name}.wav")
+    (top / "transcripts.txt").write_text("a hello there\nb thank you\nc good morning\n")
+    with pytest.raises(ParpkitError, match=r"top: has transcripts\.txt at its top and recordings in subfolders named like "
+                                           r"splits \(test, train\)"):
+        _dataset(top).check()
+
+    # recordings in subfolders that are not splits (one per speaker), transcribed at the top: one collection
+    (top / "train").rename(top / "anna")
+    (top / "test").rename(top / "ben")
+    d = _dataset(top, fractions={"train": 0.5, "test": 0.5})
+    assert d.split_names() == ["train", "test"]
+    assert sorted(u.id for s in ("train", "test") for u in d.load_split(s, QUIET)) == ["a", "b", "c"]
+
+
+def test_empty_transcript_files_are_named_and_labels_are_known_without_reading_audio(tmp_path):
+    _transcribed_folder(tmp_path / "train", ["a", "b"])
+    _wav(tmp_path / "test" / "c.wav")
+    assert _dataset(tmp_path).labelled("train") and not _dataset(tmp_path).labelled("test")  # no transcript file: unlabelled
+    (tmp_path / "test" / "transcripts.txt").write_text("\n  \n")
+    with pytest.raises(ParpkitError, match=r"test/transcripts\.txt: no transcripts in it \(empty\); write one '<id> <text>' "
+                                           r"line per recording, or remove it"):
+        _dataset(tmp_path).check()
+    (tmp_path / "test" / "transcripts.txt").unlink()
+    for text in ("", "file_name,transcription\n"):
+        (tmp_path / "test" / "metadata.csv").write_text(text)
+        with pytest.raises(ParpkitError, match=r"test/metadata\.csv: no rows in it \(empty, or only a header\)"):
+            _dataset(tmp_path).check()
+
+
+@requires_offline
+def test_validate_refuses_unlabelled_splits_a_run_could_not_use_without_reading_audio(tmp_path, capsys):
+    _transcribed_folder(tmp_path / "wavs" / "train", ["a", "b"])
+    _wav(tmp_path / "wavs" / "test" / "c.wav")  # no transcript file: unlabelled
+    recipe = tiny_recipe(**{"dataset": {"name": "audio_folder", "options": {"path": str(tmp_path / "wavs")},
+                                        "train_split": "train", "eval_split": "test"}})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["validate", str(path)]) == 2
+    assert ("dataset.eval_split: split 'test' has utterances without transcripts; an evaluation split needs them all"
+            in " ".join(capsys.readouterr().err.split()))
+    path = write_recipe(tmp_path / "r.yaml", {**recipe, "dataset": {**recipe["dataset"], "train_split": "test", "eval_split": "train"}})
+    assert main(["validate", str(path)]) == 2
+    assert ("dataset.train_split: some of the utterances of 'test' have no transcript; unlabelled audio trains only with "
+            "distillation") in " ".join(capsys.readouterr().err.split())
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", {**recipe, "dataset": {**recipe["dataset"], "train_split": "test",
+                 "eval_split": "train"}, "distillation": {"weight": 1.0}}))]) == 0
+
+
+def test_an_id_or_file_name_with_or_without_the_extension_is_named_as_such(tmp_path):
+    folder = tmp_path / "train"
+    for name in ("a", "b"):
+        _wav(folder / f"{name}.wav")
+    (folder / "transcripts.txt").write_text("a.wav hello there\nb.wav thank you\n")
+    with pytest.raises(ParpkitError, match=r"transcripts\.txt:1: id 'a\.wav' carries the extension of .*train/a\.wav; an id is "
+                                           r"the file's name without its extension \(a\)"):
+        _dataset(tmp_path).check()
+    (folder / "transcripts.txt").unlink()
+    _metadata(folder / "metadata.csv", [["a", "hello there"], ["b", "thank you"]])
+    with pytest.raises(ParpkitError, match=r"metadata\.csv: row 1: file_name 'a' names no file, but .*train/a\.wav is there; "
+                                           r"file_name is the recording's path with its extension"):
+        _dataset(tmp_path).check()
+    _metadata(folder / "metadata.csv", [["a.flac", "hello there"], ["b.wav", "thank you"]])
+    with pytest.raises(ParpkitError, match=r"row 1: file_name 'a\.flac' names no file, but .*train/a\.wav is there"):
+        _dataset(tmp_path).check()

@@ -42,7 +42,7 @@ from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model
 from parpkit.plugin_checks import check_calibration_batches, check_config_counts, check_leaves_weights, check_phases
 from parpkit.progress import Progress
 from parpkit.recipe import BOOKKEEPING
-from parpkit.splits import check_scored, check_utterances
+from parpkit.splits import check_scored, check_utterances, unlabelled_scored, unlabelled_training
 from parpkit.resolve import Resolved
 from parpkit.selection import as_rows, parse_pattern
 from parpkit.units import restrict
@@ -209,6 +209,12 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     r, file = resolved.recipe, resolved.file
     criterion, schedule = resolved.criterion, resolved.schedule
     located(file, "dataset.options", resolved.dataset.check)
+    scored = [*r.dataset.eval_splits, *([r.evaluation.validation_split] if r.evaluation.every_steps and r.evaluation.validation_split else [])]
+    for split in scored:  # what a run would refuse once it loads the split, where the dataset knows it now
+        if located(file, "dataset.options", lambda: resolved.dataset.labelled(split)) is False:
+            raise RecipeError(unlabelled_scored(split), file=file, key="dataset.eval_split")
+    if r.distillation is None and located(file, "dataset.options", lambda: resolved.dataset.labelled(r.dataset.train_split)) is False:
+        raise RecipeError(unlabelled_training(r.dataset.train_split), file=file, key="dataset.train_split")
     model = located(file, "backbone.options", lambda: build_skeleton(resolved.backbone))
     pool = resolved.select_pool(model)
     if r.pruning.scope not in criterion.scopes:
@@ -332,9 +338,8 @@ def prepare(s: Session) -> None:
                     parameters=sum(p.numel() for p in s.distiller.teacher.parameters()))
     if len(labelled) < len(s.train):
         if s.distiller is None:
-            raise ParpkitError(f"dataset.train_split: {len(s.train) - len(labelled)} of the {len(s.train)} utterances of "
-                               f"{r.dataset.train_split!r} have no transcript; unlabelled audio trains only with "
-                               "distillation (the teacher transcribes it): add a distillation: section")
+            raise ParpkitError("dataset.train_split: " + unlabelled_training(
+                r.dataset.train_split, f"{len(s.train) - len(labelled)} of the {len(s.train)}"))
         s.train = pseudo_label(s.distiller, s.train, s.progress, r.evaluation.batch_size,
                                s.rundir.path / "pseudo_labels.jsonl" if s.main else None)
         s.pseudo_labelled = len(s.train) - len(labelled)

@@ -9,8 +9,11 @@ Transcripts come in either of two files (both may be used, in any subfolder):
   ``text``, ``sentence`` it has).
 
 Splits are the folder's subfolders (``train/``, ``test/`` …). A folder holding recordings or transcripts
-itself is one collection, divided by ``fractions`` with a seeded shuffle. A split with recordings and no
-transcript file at all is unlabelled audio (only distillation trains on it). Any audio libsndfile reads
+itself, with no split subfolders, is one collection, divided by ``fractions`` with a seeded shuffle. With both,
+a ``metadata.csv`` at the top naming files in several subfolders labels those split subfolders; subfolders of
+recordings only, not named like a split of ``fractions``, belong to the one collection; anything else is
+refused. A split with recordings and no transcript file at all is unlabelled audio (only distillation trains
+on it); an empty transcript file is an error. Any audio libsndfile reads
 (WAV, FLAC, OGG, MP3, NIST SPHERE …) at any rate and channel count: mixed to mono, resampled to 16 kHz.
 """
 
@@ -84,10 +87,35 @@ def _metadata_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name in METADATA)
 
 
-def _holds_data(folder: Path) -> bool:
-    """Recordings or transcripts directly in ``folder`` (not in its subfolders)."""
-    return any(p.is_file() and (p.suffix.lower() in AUDIO or p.name in METADATA or p.name == "transcripts.txt"
-                                or p.name.endswith(".trans.txt")) for p in folder.iterdir())
+def _top_files(folder: Path) -> list[Path]:
+    """Recordings and transcripts directly in ``folder`` (not in its subfolders)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix.lower() in AUDIO or p.name in METADATA
+                                                                  or p.name == "transcripts.txt"
+                                                                  or p.name.endswith(".trans.txt")))
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """A transcripts file's non-blank lines, numbered; an empty one is refused (not unlabelled audio)."""
+    lines = [(n, line) for n, line in enumerate(_read_text(path).splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ParpkitError(f"{path}: no transcripts in it (empty); write one '<id> <text>' line per recording, or remove it "
+                           "to use the recordings as unlabelled audio")
+    return lines
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """A metadata file's rows; an empty one is refused (not unlabelled audio)."""
+    rows = read_rows(path)
+    if not rows:
+        raise ParpkitError(f"{path}: no rows in it (empty, or only a header); list one recording per row, or remove it to "
+                           "use the recordings as unlabelled audio")
+    return rows
+
+
+def _folder_of(row: dict[str, Any]) -> str | None:
+    """The first folder of a metadata row's file_name; None for a file beside the metadata file."""
+    parts = Path(os.path.normpath(str(row.get("file_name") or "").strip() or ".")).parts
+    return parts[0] if len(parts) > 1 else None
 
 
 class AudioFolder(Dataset):
@@ -98,6 +126,7 @@ class AudioFolder(Dataset):
         super().__init__(options, **kw)
         self.unit = self.options.unit
         self._entries: dict[str, list[Entry]] = {}
+        self._above: list[Path] = []  # metadata files at the top that label the split subfolders
 
     @property
     def root(self) -> Path:
@@ -110,10 +139,12 @@ class AudioFolder(Dataset):
         if not root.is_dir():
             raise ParpkitError(f"audio folder {root} does not exist; set dataset.options.path to the folder of your "
                                "recordings (with train/ and test/ subfolders, or one folder split by fractions)")
-        if _holds_data(root):
-            return None
         subfolders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
                       and (_audio_files(p) or _transcript_files(p) or _metadata_files(p))}
+        top = _top_files(root)
+        self._above = []
+        if top and (not subfolders or not self._both(root, top, subfolders)):
+            return None
         if not subfolders:
             raise ParpkitError(f"{root}: holds no recordings ({', '.join(sorted(AUDIO))}) nor transcripts, neither itself "
                                "nor in a subfolder")
@@ -121,6 +152,29 @@ class AudioFolder(Dataset):
             raise ParpkitError(f"{root}: has split subfolders ({', '.join(subfolders)}), which are the splits; remove "
                                "dataset.options.fractions (it divides a folder without subfolders)")
         return subfolders
+
+    def _both(self, root: Path, top: list[Path], subfolders: dict[str, Path]) -> bool:
+        """Recordings or transcripts both at the top and in subfolders: True (the subfolders are the splits) for a
+        metadata file at the top naming files in several subfolders, which labels them; False (one collection) for
+        subfolders of recordings only, not named like a split of ``fractions``; refused otherwise, so that no split's
+        recordings are silently divided among the others."""
+        files = ", ".join(p.name for p in top[:3]) + (f" and {len(top) - 3} more" if len(top) > 3 else "")
+        own = [name for name, p in subfolders.items() if _transcript_files(p) or _metadata_files(p)]
+        if own:
+            raise ParpkitError(f"{root}: has split subfolders with their own transcripts ({', '.join(own)}) and {files} at "
+                               f"its top; a folder is either split subfolders or one collection: move {files} into a split "
+                               f"subfolder, or remove {'it' if len(top) == 1 else 'them'}")
+        if all(p.name in METADATA for p in top):
+            folders = {_folder_of(row) for p in top for row in _rows(p)}
+            if len(folders) > 1 and folders <= set(subfolders):
+                self._above = top
+                return True
+        like = [name for name in subfolders if name in self.options.fractions]
+        if like:
+            raise ParpkitError(f"{root}: has {files} at its top and recordings in subfolders named like splits "
+                               f"({', '.join(like)}), which would be one collection divided by fractions, mixing those "
+                               "splits; put each split's transcripts in its subfolder, or rename the subfolders")
+        return False
 
     def split_names(self) -> list[str]:
         if not self.root.is_dir():  # reported by check() and load_split; a resolved recipe still names its splits
@@ -134,13 +188,20 @@ class AudioFolder(Dataset):
         for split in self.split_names():
             self._split_entries(split)
 
+    def labelled(self, split: str) -> bool:
+        """Whether every recording of ``split`` has a transcript, known from the transcript files alone (the
+        engine's check that a scored split, or a training split without distillation, has them)."""
+        return all(e.text is not None for e in self._split_entries(split))
+
     # ------------------------------------------------------------------------------- reading transcripts
-    def _collect(self, folder: Path) -> list[Entry]:
-        """Every recording and transcript under ``folder``, matched up."""
+    def _collect(self, folder: Path, above: Sequence[Path] = ()) -> list[Entry]:
+        """Every recording and transcript under ``folder`` (and the rows for it of the metadata files ``above``),
+        matched up."""
         folder = Path(os.path.normpath(folder.absolute()))
         audio = _audio_files(folder)
         transcripts = _transcript_files(folder)
-        metadata = _metadata_files(folder)
+        above = [Path(os.path.normpath(p.absolute())) for p in above]
+        metadata = _metadata_files(folder) + above
         if not transcripts and not metadata:  # unlabelled audio
             return [Entry(p.relative_to(folder).with_suffix("").as_posix(), p, None) for p in audio]
         by_stem: dict[str, list[Path]] = {}
@@ -158,21 +219,21 @@ class AudioFolder(Dataset):
                 used.add(entry.audio)
 
         for path in transcripts:
-            for n, line in enumerate(_read_text(path).splitlines(), 1):
-                if not line.strip():
-                    continue
+            for n, line in _lines(path):
                 uid, *rest = line.split(maxsplit=1)
                 text = rest[0].strip() if rest else ""
                 # the recording beside its transcript file (or below it); a stem found only elsewhere is ambiguous
                 near = [p for p in by_stem.get(uid, []) if path.parent in p.parents]
+                if not near and (named := [p for p in by_stem.get(Path(uid).stem, []) if p.name == uid
+                                           and path.parent in p.parents]):
+                    raise ParpkitError(f"{path}:{n}: id {uid!r} carries the extension of {named[0]}; an id is the file's "
+                                       f"name without its extension ({Path(uid).stem})")
                 if len(near) > 1:
                     raise ParpkitError(f"{path}:{n}: id {uid!r} matches {len(near)} recordings ({near[0]}, {near[1]}); "
                                        "keep one recording per id")
                 add(Entry(uid, near[0] if near else None, text or None, where=f"{path}:{n}"))
         for path in metadata:
-            rows = read_rows(path)
-            if not rows:
-                continue
+            rows = _rows(path)
             column = self._text_column(path, rows[0])
             for key in ("file_name", self.options.speaker_column):
                 if key and key not in rows[0]:
@@ -184,11 +245,20 @@ class AudioFolder(Dataset):
                 if not isinstance(name, str) or not name.strip():
                     raise ParpkitError(f"{where}: no file_name")
                 file = Path(os.path.normpath(path.parent / name.strip()))
+                if path in above and folder not in file.parents:
+                    continue  # another split's row
+                if not file.is_file():
+                    alike = [p for p in by_stem.get(file.name, []) + by_stem.get(file.stem, []) if p.parent == file.parent]
+                    if alike:
+                        raise ParpkitError(f"{where}: file_name {name.strip()!r} names no file, but {alike[0]} is there; "
+                                           f"file_name is the recording's path with its extension, relative to {path.name}")
                 text = row.get(column)
                 text = text.strip() if isinstance(text, str) else None
                 speaker = str(row[self.options.speaker_column]) if self.options.speaker_column else ""
                 uid = Path(name.strip()).with_suffix("").as_posix()
-                if path.parent != folder:
+                if path in above:
+                    uid = file.relative_to(folder).with_suffix("").as_posix()
+                elif path.parent != folder:
                     uid = f"{path.parent.relative_to(folder).as_posix()}/{uid}"
                 add(Entry(uid, file if file.is_file() else None, text or None, speaker, where))
         for p in audio:
@@ -234,7 +304,7 @@ class AudioFolder(Dataset):
         if layout is not None:
             if split not in layout:
                 raise ParpkitError(f"{self.root}: no split {split!r}; its subfolders with recordings are {', '.join(layout)}")
-            entries = self._checked(self._collect(layout[split]))
+            entries = self._checked(self._collect(layout[split], self._above))
             if not entries:
                 raise ParpkitError(f"{layout[split]}: no recordings")
             self._entries[split] = entries
