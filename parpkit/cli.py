@@ -366,7 +366,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from parpkit.report import choose, collect, grouped, write_csv, write_report
+    from parpkit.report import choose, collect, compare, family, grouped, write_csv, write_report
 
     if not args.choose and (args.by or args.within or args.prefer):
         raise UsageError("--by, --within and --prefer go with --choose KEY (the recipe key to choose)")
@@ -378,6 +378,8 @@ def cmd_report(args) -> int:
     rows, skipped = collect(paths)
     by = [split.strip() for split in (args.by or "").split(",") if split.strip()]
     choices = choose(rows, args.choose, by, args.within, args.prefer or "lower") if args.choose else None
+    # one family: Holm over every row; refused (an unknown method, no per-utterance errors …) before anything is written
+    pairs = family([p for a, b in args.compare for p in compare(rows, a, b)]) if args.compare else None
     for problem in skipped:
         err_console.print(f"[yellow]skipped[/] {escape(problem)}", highlight=False, soft_wrap=True)
     groups = grouped(rows)
@@ -405,10 +407,9 @@ def cmd_report(args) -> int:
             err_console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     if choices is not None:
         report_choice(args, choices, out)
-    if args.compare:
-        from parpkit.report import compare, compare_markdown, family, family_note, interval_cells, write_compare_csv
+    if pairs is not None:
+        from parpkit.report import compare_markdown, family_note, interval_cells, write_compare_csv
 
-        pairs = family([p for a, b in args.compare for p in compare(rows, a, b)])  # one family: Holm over every row
         table = Table(title="final error rate of A minus B: paired bootstrap over utterances, over seeds too (where both "
                             "have several), paired t over seeds, bootstrap over speakers")
         level = f"{pairs[0]['level']:.0%} interval"

@@ -93,26 +93,31 @@ def unique_labels(paths: list[Path]) -> list[str]:
     return labels
 
 
-def _sweep_points(folder: Path) -> list[str]:
-    """The point names a sweep folder's ``sweep.json`` lists (none if it has no readable one)."""
-    try:
-        return [point["name"] for point in json.loads((folder / "sweep.json").read_text())["points"]]
-    except (OSError, ValueError, KeyError, TypeError):
+def _sweep_index(folder: Path) -> list[dict]:
+    """The points of a sweep folder's ``sweep.json`` (none without one); a damaged one is refused, named: its
+    points' axes label the runs (the ``method`` axis among them)."""
+    index = folder / "sweep.json"
+    if not index.is_file():
         return []
+    try:
+        points = json.loads(index.read_text())["points"]
+        if not isinstance(points, list) or not all(isinstance(p, dict) and isinstance(p.get("name"), str)
+                                                   and isinstance(p.get("axes"), dict) for p in points):
+            raise ValueError("its points are not a list of {name, axes}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ParpkitError(f"{index}: not a sweep index parpkit can read ({type(exc).__name__}: {exc}); its points label "
+                           "the sweep's runs: repair it, or move it away to label them by schedule and criterion") from None
+    return points
+
+
+def _sweep_points(folder: Path) -> list[str]:
+    """The point names a sweep folder's ``sweep.json`` lists (none if it has none)."""
+    return [point["name"] for point in _sweep_index(folder)]
 
 
 def _labels(run_dir: Path) -> dict[str, Any]:
     """A sweep point's axes (``sweep.json`` in the folder above), e.g. ``{"method": "parp", …}``."""
-    index = run_dir.parent / "sweep.json"
-    if not index.is_file():
-        return {}
-    try:
-        for point in json.loads(index.read_text())["points"]:
-            if point["name"] == run_dir.name:
-                return point["axes"]
-    except (ValueError, KeyError):
-        pass
-    return {}
+    return next((point["axes"] for point in _sweep_index(run_dir.parent) if point["name"] == run_dir.name), {})
 
 
 #: the axes a method's rows vary over: the table's sparsity column, and seeds averaged in one row
@@ -191,8 +196,9 @@ def _number(value: Any) -> bool:
 
 
 def _check_row(row: dict) -> None:
-    """The values the tables and plots compute with are numbers (a damaged or hand-edited metrics.json
-    with ``target_sparsity: null`` or ``"0.5"`` is skipped and named, not a crash)."""
+    """The values the tables and plots compute with are numbers, and the learning curve's points have what its
+    plot reads (a damaged or hand-edited metrics.json with ``target_sparsity: null`` or ``"0.5"``, or a curve point
+    without a split, is skipped and named, not a crash)."""
     if not _number(row["target_sparsity"]) or not 0 <= row["target_sparsity"] < 1:
         raise ValueError(f"target_sparsity is {row['target_sparsity']!r}, expected a number in [0, 1)")
     for key in ("pool_sparsity", "model_sparsity", "wer", "cer", "per", "dense_wer", "dense_cer", "dense_per",
@@ -209,6 +215,12 @@ def _check_row(row: dict) -> None:
     for method in ("backbone", "dataset"):
         if not isinstance(row[method], str):
             raise ValueError(f"plugins.{method} is {row[method]!r}, expected a name")
+    if not isinstance(row["curve"], list):
+        raise ValueError(f"curve is {row['curve']!r}, expected a list of learning-curve points")
+    for point in row["curve"]:
+        if not (isinstance(point, dict) and _number(point.get("step")) and isinstance(point.get("split"), str)
+                and any(_number(point.get(k)) and math.isfinite(point[k]) for k in ("wer", "per"))):
+            raise ValueError(f"curve point {point!r}: expected a step, a split and an error rate (wer or per)")
 
 
 def _one_setting(rows: list[dict]) -> None:
@@ -265,9 +277,9 @@ def corpus_digests(transcripts: Path) -> dict[str, str]:
 _NOT_CONFIGURATION = {"seed", "name", "output_dir", "vars", "sweep"}
 
 
-def recipe_configuration(run_dir: Path) -> dict[str, Any] | None:
+def recipe_configuration(run_dir: Path, without: set[str] = _NOT_CONFIGURATION) -> dict[str, Any] | None:
     """A run's resolved recipe as flat dotted keys, without what does not make another configuration (the seed,
-    names, bookkeeping); None without a readable recipe.yaml."""
+    names, bookkeeping: the top-level keys ``without``); None without a readable recipe.yaml."""
     from parpkit.recipe import BOOKKEEPING, parse_yaml
 
     try:
@@ -285,7 +297,7 @@ def recipe_configuration(run_dir: Path) -> dict[str, Any] | None:
         else:
             flat[key] = node
 
-    walk({k: v for k, v in data.items() if k not in _NOT_CONFIGURATION}, "")
+    walk({k: v for k, v in data.items() if k not in without}, "")
     return {k: v for k, v in flat.items() if not (k.startswith("training.") and k.split(".", 1)[1] in BOOKKEEPING)}
 
 
@@ -426,6 +438,11 @@ def judged_note(rows: list[dict]) -> list[str]:
     return [""] + out if out else []
 
 
+def _cell(label: str) -> str:
+    """A label as a Markdown table cell: ``|`` escaped (``parp|magnitude`` would split the row)."""
+    return label.replace("|", "\\|")
+
+
 def markdown(rows: list[dict]) -> str:
     """method × sparsity: error rates per split (mean ± half the range over seeds, then every seed's value),
     each split's mean over the zero-shot model's where all runs share one, sparsity and non-zero parameters,
@@ -441,7 +458,7 @@ def markdown(rows: list[dict]) -> str:
              "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        cells = [g["method"], f"{g['sparsity']:g}", str(g["seeds"])]
+        cells = [_cell(g["method"]), f"{g['sparsity']:g}", str(g["seeds"])]
         cells += [_fmt(g["scores"].get(s, (math.nan, math.nan)), g["seeds"], g["values"].get(s)) for s in splits]
         cells += ["" if math.isnan(g["scores"].get(s, (math.nan,))[0]) else f"{g['scores'][s][0] / zero[s][groups[0]['rate']]:.2f}"
                   for s in ratio_splits]
@@ -483,13 +500,17 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
     Where an interval cannot be given its columns are None and ``notes`` says why. The Holm-adjusted p
     columns (``p_holm``, ``t_p_holm``, ``speaker_p_holm``) and ``comparisons`` are over the rows returned
     here; ``family`` recomputes them over several calls' rows (what ``parpkit report`` does for all its
-    ``--compare`` pairs). The columns: this module's docstring."""
+    ``--compare`` pairs). The columns: this module's docstring. Refused, naming what is wrong: an unknown method,
+    a method against itself, and runs whose per-utterance errors cannot be compared (``_comparable``; damaged
+    transcripts by ``parpkit.stats``)."""
     from parpkit.stats import paired_bootstrap, read_utterance_errors, seed_bootstrap
 
     methods = {r["method"] for r in rows}
     for name in (a, b):
         if name not in methods:
             raise ParpkitError(f"--compare: no method {name!r} among the runs; methods: {', '.join(sorted(methods))}")
+    if a == b:
+        raise ParpkitError(f"--compare: {a!r} against itself; name two methods: {', '.join(sorted(methods))}")
     out = []
     for sparsity in sorted({r["target_sparsity"] for r in rows if r["method"] == a} & {r["target_sparsity"] for r in rows
                                                                                          if r["method"] == b}):
@@ -500,7 +521,7 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
             files = {m: [Path(r["run"]) / "transcripts_final.jsonl" for r in rs] for m, rs in runs.items()}
             per = {m: [read_utterance_errors(f, split) if f.is_file() else {} for f in fs] for m, fs in files.items()}
             ids = sorted(set.intersection(*[set(e) for es in per.values() for e in es]))
-            if not ids:
+            if not _comparable(runs, per, ids, split):
                 continue  # runs written before per-utterance errors were recorded
             mean = {m: [(sum(e[i][0] for e in es) / len(es), es[0][i][1]) for i in ids] for m, es in per.items()}
             result = paired_bootstrap(mean[a], mean[b], resamples=resamples, seed=seed)
@@ -521,6 +542,28 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
     if not out:
         raise ParpkitError(f"--compare: {a!r} and {b!r} share no sparsity with per-utterance errors on a common split")
     return family(out)
+
+
+def _comparable(runs: dict[str, list[dict]], per: dict[str, list[dict]], ids: list[str], split: str) -> bool:
+    """Whether the runs' per-utterance errors on ``split`` can be compared: False where no run has them (written
+    before parpkit recorded them); refused, naming the runs, where only some have them, or where the runs count
+    an utterance's reference words differently (scored with other normalisers: their rates are over other words)."""
+    each = [(r["run"], e) for m in runs for r, e in zip(runs[m], per[m], strict=True)]
+    lacking = [run for run, e in each if not e]
+    if len(lacking) == len(each):
+        return False
+    if lacking:
+        raise ParpkitError(f"--compare: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no per-utterance "
+                           f"errors on {split!r} (no transcripts_final.jsonl, or one written before parpkit recorded "
+                           "them) and the other runs compared have: rerun them, or report the other runs by name")
+    words: OrderedDict[str, list[str]] = OrderedDict()
+    for run, e in each:
+        words.setdefault(json.dumps([e[i][1] for i in ids]), []).append(run)
+    if len(words) > 1:
+        groups = " | ".join(", ".join(group) for group in words.values())
+        raise ParpkitError(f"--compare: the runs count the reference words of split {split!r} differently ({groups}): "
+                           "most likely scored with different normalisers (evaluation.normalizer); compare runs scored alike")
+    return bool(ids)
 
 
 def _paired_t(per: dict[str, list[dict]], seeds: dict[str, list], a: str, b: str, ids: list[str], notes: list[str]) -> dict:
@@ -632,8 +675,8 @@ def compare_markdown(pairs: list[dict]) -> str:
             "Holm p (t)", f"{level} interval, speakers", "speakers", "Holm p (speakers)", "utterances"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in pairs:
-        lines.append(f"| {p['a']} | {p['b']} | {p['sparsity']:g} | {p['split']} | {p['seeds_a']} | {p['seeds_b']} | "
-                     f"{p['difference']:+.4f} | {' | '.join(interval_cells(p))} | {p['utterances']} |")
+        lines.append(f"| {_cell(p['a'])} | {_cell(p['b'])} | {p['sparsity']:g} | {p['split']} | {p['seeds_a']} | "
+                     f"{p['seeds_b']} | {p['difference']:+.4f} | {' | '.join(interval_cells(p))} | {p['utterances']} |")
     notes = [f"- {p['a']} − {p['b']} at {p['sparsity']:g}, {p['split']}: {p['notes']}" for p in pairs if p.get("notes")]
     text = "\n".join(lines) + (
         f"\n\nFour intervals for A − B ({pairs[0]['resamples']} bootstrap resamples; parpkit.stats and "
@@ -859,11 +902,19 @@ def choose(rows: list[dict], axis: str, splits: list[str], within: float = 0.0, 
             if missing := [sp for sp in splits if not any(k in r["splits"].get(sp, {}) for k in ("wer", "per"))]:
                 raise ParpkitError(f"{r['run']} was not scored on {', '.join(missing)}; it was on {', '.join(r['splits'])}")
         raise ParpkitError("the runs are scored by different error rates (WER and PER): choose among runs of one kind")
+    if axis == "pruning.sparsity":
+        raise ParpkitError("--choose pruning.sparsity: the rule chooses a value for every method and sparsity, so it cannot "
+                           "choose the sparsity; choose a key the runs vary at each sparsity, such as training.learning_rate")
+    if axis.startswith("vars."):
+        raise ParpkitError(_variable_advice(rows, axis))
     values: dict[str, Any] = {}
     groups: defaultdict[tuple, defaultdict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         config = recipe_configuration(Path(r["run"])) or {}
         if axis not in config:
+            if inside := [k for k in config if k.startswith(axis + ".")]:
+                raise ParpkitError(f"{r['run']}: its {axis} is a mapping ({', '.join(inside)}); choose one of its keys that "
+                                   "holds a number")
             raise ParpkitError(f"{r['run']}: its recipe.yaml sets no {axis} (choose by a recipe key the runs set, such "
                                "as training.learning_rate; not the seed or bookkeeping)")
         if not _number(config[axis]):
@@ -905,6 +956,15 @@ def choose(rows: list[dict], axis: str, splits: list[str], within: float = 0.0, 
     return out
 
 
+def _variable_advice(rows: list[dict], axis: str) -> str:
+    """Why ``--choose vars.NAME`` is refused, and the keys the variable sets: those that hold its value in every run."""
+    recipes = [recipe_configuration(Path(r["run"]), without=_NOT_CONFIGURATION - {"vars"}) or {} for r in rows]
+    keys = [k for k in recipes[0] if k != axis and not k.startswith("vars.") and all(
+        axis in c and c.get(k) == c[axis] for c in recipes)]
+    return (f"--choose {axis}: variables are left out of the configuration compared (each run's recipe.yaml holds the "
+            f"values they set); choose the key it sets: {', '.join(keys) or 'the recipe key that ${' + axis[5:] + '} is in'}")
+
+
 def _rate(value: Any) -> float:
     return float(value) if _number(value) else math.nan
 
@@ -916,8 +976,7 @@ def choice_markdown(choices: list[dict]) -> str:
              "|---|---|---|---|---|" + "---|" * len(splits) + "---|"]
     for c in choices:
         value = f"**{axis_text(c['value'])}**" if c["chosen"] else axis_text(c["value"])
-        method = c["method"].replace("|", "\\|")
-        lines.append(f"| {method} | {c['sparsity']:g} | {value} | {c['seeds']} | {c['mean']:.4f} | "
+        lines.append(f"| {_cell(c['method'])} | {c['sparsity']:g} | {value} | {c['seeds']} | {c['mean']:.4f} | "
                      + " | ".join(f"{c[k]:.3f}" for k in splits) + f" | {c['note']} |")
     return "\n".join(lines) + "\n"
 

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jiwer
 import numpy as np
+
+from parpkit.errors import ParpkitError
 
 
 def edit_counts(reference: str, hypothesis: str) -> tuple[int, int]:
@@ -45,28 +47,51 @@ def edit_counts(reference: str, hypothesis: str) -> tuple[int, int]:
     return out.substitutions + out.deletions + out.insertions, words
 
 
+#: what a transcripts line that cannot be read is (cut off, or edited by hand)
+_DAMAGED = "a damaged transcripts file"
+
+
+def _split_rows(transcripts: Path, split: str) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of one split of a ``transcripts_<stage>.jsonl``; a line that is not a JSON object with an
+    utterance id (a file cut off or edited) is refused, naming the file and line."""
+    try:
+        lines = transcripts.read_text().split("\n")
+    except UnicodeDecodeError as exc:
+        raise ParpkitError(f"{transcripts}: not UTF-8 text ({exc.reason} at byte {exc.start}): {_DAMAGED}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ParpkitError(f"{transcripts}: line {n}: not JSON ({getattr(exc, 'msg', exc)}): {_DAMAGED}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            what = ("not a JSON object" if not isinstance(row, dict) else "no utterance id" if "id" not in row
+                    else f"id is {row['id']!r}, expected the utterance's name")
+            raise ParpkitError(f"{transcripts}: line {n}: {what}: {_DAMAGED}")
+        if row.get("split") == split:
+            yield n, row
+
+
 def read_utterance_errors(transcripts: Path, split: str) -> dict[str, tuple[int, int]]:
     """utterance id -> (edits, reference words) of one split of a ``transcripts_<stage>.jsonl``; rows
-    without counts (written before parpkit recorded them) are left out."""
+    without counts (written before parpkit recorded them) are left out, damaged ones refused (file and line)."""
     out = {}
-    with transcripts.open() as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("split") == split and "edits" in row:
-                out[row["id"]] = (int(row["edits"]), int(row["words"]))
+    for n, row in _split_rows(transcripts, split):
+        if "edits" in row:
+            for key in ("edits", "words"):
+                value = row.get(key)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ParpkitError(f"{transcripts}: line {n}: {key} is {value!r}, expected a whole number of 0 or "
+                                       f"more: {_DAMAGED}")
+            out[row["id"]] = (row["edits"], row["words"])
     return out
 
 
 def read_speakers(transcripts: Path, split: str) -> dict[str, str]:
     """utterance id -> speaker of one split of a ``transcripts_<stage>.jsonl``; rows without one (written
     before parpkit recorded it, or from a dataset that names no speakers) are left out."""
-    out = {}
-    with transcripts.open() as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("split") == split and row.get("speaker"):
-                out[row["id"]] = str(row["speaker"])
-    return out
+    return {row["id"]: str(row["speaker"]) for _, row in _split_rows(transcripts, split) if row.get("speaker")}
 
 
 def paired_bootstrap(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]], *, resamples: int = 2000,

@@ -135,3 +135,46 @@ def test_report_choose_applies_the_rule_per_method_and_says_when_the_choice_is_a
     assert "--choose needs --by" in _err(capsys)
     assert main(["report", str(runs), *by, "--within", "-0.1"]) == 2
     assert "give a tolerance of 0 or more" in _err(capsys)
+
+
+@pytest.mark.parametrize("curve", [[{"step": 2, "phase": 0, "wer": 0.5}], [{"step": 2, "phase": 0, "split": "validation"}],
+                                   [{"step": 2, "split": "validation", "wer": float("nan")}], ["step 2"], "0.5"])
+def test_a_damaged_learning_curve_skips_its_run_naming_it(tmp_path, capsys, curve):
+    runs = tmp_path / "runs"
+    good = _run(runs / "good", wer=0.3)
+    m = json.loads((good / "metrics.json").read_text())
+    (good / "metrics.json").write_text(json.dumps({**m, "curve": [{"step": 2, "phase": 0, "split": "validation", "wer": 0.5}]}))
+    bad = _run(runs / "bad", wer=0.4, seed=1)
+    (bad / "metrics.json").write_text(json.dumps({**m, "curve": curve}))
+    assert main(["report", str(runs), "--output-dir", str(tmp_path / "rep")]) == 0
+    assert f"skipped {bad / 'metrics.json'}: unreadable (ValueError: curve" in _err(capsys)
+    assert (tmp_path / "rep" / "learning_curves.png").is_file()  # the good run's curve
+
+
+@pytest.mark.parametrize("index", ['{"points": ["a", {"name": "b"}]}', '{"points": [{"name": "a", "axes": {"meth',
+                                   '{"points": [{"name": "a", "axes": ["parp"]}]}', "[]"])
+def test_a_damaged_sweep_index_is_named_not_every_metrics_json(tmp_path, capsys, index):
+    runs = tmp_path / "runs"
+    _run(runs / "a", wer=0.3)
+    _run(runs / "b", wer=0.4, seed=1)
+    (runs / "sweep.json").write_text(index)
+    assert main(["report", str(runs)]) == 2
+    err = _err(capsys)
+    assert f"error: {runs / 'sweep.json'}: not a sweep index parpkit can read" in err and "metrics.json" not in err
+
+
+def test_report_choose_refuses_the_sparsity_variables_and_mappings_saying_why(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for i, lr in enumerate((1e-4, 3e-4)):  # a sweep over vars.lr: each recipe.yaml keeps vars and the value it set
+        _run(runs / f"p{i}", wer=0.3 + i / 10, **{"vars.lr": lr, "training.learning_rate": lr})
+    for key, message in (
+            ("pruning.sparsity", "--choose pruning.sparsity: the rule chooses a value for every method and sparsity, so it "
+                                 "cannot choose the sparsity"),
+            ("vars.lr", "--choose vars.lr: variables are left out of the configuration compared (each run's recipe.yaml "
+                        "holds the values they set); choose the key it sets: training.learning_rate"),
+            ("pruning.schedule", f"{runs / 'p0'}: its pruning.schedule is a mapping (pruning.schedule.name, "
+                                 "pruning.schedule.options.interval); choose one of its keys that holds a number")):
+        assert main(["report", str(runs), "--choose", key, "--by", "test", "--output-dir", str(tmp_path / "rep")]) == 2
+        assert message in _err(capsys)
+        assert not (tmp_path / "rep").exists()
+    assert main(["report", str(runs), "--choose", "training.learning_rate", "--by", "test"]) == 0

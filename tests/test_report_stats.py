@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,8 +176,12 @@ def test_report_compare_prints_and_writes_the_intervals(tmp_path, capsys):
         [pair] = list(csv.DictReader(f))
     assert (pair["a"], pair["b"], float(pair["sparsity"]), pair["split"], int(pair["utterances"])) == ("parp", "fixed", 0.5, "test", 200)
     assert float(pair["low"]) < float(pair["difference"]) < float(pair["high"]) and f"{float(pair['difference']):+.4f}" in written
-    assert main(["report", str(tmp_path / "runs"), "--compare", "parp", "omp"]) == 2
-    assert "no method 'omp'" in capsys.readouterr().err
+    # a method that is not among the runs, or one against itself, is refused before anything is written or printed
+    for names, message in ((["parp", "omp"], "no method 'omp'"), (["parp", "parp"], "'parp' against itself")):
+        assert main(["report", str(tmp_path / "runs"), "--compare", *names, "--output-dir", str(tmp_path / "refused")]) == 2
+        printed = capsys.readouterr()
+        assert message in " ".join(printed.err.split()) and printed.out == ""
+        assert not (tmp_path / "refused").exists()
 
 
 # ------------------------------------------------------------------------------------------ t, speakers, Holm
@@ -303,3 +308,75 @@ def test_report_compare_gives_a_paired_t_interval_a_speaker_interval_and_holm_p(
     md = (out / "compare.md").read_text()
     assert "3 comparisons in this table" in md and "Where an interval is missing:" in md and "no t-interval" in md
     assert f"[{pair['t_low']:+.4f}, {pair['t_high']:+.4f}]" in md and f"[{pair['speaker_low']:+.4f}, {pair['speaker_high']:+.4f}]" in md
+
+
+# ------------------------------------------------------------------------------------------ inputs --compare refuses
+
+def _err(capsys) -> str:
+    return " ".join(capsys.readouterr().err.split())
+
+
+def _rewrite(transcripts: Path, line: int, text: str) -> None:
+    """Replace one line (from 1) of a transcripts file."""
+    lines = transcripts.read_text().splitlines()
+    lines[line - 1] = text
+    transcripts.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda row: json.dumps(row)[:40], "not JSON (Unterminated string"),  # cut off
+    (lambda row: json.dumps({**row, "edits": None}), "edits is None, expected a whole number of 0 or more"),
+    (lambda row: json.dumps({k: v for k, v in row.items() if k != "words"}), "words is None, expected a whole number"),
+    (lambda row: json.dumps({k: v for k, v in row.items() if k != "id"}), "no utterance id"),
+    (lambda row: "[1, 2]", "not a JSON object"),
+])
+def test_report_compare_names_a_damaged_transcripts_file_and_its_line(tmp_path, capsys, damage, problem):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "a", "parp", 0, [1, 2, 3])
+    bad = _fake_run(runs, "b", "fixed", 0, [2, 2, 2]) / "transcripts_final.jsonl"
+    _rewrite(bad, 3, damage(json.loads(bad.read_text().splitlines()[2])))
+    assert main(["report", str(runs), "--compare", "parp", "fixed", "--output-dir", str(tmp_path / "rep")]) == 2
+    err = _err(capsys)
+    assert f"error: {bad}: line 3: {problem}" in err and "Traceback" not in err
+    assert not (tmp_path / "rep").exists()  # refused before any report file was written
+
+
+def test_report_compare_refuses_runs_that_count_reference_words_differently_naming_them(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for s in range(2):
+        _fake_run(runs, f"parp-{s}", "parp", s, [1, 2, 3])
+        _fake_run(runs, f"fixed-{s}", "fixed", s, [2, 2, 2])
+    # one seed of one method scored with another normaliser: the same utterances and references, other word counts
+    odd = runs / "fixed-1" / "transcripts_final.jsonl"
+    row = json.loads(odd.read_text().splitlines()[0])
+    _rewrite(odd, 1, json.dumps({**row, "words": 9}))
+    assert main(["report", str(runs), "--compare", "parp", "fixed"]) == 2
+    err = _err(capsys)
+    assert "count the reference words of split 'test' differently" in err and "evaluation.normalizer" in err
+    assert str(runs / "fixed-1") in err and str(runs / "parp-0") in err and "Traceback" not in err
+
+
+def test_report_compare_names_the_runs_without_per_utterance_errors(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for s in range(2):
+        _fake_run(runs, f"parp-{s}", "parp", s, [1, 2, 3])
+        _fake_run(runs, f"fixed-{s}", "fixed", s, [2, 2, 2])
+    (runs / "fixed-1" / "transcripts_final.jsonl").unlink()
+    assert main(["report", str(runs), "--compare", "parp", "fixed", "--output-dir", str(tmp_path / "rep")]) == 2
+    err = _err(capsys)
+    assert f"{runs / 'fixed-1'} has no per-utterance errors on 'test'" in err and "parp-0" not in err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_report_compare_escapes_a_bar_in_method_labels(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "a", "parp", 0, [1, 2, 3])
+    _fake_run(runs, "b", "fixed", 0, [2, 2, 2])
+    (runs / "sweep.json").write_text(json.dumps({"points": [{"name": "a", "axes": {"method": "parp|magnitude"}},
+                                                            {"name": "b", "axes": {"method": "fixed"}}]}))
+    assert main(["report", str(runs), "--compare", "parp|magnitude", "fixed", "--output-dir", str(tmp_path / "rep")]) == 0
+    for name, row in (("table.md", "| parp\\|magnitude | 0.5 |"), ("compare.md", "| parp\\|magnitude | fixed | 0.5 |")):
+        lines = (tmp_path / "rep" / name).read_text().splitlines()
+        assert row in (tmp_path / "rep" / name).read_text()
+        cells = [len(re.split(r"(?<!\\)\|", line)) for line in lines[:3]]  # header, rule, first row
+        assert cells[0] == cells[1] == cells[2]
