@@ -240,6 +240,10 @@ def test_validate_refuses_unlabelled_splits_a_run_could_not_use_without_reading_
             "distillation") in " ".join(capsys.readouterr().err.split())
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", {**recipe, "dataset": {**recipe["dataset"], "train_split": "test",
                  "eval_split": "train"}, "distillation": {"weight": 1.0}}))]) == 0
+    capsys.readouterr()
+    (tmp_path / "wavs" / "transcripts.txt").write_text("")  # a layout error, read when the recipe is resolved: the key named
+    assert main(["validate", str(path)]) == 2
+    assert f"{path}: dataset.options: " in capsys.readouterr().err.replace("\n", "")
 
 
 def test_an_id_or_file_name_with_or_without_the_extension_is_named_as_such(tmp_path):
