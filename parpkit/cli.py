@@ -266,7 +266,7 @@ def cmd_sweep(args) -> int:
     where = lambda p: f"{recipe} (sweep point {p.name})"  # noqa: E731  (how errors name a point)
     plist, recipes, seen, dropped = [], {}, {}, []
     for p in points(sweep_of(data, str(recipe)), str(recipe), dropped):  # points whose recipes come out the same run once
-        model, mapping = point_recipe(data, p, args.set or [], where(p))
+        model, mapping = point_recipe(data, p, args.set or [], where(p), runs=not args.only or p.name in args.only)
         key = json.dumps(mapping, sort_keys=True, default=str)
         if key in seen:
             dropped.append((p.name, seen[key]))
@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run every point of a recipe's sweep: section (finished points are skipped, "
                                      "killed ones resume)")
     p.add_argument("recipe", help="YAML recipe file with a sweep: section")
-    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a key of every point (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a key of every point (repeatable); refused where a point that runs sets the key itself")
     output_dir_flag(p, "sweep directory (default: the recipe's output_dir or runs/NAME)")
     p.add_argument("--only", action="append", metavar="POINT", help="run only this point (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

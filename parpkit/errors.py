@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 
 class ParpkitError(Exception):
     """An error with a message written for the user; the CLI prints it without a traceback.
@@ -51,3 +54,13 @@ def refused(exc: BaseException) -> bool:
     if isinstance(exc, (RecipeError, PluginError, UsageError)):
         return True
     return not (isinstance(exc, RunFailed) or getattr(exc, "run_started", False))
+
+
+def located(file: str, key: str, check: Callable[[], Any]) -> Any:
+    """Run a plugin's check; its error (ParpkitError or ValueError) names the recipe file and key."""
+    try:
+        return check()
+    except RecipeError:
+        raise
+    except (ParpkitError, ValueError) as exc:
+        raise RecipeError(str(exc), file=file, key=key) from None

@@ -215,8 +215,9 @@ class Backbone(_Plugin, ABC):
 
     def training_window_s(self, model: torch.nn.Module) -> float | None:
         """The longest audio, in seconds, that ``model`` (the skeleton, or the loaded model) takes in training;
-        None: any length. Validation refuses a recipe whose joined passages (``dataset.concatenate``) would be
-        longer. By default None."""
+        None: any length, or not known before loading. Validation refuses a recipe whose joined passages
+        (``dataset.concatenate``) would be longer; where it is None, a run asks ``check_lengths`` about a passage
+        of ``max_seconds`` once the model is loaded. By default None."""
         return None
 
     def check_lengths(self, utterances: Sequence[Utterance], *, training: bool) -> None:

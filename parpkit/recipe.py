@@ -134,9 +134,9 @@ class ConcatenateSection(_Strict):
         low, high = self.gap_seconds
         if not 0 <= low <= high:
             raise ValueError(f"gap_seconds {list(self.gap_seconds)}: expected [low, high] with 0 <= low <= high")
-        if high >= self.max_seconds:  # a passage joins utterances and a gap: this one would leave no room for them
-            raise ValueError(f"gap_seconds {list(self.gap_seconds)}: a gap must be shorter than max_seconds "
-                             f"({self.max_seconds:g}), or no passage is ever joined")
+        if low >= self.max_seconds:  # a passage joins utterances and a gap: every gap drawn would leave no room
+            raise ValueError(f"gap_seconds {list(self.gap_seconds)}: every gap is at least max_seconds "
+                             f"({self.max_seconds:g}), so no passage would ever be joined")
         return self
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from parpkit.errors import ParpkitError, PluginError, RecipeError
+from parpkit.errors import ParpkitError, PluginError, RecipeError, located
 from parpkit.interfaces import Backbone, Criterion, Dataset, Schedule
 from parpkit.masks import select_pool
 from parpkit.recipe import Recipe, format_validation_error
@@ -64,12 +64,7 @@ def resolve(recipe: Recipe, plugins: Plugins, file: str) -> Resolved:
                                  "pruning.criterion", file, seed=r.seed)
     schedule, ps = _instantiate(plugins, "schedule", r.pruning.schedule.name, r.pruning.schedule.options,
                                 "pruning.schedule", file, target=r.pruning.sparsity)
-    try:  # a dataset that reads its layout here (audio_folder's subfolders) names the recipe's key in its errors
-        splits = dataset.split_names()
-    except RecipeError:
-        raise
-    except (ParpkitError, ValueError) as exc:
-        raise RecipeError(str(exc), file=file, key="dataset.options") from None
+    splits = located(file, "dataset.options", dataset.split_names)  # (audio_folder reads its layout here)
     wanted_splits = (("dataset.train_split", [r.dataset.train_split]), ("dataset.eval_split", r.dataset.eval_splits),
                      ("evaluation.validation_split", [r.evaluation.validation_split] if r.evaluation.validation_split else []),
                      ("pruning.calibration.split", [r.pruning.calibration.split] if r.pruning.calibration.split else []))

@@ -109,12 +109,17 @@ def _name(axes: tuple[tuple[str, Any], ...]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts)) or "point"
 
 
+def _within(key: str, other: str) -> bool:
+    """``key`` is ``other`` or a key inside it (``pruning.schedule.options.interval`` inside ``pruning.schedule``)."""
+    return key == other or key.startswith(other + ".")
+
+
 def _no_conflict(key: str, axis: str, owner: dict[str, str], file: str, grid: int) -> None:
     """Two axes of one point setting the same key, or one a key inside the other's (a variant setting the
     whole ``pruning.schedule``, an axis on ``pruning.schedule.options.interval``): which one wins would
     depend on the order of the axes, silently. Refused, naming both."""
     for other, by in owner.items():
-        if by != axis and (other == key or key.startswith(other + ".") or other.startswith(key + ".")):
+        if by != axis and (_within(key, other) or _within(other, key)):
             what = f"both set {key}" if other == key else f"set {other} and {key}, one inside the other"
             raise RecipeError(f"{by} and {axis} {what}; which one wins would depend on the order of the axes: "
                               "set it in one of them only", file=file, key=f"sweep.grids[{grid}]")
@@ -175,16 +180,17 @@ def points(sweep: SweepSection, file: str = "<recipe>", dropped: list[tuple[str,
     return renamed
 
 
-def point_recipe(base: dict[str, Any], point: Point, overrides: list[str] = (), file: str = "<recipe>"):
+def point_recipe(base: dict[str, Any], point: Point, overrides: list[str] = (), file: str = "<recipe>", runs: bool = True):
     """The recipe a point runs: the base recipe with ``sweep`` removed, the sweep's own ``--set``
     overrides, then the point's, before ``${var}`` substitution: what ``run_command`` runs. Returns the
-    validated recipe and its resolved mapping."""
+    validated recipe and its resolved mapping. ``runs``: a ``--set`` the point's own overrides would drop is
+    refused (not for a point ``--only`` leaves out)."""
     combined: dict[str, Any] = {"sweep": None}
     for text in overrides:
         keys, value = parse_override(text)
         combined[".".join(keys)] = value
         # the point's overrides come after --set: one that sets this key, or a mapping above it, would drop it
-        if hidden := next((k for k in point.overrides if ".".join(keys) == k or ".".join(keys).startswith(f"{k}.")), None):
+        if runs and (hidden := next((k for k in point.overrides if _within(".".join(keys), k)), None)):
             raise RecipeError(f"--set {text}: the point sets {hidden} itself, so this setting would be lost; change the "
                               "sweep's axis or variant instead", file=file)
     combined.update(point.overrides)
@@ -203,8 +209,8 @@ def sweep_of(data: dict[str, Any], file: str) -> SweepSection:
     except ValidationError as exc:
         error = format_validation_error(exc, file, prefix="sweep")
         if "valid list, got '${" in str(error):  # the sweep section is read before vars are substituted
-            error.args = (f"{error}; an axis's list of values cannot be a variable (vars are substituted in each "
-                          "point's values): write the list",)
+            error = RecipeError(f"{error.detail}; an axis's list of values cannot be a variable (vars are substituted "
+                                "in each point's values): write the list", file=error.file, key=error.key)
         raise error from None
 
 

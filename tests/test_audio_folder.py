@@ -207,6 +207,12 @@ def test_split_subfolders_stay_the_splits_with_a_file_at_the_top(tmp_path):
     d = _dataset(top, fractions={"train": 0.5, "test": 0.5})
     assert d.split_names() == ["train", "test"]
     assert sorted(u.id for s in ("train", "test") for u in d.load_split(s, QUIET)) == ["a", "b", "c"]
+    # … and so with an audiofolder metadata.csv at the top naming them (they are speakers, not splits)
+    (top / "transcripts.txt").unlink()
+    _metadata(top / "metadata.csv", [["anna/a.wav", "hello there"], ["anna/b.wav", "thank you"], ["ben/c.wav", "good morning"]])
+    for d in (_dataset(top), _dataset(top, fractions={"train": 0.5, "test": 0.5})):
+        assert d.split_names() == ["train", "test"]
+        assert sorted(u.id for s in ("train", "test") for u in d.load_split(s, QUIET)) == ["anna/a", "anna/b", "ben/c"]
 
 
 def test_empty_transcript_files_are_named_and_labels_are_known_without_reading_audio(tmp_path):
@@ -241,6 +247,10 @@ def test_validate_refuses_unlabelled_splits_a_run_could_not_use_without_reading_
     assert main(["validate", str(write_recipe(tmp_path / "r.yaml", {**recipe, "dataset": {**recipe["dataset"], "train_split": "test",
                  "eval_split": "train"}, "distillation": {"weight": 1.0}}))]) == 0
     capsys.readouterr()
+    curve = {**recipe, "dataset": {**recipe["dataset"], "eval_split": "train"},  # the learning curve's split too, by its key
+             "evaluation": {"every_steps": 2, "validation_split": "test"}}
+    assert main(["validate", str(write_recipe(tmp_path / "c.yaml", curve))]) == 2
+    assert "evaluation.validation_split: split 'test' has utterances without transcripts" in " ".join(capsys.readouterr().err.split())
     (tmp_path / "wavs" / "transcripts.txt").write_text("")  # a layout error, read when the recipe is resolved: the key named
     assert main(["validate", str(path)]) == 2
     assert f"{path}: dataset.options: " in capsys.readouterr().err.replace("\n", "")

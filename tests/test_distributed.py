@@ -82,6 +82,7 @@ def test_two_processes_give_one_process_result_with_the_same_global_batch(tmp_pa
     for nproc, batch in ((2, 2), (1, 4)):
         recipe = tiny_recipe(**{"dataset": {**dataset, "train_split": "train", "eval_split": "test"},
                                 "backbone.options.encoder_window_s": 2, "training.max_steps": 4, "training.batch_size": batch,
+                                "training.save_steps": 2,
                                 "training.learning_rate": 3e-3, "pruning.schedule": {"name": "parp", "options": {"interval": 2}},
                                 "evaluation.dense": False, "evaluation.after_prune": False})
         path = write_recipe(tmp_path / f"r{nproc}.yaml", recipe)
@@ -92,6 +93,10 @@ def test_two_processes_give_one_process_result_with_the_same_global_batch(tmp_pa
     m2, m1 = (json.loads((runs[n] / "metrics.json").read_text()) for n in (2, 1))
     assert m2["batch"]["global"] == m1["batch"]["global"] == 4 and m2["batch"]["devices"] == 2
     assert m2["prunes"] == m1["prunes"] >= 3  # the first mask and the re-prunes
+    # the training loss: each rank's mean over its micro-batches, averaged over the ranks (checkpoints at updates
+    # 2 and 4 settle it on every rank): the one process's mean over the same utterances
+    assert m2["train_loss_updates"] == m1["train_loss_updates"] == 4
+    assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-5)
     k2, k1 = load_file(str(runs[2] / "masks.safetensors")), load_file(str(runs[1] / "masks.safetensors"))
     assert all(torch.equal(k2[n], k1[n]) for n in k1)
     w2, w1 = (load_file(str(runs[n] / "model" / "model.safetensors")) for n in (2, 1))

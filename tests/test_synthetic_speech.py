@@ -99,7 +99,8 @@ def test_an_unknown_ood_variant_is_refused_not_ignored(tmp_path):
 
 
 @pytest.mark.parametrize("speakers, message", [({"train": 3}, r"speakers\.train: 3 speakers for 2 utterances"),
-                                               ({"train": 1, "ood": -5}, r"speakers\.ood: -5; a split has 0 or more")])
+                                               ({"train": 1, "ood": -5}, r"speakers\.ood: -5; a split has 0 or more"),
+                                               ({"train": -1}, r"speakers\.train: -1; a split has 0 or more")])
 def test_speaker_counts_a_split_cannot_honour_are_refused(speakers, message):
     with pytest.raises(ValueError, match=message):
         SyntheticOptions(sizes={"train": 2}, speakers=speakers)

@@ -16,11 +16,12 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -36,7 +37,7 @@ from parpkit.engine.shared import SharedWork, tensors_digest, utterances_digest
 from parpkit.engine.training import (ListDataset, NonFiniteLoss, PhaseDriver, callbacks, effective_precision,
                                      tensorboard_dir, trainer_class, training_arguments)
 from parpkit.context import CalibrationBatch, RunContext, TrainingSettings
-from parpkit.errors import ParpkitError, RecipeError, UsageError
+from parpkit.errors import ParpkitError, RecipeError, UsageError, located
 from parpkit.interfaces import Phase, StructuredCriterion, Utterance
 from parpkit.masks import PoolPruner, check_donor_scope, load_donor_masks, model_zero_fraction
 from parpkit.plugin_checks import check_calibration_batches, check_config_counts, check_leaves_weights, check_phases
@@ -161,16 +162,6 @@ def run(resolved: Resolved, progress: Progress, *, output_dir: Path | None = Non
         rundir.release()
 
 
-def located(file: str, key: str, check: Callable[[], Any]) -> Any:
-    """Run a plugin's check; its error (ParpkitError or ValueError) names the recipe file and key."""
-    try:
-        return check()
-    except RecipeError:
-        raise
-    except (ParpkitError, ValueError) as exc:
-        raise RecipeError(str(exc), file=file, key=key) from None
-
-
 def run_context(resolved: Resolved, model: torch.nn.Module, pool: list[str], phases: list[Phase], **live: Any) -> RunContext:
     """The context plugins read: the recipe's settings with the skeleton (``loaded=False``) at check time,
     or the live model with its calibration batches (``batches``, ``positions``)."""
@@ -209,10 +200,12 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     r, file = resolved.recipe, resolved.file
     criterion, schedule = resolved.criterion, resolved.schedule
     located(file, "dataset.options", resolved.dataset.check)
-    scored = [*r.dataset.eval_splits, *([r.evaluation.validation_split] if r.evaluation.every_steps and r.evaluation.validation_split else [])]
-    for split in scored:  # what a run would refuse once it loads the split, where the dataset knows it now
+    scored = [(split, "dataset.eval_split") for split in r.dataset.eval_splits]
+    if r.evaluation.every_steps and r.evaluation.validation_split:
+        scored.append((r.evaluation.validation_split, "evaluation.validation_split"))
+    for split, key in scored:  # what a run would refuse once it loads the split, where the dataset knows it now
         if located(file, "dataset.options", lambda: resolved.dataset.labelled(split)) is False:
-            raise RecipeError(unlabelled_scored(split), file=file, key="dataset.eval_split")
+            raise RecipeError(unlabelled_scored(split), file=file, key=key)
     if r.distillation is None and located(file, "dataset.options", lambda: resolved.dataset.labelled(r.dataset.train_split)) is False:
         raise RecipeError(unlabelled_training(r.dataset.train_split), file=file, key="dataset.train_split")
     model = located(file, "backbone.options", lambda: build_skeleton(resolved.backbone))
@@ -321,6 +314,16 @@ def prepare(s: Session) -> None:
             backbone.check_lengths(utts, training=training)
         except ParpkitError as exc:
             raise ParpkitError(f"dataset: split {split!r}: {exc}") from None
+    if (c := r.dataset.concatenate) is not None and s.train and backbone.training_window_s(s.model) is None:
+        # preflight checked it against the window a backbone names; one that names none may still refuse lengths
+        rate = s.train[0].sample_rate
+        longest = Utterance(id="longest passage", audio=np.zeros(int(c.max_seconds * rate), np.float32), sample_rate=rate,
+                            text=None)
+        try:
+            backbone.check_lengths([longest], training=True)
+        except ParpkitError as exc:
+            raise ParpkitError(f"dataset.concatenate.max_seconds {c.max_seconds:g}: the longest passage must fit the "
+                               f"training window ({exc}); lower max_seconds, or train at a longer window") from None
     if s.shared.root is not None:
         s.contents["model"] = tensors_digest(s.model.state_dict())
     d = r.distillation
@@ -612,9 +615,7 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
                                "limits, then rerun into this directory to resume") from None
     s.seconds["train"] += time.time() - t0
     s.training_since = None
-    if s.world_size > 1:  # each process summed its own micro-batches (the restored part is the same on all)
-        total = trainer.accelerator.reduce(torch.tensor([loss["sum"]], device=trainer.accelerator.device), reduction="mean")
-        loss["sum"] = float(total[0])
+    driver.settle_loss(trainer.accelerator)
     # the Trainer's train_loss covers this sitting's updates only (none, for a run killed after its last checkpoint)
     s.log.write("phase", phase=phase.name, **{**{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
                                               "train_loss": phase_loss(loss), "train_loss_updates": loss["updates"]})
@@ -669,10 +670,11 @@ def store_shared_phase(s: Session, index: int, folder: Path) -> None:
     save_file(tensors, str(folder / "state.safetensors"))
     save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in s.model.state_dict().items()},
               str(folder / "weights.safetensors"))
+    loss = s.extra["loss"].get(phase.name)
     (folder / "phase.json").write_text(json.dumps({
         "state": tree, "stage": s.stages.get(phase.stage) if phase.stage else None, "name": phase.name,
-        "loss": s.extra["loss"].get(phase.name), "curve": [c for c in s.extra["curve"] if c["phase"] == index],
-        "run": str(s.rundir.path)}))
+        "loss": loss, "train_loss": phase_loss(loss) if loss else None,  # the mean: what earlier parpkit reads
+        "curve": [c for c in s.extra["curve"] if c["phase"] == index], "run": str(s.rundir.path)}))
 
 
 def load_shared_phase(s: Session, index: int, folder: Path) -> None:

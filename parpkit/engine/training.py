@@ -97,6 +97,19 @@ class PhaseDriver:
     distiller: Any = None  # parpkit.engine.distill.Distiller, when the recipe distils
     backbone: Any = None  # turns a batch on the device into model inputs (Backbone.model_inputs); None: as it is
     loss: dict | None = None  # the phase's running loss, {"sum", "updates"}, kept in the checkpoints (extra_defaults)
+    loss_pending: float = 0.0  # this process's losses since the last settle_loss
+
+    def settle_loss(self, accelerator: Any) -> None:
+        """Add the losses this process summed since the last call to the phase's, averaged over the processes
+        (each saw micro-batches of its own): at each checkpoint and at the phase's end, where every process calls
+        it, so that a checkpoint holds the same total a run left alone would have there."""
+        if self.loss is None:
+            return
+        pending = self.loss_pending
+        if accelerator.num_processes > 1:
+            pending = float(accelerator.reduce(torch.tensor([pending], device=accelerator.device), reduction="mean")[0])
+        self.loss["sum"] += pending
+        self.loss_pending = 0.0
 
     def gradients_ready(self, done: int, scaler: Any = None, others: Iterable[torch.nn.Parameter] = ()) -> None:
         """``done``: updates of this phase finished before the coming one. ``scaler``: the fp16 loss scaler
@@ -190,12 +203,16 @@ def trainer_class():
             loss = distiller.loss(task, outputs, {**model_inputs, **extras})  # output_mask may read the extras
             return (loss, outputs) if return_outputs else loss
 
+        def _save_checkpoint(self, model, trial):
+            self.parp.settle_loss(self.accelerator)  # every process, before the callbacks write parpkit's state
+            return super()._save_checkpoint(model, trial)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
                 raise NonFiniteLoss(self.parp.offset + self.state.global_step + 1, float(loss))
             if self.parp.loss is not None:  # a micro-batch's loss, divided by the accumulation steps: summed per update
-                self.parp.loss["sum"] += float(loss)
+                self.parp.loss_pending += float(loss)
                 self.parp.loss["updates"] += int(self.accelerator.sync_gradients)
             self.parp.pruner.optimizer = self.optimizer
             if self.accelerator.sync_gradients:  # the last micro-batch: gradients are complete (and all-reduced)

@@ -10,7 +10,7 @@ Transcripts come in either of two files (both may be used, in any subfolder):
 
 Splits are the folder's subfolders (``train/``, ``test/`` …). A folder holding recordings or transcripts
 itself, with no split subfolders, is one collection, divided by ``fractions`` with a seeded shuffle. With both,
-a ``metadata.csv`` at the top naming files in several subfolders labels those split subfolders; subfolders of
+a ``metadata.csv`` at the top naming files in several subfolders named like splits labels them; subfolders of
 recordings only, not named like a split of ``fractions``, belong to the one collection; anything else is
 refused. A split with recordings and no transcript file at all is unlabelled audio (only distillation trains
 on it); an empty transcript file is an error. Any audio libsndfile reads
@@ -85,6 +85,10 @@ def _transcript_files(folder: Path) -> list[Path]:
 
 def _metadata_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name in METADATA)
+
+
+#: subfolder names a metadata file at the top labels as splits (Hugging Face audiofolder's, and fractions' own)
+SPLIT_NAMES = frozenset({"train", "training", "validation", "valid", "dev", "test", "eval", "evaluation"})
 
 
 def _top_files(folder: Path) -> list[Path]:
@@ -166,7 +170,8 @@ class AudioFolder(Dataset):
                                f"subfolder, or remove {'it' if len(top) == 1 else 'them'}")
         if all(p.name in METADATA for p in top):
             folders = {_folder_of(row) for p in top for row in _rows(p)}
-            if len(folders) > 1 and folders <= set(subfolders):
+            # named like splits (anna/, ben/ are speakers of one collection): what Hugging Face's audiofolder reads
+            if len(folders) > 1 and folders <= set(subfolders) and folders <= SPLIT_NAMES | set(self.options.fractions):
                 self._above = top
                 return True
         like = [name for name in subfolders if name in self.options.fractions]

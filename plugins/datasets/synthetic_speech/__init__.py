@@ -157,6 +157,9 @@ class SyntheticOptions(PluginOptions):
             unknown = set(what) - set(SPLITS)
             if unknown:
                 raise ValueError(f"unknown split {sorted(unknown)}; splits are {', '.join(SPLITS)}")
+        for split, k in self.speakers.items():
+            if k < 0:
+                raise ValueError(f"speakers.{split}: {k}; a split has 0 or more speakers")
         for split, n in self.sizes.items():
             if not 0 <= n <= MAX_UTTERANCES:
                 raise ValueError(f"sizes.{split}: {n:,} utterances; a split holds 0 to {MAX_UTTERANCES:,} (the plan of every "
@@ -166,9 +169,6 @@ class SyntheticOptions(PluginOptions):
             if n > 0 and self.speakers.get(split, 0) > n:  # each speaker reads at least one: the rest would be silent
                 raise ValueError(f"speakers.{split}: {self.speakers[split]} speakers for {n} utterances; at most one "
                                  "speaker an utterance")
-        for split, k in self.speakers.items():
-            if k < 0:
-                raise ValueError(f"speakers.{split}: {k}; a split has 0 or more speakers")
         lo, hi = self.long_seconds
         if not 2.0 <= lo or hi - lo < 2.0 or hi > 29.0:
             raise ValueError(f"long_seconds {list(self.long_seconds)}: expected [low, high] with low at least 2, high at "
