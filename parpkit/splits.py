@@ -70,9 +70,9 @@ def unlabelled_scored(split: str) -> str:
     return f"split {split!r} has utterances without transcripts; an evaluation split needs them all"
 
 
-def unlabelled_training(split: str, which: str = "some") -> str:
+def unlabelled_training(split: str, which: str = "some of the") -> str:
     """What is wrong with a training split with utterances without transcripts, in a recipe that does not distil."""
-    return (f"{which} of the utterances of {split!r} have no transcript; unlabelled audio trains only with distillation "
+    return (f"{which} utterances of {split!r} have no transcript; unlabelled audio trains only with distillation "
             "(the teacher transcribes it): add a distillation: section")
 
 
