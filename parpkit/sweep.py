@@ -36,6 +36,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from parpkit.engine.rundir import atomic_write
 from parpkit.errors import RecipeError
 from parpkit.recipe import _Strict, dump_value, parse_override, recipe_from_mapping
 
@@ -233,4 +234,4 @@ def write_index(directory: Path, recipe: Path, plist: list[Point]) -> None:
     if index.is_file() and index.read_text() == text:
         return  # unchanged: a finished sweep on a read-only mount reruns (and reports its points complete)
     directory.mkdir(parents=True, exist_ok=True)
-    index.write_text(text)
+    atomic_write(index, text)  # a report read while a sweep starts sees the old index or the new, never half
