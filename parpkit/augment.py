@@ -149,6 +149,18 @@ class Concatenator:
                                    extra={**first.extra, AUGMENTED: True, "concatenated": ids})
 
 
+def joins_any(items: Sequence[Utterance], options: Any) -> bool:
+    """Whether ``dataset.concatenate`` can join any passage at all: two labelled utterances (of one speaker,
+    where ``same_speaker``; at one sample rate) that fit ``max_seconds`` with the shortest gap between them."""
+    shortest: dict[Any, list[float]] = {}
+    for u in items:
+        if u.text is None:
+            continue
+        key = (u.speaker if options.same_speaker else None, u.sample_rate)
+        shortest[key] = sorted([*shortest.get(key, []), len(u.audio) / u.sample_rate])[:2]
+    return any(len(two) == 2 and sum(two) + options.gap_seconds[0] <= options.max_seconds for two in shortest.values())
+
+
 class AugmentedDataset(torch.utils.data.Dataset):
     """The training utterances, each joined to others (``concatenate``, if given) and augmented (``spec``) as
     served; the Trainer's dataloader calls ``set_epoch`` before every epoch (resumed ones included), which is

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import parpkit
-from parpkit.augment import AUGMENTED, AugmentedDataset, Concatenator
+from parpkit.augment import AUGMENTED, AugmentedDataset, Concatenator, joins_any
 from parpkit.errors import ParpkitError
 from parpkit.interfaces import Utterance
 from parpkit.recipe import ConcatenateSection
@@ -92,6 +92,22 @@ def test_the_dataset_joins_then_augments_and_follows_the_epoch():
     assert ConcatenateSection(max_seconds=5, gap_seconds=(1, 5)).gap_seconds == (1, 5)  # some gaps leave room
 
 
+def test_joins_any_says_whether_two_utterances_fit_a_passage():
+    """The check behind a run's "joins no passage" warning: the two shortest labelled utterances of a speaker
+    (of the split, without same_speaker) and the shortest gap against max_seconds."""
+    def utt(i, seconds, speaker, text="a."):
+        return Utterance(id=f"u{i}", audio=np.zeros(int(seconds * 100), np.float32), sample_rate=100, text=text,
+                         speaker=speaker)
+    items = [utt(0, 2.0, "a"), utt(1, 3.0, "b"), utt(2, 2.5, "a"), utt(3, 1.0, "c", text=None)]
+    fits = ConcatenateSection(max_seconds=4.8, gap_seconds=(0.3, 0.5))    # a's two: 2.0 + 0.3 + 2.5 = 4.8
+    assert joins_any(items, fits)
+    assert not joins_any(items, ConcatenateSection(max_seconds=4.7, gap_seconds=(0.3, 0.5)))
+    # across speakers a's 2.0 and b's 3.0 are no shorter; the unlabelled 1.0 s one is never joined
+    assert not joins_any(items, ConcatenateSection(max_seconds=4.7, gap_seconds=(0.3, 0.5), same_speaker=False))
+    assert joins_any(items[:2], ConcatenateSection(max_seconds=5.3, gap_seconds=(0.3, 0.5), same_speaker=False))
+    assert not joins_any(items[:2], ConcatenateSection(max_seconds=5.3, gap_seconds=(0.3, 0.5)))  # one each
+
+
 @requires_offline
 def test_a_run_trains_on_joined_passages_and_refuses_ones_longer_than_its_window(tmp_path, monkeypatch):
     """Passages change training only (the scored splits are as they were), the collated batches hold joined
@@ -111,6 +127,15 @@ def test_a_run_trains_on_joined_passages_and_refuses_ones_longer_than_its_window
     assert len(served) == 16 and len(passages) >= 2  # 2-3 s sentences: two fit 5.9 s now and then
     assert all(u.text.count(".") == len(u.extra["concatenated"]) >= 2 for u in passages)
     assert all(len(u.audio) <= 5.9 * u.sample_rate for u in served)
+    log = (joined.run_dir / "log.jsonl").read_text()
+    assert '"event": "warning"' not in log
+    # 2-3 s sentences: no two fit 3.5 s, and the run says so (it still trains, on the utterances alone)
+    alone = parpkit.run(tiny_recipe(**base, **{"dataset.concatenate": {"p": 1.0, "max_seconds": 3.5}}),
+                        output_dir=tmp_path / "alone", progress=False)
+    warnings = [json.loads(line)["message"] for line in (alone.run_dir / "log.jsonl").read_text().splitlines()
+                if json.loads(line)["event"] == "warning"]
+    assert [w.split(":")[0] for w in warnings] == ["dataset.concatenate joins no passage"]
+    assert "fit max_seconds 3.5 s with the shortest gap (0.2 s)" in warnings[0] and "same_speaker: false" in warnings[0]
     # refused by validation (no data read, no model loaded), so before the run claims its directory
     with pytest.raises(ParpkitError, match=r"dataset\.concatenate\.max_seconds: 10 s: the longest passage must fit the "
                                            r"training window of 6 s"):

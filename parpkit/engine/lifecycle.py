@@ -27,7 +27,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import parpkit.version
-from parpkit.augment import AugmentedDataset, build as build_augmenter
+from parpkit.augment import AugmentedDataset, build as build_augmenter, joins_any
 from parpkit.engine.distill import Distiller, check_teacher, make_teacher, pseudo_label
 from parpkit.engine.checkpoints import (RunState, checkpoints, extra_defaults, find_resume_point, is_complete, join_tensors,
                                         problem, split_tensors)
@@ -324,6 +324,11 @@ def prepare(s: Session) -> None:
         except ParpkitError as exc:
             raise ParpkitError(f"dataset.concatenate.max_seconds {c.max_seconds:g}: the longest passage must fit the "
                                f"training window ({exc}); lower max_seconds, or train at a longer window") from None
+    if (c := r.dataset.concatenate) is not None and s.train and s.main and not joins_any(s.train, c):
+        warn(s, f"dataset.concatenate joins no passage: no two labelled training utterances"
+                f"{' of one speaker' if c.same_speaker else ''} fit max_seconds {c.max_seconds:g} s with the shortest gap "
+                f"({c.gap_seconds[0]:g} s) between them, so every utterance is served alone; raise max_seconds"
+                f"{', or set same_speaker: false' if c.same_speaker else ''}")
     if s.shared.root is not None:
         s.contents["model"] = tensors_digest(s.model.state_dict())
     d = r.distillation
