@@ -33,7 +33,7 @@ import csv
 import json
 import math
 import re
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,8 @@ def collect(paths: list[Path]) -> tuple[list[dict], list[str]]:
                    # the settings every stage was scored at (parpkit 0.2.0 on: the model's native ones); None before
                    "judged": (m.get("backbone_settings") or {}).get("judged"),
                    "eval_sizes": {k: n for k, n in (m.get("eval_splits") or {}).items() if _number(n)},
-                   "corpus": corpus_digests(run_dir / "transcripts_final.jsonl")}
+                   "corpus": corpus_digests(run_dir / "transcripts_final.jsonl"),
+                   "machine": machine_of(m.get("environment"))}
             _check_row(row)
         except (ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
             skipped.append(f"{run_dir / 'metrics.json'}: unreadable ({type(exc).__name__}: {exc})")
@@ -344,7 +345,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     extra = [f"{k}_{s}" for s in splits for k in ("wer", "cer", "per") if any(k in r["splits"].get(s, {}) for r in rows)]
     # the pretrained model's scores per split (zero-shot), and the non-zero parameters of the final model
     extra += [f"dense_{k}_{s}" for s in splits for k in ("wer", "cer", "per") if any(k in r["dense_splits"].get(s, {}) for r in rows)]
-    extra += ["model_parameters", "nonzero_parameters"]
+    extra += ["model_parameters", "nonzero_parameters"] + (["machine"] if any(r.get("machine") for r in rows) else [])
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + extra, extrasaction="ignore")
         writer.writeheader()
@@ -415,6 +416,17 @@ def _decoding(judged: dict) -> str:
             f"{' or '.join(tests) or 'asked'} (sampling seed {judged.get('seed')})")
 
 
+def machine_of(environment: Any) -> str | None:
+    """The kind of machine a run was scored on, as far as it rounds floats differently: the GPU's name, or the
+    CPU kernels torch chose (``AVX2``, ``AVX512`` …); None for a run that does not record it (parpkit 0.2.1 and
+    before)."""
+    if not isinstance(environment, dict):
+        return None
+    if environment.get("gpu"):
+        return str(environment["gpu"])
+    return f"CPU ({environment['cpu_capability']} kernels)" if environment.get("cpu_capability") else None
+
+
 def judged_note(rows: list[dict]) -> list[str]:
     """Where the scores were judged: at the model's native settings (parpkit 0.2.0 on), or, for runs made
     before that, at their training settings (whisper's training window), which this table cannot compare
@@ -431,6 +443,11 @@ def judged_note(rows: list[dict]) -> list[str]:
     elif len(decodings) > 1:
         out.append("The runs were decoded differently (" + "; ".join(sorted(d or "greedy, no fallback" for d in decodings))
                    + "): compare rows decoded alike.")
+    machines = Counter(r.get("machine") for r in rows)
+    if len(machines) > 1:  # float rounding differs between them: a source of variation beside the seed
+        out.append("The runs ran on machines of more than one kind (" + "; ".join(
+            f"{kind or 'not recorded'}: {n}" for kind, n in sorted(machines.items(), key=lambda kv: (kv[0] is None, kv[0] or "")))
+            + "), whose kernels round floats differently: a source of variation beside the seed.")
     if old:
         out.append(f"{len(old)} of {len(rows)} runs were scored before parpkit 0.2.0, at their training settings "
                    "(whisper: the recipe's encoder window), not at the model's own: their zero-shot is not the model as "

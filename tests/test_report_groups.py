@@ -19,7 +19,7 @@ def _err(capsys) -> str:
 
 
 def _run(folder: Path, *, wer: float, seed: int = 0, references: tuple[str, ...] = ("hello there", "good morning"),
-         **changes) -> Path:
+         environment: dict | None = None, **changes) -> Path:
     """A finished run written by hand: recipe.yaml (the tiny recipe with ``changes``), metrics.json, transcripts."""
     folder.mkdir(parents=True)
     recipe = apply_changes(tiny_recipe(**changes), {"seed": seed})
@@ -30,6 +30,8 @@ def _run(folder: Path, *, wer: float, seed: int = 0, references: tuple[str, ...]
          "target_sparsity": 0.5, "scope": "global", "eval_split": "test", "eval_utterances": len(references),
          "eval_splits": {"test": len(references)}, "stages": {"dense": dense, "final": final}, "mask_iou_initial": 0.9,
          "steps": 6, "wall_time_s": {"total": 1.0}, "curve": []}
+    if environment is not None:
+        m["environment"] = environment
     (folder / "metrics.json").write_text(json.dumps(m))
     rows = [{"split": "test", "id": f"test-{i:06d}", "reference": ref, "hypothesis": ref, "edits": i, "words": len(ref.split())}
             for i, ref in enumerate(references)]
@@ -178,3 +180,23 @@ def test_report_choose_refuses_the_sparsity_variables_and_mappings_saying_why(tm
         assert message in _err(capsys)
         assert not (tmp_path / "rep").exists()
     assert main(["report", str(runs), "--choose", "training.learning_rate", "--by", "test"]) == 0
+
+
+def test_report_says_when_seeds_ran_on_machines_that_round_floats_differently(tmp_path):
+    """The machine a run was scored on (metrics.json's environment) goes into table.csv, and table.md says
+    when the runs of one table ran on more than one kind (another CPU's kernels, a GPU, or unrecorded)."""
+    avx2 = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "gpu": None}
+    runs = tmp_path / "runs"
+    _run(runs / "s0", wer=0.30, seed=0, environment=avx2)
+    _run(runs / "s1", wer=0.40, seed=1, environment=avx2)
+    assert main(["report", str(runs), "--output-dir", str(tmp_path / "one")]) == 0
+    assert [r["machine"] for r in csv.DictReader((tmp_path / "one" / "table.csv").open())] == ["CPU (AVX2 kernels)"] * 2
+    assert "more than one kind" not in (tmp_path / "one" / "table.md").read_text()
+    _run(runs / "s2", wer=0.35, seed=2, environment={**avx2, "cpu_capability": "AVX512"})
+    _run(runs / "s3", wer=0.35, seed=3, environment={**avx2, "gpu": "NVIDIA H100 80GB HBM3"})
+    _run(runs / "s4", wer=0.35, seed=4)
+    assert main(["report", str(runs), "--output-dir", str(tmp_path / "mixed")]) == 0
+    text = " ".join((tmp_path / "mixed" / "table.md").read_text().split())
+    assert ("The runs ran on machines of more than one kind (CPU (AVX2 kernels): 2; CPU (AVX512 kernels): 1; "
+            "NVIDIA H100 80GB HBM3: 1; not recorded: 1), whose kernels round floats differently") in text
+    assert [r["machine"] for r in csv.DictReader((tmp_path / "mixed" / "table.csv").open())].count("") == 1

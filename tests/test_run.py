@@ -50,8 +50,14 @@ def test_metrics_are_consistent_with_masks_and_csv(run_dir):
     assert metrics["stages"]["dense"]["pool_sparsity"] == pytest.approx(biases / n)
     assert metrics["stages"]["after_prune"]["pool_sparsity"] == pytest.approx(0.4, abs=1 / n)
     assert metrics["steps"] == 4
-    events = [json.loads(line)["event"] for line in (run_dir / "log.jsonl").open()]
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").open()]
+    events = [e["event"] for e in log]
     assert events.count("evaluate") == 3 and "train" in events and events[-1] == "done"
+    # where it ran, for numbers that differ between machines: this process's versions and CPU kernels
+    env = metrics["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
+    assert events[0] == "environment" and {k: v for k, v in log[0].items() if k not in ("event", "time_s")} == env
 
 
 def test_saved_model_loads_with_plain_transformers_and_holds_the_zeros(run_dir):

@@ -298,6 +298,7 @@ def prepare(s: Session) -> None:
     if r.evaluation.every_steps:
         split = r.evaluation.validation_split or r.dataset.eval_splits[0]
         s.validation = s.evals[split] if split in s.evals else load_split(s, split)
+    s.log.write("environment", **environment())  # each attempt's: a resumed run may go on on another machine
     s.log.write("data", train=len(s.train), eval={k: len(v) for k, v in s.evals.items()}, **ds.report())
     if ds.skipped:  # counted in metrics.json too; said here, so that a split scored on fewer utterances is noticed
         s.progress.console.print(f"warning: {r.dataset.name} skipped {len(ds.skipped)} utterance(s) (skip_unreadable), "
@@ -370,6 +371,26 @@ def prepare(s: Session) -> None:
     s.state = RunState(s.pruner, s.resolved.schedule, criterion, s.stages, s.extra, clock=s.elapsed)
     s.log.write("model", parameters=sum(p.numel() for p in s.model.parameters()), pool_tensors=len(s.pool),
                 pool_parameters=s.pruner.size, batch=batch_sizes(s))
+
+
+def environment() -> dict[str, Any]:
+    """What a run's numbers depend on besides its recipe: versions, and the processor's kernels (float rounding
+    differs between CPUs of other instruction sets, e.g. AVX2 and AVX-512, so weights trained and decodes scored
+    there differ a little; greedy decoding of hard speech can turn that into a different word error rate)."""
+    import platform
+
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"parpkit": parpkit.version.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__, "cpu": cpu,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def warn(s: Session, message: str) -> None:
@@ -856,6 +877,7 @@ def write(s: Session) -> dict[str, Any]:
             **r.distillation.model_dump(mode="json"), "teacher_memory_mb": round(s.distiller.memory_mb, 1),
             "teacher_seconds": round(s.distiller.seconds, 4), "pseudo_labelled": s.pseudo_labelled},
         "wall_time_s": s.elapsed(),
+        "environment": environment(),  # where it was scored (every attempt's: the log's "environment" events)
     }
     rundir.write_metrics(metrics)
     s.log.write("done", **metrics["wall_time_s"])
