@@ -418,8 +418,8 @@ def _decoding(judged: dict) -> str:
 
 def machine_of(environment: Any) -> str | None:
     """The kind of machine a run was scored on, as far as it rounds floats differently: the GPU's name, or the
-    CPU kernels torch chose (``AVX2``, ``AVX512`` …); None for a run that does not record it (parpkit 0.2.1 and
-    before)."""
+    CPU kernels torch chose (``AVX2``, ``AVX512`` …); None for a run that does not record it (one made before
+    December 2026)."""
     if not isinstance(environment, dict):
         return None
     if environment.get("gpu"):
