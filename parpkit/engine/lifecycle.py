@@ -315,21 +315,22 @@ def prepare(s: Session) -> None:
             backbone.check_lengths(utts, training=training)
         except ParpkitError as exc:
             raise ParpkitError(f"dataset: split {split!r}: {exc}") from None
-    if (c := r.dataset.concatenate) is not None and s.train and backbone.training_window_s(s.model) is None:
-        # preflight checked it against the window a backbone names; one that names none may still refuse lengths
-        rate = s.train[0].sample_rate
-        longest = Utterance(id="longest passage", audio=np.zeros(int(c.max_seconds * rate), np.float32), sample_rate=rate,
-                            text=None)
-        try:
-            backbone.check_lengths([longest], training=True)
-        except ParpkitError as exc:
-            raise ParpkitError(f"dataset.concatenate.max_seconds {c.max_seconds:g}: the longest passage must fit the "
-                               f"training window ({exc}); lower max_seconds, or train at a longer window") from None
-    if (c := r.dataset.concatenate) is not None and s.train and s.main and not joins_any(s.train, c):
-        warn(s, f"dataset.concatenate joins no passage: no two labelled training utterances"
-                f"{' of one speaker' if c.same_speaker else ''} fit max_seconds {c.max_seconds:g} s with the shortest gap "
-                f"({c.gap_seconds[0]:g} s) between them, so every utterance is served alone; raise max_seconds"
-                f"{', or set same_speaker: false' if c.same_speaker else ''}")
+    if (c := r.dataset.concatenate) is not None and s.train:
+        if backbone.training_window_s(s.model) is None:
+            # preflight checked it against the window a backbone names; one that names none may still refuse lengths
+            rate = s.train[0].sample_rate
+            longest = Utterance(id="longest passage", audio=np.zeros(int(c.max_seconds * rate), np.float32),
+                                sample_rate=rate, text=None)
+            try:
+                backbone.check_lengths([longest], training=True)
+            except ParpkitError as exc:
+                raise ParpkitError(f"dataset.concatenate.max_seconds {c.max_seconds:g}: the longest passage must fit the "
+                                   f"training window ({exc}); lower max_seconds, or train at a longer window") from None
+        if s.main and not joins_any(s.train, c):
+            warn(s, f"dataset.concatenate joins no passage: no two labelled training utterances"
+                    f"{' of one speaker' if c.same_speaker else ''} fit max_seconds {c.max_seconds:g} s with the shortest "
+                    f"gap ({c.gap_seconds[0]:g} s) between them, so every utterance is served alone; raise max_seconds"
+                    f"{', or set same_speaker: false' if c.same_speaker else ''}")
     if s.shared.root is not None:
         s.contents["model"] = tensors_digest(s.model.state_dict())
     d = r.distillation
