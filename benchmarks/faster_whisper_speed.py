@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5, help="without --run: the share of FFN neurons removed")
     parser.add_argument("--utterances", type=int, default=10, help="per split (the quickstart's splits)")
     parser.add_argument("--splits", nargs="+", help="default: the quickstart's evaluation splits")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="per utterance, as the quickstart's evaluation caps it")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="per utterance (a cap for timing; the quickstart scores with whisper's own limit)")
     parser.add_argument("--compute-types", nargs="+", default=["int8", "float32"],
                         help="faster-whisper compute types to time (int8 exports int8 weights)")
     parser.add_argument("--threads", type=int, default=2)

@@ -222,7 +222,8 @@ def arguments_table(parser: argparse.ArgumentParser) -> list[str]:
             name = f"`{action.metavar or action.dest.upper()}`"
         text = action.help or ""
         if action.choices and not isinstance(action, argparse._SubParsersAction):
-            text += f" (one of {', '.join(f'`{c}`' for c in action.choices)}; default `{action.default}`)"
+            default = "" if action.default is None else f"; default `{action.default}`"  # None: the help says it
+            text += f" (one of {', '.join(f'`{c}`' for c in action.choices)}{default})"
         if action.option_strings and action.dest in hidden and hidden[action.dest] is not action:
             text += f"; `{hidden[action.dest].option_strings[0]}` is the old spelling, still accepted"
         if getattr(action, "container", None) is not None and action.container.title == "mutually exclusive":

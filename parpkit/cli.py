@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", help="for a backbone's formats: e.g. int8 for ct2 (default: the weights' own type)")
     output_dir_flag(p, "where to write it (default RUN_DIR/FORMAT)")
     p.set_defaults(fn=cmd_export)
-    p = sub.add_parser("report", help="finished runs in one table, and (with --output, or for a sweep) Markdown, CSV and plots")
+    p = sub.add_parser("report", help="finished runs in one table, and (with --output-dir, or for a sweep) Markdown, CSV and plots")
     p.add_argument("runs", nargs="+", help="run directories, or folders holding them (a sweep directory)")
     p.add_argument("--csv", metavar="FILE", help="also write one row per run to this CSV file")
     output_dir_flag(p, "write table.md, table.csv, wer_vs_sparsity.png, learning_curves.png, heatmaps/ and the mask "

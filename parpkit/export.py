@@ -255,12 +255,12 @@ def check_output(run_dir: Path, output: Path) -> None:
     """The output may be new, empty, or an earlier export (replaced); never the run's own files."""
     run, out = run_dir.resolve(), output.resolve()
     if out == run or out == run / "model" or (run / "model") in out.parents:
-        raise ParpkitError(f"--output {output}: that would overwrite the run's own model; choose another folder "
+        raise ParpkitError(f"--output-dir {output}: that would overwrite the run's own model; choose another folder "
                            f"(default: {run_dir}/<format>)")
     if out.exists() and not out.is_dir():
-        raise ParpkitError(f"--output {output}: is a file; expected a folder")
+        raise ParpkitError(f"--output-dir {output}: is a file; expected a folder")
     if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in (MARKER, "parpkit_compact.json")):
-        raise ParpkitError(f"--output {output}: the folder holds other files; choose a new or empty folder (an earlier "
+        raise ParpkitError(f"--output-dir {output}: the folder holds other files; choose a new or empty folder (an earlier "
                            "parpkit export there is replaced)")
 
 

@@ -395,14 +395,22 @@ def donor_path(source: str | Path) -> Path:
     return path / "masks.safetensors" if path.is_dir() else path
 
 
+def no_mask_file(path: Path) -> str:
+    what = "a run directory without masks.safetensors (has it finished?)" if path.parent.is_dir() and path.name == "masks.safetensors" \
+        and (path.parent / "recipe.yaml").is_file() else "no such file or directory"
+    return f"no mask file at {path}: {what} (give a run directory or a masks.safetensors)"
+
+
 def check_donor_scope(source: str | Path, scope: str, *, file: str | None = None) -> None:
     """Refuse a donor mask ranked in another scope than the recipe's: the first mask would not be what
     ``pruning.scope`` (and every report of the run) says, e.g. a global mask is not 50% in each tensor.
-    Reads only the file's header (the scope its run wrote); a file that says nothing passes, and a missing or
-    unreadable one is left to ``load_donor_masks``."""
+    Reads only the file's header (the scope its run wrote); a file that says nothing passes, a missing one is
+    refused (before a run claims its directory), and an unreadable one is left to ``load_donor_masks``."""
     from safetensors import safe_open
 
     path = donor_path(source)
+    if not path.is_file():
+        raise RecipeError(no_mask_file(path), file=file, key="pruning.mask_from")
     try:
         with safe_open(str(path), "pt") as f:
             donor = (f.metadata() or {}).get("scope")
@@ -418,7 +426,7 @@ def load_donor_masks(source: str | Path, params: dict[str, torch.Tensor], *, fil
     """Masks saved by another run (its ``masks.safetensors`` or its run directory), checked against this pool."""
     path = donor_path(source)
     if not path.is_file():
-        raise RecipeError(f"no mask file at {path} (give a run directory or a masks.safetensors)", file=file, key="pruning.mask_from")
+        raise RecipeError(no_mask_file(path), file=file, key="pruning.mask_from")
     try:
         masks = load_masks(path)
     except Exception as exc:  # safetensors raises its own error types for files that are not masks

@@ -575,7 +575,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise RecipeError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=file) from None
     if data is None:
-        raise RecipeError("the recipe is empty (no keys; see the README's recipe reference)", file=file)
+        raise RecipeError("the recipe is empty (no keys; see docs/reference/recipe.md)", file=file)
     if not isinstance(data, dict):
         raise RecipeError(f"expected a mapping of recipe keys at the top level, got {type(data).__name__}", file=file)
     if count_values(data) > MAX_VALUES:

@@ -72,6 +72,9 @@ def test_a_whisper_directory_given_to_wav2vec2_and_empty_model_directories(tmp_p
     (tmp_path / "empty").mkdir()
     _refused(tmp_path, capsys, tiny_ctc_recipe(**{"backbone.options": {"model": str(tmp_path / "empty")}}),
              r"backbone\.options: wav2vec2: .*empty: the model directory is empty", run=False)
+    # a mistyped relative path (two slashes: no hub id) is named as a missing folder, not looked up on a hub
+    _refused(tmp_path, capsys, tiny_ctc_recipe(**{"backbone.options": {"model": "runs/typo/model"}}),
+             r"backbone\.options: runs/typo/model: no such model directory", run=False)
     _refused(tmp_path, capsys, tiny_recipe(**{"backbone.options": {"model": str(tmp_path / "empty")}}),
              r"backbone\.options: whisper: .*empty: the model directory is empty", run=False)
     from transformers import Wav2Vec2Config

@@ -142,6 +142,14 @@ def test_the_readme_recipe_for_your_own_wavs_validates(tmp_path, monkeypatch, ca
     assert main(["validate", "my_whisper.yaml", "--set", offline]) == 0, capsys.readouterr().err
 
 
+@requires_offline
+def test_the_annotated_recipe_validates_as_it_stands(tmp_path, capsys):
+    # docs/reference/recipe.md shows the common keys with example values; a reader copies it whole
+    text = _yaml_block((DOCS / "reference" / "recipe.md").read_text(), "# Recipes")
+    (tmp_path / "recipe.yaml").write_text(text)
+    assert main(["validate", str(tmp_path / "recipe.yaml")]) == 0, capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------- the plugin tutorials
 
 TUTORIALS = ["criterion.md", "schedule.md", "dataset.md", "backbone.md", "testing.md"]

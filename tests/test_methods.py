@@ -163,6 +163,21 @@ def test_mask_from_of_another_scope_is_refused_before_anything_loads(tmp_path, c
     assert not (tmp_path / "t").exists()
 
 
+def test_a_missing_donor_mask_is_refused_by_validate_naming_what_is_missing(tmp_path, capsys):
+    missing = tmp_path / "no_such_run"
+    unfinished = tmp_path / "unfinished"  # a run directory that has not written its masks yet
+    unfinished.mkdir()
+    (unfinished / "recipe.yaml").write_text("name: unfinished\n")
+    for donor, what in ((missing, "no such file or directory"), (unfinished, "a run directory without masks.safetensors "
+                                                                             "(has it finished?)")):
+        path = write_recipe(tmp_path / "t.yaml", tiny_recipe(**{"pruning.schedule": {"name": "fixed"},
+                                                                 "pruning.mask_from": str(donor)}))
+        assert main(["validate", str(path)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        shown = donor if donor == missing else donor / "masks.safetensors"
+        assert f"pruning.mask_from: no mask file at {shown}: {what}" in err, err
+
+
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
 @pytest.mark.parametrize("make", [tiny_recipe, tiny_ctc_recipe], ids=["whisper", "wav2vec2"])
 def test_structured_criterion_prunes_whole_units_with_any_schedule(tmp_path, make, scope):

@@ -139,3 +139,20 @@ def test_validate_reports_the_pool(recipe_file, capsys):
     enc = 4 * 256 + 3 * 16 + 2 * 512 + 32 + 16
     dec = enc + 4 * 256 + 3 * 16
     assert f"{enc + dec:,}" in out.replace("\n", " ")
+
+
+@requires_offline
+def test_validate_refuses_a_structured_criterion_whose_pool_holds_no_whole_unit(recipe_file, capsys):
+    # the quickstart's pool: weight matrices only; a neuron is pruned with its bias, so no unit is whole
+    weights_only = [r"model\.(encoder|decoder)\.layers\.\d+\.(fc1|fc2)\.weight"]
+    path = recipe_file(**{"pruning.criterion": {"name": "structured"}, "pruning.include": weights_only})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "pruning.include: criterion 'structured' prunes whole units, and no unit has all its parameters in the pool" in err
+    assert "first missing: model.encoder.layers.0.fc1.bias" in err
+    # the biases in the pool: every FFN neuron is a whole unit again, and validate counts what it prunes
+    whole = [r"model\.(encoder|decoder)\.layers\.\d+\.(fc1|fc2)\.(weight|bias)"]
+    path = recipe_file(**{"pruning.criterion": {"name": "structured"}, "pruning.include": whole, "pruning.sparsity": 0.5})
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "32 ffn whole units removed" in out  # tiny config: 2 stacks x 1 layer x 32 neurons, half of each

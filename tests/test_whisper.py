@@ -66,6 +66,9 @@ def test_missing_file_in_ct2_directory(reference, tmp_path):
 def test_missing_model_directory_and_package(tmp_path):
     with pytest.raises(ModelFormatError, match="no such model directory"):
         WhisperBackbone(WhisperOptions(model=str(tmp_path / "absent")), cache_dir=tmp_path).load()
+    # a relative path that is no folder: named as one, not looked up as a hub id ("owner/name" has one slash)
+    with pytest.raises(ModelFormatError, match=r"^runs/absent/model: no such model directory"):
+        WhisperBackbone(WhisperOptions(model="runs/absent/model"), cache_dir=tmp_path).load()
     with pytest.raises(ParpkitError, match="package 'no_such_pkg' is not installed"):
         WhisperBackbone(WhisperOptions(model="package:no_such_pkg/model"), cache_dir=tmp_path).load()
 

@@ -213,6 +213,8 @@ def preflight(resolved: Resolved) -> tuple[torch.nn.Module, list[str]]:
     if r.pruning.scope not in criterion.scopes:
         raise RecipeError(f"criterion {criterion.name!r} ranks in scope {' or '.join(criterion.scopes)}, not "
                           f"{r.pruning.scope!r}", file=file, key="pruning.scope")
+    if isinstance(criterion, StructuredCriterion):
+        check_whole_units(resolved, model, pool)
     if r.pruning.mask_from and not schedule.accepts_mask_from:
         raise RecipeError(f"schedule {schedule.name!r} finds its own masks and takes no starting mask; remove mask_from "
                           "or use a schedule that starts from a given mask (fixed, parp …)", file=file, key="pruning.mask_from")
@@ -246,6 +248,23 @@ def pruned_groups(backbone, criterion, model: torch.nn.Module, pool: list[str]) 
     if not isinstance(criterion, StructuredCriterion):
         return []
     return [g for g in restrict(backbone.structured_groups(model), set(pool)) if criterion.prunes(g)]
+
+
+def check_whole_units(resolved: Resolved, model: torch.nn.Module, pool: list[str]) -> None:
+    """A structured criterion needs at least one whole unit in the pool: a unit whose members (its bias too) are
+    not all in the pool is never pruned, so a pool of weight matrices alone would prune nothing."""
+    criterion, file = resolved.criterion, resolved.file
+    declared = [g for g in resolved.backbone.structured_groups(model) if criterion.prunes(g)]
+    if restrict(declared, set(pool)):
+        return
+    if not declared:
+        raise RecipeError(f"criterion {criterion.name!r} prunes whole units, but backbone {resolved.backbone.name!r} declares "
+                          "none of the kinds it prunes", file=file, key="pruning.criterion")
+    missing = next(m.param for g in declared for m in g.members if m.param not in pool)
+    raise RecipeError(f"criterion {criterion.name!r} prunes whole units, and no unit has all its parameters in the pool, "
+                      f"so nothing would be pruned (first missing: {missing}); a unit is pruned with its bias, so add "
+                      "the units' biases to pruning.include (e.g. '...\\.(fc1|fc2)\\.(weight|bias)') or remove include",
+                      file=file, key="pruning.include")
 
 
 def check_pattern(resolved: Resolved, model: torch.nn.Module, pool: list[str]) -> None:

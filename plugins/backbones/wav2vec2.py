@@ -123,6 +123,8 @@ class CTCBackbone(Backbone):
         if o.config is not None:
             return AutoConfig.for_model(o.model_type, **{**o.config, **extra})
         local = Path(o.model).expanduser()
+        if not local.exists() and (o.model.startswith((".", "/", "~")) or o.model.count("/") > 1):  # nor a hub id
+            raise ModelFormatError(f"{local}: no such model directory")
         if local.is_dir() and not any(local.iterdir()):
             raise ModelFormatError(f"{self.name}: {local}: the model directory is empty")
         if local.is_dir() and not (local / "config.json").is_file():

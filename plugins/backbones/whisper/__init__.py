@@ -94,7 +94,8 @@ def resolve_source(source: str) -> Path | str:
                                f"(pip install {module.replace('_', '-')})")
         return Path(list(spec.submodule_search_locations)[0]) / sub
     path = Path(source).expanduser()
-    return path if path.exists() or source.startswith((".", "/", "~")) else source
+    # a hub id is "name" or "owner/name": a missing folder written as a path is refused as one, not looked up
+    return path if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1 else source
 
 
 def is_ct2_dir(path: Path) -> bool:

@@ -43,7 +43,7 @@ GENERATOR_VERSION = 3  # bump when sentences, speakers or audio processing chang
 SAMPLE_RATE = 16000
 SPLITS = ("train", "validation", "test", "ood", "ood_flite", "validation_ood", "validation_flite", "extra", "test_long",
           "validation_long")
-#: the in-domain splits; under ``validation_first`` (the plan before 0.2.2) also the order they are planned in
+#: the in-domain splits; under ``validation_first`` (the plan of released parpkit, up to 0.2.1) also the order they are planned in
 IN_DOMAIN = ("train", "validation", "test")
 #: the order the in-domain splits take their speakers and sentences: validation after test, so that adding
 #: validation splits to a recipe changes none of its reported splits (a select recipe can then read exactly the
@@ -103,7 +103,7 @@ class SyntheticOptions(PluginOptions):
     pitch: tuple[int, int] = (30, 70)
     #: the corpus's seed: speakers, sentences and synthesis
     seed: int = 0
-    #: plan the in-domain ``validation`` split before ``test`` (the plan before parpkit 0.2.2, for reproducing
+    #: plan the in-domain ``validation`` split before ``test`` (the plan of released parpkit, up to 0.2.1, for reproducing
     #: results made then): adding validation then changes test. The default plans it after test, so that a
     #: select recipe can read exactly the corpus of the recipe it chooses settings for
     validation_first: bool = False
