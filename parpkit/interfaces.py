@@ -524,7 +524,8 @@ class Pruner(Protocol):
 
     def regrown_masks(self) -> dict[str, torch.Tensor] | None:
         """Per pool tensor, True where the current masks keep a weight the masks before them pruned
-        (None before a second mask was set)."""
+        (None before a second mask was set, and once the engine has logged the prune: read it in the hook
+        that pruned, right after ``prune``)."""
 
 
 @dataclass(frozen=True)
@@ -600,7 +601,10 @@ class Schedule(_Plugin, ABC):
         """Weights were just updated; ``step`` already counts this update."""
 
     def before_evaluate(self, pruner: Pruner) -> None:
-        """Before any evaluation or save: leave the model exactly as it should be judged."""
+        """Before the final evaluation and save (and a phase's own scored stage): leave the model exactly as it
+        should be judged. Also at every learning-curve point (``evaluation.every_steps``), after which the engine
+        puts the weights and masks back but not the schedule's own state: make it repeatable, and keep counters
+        out of it. Not before the ``after_prune`` row, which scores the first mask as ``on_start`` set it."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

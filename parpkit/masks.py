@@ -109,6 +109,14 @@ class PoolPruner:
                              f"{self.owner} (pruner.{method})")
         return sparsity
 
+    def _calibrate(self) -> None:
+        """``calibrate(context)`` of a criterion that needs activations, before every prune of any kind (a
+        reconstructing criterion may read its inputs there or inside ``reconstruct``)."""
+        if self.criterion.needs == "activations" and type(self.criterion).calibrate is not Criterion.calibrate:
+            t0 = time.time()
+            self.criterion.calibrate(self._context())
+            self.event("calibrate", criterion=self.criterion.name, seconds=round(time.time() - t0, 2))
+
     @torch.no_grad()
     def prune(self, sparsity: float) -> None:
         """Rank the whole pool now, at ``sparsity``, and zero the losers. Scores that are not one finite number
@@ -118,6 +126,7 @@ class PoolPruner:
         if sparsity == 0 and self.pattern is None:  # nothing to rank (a dense reference row): no calibration, no scores
             masks = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in self.params.items()}
         elif isinstance(self.criterion, StructuredCriterion):
+            self._calibrate()
             scores = {n: check_scores(self.criterion.unit_scores(g, self.params), self.params[g.members[0].param], name,
                                       n, (g.units,)) for n, g in self.groups.items()}
             refuse_nonfinite({n: nonfinite_count(v) for n, v in scores.items()}, {n: g.units for n, g in self.groups.items()}, name)
@@ -128,13 +137,10 @@ class PoolPruner:
             plan = self.plan(sparsity)
             if self.context is not None:
                 self.context.plan = plan
+            self._calibrate()
             if isinstance(self.criterion, ReconstructingCriterion):
                 masks = self._reconstruct(plan)
             else:
-                if self.criterion.needs == "activations":
-                    t0 = time.time()
-                    self.criterion.calibrate(self._context())
-                    self.event("calibrate", criterion=name, seconds=round(time.time() - t0, 2))
                 bad: dict[str, torch.Tensor] = {}
 
                 def score(n: str) -> torch.Tensor:

@@ -7,6 +7,7 @@ A hook implementation that matches no specification is an error (``check_pending
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import os
 import sys
 import types
@@ -18,7 +19,11 @@ import pluggy
 
 from parpkit import hookspecs
 from parpkit.errors import PluginError
-from parpkit.interfaces import Backbone, Criterion, Dataset, Schedule
+from parpkit.interfaces import (Backbone, Criterion, Dataset, PluginOptions, PruningCriterion, ReconstructingCriterion, Schedule,
+                                StructuredCriterion)
+
+#: what a criterion derives from: each says what the engine asks of it (scores per weight, per unit, or masks)
+CRITERION_KINDS = (PruningCriterion, StructuredCriterion, ReconstructingCriterion)
 
 #: registry kind -> (hook name, base class every registered class must derive from)
 KINDS: dict[str, tuple[str, type]] = {
@@ -50,6 +55,20 @@ class Registry:
         name = getattr(cls, "name", "")
         if not name:
             raise PluginError(f"{provider} registered {cls.__qualname__} as a {self.kind} without a `name`")
+        if inspect.isabstract(cls):  # refused now, not with a TypeError when a recipe first names it
+            missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+            raise PluginError(f"{provider} registered {cls.__qualname__} as a {self.kind}, but it does not implement {missing}")
+        if self.base is Criterion and not issubclass(cls, CRITERION_KINDS):
+            raise PluginError(f"{provider} registered {cls.__qualname__} as a criterion, but it derives from none of "
+                              f"{', '.join(f'parpkit.{k.__name__}' for k in CRITERION_KINDS)} (which says what it scores)")
+        options = getattr(cls, "Options", PluginOptions)
+        if not (isinstance(options, type) and issubclass(options, PluginOptions)):
+            raise PluginError(f"{provider} registered {cls.__qualname__}, whose Options is not a subclass of "
+                              "parpkit.PluginOptions (which refuses unknown keys, booleans as numbers, inf and nan)")
+        needs = getattr(cls, "needs", None)
+        if self.base is Criterion and needs not in (None, "gradients", "activations"):
+            raise PluginError(f"{provider} registered {cls.__qualname__} with needs = {needs!r}; expected None, "
+                              "'gradients' or 'activations'")
         if name in self._entries:
             other = self._entries[name]
             raise PluginError(f"two plugins register a {self.kind} named {name!r}: {other.provider} "
@@ -124,7 +143,11 @@ class Plugins:
             while name in names or pm.has_plugin(name):
                 name += "'"
             names.add(name)
-            pm.register(plugin, name=name)
+            try:
+                pm.register(plugin, name=name)
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"plugin {name!r}: {' '.join(str(exc).split())} (parpkit's hooks take one argument, "
+                                  "`register`)") from None
             self._order.append(plugin)
             self._validate(plugin, name, installed=False)
         self.registries = {kind: Registry(kind, base, self.unavailable) for kind, (_, base) in KINDS.items()}
@@ -146,7 +169,7 @@ class Plugins:
         for dist in list(importlib.metadata.distributions()):
             project = dist.metadata["Name"] or "?"
             for ep in dist.entry_points:
-                if ep.group != "parpkit" or self.pm.has_plugin(ep.name):
+                if ep.group != "parpkit":
                     continue
                 if chosen is not None and not {ep.name, project} & chosen:
                     continue
@@ -161,12 +184,22 @@ class Plugins:
                     _warn(f"the parpkit plugin {ep.name!r} ({provider}) cannot be loaded, left out: {self.unavailable[ep.name]}. "
                           f"Fix or uninstall it; {LOAD_PLUGINS} names the plugins to load")
                     continue
-                if self.pm.is_registered(plugin):  # two entry points of one module: one plugin
+                if self.pm.is_registered(plugin):  # two entry points of one module (or one listed twice): one plugin
                     continue
-                self.pm.register(plugin, name=ep.name)
+                # entry-point names are one namespace over every distribution: another package's plugin of the same
+                # name is a plugin too, known by its distribution as well
+                name = ep.name if not self.pm.has_plugin(ep.name) else f"{ep.name} ({project})"
+                try:
+                    self.pm.register(plugin, name=name)
+                except pluggy.PluginValidationError as exc:  # a hook whose arguments parpkit's hook does not give
+                    self.unavailable[name] = (f"{' '.join(str(exc).split())} (parpkit's hooks take one argument, `register`; "
+                                              f"entry point {ep.value} of {provider})")
+                    _warn(f"the parpkit plugin {name!r} ({provider}) is left out: {self.unavailable[name]}. Fix or "
+                          f"uninstall it; {LOAD_PLUGINS} names the plugins to load")
+                    continue
                 self._order.append(plugin)
                 providers[id(plugin)] = provider
-                if not self._validate(plugin, ep.name, installed=True, provider=provider):
+                if not self._validate(plugin, name, installed=True, provider=provider):
                     providers.pop(id(plugin))
         for name in sorted((chosen or set()) - found):
             _warn(f"{LOAD_PLUGINS} names {name!r}, but no installed parpkit plugin (entry point or distribution) has that name")

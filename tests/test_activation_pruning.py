@@ -288,3 +288,41 @@ def test_wanda_regrowth_reads_a_checkpoint_as_the_next_re_prune_does(tmp_path):
     assert got["come_back"]["wanda_now"] > 0  # at lr 1e-2 the zeroed weights of this tiny model do come back
     # the bars (each row's threshold over the input's norm) are the ones the re-prune used
     assert got["zeroed_at_or_over_their_bar"] == got["come_back"]["wanda_now"]
+
+
+def test_a_structured_criterion_that_needs_activations_is_calibrated_before_every_prune():
+    from parpkit import StructuredCriterion, ffn_group
+
+    class QuietNeurons(StructuredCriterion):
+        """Prune the FFN neurons whose outputs (fc2's inputs) carry the least over the calibration set."""
+        name = "quiet_neurons"
+        needs = "activations"
+
+        def __init__(self, options=None, **kw):
+            super().__init__(options, **kw)
+            self.calls, self.energy = 0, {}
+
+        def calibrate(self, context):
+            self.calls += 1
+            sums = {}
+            rows = context.capture_inputs(["layers.0.fc2", "layers.1.fc2"],
+                                          lambda m, x: sums.__setitem__(m, sums.get(m, 0) + x.abs().sum(0)))
+            self.energy = {m: sums[m] / rows[m] for m in sums}
+
+        def unit_scores(self, group, params):
+            return self.energy[group.name.replace("fc1", "fc2")]
+
+    model = tiny_model()
+    context = tiny_context(model, scope="per_tensor")
+    groups = [ffn_group(model, f"layers.{i}.fc1", f"layers.{i}.fc1", f"layers.{i}.fc2") for i in range(2)]
+    criterion = QuietNeurons()
+    pruner = PoolPruner(model, list(TINY_POOL), criterion, "per_tensor", groups=groups, context=context)
+    pruner.prune(0.5)
+    assert criterion.calls == 1
+    for i in range(2):
+        energy = criterion.energy[f"layers.{i}.fc2"]
+        quiet = set(torch.argsort(energy)[: energy.numel() // 2].tolist())
+        pruned_rows = {r for r in range(energy.numel()) if not pruner.masks[f"layers.{i}.fc1.weight"][r].any()}
+        assert pruned_rows == quiet  # the units chosen from what calibrate measured
+    pruner.prune(0.5)
+    assert criterion.calls == 2

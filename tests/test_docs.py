@@ -206,7 +206,7 @@ def test_the_tutorial_code_runs_with_its_tests(tutorial_package, test_file, tmp_
 
     modules = [my_parp_plugin, my_parp_plugin.schedules, my_parp_plugin.librispeech, my_parp_plugin.char_ctc]
     plugins = Plugins(extra=[(m, m.__name__) for m in modules])  # each registers under its name; no hook misspelled
-    assert {"mean_taylor"} <= set(plugins["criterion"].names()) and "prune_late" in plugins["schedule"].names()
+    assert {"mean_taylor", "input_energy"} <= set(plugins["criterion"].names()) and "prune_late" in plugins["schedule"].names()
     assert "librispeech" in plugins["dataset"].names() and "char_ctc" in plugins["backbone"].names()
     namespace: dict = {"__name__": "tutorial_test"}
     exec(compile(text, test_file, "exec"), namespace)

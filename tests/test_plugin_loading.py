@@ -37,6 +37,20 @@ BROKEN = {
     "raisinghook": "from parpkit import hookimpl\n\n@hookimpl\ndef register_criteria(register):\n    raise RuntimeError('no GPU found')\n",
     "typohook": "from parpkit import hookimpl\n\n@hookimpl\ndef register_criterion(register):\n    pass\n",
     "notaclass": "from parpkit import hookimpl\n\n@hookimpl\ndef register_schedules(register):\n    register(print)\n",
+    # a hook whose argument is not called `register`: pluggy refuses it when it registers
+    "wrongarg": "from parpkit import hookimpl\n\n@hookimpl\ndef register_criteria(reg):\n    pass\n",
+    # classes that would fail only when a recipe named them
+    "abstract": "from parpkit import Schedule, hookimpl\n\nclass Lazy(Schedule):\n    name = 'lazy_t33'\n\n"
+                "@hookimpl\ndef register_schedules(register):\n    register(Lazy)\n",
+    "bare": "from parpkit import Criterion, hookimpl\n\nclass Bare(Criterion):\n    name = 'bare_t33'\n\n"
+            "@hookimpl\ndef register_criteria(register):\n    register(Bare)\n",
+    "plainoptions": "import pydantic\nfrom parpkit import PruningCriterion, hookimpl\n\n"
+                    "class Plain(PruningCriterion):\n    name = 'plain_t33'\n    class Options(pydantic.BaseModel):\n        x: int = 1\n"
+                    "    def scores(self, name, param):\n        return param.detach().abs()\n\n"
+                    "@hookimpl\ndef register_criteria(register):\n    register(Plain)\n",
+    "badneeds": "from parpkit import PruningCriterion, hookimpl\n\nclass Typo(PruningCriterion):\n    name = 'typo_t33'\n"
+                "    needs = 'activation'\n    def scores(self, name, param):\n        return param.detach().abs()\n\n"
+                "@hookimpl\ndef register_criteria(register):\n    register(Typo)\n",
 }
 
 
@@ -46,19 +60,20 @@ def installed(tmp_path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
     (site / "goodmod_t33.py").write_text(GOOD)
+    (site / "collide_t33.py").write_text(GOOD.replace('"ria_test"', '"collide_test"'))  # entry point "criteria", as parpkit's
     for name, text in BROKEN.items():
         (site / f"{name}_t33.py").write_text(text)
     info = site / "parpkit_extra_test-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: parpkit-extra-test\nVersion: 1.0\n")
-    lines = ["[parpkit]", "good = goodmod_t33"] + [f"{name} = {name}_t33" for name in BROKEN] + ["badentry = nowhere_t33.sub:thing"]
+    lines = ["[parpkit]", "good = goodmod_t33", "criteria = collide_t33"] + [f"{name} = {name}_t33" for name in BROKEN] + ["badentry = nowhere_t33.sub:thing"]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
     monkeypatch.setattr(registry, "_warned", set())
     monkeypatch.delenv(registry.LOAD_PLUGINS, raising=False)
     yield site
-    for name in [*BROKEN, "goodmod"]:
+    for name in [*BROKEN, "goodmod", "collide"]:
         sys.modules.pop(f"{name}_t33", None)
 
 
@@ -70,10 +85,19 @@ def test_broken_plugins_are_named_and_left_out_and_the_others_work(installed, ca
     for name, why in [("importfail", "ModuleNotFoundError: No module named 'a_module_that_is_not_installed_xyz'"),
                       ("syntaxfail", "SyntaxError: "), ("raisinghook", "RuntimeError: no GPU found"),
                       ("typohook", "implements a hook parpkit does not define"), ("notaclass", "is not a subclass of parpkit.Schedule"),
-                      ("badentry", "ModuleNotFoundError: No module named 'nowhere_t33'")]:
+                      ("badentry", "ModuleNotFoundError: No module named 'nowhere_t33'"),
+                      ("wrongarg", "parpkit's hooks take one argument, `register`"),
+                      ("abstract", "registered Lazy as a schedule, but it does not implement on_start"),
+                      ("bare", "derives from none of parpkit.PruningCriterion, parpkit.StructuredCriterion, "
+                               "parpkit.ReconstructingCriterion"),
+                      ("plainoptions", "whose Options is not a subclass of parpkit.PluginOptions"),
+                      ("badneeds", "with needs = 'activation'; expected None, 'gradients' or 'activations'")]:
         assert f"warning: the parpkit plugin {name!r} (parpkit-extra-test 1.0" in err, name
         assert why in plugins.unavailable[name], (name, plugins.unavailable[name])
     assert "PARPKIT_LOAD_PLUGINS names the plugins to load" in err
+    # an entry point named as one of parpkit's ("criteria"): both load, neither hides the other
+    assert plugins["criterion"].get("collide_test").provider == "parpkit-extra-test 1.0"
+    assert plugins["criterion"].get("magnitude").provider.startswith("parpkit ")
     with pytest.raises(PluginError, match=r"unknown criterion 'ria'; known: .*ria_test.* \(not loaded: .*raisinghook: "
                                           r"RuntimeError: no GPU found"):
         plugins["criterion"].get("ria")
@@ -132,3 +156,11 @@ def test_run_takes_several_plugin_modules_and_an_installed_one_again(monkeypatch
          broken.__dict__)
     with pytest.raises(PluginError, match=r"plugin broken_passed: RuntimeError: boom"):
         parpkit.run(tiny_recipe(), output_dir=tmp_path / "out", plugins=[broken], progress=False)
+
+
+def test_a_plugin_passed_in_whose_hook_takes_another_argument_is_a_plugin_error_naming_it():
+    module = types.ModuleType("wrongarg_passed")
+    exec(BROKEN["wrongarg"], module.__dict__)
+    with pytest.raises(PluginError, match=r"plugin 'wrongarg_passed': .*Argument\(s\) \{'reg'\} are declared in the hookimpl "
+                                          r".*parpkit's hooks take one argument, `register`"):
+        Plugins(extra=[(module, "wrongarg_passed")], load_entrypoints=False)
