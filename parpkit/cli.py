@@ -374,12 +374,20 @@ def cmd_report(args) -> int:
         raise UsageError("--choose needs --by: the (validation) splits the choice is judged on, comma-separated")
     if not 0 <= args.within < math.inf:
         raise UsageError(f"--within is {args.within}: give a tolerance of 0 or more")
+    if args.resamples < 100:
+        raise UsageError(f"--resamples is {args.resamples}: give at least 100 (bootstrap intervals of fewer draws are noise)")
+    seen: dict[frozenset, tuple[str, str]] = {}
+    for a, b in args.compare or []:  # one pair twice (either way round) would count twice in Holm's family
+        if frozenset((a, b)) in seen and a != b:
+            raise UsageError(f"--compare {a} {b} given twice ({' '.join(seen[frozenset((a, b))])} before): each pair once, "
+                             "so that Holm's family counts it once")
+        seen[frozenset((a, b))] = (a, b)
     paths = [Path(p) for p in args.runs]
     rows, skipped = collect(paths)
     by = [split.strip() for split in (args.by or "").split(",") if split.strip()]
     choices = choose(rows, args.choose, by, args.within, args.prefer or "lower") if args.choose else None
     # one family: Holm over every row; refused (an unknown method, no per-utterance errors …) before anything is written
-    pairs = family([p for a, b in args.compare for p in compare(rows, a, b)]) if args.compare else None
+    pairs = family([p for a, b in args.compare for p in compare(rows, a, b, resamples=args.resamples)]) if args.compare else None
     for problem in skipped:
         err_console.print(f"[yellow]skipped[/] {escape(problem)}", highlight=False, soft_wrap=True)
     groups = grouped(rows)
@@ -538,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "over utterances, one over seeds and utterances where both have several seeds, a paired t-interval "
                         "over the seeds both ran and a bootstrap over speakers, at every sparsity and split both have, with "
                         "Holm-adjusted p over all rows (repeatable; written to compare.md and compare.csv)")
+    p.add_argument("--resamples", type=int, default=2000, metavar="N",
+                   help="bootstrap draws of --compare's intervals (default 2000); no bootstrap p falls below 2/(N+1), so "
+                        "a table of many rows needs more for its Holm p to show a difference")
     p.add_argument("--choose", metavar="KEY", help="a recipe key the runs vary (training.learning_rate): for every method "
                    "and sparsity, the value whose runs have the lowest error rate averaged over the --by splits (written "
                    "to choice.md and choice.csv)")

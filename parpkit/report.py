@@ -512,7 +512,8 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
     - a paired t-interval over the seeds both ran (``t_low``/``t_high``, ``t_p``; ``t_seeds`` of them, their
       mean difference ``t_difference``), where there are two or more such seeds;
     - over speakers (``speaker_low``/``speaker_high``, ``speaker_p``; ``speakers`` of them), where the
-      transcripts name each utterance's speaker and there are two or more.
+      transcripts name each utterance's speaker and there are ``MIN_SPEAKERS`` or more (under ``FEW_SPEAKERS`` a
+      note calls it rough).
 
     Where an interval cannot be given its columns are None and ``notes`` says why. The Holm-adjusted p
     columns (``p_holm``, ``t_p_holm``, ``speaker_p_holm``) and ``comparisons`` are over the rows returned
@@ -534,6 +535,9 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
         runs = {m: sorted((r for r in rows if r["method"] == m and r["target_sparsity"] == sparsity),
                           key=lambda r: (r["seed"] is None, r["seed"] or 0)) for m in (a, b)}  # seed order: pairs line up
         splits = [s for s in runs[a][0]["splits"] if all(s in r["splits"] for rs in runs.values() for r in rs)]
+        partly = sorted({s for rs in runs.values() for r in rs for s in r["splits"]} - set(splits))
+        left_out = [f"split {s} left out: not scored by " + ", ".join(r["run"] for rs in runs.values() for r in rs
+                                                                       if s not in r["splits"]) for s in partly]
         for split in splits:
             files = {m: [Path(r["run"]) / "transcripts_final.jsonl" for r in rs] for m, rs in runs.items()}
             per = {m: [read_utterance_errors(f, split) if f.is_file() else {} for f in fs] for m, fs in files.items()}
@@ -543,7 +547,7 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
             mean = {m: [(sum(e[i][0] for e in es) / len(es), es[0][i][1]) for i in ids] for m, es in per.items()}
             result = paired_bootstrap(mean[a], mean[b], resamples=resamples, seed=seed)
             result.update(seed_low=None, seed_high=None, seed_p_a_worse=None, seeds_paired=None)
-            notes: list[str] = []
+            notes: list[str] = list(left_out) if split == splits[0] else []
             seeds = {m: [r["seed"] for r in rs] for m, rs in runs.items()}
             if min(len(per[a]), len(per[b])) > 1:  # the spread between training runs too
                 edits = {m: [[e[i][0] for i in ids] for e in es] for m, es in per.items()}
@@ -597,9 +601,19 @@ def _paired_t(per: dict[str, list[dict]], seeds: dict[str, list], a: str, b: str
         notes.append(f"no t-interval: {len(common)} seed(s) ran by both (A: {shown[a]}; B: {shown[b]}); it needs two")
         return blank
     t = paired_t_interval([by_seed[a][s] - by_seed[b][s] for s in common])
-    if len(common) < max(len(seeds[a]), len(seeds[b])):
-        notes.append(f"t-interval over the {len(common)} seeds both ran ({', '.join(map(str, common))})")
+    if len(common) < max(len(seeds[a]), len(seeds[b])):  # its centre is not the row's A − B (all seeds of each)
+        notes.append(f"t-interval over the {len(common)} seeds both ran ({', '.join(map(str, common))}), whose A − B is "
+                     f"{t['difference']:+.4f}")
+    if t["p"] is None:
+        notes.append(f"no t-interval: every paired seed gave the same difference ({t['difference']:+.4f}); with no spread "
+                     "between seeds a t-test has nothing to scale by")
     return {"t_seeds": len(common), "t_difference": t["difference"], "t_low": t["low"], "t_high": t["high"], "t_p": t["p"]}
+
+
+#: the speakers a speaker bootstrap needs before ``compare`` gives its interval, and under how many it says the
+#: interval is rough: a percentile bootstrap of G clusters sees only their spread among themselves
+#: (tests/test_report_stats.py measures how often a 95% interval holds a true difference of 0 at 4 and at 20)
+MIN_SPEAKERS, FEW_SPEAKERS = 5, 10
 
 
 def _by_speaker(files: dict[str, list[Path]], split: str, ids: list[str], a: list, b: list, notes: list[str],
@@ -621,9 +635,14 @@ def _by_speaker(files: dict[str, list[Path]], split: str, ids: list[str], a: lis
                      "(written before parpkit recorded speakers, or the dataset names none)")
         return blank
     speakers = [found[i] for i in ids]
-    if len(set(speakers)) < 2:
-        notes.append(f"no speaker interval: one speaker ({speakers[0]})")
-        return {**blank, "speakers": 1}
+    g = len(set(speakers))
+    if g < MIN_SPEAKERS:
+        notes.append(f"no speaker interval: {g} speaker{'s' if g != 1 else ''}; a speaker bootstrap needs "
+                     f"{MIN_SPEAKERS} or more (with few its interval is far too narrow)")
+        return {**blank, "speakers": g}
+    if g < FEW_SPEAKERS:
+        notes.append(f"speaker interval over {g} speakers: too narrow with under {FEW_SPEAKERS} (a bootstrap of few "
+                     "clusters understates their spread); read it as rough")
     s = speaker_bootstrap(a, b, speakers, resamples=resamples, seed=seed)
     return {"speakers": s["speakers"], "speaker_low": s["low"], "speaker_high": s["high"],
             "speaker_p_a_worse": s["p_a_worse"], "speaker_p": s["p"]}
@@ -671,7 +690,8 @@ def interval_cells(p: dict) -> tuple[str, ...]:
     over utterances and P(A worse); seeds too and P(A worse); the paired t-interval, its paired seeds and
     Holm p; over speakers, their number and Holm p (p under 0.001 as "<0.001")."""
     return (_interval(p["low"], p["high"]), f"{p['p_a_worse']:.3f}", _interval(p["seed_low"], p["seed_high"]),
-            _p(p["seed_p_a_worse"]), _interval(p.get("t_low"), p.get("t_high")), str(p.get("t_seeds", "—")),
+            "—" if p["seed_p_a_worse"] is None else f"{p['seed_p_a_worse']:.3f}", _interval(p.get("t_low"), p.get("t_high")),
+            str(p.get("t_seeds", "—")),
             _p(p.get("t_p_holm")), _interval(p.get("speaker_low"), p.get("speaker_high")),
             "—" if p.get("speakers") is None else str(p["speakers"]), _p(p.get("speaker_p_holm")))
 
@@ -679,10 +699,18 @@ def interval_cells(p: dict) -> tuple[str, ...]:
 def family_note(pairs: list[dict]) -> str:
     """How many comparisons the table makes, and how the Holm columns treat them."""
     tested = {k: sum(p.get(k) is not None for p in pairs) for k in ("t_p", "speaker_p")}
-    return (f"{len(pairs)} comparison{'s' if len(pairs) != 1 else ''} in this table. Holm-adjusted p (Holm 1979) over the rows with each p: "
+    text = (f"{len(pairs)} comparison{'s' if len(pairs) != 1 else ''} in this table. Holm-adjusted p (Holm 1979) over the rows with each p: "
             f"{tested['t_p']} with a paired t-test, {tested['speaker_p']} with a speaker bootstrap, {len(pairs)} with an "
             "utterance bootstrap (compare.csv: p_holm). Read a difference as shown at a family-wise level of 5% only "
             "where its Holm p is below 0.05; an interval that excludes 0 is a difference at 95% for that row alone.")
+    resamples = pairs[0]["resamples"]
+    floor = 2 / (resamples + 1)  # the smallest p a bootstrap of this many draws gives (parpkit.stats.bootstrap_p)
+    rows = max(len(pairs), tested["speaker_p"])
+    if rows * floor > 0.05:
+        text += (f" With {resamples} resamples no bootstrap p is below {floor:.4f}, so over {rows} rows no Holm p of a "
+                 f"bootstrap column can fall below {rows * floor:.3f}: raise --resamples (at least "
+                 f"{math.ceil(rows * 2 / 0.01)} for a floor of 0.01).")
+    return text
 
 
 def compare_markdown(pairs: list[dict]) -> str:

@@ -200,7 +200,9 @@ def paired_t_interval(differences: Sequence[float], *, level: float = 0.95) -> d
     ran): mean ± t(n−1) · sd / √n, and the two-sided p of the paired t-test that the mean is 0. It treats
     the n training runs as a sample of training runs (data order, dropout, calibration batches), which is
     what a claim "A is better than B" is about; with n = 3 the t quantile is 4.30 (not the 1.96 a bootstrap
-    of three values implicitly leans on). Needs at least two differences."""
+    of three values implicitly leans on). Needs at least two differences. Where they do not spread (every seed
+    gave the same difference, to rounding) there is nothing to scale by: ``low``, ``high`` and ``p`` are None
+    (a zero-width interval and p = 0 would claim certainty that two or three equal values do not give)."""
     d = np.asarray(differences, dtype=np.float64)
     if d.ndim != 1 or len(d) < 2:
         raise ValueError(f"a paired t-interval needs at least two paired seeds, got {len(d)}")
@@ -208,10 +210,10 @@ def paired_t_interval(differences: Sequence[float], *, level: float = 0.95) -> d
     sd = float(d.std(ddof=1))
     se = sd / math.sqrt(n)
     q = t_quantile(level, n - 1)
-    if se == 0:  # every seed gave the same difference: no spread to scale by
-        p = 1.0 if mean == 0 else 0.0
-    else:
-        p = 1.0 - t_cdf_abs(mean / se, n - 1)
+    if sd <= 1e-12 * max(1.0, abs(mean)):  # no spread (float noise of equal values included): nothing to scale by
+        return {"difference": mean, "low": None, "high": None, "p": None, "seeds": n, "sd": sd, "t_quantile": q,
+                "level": level}
+    p = 1.0 - t_cdf_abs(mean / se, n - 1)
     return {"difference": mean, "low": mean - q * se, "high": mean + q * se, "p": max(0.0, p), "seeds": n, "sd": sd,
             "t_quantile": q, "level": level}
 

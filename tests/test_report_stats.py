@@ -220,13 +220,13 @@ def test_paired_t_interval_is_the_textbook_one_and_covers_a_known_difference():
     assert np.mean(boot) < 0.85
 
 
-def _clustered(rng, speakers: int, per: int, delta_sd: float) -> tuple[list, list, list[str]]:
+def _clustered(rng, speakers: int, per: int, delta_sd: float, mean: float = 0.05) -> tuple[list, list, list[str]]:
     """Utterances of ten words by ``speakers`` voices: each voice has its own difficulty and its own A − B
-    (around a true +0.05, spread ``delta_sd``), so its utterances' errors go together."""
+    (around a true ``mean``, spread ``delta_sd``), so its utterances' errors go together."""
     a, b, who = [], [], []
     for g in range(speakers):
         base = rng.uniform(0.1, 0.4)
-        delta = rng.normal(0.05, delta_sd)
+        delta = rng.normal(mean, delta_sd)
         pa, pb = np.clip(base + delta, 0, 1), base
         a += [(k, 10) for k in rng.binomial(10, pa, per)]
         b += [(k, 10) for k in rng.binomial(10, pb, per)]
@@ -259,6 +259,27 @@ def test_the_speaker_bootstrap_covers_a_known_difference_where_the_utterance_boo
     assert 0.7 < (s["high"] - s["low"]) / (u["high"] - u["low"]) < 1.6
     with pytest.raises(ValueError, match="at least two speakers"):
         speaker_bootstrap(a[:25], b[:25], who[:25])
+
+
+def test_the_speaker_bootstrap_is_too_narrow_with_few_speakers_so_compare_gives_none_under_five():
+    from parpkit.report import FEW_SPEAKERS, MIN_SPEAKERS
+
+    rng = np.random.default_rng(9)
+
+    def coverage(speakers: int) -> float:  # how often a 95% interval holds a true difference of 0 (voices spread 0.05)
+        hits = []
+        for rep in range(400):
+            a, b, who = _clustered(rng, speakers=speakers, per=10, delta_sd=0.05, mean=0.0)
+            s = speaker_bootstrap(a, b, who, resamples=500, seed=rep)
+            hits.append(s["low"] <= 0 <= s["high"])
+        return float(np.mean(hits))
+
+    # far too narrow at 2 speakers, still narrow at 4, near its 95% only with tens of speakers (400 draws each;
+    # in the same model, another run: 0.56 at 2, 0.85 at 4, 0.87 at 8, 0.90 at 10, 0.91 at 20, 0.95 at 40);
+    # compare gives no speaker interval under MIN_SPEAKERS and calls it rough under FEW_SPEAKERS
+    c2, c4, c20 = coverage(2), coverage(4), coverage(20)
+    assert c2 < 0.7 and c4 < 0.88 and c20 > 0.89 and c2 < c4 < c20, (c2, c4, c20)
+    assert (MIN_SPEAKERS, FEW_SPEAKERS) == (5, 10)
 
 
 def test_holm_adjusts_known_p_values():
@@ -308,6 +329,47 @@ def test_report_compare_gives_a_paired_t_interval_a_speaker_interval_and_holm_p(
     md = (out / "compare.md").read_text()
     assert "3 comparisons in this table" in md and "Where an interval is missing:" in md and "no t-interval" in md
     assert f"[{pair['t_low']:+.4f}, {pair['t_high']:+.4f}]" in md and f"[{pair['speaker_low']:+.4f}, {pair['speaker_high']:+.4f}]" in md
+
+
+def test_report_compare_says_where_its_intervals_cannot_hold(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    four = [f"v{i % 4}" for i in range(40)]
+    for seed in (0, 1):  # A drops one word more than B, at the same utterance, under both seeds: no spread
+        base = [1 + (i + seed) % 3 for i in range(40)]
+        _fake_run(runs, f"a{seed}", "parp", seed, [base[0] + 1, *base[1:]], four)
+        _fake_run(runs, f"b{seed}", "fixed", seed, base, four)
+    rows, _ = collect([runs])
+    [pair] = compare(rows, "parp", "fixed")
+    assert pair["t_seeds"] == 2 and pair["t_low"] is None and pair["t_p"] is None
+    assert pair["t_difference"] == pytest.approx(1 / 400)
+    assert "no t-interval: every paired seed gave the same difference (+0.0025)" in pair["notes"]
+    assert pair["speakers"] == 4 and pair["speaker_low"] is None and pair["speaker_p"] is None
+    assert "no speaker interval: 4 speakers; a speaker bootstrap needs 5 or more" in pair["notes"]
+    # six speakers: an interval, called rough; a third seed of A alone: the t-interval's own A − B is said
+    six = [f"v{i % 6}" for i in range(40)]
+    _fake_run(tmp_path / "r6", "a0", "parp", 0, [2] * 40, six)
+    _fake_run(tmp_path / "r6", "a1", "parp", 1, [3] * 20 + [2] * 20, six)
+    _fake_run(tmp_path / "r6", "a2", "parp", 2, [9] * 40, six)
+    _fake_run(tmp_path / "r6", "b0", "fixed", 0, [1] * 40, six)
+    _fake_run(tmp_path / "r6", "b1", "fixed", 1, [1] * 40, six)
+    rows, _ = collect([tmp_path / "r6"])
+    [pair] = compare(rows, "parp", "fixed")
+    assert pair["speakers"] == 6 and pair["speaker_low"] is not None
+    assert "speaker interval over 6 speakers: too narrow with under 10" in pair["notes"]
+    assert pair["difference"] == pytest.approx((2 + 2.5 + 9) / 30 - 0.1)  # every seed of each arm
+    assert pair["t_difference"] == pytest.approx(0.125)  # seeds 0 and 1: (0.2 - 0.1 + 0.25 - 0.1) / 2
+    assert "t-interval over the 2 seeds both ran (0, 1), whose A − B is +0.1250" in pair["notes"]
+    # a pair given twice (either way round) would count twice in Holm's family
+    assert main(["report", str(tmp_path / "r6"), "--compare", "parp", "fixed", "--compare", "fixed", "parp"]) == 2
+    assert "--compare fixed parp given twice (parp fixed before)" in _err(capsys)
+    # many rows: the bootstrap's resolution floors every Holm p of a bootstrap column; the table says so
+    assert main(["report", str(tmp_path / "r6"), "--output-dir", str(tmp_path / "rep"), "--compare", "parp", "fixed",
+                 "--resamples", "100"]) == 0
+    assert "With 100 resamples no bootstrap p is below 0.0198" not in (tmp_path / "rep" / "compare.md").read_text()
+    from parpkit.report import family_note
+    note = family_note([{**pair, "resamples": 100}] * 4)
+    assert "With 100 resamples no bootstrap p is below 0.0198, so over 4 rows no Holm p of a bootstrap column can fall " \
+           "below 0.079: raise --resamples (at least 800 for a floor of 0.01)" in note
 
 
 # ------------------------------------------------------------------------------------------ inputs --compare refuses
