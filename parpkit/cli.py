@@ -86,12 +86,15 @@ def _structured_pruned(resolved, model, pool: list[str], sparsity: float) -> tup
 def cmd_validate(args) -> int:
     from parpkit.engine.lifecycle import preflight
     from parpkit.interfaces import StructuredCriterion
+    from parpkit.masks import check_donor_exists
     from parpkit.recipe import read_recipe_file
     from parpkit.registry import Plugins
     from parpkit.resolve import pool_groups, resolve
 
     resolved, _ = _load(args)
     model, pool = preflight(resolved)  # the same checks parpkit run makes before it loads anything
+    if resolved.recipe.pruning.mask_from:
+        check_donor_exists(resolved.recipe.pruning.mask_from, file=resolved.file)
     total = sum(p.numel() for p in model.parameters())
     groups = pool_groups(model, pool)
     r = resolved.recipe
@@ -130,7 +133,10 @@ def cmd_validate(args) -> int:
         plugins = Plugins()
         for point in plist:  # every point passes the same checks before anything runs
             where = f"{args.recipe} (sweep point {point.name})"
-            preflight(resolve(point_recipe(data, point, args.set or [], where)[0], plugins, where))
+            point_resolved = resolve(point_recipe(data, point, args.set or [], where)[0], plugins, where)
+            preflight(point_resolved)
+            if point_resolved.recipe.pruning.mask_from:
+                check_donor_exists(point_resolved.recipe.pruning.mask_from, file=where)
         console.print(f"sweep: {len(plist)} points, each valid")
     console.print("[green]recipe is valid[/]")
     return 0
@@ -374,8 +380,9 @@ def cmd_report(args) -> int:
         raise UsageError("--choose needs --by: the (validation) splits the choice is judged on, comma-separated")
     if not 0 <= args.within < math.inf:
         raise UsageError(f"--within is {args.within}: give a tolerance of 0 or more")
-    if args.resamples < 100:
-        raise UsageError(f"--resamples is {args.resamples}: give at least 100 (bootstrap intervals of fewer draws are noise)")
+    if not 100 <= args.resamples <= 1_000_000:
+        raise UsageError(f"--resamples is {args.resamples}: give 100 to 1,000,000 (fewer draws give noisy intervals; "
+                         "each draw holds an index per utterance in memory)")
     seen: dict[frozenset, tuple[str, str]] = {}
     for a, b in args.compare or []:  # one pair twice (either way round) would count twice in Holm's family
         if frozenset((a, b)) in seen and a != b:

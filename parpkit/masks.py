@@ -407,16 +407,22 @@ def no_mask_file(path: Path) -> str:
     return f"no mask file at {path}: {what} (give a run directory or a masks.safetensors)"
 
 
-def check_donor_scope(source: str | Path, scope: str, *, file: str | None = None) -> None:
-    """Refuse a donor mask ranked in another scope than the recipe's: the first mask would not be what
-    ``pruning.scope`` (and every report of the run) says, e.g. a global mask is not 50% in each tensor.
-    Reads only the file's header (the scope its run wrote); a file that says nothing passes, a missing one is
-    refused (before a run claims its directory), and an unreadable one is left to ``load_donor_masks``."""
-    from safetensors import safe_open
-
+def check_donor_exists(source: str | Path, *, file: str | None = None) -> None:
+    """``parpkit validate``: the donor mask is there (a run refuses it only once it loads it)."""
     path = donor_path(source)
     if not path.is_file():
         raise RecipeError(no_mask_file(path), file=file, key="pruning.mask_from")
+
+
+def check_donor_scope(source: str | Path, scope: str, *, file: str | None = None) -> None:
+    """Refuse a donor mask ranked in another scope than the recipe's: the first mask would not be what
+    ``pruning.scope`` (and every report of the run) says, e.g. a global mask is not 50% in each tensor.
+    Reads only the file's header (the scope its run wrote); a file that says nothing passes, and a missing or
+    unreadable one is left to ``load_donor_masks`` (a finished run whose donor has moved since is still
+    complete; ``parpkit validate`` refuses a missing one: ``check_donor_exists``)."""
+    from safetensors import safe_open
+
+    path = donor_path(source)
     try:
         with safe_open(str(path), "pt") as f:
             donor = (f.metadata() or {}).get("scope")

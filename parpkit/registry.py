@@ -146,6 +146,7 @@ class Plugins:
             try:
                 pm.register(plugin, name=name)
             except pluggy.PluginValidationError as exc:
+                self._forget(name)
                 raise PluginError(f"plugin {name!r}: {' '.join(str(exc).split())} (parpkit's hooks take one argument, "
                                   "`register`)") from None
             self._order.append(plugin)
@@ -189,9 +190,12 @@ class Plugins:
                 # entry-point names are one namespace over every distribution: another package's plugin of the same
                 # name is a plugin too, known by its distribution as well
                 name = ep.name if not self.pm.has_plugin(ep.name) else f"{ep.name} ({project})"
+                while self.pm.has_plugin(name):
+                    name += "'"
                 try:
                     self.pm.register(plugin, name=name)
                 except pluggy.PluginValidationError as exc:  # a hook whose arguments parpkit's hook does not give
+                    self._forget(name)
                     self.unavailable[name] = (f"{' '.join(str(exc).split())} (parpkit's hooks take one argument, `register`; "
                                               f"entry point {ep.value} of {provider})")
                     _warn(f"the parpkit plugin {name!r} ({provider}) is left out: {self.unavailable[name]}. Fix or "
@@ -234,6 +238,12 @@ class Plugins:
             pending[id(registry)].add(cls.name)
         for registry, cls in added:
             registry.add(cls, provider)
+
+    def _forget(self, name: str) -> None:
+        """Undo a registration pluggy refused half way: before pluggy 1.7 it keeps the plugin, and the hooks it
+        had added, when a later hook fails validation, and every plugin after it would be blamed for them."""
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
 
     def _leave_out(self, plugin: object, provider: str, why: str) -> None:
         name = self.pm.get_name(plugin) or provider

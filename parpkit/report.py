@@ -15,16 +15,18 @@ seed_low, seed_high, seed_p_a_worse, seeds_paired: the same with the seeds resam
     more seeds; in pairs where both ran the same seeds) [95% interval, seeds too; P(A worse), seeds too]
 t_seeds, t_difference: the seeds both methods ran, and the mean of the per-seed differences over them
 t_low, t_high, t_p, t_p_holm: 95% paired t-interval over those per-seed differences (t with t_seeds − 1 degrees
-    of freedom; none under two paired seeds), its two-sided p, and that p Holm-adjusted over the table's rows
+    of freedom; none under two paired seeds, or where every paired seed gave the same difference), its two-sided
+    p, and that p Holm-adjusted over the table's rows
     [95% t-interval, paired seeds; paired seeds; Holm p (t)]
 speakers: the speakers (clusters) of the split's utterances, as the dataset names them
 speaker_low, speaker_high, speaker_p_a_worse, speaker_p, speaker_p_holm: 95% interval of the bootstrap over
-    speakers (models held fixed; none under two speakers or without speakers in the transcripts), the share
+    speakers (models held fixed; none under MIN_SPEAKERS (5) or without speakers in the transcripts), the share
     of draws with A worse, its two-sided p, and that p Holm-adjusted over the table's rows
     [95% interval, speakers; speakers; Holm p (speakers)]
-utterances, resamples, level: utterances compared, bootstrap draws, interval level
+utterances, resamples, level: utterances compared, bootstrap draws (--resamples), interval level
 comparisons: the rows of the table (the family the Holm adjustments are over)
-notes: why an interval is missing, or what it is over when that is less than all seeds
+notes: why an interval is missing or rough, what the t-interval is over when that is less than all seeds, and
+    splits left out because not every run scored them
 """
 
 from __future__ import annotations
@@ -547,7 +549,7 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
             mean = {m: [(sum(e[i][0] for e in es) / len(es), es[0][i][1]) for i in ids] for m, es in per.items()}
             result = paired_bootstrap(mean[a], mean[b], resamples=resamples, seed=seed)
             result.update(seed_low=None, seed_high=None, seed_p_a_worse=None, seeds_paired=None)
-            notes: list[str] = list(left_out) if split == splits[0] else []
+            notes: list[str] = [] if any(o["sparsity"] == sparsity for o in out) else list(left_out)  # once, first row
             seeds = {m: [r["seed"] for r in rs] for m, rs in runs.items()}
             if min(len(per[a]), len(per[b])) > 1:  # the spread between training runs too
                 edits = {m: [[e[i][0] for i in ids] for e in es] for m, es in per.items()}
@@ -705,11 +707,12 @@ def family_note(pairs: list[dict]) -> str:
             "where its Holm p is below 0.05; an interval that excludes 0 is a difference at 95% for that row alone.")
     resamples = pairs[0]["resamples"]
     floor = 2 / (resamples + 1)  # the smallest p a bootstrap of this many draws gives (parpkit.stats.bootstrap_p)
-    rows = max(len(pairs), tested["speaker_p"])
-    if rows * floor > 0.05:
-        text += (f" With {resamples} resamples no bootstrap p is below {floor:.4f}, so over {rows} rows no Holm p of a "
-                 f"bootstrap column can fall below {rows * floor:.3f}: raise --resamples (at least "
-                 f"{math.ceil(rows * 2 / 0.01)} for a floor of 0.01).")
+    floors = [f"{rows * floor:.3f} in the {name} bootstrap's column ({rows} rows)"
+              for name, rows in (("utterance", len(pairs)), ("speaker", tested["speaker_p"])) if rows * floor > 0.05]
+    if floors:
+        text += (f" With {resamples} resamples no bootstrap p is below {floor:.4f}, so no Holm p falls below "
+                 f"{' or '.join(floors)}: raise --resamples (at least {math.ceil(len(pairs) * 2 / 0.01)} for a floor "
+                 "of 0.01).")
     return text
 
 
@@ -734,7 +737,7 @@ def compare_markdown(pairs: list[dict]) -> str:
         "- speakers: speakers resampled with all their utterances, the models held fixed (utterances of one voice "
         "go together).\n\n" + family_note(pairs) + "\n")
     if notes:
-        text += "\nWhere an interval is missing:\n" + "\n".join(notes) + "\n"
+        text += "\nNotes (a missing or rough interval, seeds, splits left out):\n" + "\n".join(notes) + "\n"
     return text
 
 
