@@ -91,10 +91,14 @@ def cmd_validate(args) -> int:
     from parpkit.registry import Plugins
     from parpkit.resolve import pool_groups, resolve
 
+    def checked(resolved):  # the checks parpkit run makes before it loads anything, and the donor mask's presence
+        found = preflight(resolved)
+        if resolved.recipe.pruning.mask_from:
+            check_donor_exists(resolved.recipe.pruning.mask_from, file=resolved.file)
+        return found
+
     resolved, _ = _load(args)
-    model, pool = preflight(resolved)  # the same checks parpkit run makes before it loads anything
-    if resolved.recipe.pruning.mask_from:
-        check_donor_exists(resolved.recipe.pruning.mask_from, file=resolved.file)
+    model, pool = checked(resolved)
     total = sum(p.numel() for p in model.parameters())
     groups = pool_groups(model, pool)
     r = resolved.recipe
@@ -133,10 +137,7 @@ def cmd_validate(args) -> int:
         plugins = Plugins()
         for point in plist:  # every point passes the same checks before anything runs
             where = f"{args.recipe} (sweep point {point.name})"
-            point_resolved = resolve(point_recipe(data, point, args.set or [], where)[0], plugins, where)
-            preflight(point_resolved)
-            if point_resolved.recipe.pruning.mask_from:
-                check_donor_exists(point_resolved.recipe.pruning.mask_from, file=where)
+            checked(resolve(point_recipe(data, point, args.set or [], where)[0], plugins, where))
         console.print(f"sweep: {len(plist)} points, each valid")
     console.print("[green]recipe is valid[/]")
     return 0

@@ -146,9 +146,9 @@ class Plugins:
             try:
                 pm.register(plugin, name=name)
             except pluggy.PluginValidationError as exc:
-                self._forget(name)
-                raise PluginError(f"plugin {name!r}: {' '.join(str(exc).split())} (parpkit's hooks take one argument, "
-                                  "`register`)") from None
+                if pm.has_plugin(name):  # before pluggy 1.7 the refused plugin stays registered
+                    pm.unregister(name=name)
+                raise PluginError(f"plugin {name!r}: {_hook_arguments(exc)}") from None
             self._order.append(plugin)
             self._validate(plugin, name, installed=False)
         self.registries = {kind: Registry(kind, base, self.unavailable) for kind, (_, base) in KINDS.items()}
@@ -160,7 +160,7 @@ class Plugins:
             except Exception as exc:  # noqa: BLE001  (a plugin's hook may raise anything)
                 if name in names:
                     raise exc if isinstance(exc, PluginError) else PluginError(f"plugin {name}: {_why(exc)}") from None
-                self._leave_out(plugin, provider, _why(exc))
+                self._leave_out(name, provider, _why(exc))
 
     def _load_entrypoints(self) -> dict[int, str]:
         """The installed plugins (entry-point group ``parpkit``), each loaded on its own."""
@@ -195,11 +195,7 @@ class Plugins:
                 try:
                     self.pm.register(plugin, name=name)
                 except pluggy.PluginValidationError as exc:  # a hook whose arguments parpkit's hook does not give
-                    self._forget(name)
-                    self.unavailable[name] = (f"{' '.join(str(exc).split())} (parpkit's hooks take one argument, `register`; "
-                                              f"entry point {ep.value} of {provider})")
-                    _warn(f"the parpkit plugin {name!r} ({provider}) is left out: {self.unavailable[name]}. Fix or "
-                          f"uninstall it; {LOAD_PLUGINS} names the plugins to load")
+                    self._leave_out(name, provider, f"{_hook_arguments(exc)}; entry point {ep.value} of {provider}")
                     continue
                 self._order.append(plugin)
                 providers[id(plugin)] = provider
@@ -219,7 +215,7 @@ class Plugins:
             if not installed:
                 self.pm.unregister(plugin)
                 raise PluginError(f"plugin {name!r} {why}") from None
-            self._leave_out(plugin, f"{provider}, entry point {name!r}", why)
+            self._leave_out(name, f"{provider}, entry point {name!r}", why)
             return False
         return True
 
@@ -239,21 +235,22 @@ class Plugins:
         for registry, cls in added:
             registry.add(cls, provider)
 
-    def _forget(self, name: str) -> None:
-        """Undo a registration pluggy refused half way: before pluggy 1.7 it keeps the plugin, and the hooks it
-        had added, when a later hook fails validation, and every plugin after it would be blamed for them."""
+    def _leave_out(self, name: str, provider: str, why: str) -> None:
+        """Unregister ``name`` (and, before pluggy 1.7, the hooks a registration it refused half way had added, for
+        which every later plugin would be blamed), record why, and warn once."""
         if self.pm.has_plugin(name):
             self.pm.unregister(name=name)
-
-    def _leave_out(self, plugin: object, provider: str, why: str) -> None:
-        name = self.pm.get_name(plugin) or provider
-        self.pm.unregister(plugin)
         self.unavailable[name] = why
         _warn(f"the parpkit plugin {name!r} ({provider}) is left out: {why}. Fix or uninstall it; {LOAD_PLUGINS} names the "
               "plugins to load")
 
     def __getitem__(self, kind: str) -> Registry:
         return self.registries[kind]
+
+
+def _hook_arguments(exc: pluggy.PluginValidationError) -> str:
+    """pluggy's refusal of a hook's arguments, on one line."""
+    return f"{' '.join(str(exc).split())} (parpkit's hooks take one argument, `register`)"
 
 
 def _why(exc: BaseException) -> str:

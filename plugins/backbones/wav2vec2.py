@@ -51,6 +51,15 @@ class CTCOptions(PluginOptions):
     seed: int = 0
 
 
+def _local_or_hub(source: str) -> Path:
+    """``source`` as a path; refused where it names no folder yet cannot be a hub id either (a hub id is "name" or
+    "owner/name": a missing ``./x`` or ``runs/x/model`` is a mistyped folder, not a model to look up)."""
+    path = Path(source).expanduser()
+    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise ModelFormatError(f"{path}: no such model directory")
+    return path
+
+
 def build_vocabulary(texts: Sequence[str], unit: str) -> dict[str, int]:
     if unit == "phones":
         symbols = sorted({p for t in texts for p in normalise_units(t).split()})
@@ -122,9 +131,7 @@ class CTCBackbone(Backbone):
             extra["activation_dropout"] = o.activation_dropout
         if o.config is not None:
             return AutoConfig.for_model(o.model_type, **{**o.config, **extra})
-        local = Path(o.model).expanduser()
-        if not local.exists() and (o.model.startswith((".", "/", "~")) or o.model.count("/") > 1):  # nor a hub id
-            raise ModelFormatError(f"{local}: no such model directory")
+        local = _local_or_hub(o.model)
         if local.is_dir() and not any(local.iterdir()):
             raise ModelFormatError(f"{self.name}: {local}: the model directory is empty")
         if local.is_dir() and not (local / "config.json").is_file():
@@ -299,9 +306,7 @@ class CTCBackbone(Backbone):
     def _teacher_config(self, source: str):
         from transformers import AutoConfig
 
-        path = Path(source).expanduser()
-        if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):  # not a hub id either
-            raise ModelFormatError(f"{path}: no such model directory")
+        path = _local_or_hub(source)
         try:
             return AutoConfig.from_pretrained(path if path.exists() else source)
         except Exception as exc:  # OSError: no config.json, no such hub id offline; ValueError: unknown model_type

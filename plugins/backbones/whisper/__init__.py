@@ -370,8 +370,6 @@ class WhisperBackbone(Backbone):
         """The config of the teacher at ``source`` (``directory``: what ``_local_dir`` made of it)."""
         from transformers import AutoConfig
 
-        if isinstance(directory, str) and directory.count("/") > 1:  # not a hub id either
-            raise ModelFormatError(f"{source}: no such model directory")
         try:
             return AutoConfig.from_pretrained(directory)
         except Exception as exc:  # OSError: no config.json, no such hub id offline; ValueError: unknown model_type
