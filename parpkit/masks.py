@@ -87,6 +87,9 @@ class PoolPruner:
         self.prune_count = 0  # how many times masks were computed
         self._previous: OrderedDict[str, torch.Tensor] | None = None  # the masks before the last set_masks
         self._reach: dict[str, float | None] | None = None  # what _magnitudes measured at the last set_masks
+        self.lr_sum = 0.0  # the learning rates of the updates since the masks were set, summed (note_update)
+        self.updates = 0  # … and how many updates
+        self.reach_updates = 0  # the updates between the last two masks (set_masks moves ``updates`` here)
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.layout = PoolLayout({n: p.shape for n, p in self.params.items()})
@@ -257,7 +260,17 @@ class PoolPruner:
         # how near a re-prune came to moving the mask: said where it means what it says, under global magnitude
         magnitude = self.scope == "global" and self.pattern is None and self.criterion.name == "magnitude"
         self._reach = self._magnitudes(self._previous, self.masks) if magnitude and self._previous is not None else None
+        if self._reach is not None:
+            self._reach["lr_sum"] = float(f"{self.lr_sum:.6g}")
+        self.reach_updates, self.lr_sum, self.updates = self.updates, 0.0, 0
         self.apply()
+
+    def note_update(self, learning_rate: float) -> None:
+        """An optimizer update was made at ``learning_rate``: summed until the next masks (``lr_sum``). Under Adam
+        a weight moves by about the learning rate an update at most where its gradient keeps one sign, so the sum
+        is about how far a weight zeroed by the last masks can have grown back by the next."""
+        self.lr_sum += float(learning_rate)
+        self.updates += 1
 
     @torch.no_grad()
     def _magnitudes(self, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> dict[str, float | None]:
@@ -326,7 +339,7 @@ class PoolPruner:
     def state_dict(self) -> dict[str, Any]:
         """Masks, counters and snapshots (all but ``pretrained``, which loading the model recreates)."""
         return {"masks": None if self.masks is None else {n: m.detach().cpu() for n, m in self.masks.items()},
-                "sparsity": self.sparsity, "prune_count": self.prune_count,
+                "sparsity": self.sparsity, "prune_count": self.prune_count, "lr_sum": self.lr_sum, "updates": self.updates,
                 "snapshots": {k: v for k, v in self.snapshots.items() if k != "pretrained"}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -336,6 +349,7 @@ class PoolPruner:
             self._previous = self._reach = None
         self.sparsity = float(state["sparsity"])
         self.prune_count = int(state["prune_count"])
+        self.lr_sum, self.updates = float(state.get("lr_sum", 0.0)), int(state.get("updates", 0))  # older checkpoints: none
         self.snapshots.update(state["snapshots"])
 
     # ----------------------------------------------------------------------------- measurements
@@ -356,7 +370,8 @@ class PoolPruner:
     def prune_event(self) -> dict[str, Any]:
         """What the log's ``prune`` event records of the masks just set: their sparsity, the pool's exact
         zeros, and how many weights they let back (``regrown``: how far a re-prune moved the mask); at a re-prune
-        also ``pruned_max`` and ``kept_min`` (``_magnitudes``: how near the mask came to moving)."""
+        also ``pruned_max`` and ``kept_min`` (``_magnitudes``: how near the mask came to moving) and ``lr_sum``
+        (``note_update``: about how far a zeroed weight could have moved since the masks before)."""
         event = {"sparsity": self.sparsity, "pool_zero_fraction": self.zero_fraction(), "regrown": self.regrown(),
                  **(self._reach or {})}
         self._previous = self._reach = None  # counted: free it

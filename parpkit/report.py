@@ -1044,7 +1044,7 @@ def write_choice(choices: list[dict], directory: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------ re-prunes
 
 PRUNE_COLUMNS = ["run", "method", "seed", "target_sparsity", "step", "before_scoring", "sparsity", "regrown", "pruned_max",
-                 "kept_min"]
+                 "kept_min", "lr_sum"]
 
 
 def prune_events(run_dir: Path) -> list[dict]:
@@ -1072,7 +1072,7 @@ def write_prunes(rows: list[dict], path: Path) -> bool:
     written, where no run re-pruned."""
     table = [{"run": r["run"], "method": r["method"], "seed": r["seed"], "target_sparsity": r["target_sparsity"],
               "before_scoring": bool(e.get("before_scoring")), **{k: e.get(k) for k in ("step", "sparsity", "regrown",
-                                                                                       "pruned_max", "kept_min")}}
+                                                                                       "pruned_max", "kept_min", "lr_sum")}}
              for r in rows for e in prune_events(Path(r["run"]))]
     if not any(t["regrown"] is not None for t in table):
         path.unlink(missing_ok=True)  # an earlier report's, of other runs

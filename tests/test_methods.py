@@ -22,6 +22,10 @@ def _prunes(out):
     return [json.loads(line) for line in (out / "log.jsonl").open() if json.loads(line)["event"] == "prune"]
 
 
+def _events(out, kind):
+    return [e for e in map(json.loads, (out / "log.jsonl").open()) if e["event"] == kind]
+
+
 def _run(tmp_path, mapping, name="out"):
     path = write_recipe(tmp_path / f"{name}.yaml", mapping)
     out = tmp_path / name
@@ -230,6 +234,12 @@ def test_prune_events_count_the_weights_a_re_prune_lets_back(tmp_path):
     out, _ = _run(tmp_path, tiny_recipe(**{"training.learning_rate": 1e-6}), "parp_slow")
     slow = _prunes(out)[1]
     assert slow["step"] == 3 and slow["regrown"] == 0 and 0 < slow["pruned_max"] < slow["kept_min"]
+    # lr_sum: the rates of updates 1-3 under the linear decay over 6 updates, 1e-6 x (1 + 5/6 + 4/6); Adam moved no
+    # zeroed weight further than that sum (its step is at most about the rate)
+    assert slow["lr_sum"] == pytest.approx(2.5e-6, rel=1e-5) and slow["pruned_max"] <= 1.05 * slow["lr_sum"]
+    warnings = [e["message"] for e in _events(out, "warning") if "unlikely to move" in e["message"]]
+    assert len(warnings) == 1 and "re-prune at update 3" in warnings[0]  # the first re-prune only
+    assert not [e for e in _events(tmp_path / "parp", "warning") if "unlikely to move" in e["message"]]  # it moved
     # ranked within each row the pool-wide extremes say nothing of whether a weight grows back: not logged
     out, _ = _run(tmp_path, tiny_recipe(**{"pruning.scope": "per_row"}), "parp_row")
     assert [("pruned_max" in p, p["regrown"] is None) for p in _prunes(out)] == [(False, True), (False, False), (False, False),

@@ -639,7 +639,8 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
         # restored with the checkpoint it resumes from (one older parpkit wrote has none: the updates before it go uncounted)
         loss = s.extra.setdefault("loss", {}).setdefault(phase.name, {"sum": 0.0, "updates": 0})
         driver = PhaseDriver(schedule, s.resolved.criterion, pruner, s.log, task, offset, r.training, validate,
-                             r.evaluation.every_steps, s.distiller, s.resolved.backbone, loss)
+                             r.evaluation.every_steps, s.distiller, s.resolved.backbone, loss,
+                             warn=(lambda message: warn(s, message)) if s.main else None)
         served = r.dataset.augment or r.dataset.concatenate
         train = (AugmentedDataset(s.train, r.dataset.augment, r.seed, r.dataset.concatenate) if served
                  else ListDataset(s.train))

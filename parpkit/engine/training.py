@@ -98,6 +98,8 @@ class PhaseDriver:
     backbone: Any = None  # turns a batch on the device into model inputs (Backbone.model_inputs); None: as it is
     loss: dict | None = None  # the phase's running loss, {"sum", "updates"}, kept in the checkpoints (extra_defaults)
     loss_pending: float = 0.0  # this process's losses since the last settle_loss
+    warn: Callable[[str], None] | None = None  # a warning for the log and the console (the main process only)
+    reach_checked: bool = False  # the first re-prune that measured its reach was looked at (check_reach)
 
     def settle_loss(self, accelerator: Any) -> None:
         """Add the losses this process summed since the last call to the phase's, averaged over the processes
@@ -124,7 +126,29 @@ class PhaseDriver:
         self.schedule.on_gradients(step, self.pruner)
 
     def log_prune(self, step: int) -> None:
-        self.log.write("prune", step=step, **self.pruner.prune_event())
+        event = self.pruner.prune_event()
+        self.log.write("prune", step=step, **event)
+        self.check_reach(step, event)
+
+    def check_reach(self, step: int, event: Mapping[str, Any]) -> None:
+        """At the phase's first re-prune that measured how near the mask came to moving (global magnitude
+        ranking): where it let nothing back and an interval as long at the peak learning rate reaches under half
+        the smallest kept weight, warn that re-pruning will likely keep the first mask. Adam moves a weight by
+        about the learning rate an update at most, so nothing zeroed can pass that weight before the next
+        re-prune; the run is then a fixed-mask run with noise (docs/explanation/methods.md)."""
+        kept, lr_sum, updates = event.get("kept_min"), event.get("lr_sum"), self.pruner.reach_updates
+        if self.reach_checked or kept is None or lr_sum is None or not updates or self.training is None:
+            return
+        self.reach_checked = True
+        peak = self.training.learning_rate
+        if event.get("regrown") != 0 or updates * peak >= kept / 2 or self.warn is None:
+            return
+        self.warn(f"the re-prune at update {step} let no weight back, and the mask is unlikely to move: the largest "
+                  f"pruned weight grew to {event.get('pruned_max'):.2g} against a smallest kept weight of {kept:.2g}. "
+                  f"Adam moves a weight by about the learning rate an update at most (these {updates} updates' rates "
+                  f"sum to {lr_sum:.2g}), so {updates} updates at the peak rate, {peak:g}, reach about "
+                  f"{updates * peak:.2g}, under half of it: re-prunes will likely keep the first mask, as a fixed "
+                  "mask would. A larger learning rate or re-prune interval lets weights back (docs/explanation/methods.md)")
 
 
 @contextlib.contextmanager
@@ -241,6 +265,9 @@ def callbacks(driver: PhaseDriver, state: RunState, phase: int, keep_checkpoints
         def on_optimizer_step(self, args, st, control, **kw):
             # the Trainer counts this update only after the callback: pass the count including it
             step = driver.offset + st.global_step + 1
+            optimizer = kw.get("optimizer") or driver.pruner.optimizer
+            if optimizer is not None:  # the rate of the update just made (the LR scheduler steps after this)
+                driver.pruner.note_update(max(g["lr"] for g in optimizer.param_groups))
             before = driver.pruner.prune_count
             driver.schedule.on_optimizer_step(step, driver.pruner)
             if driver.pruner.prune_count != before:
