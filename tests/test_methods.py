@@ -240,6 +240,11 @@ def test_prune_events_count_the_weights_a_re_prune_lets_back(tmp_path):
     warnings = [e["message"] for e in _events(out, "warning") if "unlikely to move" in e["message"]]
     assert len(warnings) == 1 and "re-prune at update 3" in warnings[0]  # the first re-prune only
     assert not [e for e in _events(tmp_path / "parp", "warning") if "unlikely to move" in e["message"]]  # it moved
+    # gmp holds what it prunes at zero, by design: nothing could come back, so nothing to warn of
+    out, _ = _run(tmp_path, tiny_recipe(**{"training.learning_rate": 1e-6,
+                                          "pruning.schedule": {"name": "gmp", "options": {"initial": 0.1, "interval": 2}}}), "gmp")
+    assert [p["pruned_max"] for p in _prunes(out)[1:]] == [0.0, 0.0, 0.0]
+    assert not [e for e in _events(out, "warning") if "unlikely to move" in e["message"]]
     # ranked within each row the pool-wide extremes say nothing of whether a weight grows back: not logged
     out, _ = _run(tmp_path, tiny_recipe(**{"pruning.scope": "per_row"}), "parp_row")
     assert [("pruned_max" in p, p["regrown"] is None) for p in _prunes(out)] == [(False, True), (False, False), (False, False),
