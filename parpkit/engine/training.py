@@ -132,10 +132,11 @@ class PhaseDriver:
 
     def check_reach(self, step: int, event: Mapping[str, Any]) -> None:
         """At the phase's first re-prune that measured how near the mask came to moving (global magnitude
-        ranking) and whose pruned weights were free to grow back: where it let nothing back and an interval as long at the peak learning rate reaches under half
-        the smallest kept weight, warn that re-pruning will likely keep the first mask. Adam moves a weight by
-        about the learning rate an update at most, so nothing zeroed can pass that weight before the next
-        re-prune; the run is then a fixed-mask run with noise (docs/explanation/methods.md)."""
+        ranking) and whose pruned weights were free to grow back: where it let nothing back and an interval as
+        long at the peak learning rate reaches under half the smallest kept weight, warn that re-pruning will
+        likely keep the first mask. Adam moves a weight by about the learning rate an update at most, so nothing
+        zeroed can pass that weight before the next re-prune; the run is then a fixed-mask run with noise
+        (docs/explanation/methods.md)."""
         kept, lr_sum, updates = event.get("kept_min"), event.get("lr_sum"), self.pruner.reach_updates
         if self.reach_checked or kept is None or lr_sum is None or not updates or self.training is None:
             return
