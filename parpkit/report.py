@@ -1043,8 +1043,9 @@ def write_choice(choices: list[dict], directory: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------ re-prunes
 
-PRUNE_COLUMNS = ["run", "method", "seed", "target_sparsity", "step", "before_scoring", "sparsity", "regrown", "pruned_max",
-                 "kept_min", "lr_sum"]
+#: what prunes.csv takes of each ``prune`` event (the log's fields)
+PRUNE_FIELDS = ("step", "sparsity", "regrown", "pruned_max", "kept_min", "lr_sum")
+PRUNE_COLUMNS = ["run", "method", "seed", "target_sparsity", "step", "before_scoring", *PRUNE_FIELDS[1:]]
 
 
 def prune_events(run_dir: Path) -> list[dict]:
@@ -1071,8 +1072,7 @@ def write_prunes(rows: list[dict], path: Path) -> bool:
     weights it let back and how near the mask came to moving; see the log's ``prune`` event). False, and nothing
     written, where no run re-pruned."""
     table = [{"run": r["run"], "method": r["method"], "seed": r["seed"], "target_sparsity": r["target_sparsity"],
-              "before_scoring": bool(e.get("before_scoring")), **{k: e.get(k) for k in ("step", "sparsity", "regrown",
-                                                                                       "pruned_max", "kept_min", "lr_sum")}}
+              "before_scoring": bool(e.get("before_scoring")), **{k: e.get(k) for k in PRUNE_FIELDS}}
              for r in rows for e in prune_events(Path(r["run"]))]
     if not any(t["regrown"] is not None for t in table):
         path.unlink(missing_ok=True)  # an earlier report's, of other runs

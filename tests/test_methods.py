@@ -18,12 +18,12 @@ from tests.conftest import requires_offline, tiny_ctc_recipe, tiny_recipe, write
 pytestmark = requires_offline
 
 
-def _prunes(out):
-    return [json.loads(line) for line in (out / "log.jsonl").open() if json.loads(line)["event"] == "prune"]
-
-
 def _events(out, kind):
     return [e for e in map(json.loads, (out / "log.jsonl").open()) if e["event"] == kind]
+
+
+def _prunes(out):
+    return _events(out, "prune")
 
 
 def _run(tmp_path, mapping, name="out"):

@@ -268,7 +268,7 @@ def callbacks(driver: PhaseDriver, state: RunState, phase: int, keep_checkpoints
         def on_optimizer_step(self, args, st, control, **kw):
             # the Trainer counts this update only after the callback: pass the count including it
             step = driver.offset + st.global_step + 1
-            optimizer = kw.get("optimizer") or driver.pruner.optimizer
+            optimizer = driver.pruner.optimizer  # set by training_step before every update
             if optimizer is not None:  # the rate of the update just made (the LR scheduler steps after this)
                 driver.pruner.note_update(max(g["lr"] for g in optimizer.param_groups))
             before = driver.pruner.prune_count
