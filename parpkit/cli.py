@@ -6,6 +6,7 @@ import argparse
 import enum
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -384,6 +385,13 @@ def cmd_report(args) -> int:
     if not 100 <= args.resamples <= 1_000_000:
         raise UsageError(f"--resamples is {args.resamples}: give 100 to 1,000,000 (fewer draws give noisy intervals; "
                          "each draw holds an index per utterance in memory)")
+    if args.speaker_pattern is not None:
+        if not args.compare:
+            raise UsageError("--speaker-pattern goes with --compare A B (it groups the speakers of its speaker bootstrap)")
+        try:
+            re.compile(args.speaker_pattern)
+        except re.error as e:
+            raise UsageError(f"--speaker-pattern {args.speaker_pattern!r} is not a regular expression: {e}") from None
     seen: dict[frozenset, tuple[str, str]] = {}
     for a, b in args.compare or []:  # one pair twice (either way round) would count twice in Holm's family
         if frozenset((a, b)) in seen and a != b:
@@ -395,7 +403,9 @@ def cmd_report(args) -> int:
     by = [split.strip() for split in (args.by or "").split(",") if split.strip()]
     choices = choose(rows, args.choose, by, args.within, args.prefer or "lower") if args.choose else None
     # one family: Holm over every row; refused (an unknown method, no per-utterance errors …) before anything is written
-    pairs = family([p for a, b in args.compare for p in compare(rows, a, b, resamples=args.resamples)]) if args.compare else None
+    pairs = (family([p for a, b in args.compare for p in compare(rows, a, b, resamples=args.resamples,
+                                                                      speaker_pattern=args.speaker_pattern)])
+             if args.compare else None)
     for problem in skipped:
         err_console.print(f"[yellow]skipped[/] {escape(problem)}", highlight=False, soft_wrap=True)
     groups = grouped(rows)
@@ -557,6 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=2000, metavar="N",
                    help="bootstrap draws of --compare's intervals (default 2000); no bootstrap p falls below 2/(N+1), so "
                         "a table of many rows needs more for its Holm p to show a difference")
+    p.add_argument("--speaker-pattern", metavar="REGEX",
+                   help="with --compare: group the transcripts' speaker names into the speakers its bootstrap resamples, "
+                        "by this regular expression's match (its first group, if it has one), where a dataset names one "
+                        "voice several ways: '^[^@]+' drops the rate and pitch the synthetic corpora add "
+                        "(flite:slt@1.18/97 -> flite:slt). Default: each name its own speaker")
     p.add_argument("--choose", metavar="KEY", help="a recipe key the runs vary (training.learning_rate): for every method "
                    "and sparsity, the value whose runs have the lowest error rate averaged over the --by splits (written "
                    "to choice.md and choice.csv)")

@@ -18,11 +18,14 @@ t_low, t_high, t_p, t_p_holm: 95% paired t-interval over those per-seed differen
     of freedom; none under two paired seeds, or where every paired seed gave the same difference), its two-sided
     p, and that p Holm-adjusted over the table's rows
     [95% t-interval, paired seeds; paired seeds; Holm p (t)]
-speakers: the speakers (clusters) of the split's utterances, as the dataset names them
+speakers: the speakers (clusters) of the split's utterances, as the dataset names them (or as --speaker-pattern
+    groups those names)
 speaker_low, speaker_high, speaker_p_a_worse, speaker_p, speaker_p_holm: 95% interval of the bootstrap over
     speakers (models held fixed; none under MIN_SPEAKERS (5) or without speakers in the transcripts), the share
     of draws with A worse, its two-sided p, and that p Holm-adjusted over the table's rows
     [95% interval, speakers; speakers; Holm p (speakers)]
+speaker_pattern: the regular expression that grouped the transcripts' speaker names into those speakers
+    (--speaker-pattern; empty: each name its own speaker)
 utterances, resamples, level: utterances compared, bootstrap draws (--resamples), interval level
 comparisons: the rows of the table (the family the Holm adjustments are over)
 notes: why an interval is missing or rough, what the t-interval is over when that is less than all seeds, and
@@ -502,7 +505,8 @@ def markdown(rows: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------------ paired comparisons
 
-def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: int = 0) -> list[dict]:
+def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: int = 0,
+            speaker_pattern: str | None = None) -> list[dict]:
     """Method ``a`` against method ``b`` at every sparsity both have, on every split: the difference of
     final error rates A − B (each utterance's edits averaged over a method's seeds first) with four
     intervals (``parpkit.stats``):
@@ -515,7 +519,8 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
       mean difference ``t_difference``), where there are two or more such seeds;
     - over speakers (``speaker_low``/``speaker_high``, ``speaker_p``; ``speakers`` of them), where the
       transcripts name each utterance's speaker and there are ``MIN_SPEAKERS`` or more (under ``FEW_SPEAKERS`` a
-      note calls it rough).
+      note calls it rough). ``speaker_pattern``, a regular expression, groups the names first where they are
+      finer than the voices (``speaker_cluster``).
 
     Where an interval cannot be given its columns are None and ``notes`` says why. The Holm-adjusted p
     columns (``p_holm``, ``t_p_holm``, ``speaker_p_holm``) and ``comparisons`` are over the rows returned
@@ -559,9 +564,9 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
                 result["seeds_paired"] = paired
                 result.update({k: v for k, v in both.items() if k.startswith("seed_")})
             result.update(_paired_t(per, seeds, a, b, ids, notes))
-            result.update(_by_speaker(files, split, ids, mean[a], mean[b], notes, resamples, seed))
+            result.update(_by_speaker(files, split, ids, mean[a], mean[b], notes, resamples, seed, speaker_pattern))
             out.append({"a": a, "b": b, "sparsity": sparsity, "split": split, "seeds_a": len(runs[a]), "seeds_b": len(runs[b]),
-                        **result, "notes": "; ".join(notes)})
+                        **result, "speaker_pattern": speaker_pattern, "notes": "; ".join(notes)})
     if not out:
         raise ParpkitError(f"--compare: {a!r} and {b!r} share no sparsity with per-utterance errors on a common split")
     return family(out)
@@ -618,16 +623,34 @@ def _paired_t(per: dict[str, list[dict]], seeds: dict[str, list], a: str, b: str
 MIN_SPEAKERS, FEW_SPEAKERS = 5, 10
 
 
+def speaker_cluster(name: str, pattern: str | None) -> str:
+    """The speaker (cluster) a transcript's speaker ``name`` belongs to under ``pattern`` (``--speaker-pattern``):
+    the name itself without one; else the first group of the pattern's first match (``re.search``), or the whole
+    match where the pattern has no group. A dataset may name a speaker more finely than one voice (the synthetic
+    corpora add the rate and pitch each voice was synthesised at: ``flite:slt@1.18/97``), and utterances of one
+    voice under several names would be resampled as if independent. Refused, naming it, where nothing matches."""
+    if pattern is None:
+        return name
+    m = re.search(pattern, name)
+    if m is None or not (m.group(1) if m.re.groups else m.group(0)):
+        raise ParpkitError(f"--speaker-pattern {pattern!r} finds no speaker in the name {name!r}: give a pattern whose "
+                           "match (or first group) is the part of every name that says the voice")
+    return m.group(1) if m.re.groups else m.group(0)
+
+
 def _by_speaker(files: dict[str, list[Path]], split: str, ids: list[str], a: list, b: list, notes: list[str],
-                resamples: int, seed: int) -> dict:
+                resamples: int, seed: int, pattern: str | None = None) -> dict:
     """The speaker bootstrap's columns (None, with a note, where the transcripts name no speakers, disagree
-    on them, or name one)."""
+    on them, or name one), over the names grouped by ``pattern`` (``speaker_cluster``)."""
     from parpkit.stats import read_speakers, speaker_bootstrap
 
     blank = {"speakers": None, "speaker_low": None, "speaker_high": None, "speaker_p_a_worse": None, "speaker_p": None}
     found: dict[str, str] = {}
+    names: dict[str, set[str]] = defaultdict(set)  # an utterance's names, as each run wrote it
     for f in (f for fs in files.values() for f in fs):
-        for uid, who in (read_speakers(f, split) if f.is_file() else {}).items():
+        for uid, name in (read_speakers(f, split) if f.is_file() else {}).items():
+            names[uid].add(name)
+            who = speaker_cluster(name, pattern)
             if found.setdefault(uid, who) != who:
                 notes.append(f"no speaker interval: the runs name different speakers for utterance {uid!r}")
                 return blank
@@ -638,6 +661,9 @@ def _by_speaker(files: dict[str, list[Path]], split: str, ids: list[str], a: lis
         return blank
     speakers = [found[i] for i in ids]
     g = len(set(speakers))
+    named = len(set().union(*(names[i] for i in ids)))
+    if named > g:
+        notes.append(f"{named} speaker names grouped into {g} speakers by --speaker-pattern")
     if g < MIN_SPEAKERS:
         notes.append(f"no speaker interval: {g} speaker{'s' if g != 1 else ''}; a speaker bootstrap needs "
                      f"{MIN_SPEAKERS} or more (with few its interval is far too narrow)")
@@ -666,7 +692,7 @@ def family(pairs: list[dict]) -> list[dict]:
 COMPARE_COLUMNS = ["a", "b", "sparsity", "split", "seeds_a", "seeds_b", "difference", "low", "high", "p_a_worse",
                    "seed_low", "seed_high", "seed_p_a_worse", "seeds_paired", "utterances", "resamples", "level",
                    "p", "p_holm", "t_seeds", "t_difference", "t_low", "t_high", "t_p", "t_p_holm",
-                   "speakers", "speaker_low", "speaker_high", "speaker_p_a_worse", "speaker_p", "speaker_p_holm",
+                   "speakers", "speaker_low", "speaker_high", "speaker_p_a_worse", "speaker_p", "speaker_p_holm", "speaker_pattern",
                    "comparisons", "notes"]
 
 def write_compare_csv(pairs: list[dict], path: Path) -> None:
@@ -735,7 +761,9 @@ def compare_markdown(pairs: list[dict]) -> str:
         "- paired t-interval: one difference per seed both ran, t with (paired seeds − 1) degrees of freedom: "
         "the interval for training the methods again, on these utterances;\n"
         "- speakers: speakers resampled with all their utterances, the models held fixed (utterances of one voice "
-        "go together).\n\n" + family_note(pairs) + "\n")
+        "go together)" + (f"; the transcripts' speaker names grouped into speakers by the regular expression "
+                          f"`{pairs[0]['speaker_pattern']}` (--speaker-pattern)" if pairs[0].get("speaker_pattern") else "")
+        + ".\n\n" + family_note(pairs) + "\n")
     if notes:
         text += "\nNotes (a missing or rough interval, seeds, splits left out):\n" + "\n".join(notes) + "\n"
     return text

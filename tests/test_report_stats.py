@@ -14,6 +14,7 @@ import torch
 
 from parpkit.cli import main
 from parpkit.engine.evaluation import evaluate
+from parpkit.errors import ParpkitError
 from parpkit.interfaces import Utterance
 from parpkit.progress import Progress
 from parpkit.report import collect, compare, markdown
@@ -327,6 +328,41 @@ def test_report_compare_gives_a_paired_t_interval_a_speaker_interval_and_holm_p(
     md = (out / "compare.md").read_text()
     assert "3 comparisons in this table" in md and "Notes (a missing or rough interval, seeds, splits left out):" in md and "no t-interval" in md
     assert f"[{pair['t_low']:+.4f}, {pair['t_high']:+.4f}]" in md and f"[{pair['speaker_low']:+.4f}, {pair['speaker_high']:+.4f}]" in md
+
+
+def test_speaker_pattern_groups_the_names_of_one_voice_before_the_speaker_bootstrap(tmp_path, capsys):
+    # six voices, each synthesised at four rates named apart (as the synthetic corpora name them: voice@rate):
+    # 24 names, and a bootstrap over them would resample one voice's utterances as if four voices had said them
+    rng = np.random.default_rng(11)
+    names = [f"v{i // 20}@{100 + 10 * ((i // 5) % 4)}" for i in range(120)]
+    runs = tmp_path / "runs"
+    a, b = rng.binomial(10, 0.3, 120).tolist(), rng.binomial(10, 0.2, 120).tolist()
+    _fake_run(runs, "a0", "parp", 0, a, names)
+    _fake_run(runs, "b0", "fixed", 0, b, [n.split("@")[0] for n in names])  # written with the voice alone
+    rows, _ = collect([runs])
+    [apart] = compare(rows, "parp", "fixed")  # the runs disagree on every name: no speaker interval
+    assert apart["speakers"] is None and "no speaker interval: the runs name different speakers" in apart["notes"]
+    [pair] = compare(rows, "parp", "fixed", speaker_pattern="^[^@]+")
+    expected = speaker_bootstrap([(k, 10) for k in a], [(k, 10) for k in b], [f"v{i // 20}" for i in range(120)])
+    assert pair["speakers"] == 6 and pair["speaker_pattern"] == "^[^@]+"
+    assert (pair["speaker_low"], pair["speaker_high"]) == pytest.approx((expected["low"], expected["high"]))
+    assert "30 speaker names grouped into 6 speakers by --speaker-pattern" in pair["notes"]  # both runs' 24 + 6
+    # a group, where the pattern has one, is the speaker; a name the pattern finds nothing in is refused, named
+    [grouped] = compare(rows, "parp", "fixed", speaker_pattern=r"^(v\d)")
+    assert grouped["speakers"] == 6 and grouped["speaker_low"] == pytest.approx(pair["speaker_low"])
+    with pytest.raises(ParpkitError, match=r"--speaker-pattern '\^w' finds no speaker in the name 'v0@100'"):
+        compare(rows, "parp", "fixed", speaker_pattern="^w")
+    out = tmp_path / "rep"
+    assert main(["report", str(runs), "--output-dir", str(out), "--compare", "parp", "fixed",
+                 "--speaker-pattern", "^[^@]+"]) == 0
+    capsys.readouterr()
+    [row] = list(csv.DictReader((out / "compare.csv").open(newline="")))
+    assert row["speakers"] == "6" and row["speaker_pattern"] == "^[^@]+"
+    assert "grouped into speakers by the regular expression `^[^@]+` (--speaker-pattern)" in (out / "compare.md").read_text()
+    assert main(["report", str(runs), "--compare", "parp", "fixed", "--speaker-pattern", "v(["]) == 2
+    assert "--speaker-pattern 'v([' is not a regular expression" in _err(capsys)
+    assert main(["report", str(runs), "--speaker-pattern", "^[^@]+"]) == 2
+    assert "--speaker-pattern goes with --compare" in _err(capsys)
 
 
 def test_report_compare_says_where_its_intervals_cannot_hold(tmp_path, capsys):
