@@ -632,10 +632,11 @@ def speaker_cluster(name: str, pattern: str | None) -> str:
     if pattern is None:
         return name
     m = re.search(pattern, name)
-    if m is None or not (m.group(1) if m.re.groups else m.group(0)):
+    speaker = m and m.group(1 if m.re.groups else 0)
+    if not speaker:
         raise ParpkitError(f"--speaker-pattern {pattern!r} finds no speaker in the name {name!r}: give a pattern whose "
                            "match (or first group) is the part of every name that says the voice")
-    return m.group(1) if m.re.groups else m.group(0)
+    return speaker
 
 
 def _by_speaker(files: dict[str, list[Path]], split: str, ids: list[str], a: list, b: list, notes: list[str],
