@@ -256,6 +256,7 @@ def cmd_run(args) -> int:
 def cmd_sweep(args) -> int:
     import dataclasses
 
+    from parpkit.engine.checkpoints import resume_state
     from parpkit.errors import RecipeError
     from parpkit.launchers import Job, Resources, check, launch, require
     from parpkit.recipe import read_recipe_file
@@ -309,7 +310,8 @@ def cmd_sweep(args) -> int:
     for col in ("point", "overrides", "state"):
         table.add_column(col)
     for p in plist:
-        state = "finished" if (out / p.name / "metrics.json").exists() else ("started" if (out / p.name).exists() else "")
+        state = ("finished" if (out / p.name / "metrics.json").exists()
+                 else f"started, {resume_state(out / p.name)}" if (out / p.name).exists() else "")
         table.add_row(escape(p.name), escape(", ".join(f"{k}={v}" for k, v in p.overrides.items())), state)
     console.print(table)
     if args.dry_run:
@@ -539,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-local", action="store_true",
                    help="slurm: run the jobs as local processes (submitit's LocalExecutor), for testing without a cluster")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="list the points and check their recipes; run nothing")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="list the points and their state (finished, or where a started one would resume) and check their "
+                           "recipes; run nothing")
     mode.add_argument("--print-commands", action="store_true",
                       help="print one `parpkit run` command per point (for a scheduler, or one process per GPU)")
     p.set_defaults(fn=cmd_sweep)

@@ -496,6 +496,24 @@ def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, 
 
 
 @requires_offline
+def test_a_sweeps_list_says_where_each_started_point_would_resume(tmp_path, finished_run):
+    import shutil
+
+    from parpkit.engine.checkpoints import resume_state
+
+    _, alone = finished_run
+    killed = tmp_path / "killed"
+    shutil.copytree(alone, killed)
+    (killed / "metrics.json").unlink()
+    assert resume_state(killed) == "resumes at update 6 of 6"
+    newest = killed / "checkpoints" / "phase-0" / "checkpoint-6" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert resume_state(killed) == "resumes at update 4 of 6 (1 damaged checkpoint passed over)"
+    shutil.rmtree(killed / "checkpoints")
+    assert resume_state(killed) == "starts over: no checkpoint yet"
+
+
+@requires_offline
 def test_wav2vec2_config_keys_are_checked(tmp_path, capsys):
     recipe = tiny_ctc_recipe()
     recipe["backbone"]["options"]["config"]["num_layers"] = 3

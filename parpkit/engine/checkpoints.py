@@ -212,3 +212,23 @@ def find_resume_point(root: Path, n_phases: int) -> tuple[int, Path | None, Path
                 return i, ckpt, end, notes
             notes.append(f"{ckpt or end} is damaged ({why})")
     return 0, None, None, notes
+
+
+def resume_state(run_dir: Path) -> str:
+    """Where a started run would resume, in words, for a sweep's list of points: ``resumes at update N of M``
+    (the newest usable checkpoint; its phase when there are several), or ``starts over`` where no checkpoint
+    is usable yet."""
+    root = Path(run_dir) / "checkpoints"
+    phases = [int(p.name.split("-")[-1]) for p in root.glob("phase-*") if p.name.split("-")[-1].isdigit()]
+    first, ckpt, end, notes = find_resume_point(root, max(phases, default=-1) + 1)
+    damaged = f" ({len(notes)} damaged checkpoint{'s' if len(notes) > 1 else ''} passed over)" if notes else ""
+    phase = f" of phase {first + 1}" if first or len(phases) > 1 else ""
+    if ckpt is not None:
+        try:
+            trainer = json.loads((ckpt / "trainer_state.json").read_text())
+            return f"resumes at update {int(trainer['global_step'])} of {int(trainer['max_steps'])}{phase}{damaged}"
+        except (OSError, ValueError, KeyError, TypeError):  # problem() read it: only a file changed since can fail
+            return f"resumes from {ckpt.relative_to(run_dir)}{damaged}"
+    if end is not None:
+        return f"resumes at the start{phase}{damaged}"
+    return f"starts over: no checkpoint yet{damaged}"
