@@ -213,3 +213,17 @@ def test_seeds_are_averaged_per_sparsity_and_pairs_are_checked_by_their_keys():
     _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "ood", "—", "1", "—", "—", "1", "—", "0.520", "2"], pairs)
     with pytest.raises(AssertionError, match="Holm p"):  # the unadjusted p where the adjusted one belongs
         _check_pairs("c.csv", header, ["parp", "fixed", "0.5", "ood", "—", "1", "—", "—", "1", "—", "0.260", "2"], pairs)
+
+
+def test_grid_v3s_status_table_is_its_kept_points_as_they_finished():
+    """While grid_v3 runs, its README lists the finished points kept under its runs/; the table is
+    results/grid_v3_tiny_en/status.py's output, so a point kept without its row (or a row edited) fails."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grid_v3_status", ROOT / "results" / "grid_v3_tiny_en" / "status.py")
+    status = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(status)
+    readme = (ROOT / "results" / "grid_v3_tiny_en" / "README.md").read_text()
+    table = status.table(ROOT / "results" / "grid_v3_tiny_en" / "runs")
+    assert table.splitlines()[4].startswith("| method-")  # it read runs, not an empty folder
+    assert table in readme, "results/grid_v3_tiny_en/README.md: replace its status block with status.py's output"
