@@ -253,10 +253,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def point_state(run_dir: Path, n_phases: int | None) -> str:
+    """A sweep point's state for the sweep's list: blank (not started), ``finished``, or ``started`` and where it
+    would resume. Only says: a point the list cannot read is named so here and fails (or runs) on its own, never
+    stopping the sweep before it starts."""
+    from parpkit.engine.checkpoints import resume_state
+
+    try:
+        if not (run_dir.is_symlink() or run_dir.exists()):
+            return ""
+        if not run_dir.is_dir():
+            return "not a directory: the point will fail"
+        metrics = run_dir / "metrics.json"
+        if metrics.exists():
+            try:
+                finished = isinstance(json.loads(metrics.read_text()), dict)
+            except (OSError, ValueError):
+                finished = False
+            return "finished" if finished else "metrics.json cannot be read: the point will fail (--fresh runs it again)"
+        return f"started, {resume_state(run_dir, n_phases)}" if n_phases else "started"
+    except OSError as exc:
+        return f"started, unreadable ({exc.strerror or type(exc).__name__})"
+
+
 def cmd_sweep(args) -> int:
     import dataclasses
 
-    from parpkit.engine.checkpoints import resume_state
     from parpkit.errors import RecipeError
     from parpkit.launchers import Job, Resources, check, launch, require
     from parpkit.recipe import read_recipe_file
@@ -300,8 +322,13 @@ def cmd_sweep(args) -> int:
     resources = dataclasses.replace(resources, folder=str(out / "submitit"))
     plugins = Plugins()
     checked = [(p, *recipes[p.name]) for p in plist]
+    phases = {}
     for p, model, _ in checked:  # every point resolves before any runs
-        resolve(model, plugins, where(p))
+        resolved = resolve(model, plugins, where(p))
+        try:  # for the list's "resumes at": the run checks its schedule's phases itself, with a clear error
+            phases[p.name] = len(resolved.schedule.phases(model.training.max_steps))
+        except Exception:  # noqa: BLE001 (a plugin's own bug is reported where the point runs)
+            phases[p.name] = None
     if args.print_commands:
         for p in plist:
             console.print(run_command(recipe, p, out / p.name, out / "shared", args.set or []), markup=False, highlight=False)
@@ -310,8 +337,7 @@ def cmd_sweep(args) -> int:
     for col in ("point", "overrides", "state"):
         table.add_column(col)
     for p in plist:
-        state = ("finished" if (out / p.name / "metrics.json").exists()
-                 else f"started, {resume_state(out / p.name)}" if (out / p.name).exists() else "")
+        state = point_state(out / p.name, phases[p.name])
         table.add_row(escape(p.name), escape(", ".join(f"{k}={v}" for k, v in p.overrides.items())), state)
     console.print(table)
     if args.dry_run:
@@ -393,7 +419,7 @@ def cmd_report(args) -> int:
         try:
             re.compile(args.speaker_pattern)
         except re.error as e:
-            raise UsageError(f"--speaker-pattern {args.speaker_pattern!r} is not a regular expression: {e}") from None
+            raise UsageError(f"--speaker-pattern '{args.speaker_pattern}' is not a regular expression: {e}") from None
     seen: dict[frozenset, tuple[str, str]] = {}
     for a, b in args.compare or []:  # one pair twice (either way round) would count twice in Holm's family
         if frozenset((a, b)) in seen and a != b:

@@ -634,8 +634,9 @@ def speaker_cluster(name: str, pattern: str | None) -> str:
     m = re.search(pattern, name)
     speaker = m and m.group(1 if m.re.groups else 0)
     if not speaker:
-        raise ParpkitError(f"--speaker-pattern {pattern!r} finds no speaker in the name {name!r}: give a pattern whose "
-                           "match (or first group) is the part of every name that says the voice")
+        what = "does not match" if m is None else "matches only an empty " + ("first group in" if m.re.groups else "string in")
+        raise ParpkitError(f"--speaker-pattern '{pattern}' {what} the speaker name {name!r}: give a pattern whose match "
+                           "(or first group) is the part of every name that says the voice")
     return speaker
 
 
@@ -651,7 +652,10 @@ def _by_speaker(files: dict[str, list[Path]], split: str, ids: list[str], a: lis
     for f in (f for fs in files.values() for f in fs):
         for uid, name in (read_speakers(f, split) if f.is_file() else {}).items():
             names[uid].add(name)
-            who = speaker_cluster(name, pattern)
+            try:
+                who = speaker_cluster(name, pattern)
+            except ParpkitError as exc:
+                raise ParpkitError(f"{f}, split {split}, utterance {uid!r}: {exc}") from None
             if found.setdefault(uid, who) != who:
                 notes.append(f"no speaker interval: the runs name different speakers for utterance {uid!r}")
                 return blank
@@ -762,7 +766,7 @@ def compare_markdown(pairs: list[dict]) -> str:
         "- paired t-interval: one difference per seed both ran, t with (paired seeds − 1) degrees of freedom: "
         "the interval for training the methods again, on these utterances;\n"
         "- speakers: speakers resampled with all their utterances, the models held fixed (utterances of one voice "
-        "go together)" + (f"; the transcripts' speaker names grouped into speakers by the regular expression "
+        "go together)" + (f"; the transcripts' speaker names (where they give them) grouped into speakers by the regular expression "
                           f"`{pairs[0]['speaker_pattern']}` (--speaker-pattern)" if pairs[0].get("speaker_pattern") else "")
         + ".\n\n" + family_note(pairs) + "\n")
     if notes:

@@ -499,18 +499,36 @@ def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, 
 def test_a_sweeps_list_says_where_each_started_point_would_resume(tmp_path, finished_run):
     import shutil
 
-    from parpkit.engine.checkpoints import resume_state
+    from parpkit.cli import point_state
 
     _, alone = finished_run
     killed = tmp_path / "killed"
     shutil.copytree(alone, killed)
+    assert point_state(killed, 1) == "finished" and point_state(tmp_path / "none", 1) == ""
     (killed / "metrics.json").unlink()
-    assert resume_state(killed) == "resumes at update 6 of 6"
-    newest = killed / "checkpoints" / "phase-0" / "checkpoint-6" / "model.safetensors"
-    newest.write_bytes(newest.read_bytes()[:100])
-    assert resume_state(killed) == "resumes at update 4 of 6 (1 damaged checkpoint passed over)"
-    shutil.rmtree(killed / "checkpoints")
-    assert resume_state(killed) == "starts over: no checkpoint yet"
+    assert point_state(killed, 1) == "started, resumes at update 6 of 6"
+    assert point_state(killed, 2) == "started, resumes at update 6 of 6 of phase 1"
+    ckpts = killed / "checkpoints" / "phase-0"
+    (ckpts / "checkpoint-²").mkdir()  # str.isdigit() takes "²", int() does not: it had stopped the whole sweep
+    newest = ckpts / "checkpoint-6" / "trainer_state.json"
+    newest.write_text(newest.read_text().replace('"global_step": 6', '"global_step": Infinity'))
+    assert point_state(killed, 1) == "started, resumes at update 4 of 6 (1 damaged checkpoint passed over)"
+    shutil.rmtree(ckpts / "checkpoint-6")
+    (ckpts / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": Infinity, "max_steps": 6}')
+    (ckpts / "checkpoint-4" / "COMPLETE").write_text("ok")  # as an older parpkit marked it: no checksums
+    assert point_state(killed, 1) == "started, resumes from checkpoints/phase-0/checkpoint-4"
+    # a phase the recipe does not have is not where the run resumes (it had said "resumes ... of phase 2")
+    ckpts.rename(killed / "checkpoints" / "phase-1")
+    assert point_state(killed, 1) == "started, starts over: no checkpoint yet"
+    (killed / "checkpoints" / "phase-100000000000").mkdir()  # had walked every phase up to it
+    assert point_state(killed, 1) == "started, starts over: no checkpoint yet"
+    # what the run itself would refuse is said, not taken for finished or started
+    (killed / "metrics.json").write_text("{trunc")
+    assert point_state(killed, 1) == "metrics.json cannot be read: the point will fail (--fresh runs it again)"
+    (tmp_path / "file").write_text("x")
+    assert point_state(tmp_path / "file", 1) == "not a directory: the point will fail"
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert point_state(tmp_path / "loop", 1) == "not a directory: the point will fail"
 
 
 @requires_offline

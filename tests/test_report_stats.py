@@ -81,6 +81,28 @@ def test_evaluation_records_each_utterance_as_the_rates_count_it(tmp_path):
     assert rates["wer"] == pytest.approx(sum(r["edits"] for r in rows) / sum(r["words"] for r in rows))
 
 
+def test_bootstraps_draw_in_slices_of_bounded_memory_and_give_the_same_intervals(monkeypatch):
+    import tracemalloc
+
+    import parpkit.stats as stats
+
+    rng = np.random.default_rng(3)
+    n = 3000  # a corpus-sized split: drawn at once, 2,000 resamples held 6M indices and their gathered floats
+    a, b = ([(int(k), 10) for k in rng.binomial(10, p, n)] for p in (0.3, 0.25))
+    ea, eb = rng.binomial(10, 0.3, (3, n)), rng.binomial(10, 0.25, (3, n))
+    whole = paired_bootstrap(a, b), seed_bootstrap(ea, eb, [10] * n), seed_bootstrap(ea, eb, [10] * n, paired=True)
+    monkeypatch.setattr(stats, "DRAWS_AT_ONCE", 2**15)
+    tracemalloc.start()
+    try:
+        sliced = paired_bootstrap(a, b), seed_bootstrap(ea, eb, [10] * n), seed_bootstrap(ea, eb, [10] * n, paired=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sliced == whole  # the same draws, in slices of 10 resamples (2**15 draws of 3,000)
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB: the draws were not held a slice at a time"
+    assert whole[0]["low"] < 0.05 < whole[0]["high"] and whole[1]["seed_low"] < 0.05 < whole[1]["seed_high"]
+
+
 def test_paired_bootstrap_intervals_cover_a_known_difference_and_zero_when_there_is_none(tmp_path):
     rng = np.random.default_rng(0)
     n = 400
@@ -350,8 +372,11 @@ def test_speaker_pattern_groups_the_names_of_one_voice_before_the_speaker_bootst
     # a group, where the pattern has one, is the speaker; a name the pattern finds nothing in is refused, named
     [grouped] = compare(rows, "parp", "fixed", speaker_pattern=r"^(v\d)")
     assert grouped["speakers"] == 6 and grouped["speaker_low"] == pytest.approx(pair["speaker_low"])
-    with pytest.raises(ParpkitError, match=r"--speaker-pattern '\^w' finds no speaker in the name 'v0@100'"):
+    with pytest.raises(ParpkitError, match=r"a0/transcripts_final.jsonl, split test, utterance 'u0': --speaker-pattern "
+                                           r"'\^w' does not match the speaker name 'v0@100'"):
         compare(rows, "parp", "fixed", speaker_pattern="^w")
+    with pytest.raises(ParpkitError, match=r"--speaker-pattern '\(x\?\)' matches only an empty first group in the speaker"):
+        compare(rows, "parp", "fixed", speaker_pattern="(x?)")
     out = tmp_path / "rep"
     assert main(["report", str(runs), "--output-dir", str(out), "--compare", "parp", "fixed",
                  "--speaker-pattern", "^[^@]+"]) == 0
@@ -359,10 +384,24 @@ def test_speaker_pattern_groups_the_names_of_one_voice_before_the_speaker_bootst
     [row] = list(csv.DictReader((out / "compare.csv").open(newline="")))
     assert row["speakers"] == "6" and row["speaker_pattern"] == "^[^@]+"
     assert "grouped into speakers by the regular expression `^[^@]+` (--speaker-pattern)" in (out / "compare.md").read_text()
+    assert main(["report", str(runs), "--compare", "parp", "fixed", "--speaker-pattern", r"^(w\d)"]) == 2
+    assert r"--speaker-pattern '^(w\d)' does not match" in _err(capsys)  # as typed, not a Python repr doubling "\"
     assert main(["report", str(runs), "--compare", "parp", "fixed", "--speaker-pattern", "v(["]) == 2
     assert "--speaker-pattern 'v([' is not a regular expression" in _err(capsys)
     assert main(["report", str(runs), "--speaker-pattern", "^[^@]+"]) == 2
     assert "--speaker-pattern goes with --compare" in _err(capsys)
+
+
+def test_speaker_names_count_as_written_a_speaker_named_0_and_names_apart_only_by_nul_included(tmp_path):
+    from parpkit.stats import read_speakers
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({"split": "test", "id": f"u{i}", "speaker": who})
+                              for i, who in enumerate([0, "", None, "v", "v\0", False])) + "\n")
+    assert read_speakers(path, "test") == {"u0": "0", "u3": "v", "u4": "v\0", "u5": "False"}  # "": no speaker, as None
+    # numpy's string arrays drop trailing NULs ("v" and "v\0" became one speaker, and two names one: refused)
+    both = speaker_bootstrap([(1, 10), (5, 10)], [(2, 10), (2, 10)], ["v", "v\0"], resamples=200)
+    assert both["speakers"] == 2 and both["low"] < both["high"]
 
 
 def test_report_compare_says_where_its_intervals_cannot_hold(tmp_path, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -70,7 +71,7 @@ def is_complete(directory: Path) -> bool:
 
 def checkpoints(phase_dir: Path) -> list[Path]:
     """The Trainer's ``checkpoint-N`` folders of a phase, oldest first."""
-    found = [p for p in phase_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    found = [p for p in phase_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-[0-9]+", p.name)]  # not isdigit: "²"
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
@@ -214,21 +215,23 @@ def find_resume_point(root: Path, n_phases: int) -> tuple[int, Path | None, Path
     return 0, None, None, notes
 
 
-def resume_state(run_dir: Path) -> str:
-    """Where a started run would resume, in words, for a sweep's list of points: ``resumes at update N of M``
-    (the newest usable checkpoint; its phase when there are several), or ``starts over`` where no checkpoint
-    is usable yet."""
-    root = Path(run_dir) / "checkpoints"
-    phases = [int(p.name.split("-")[-1]) for p in root.glob("phase-*") if p.name.split("-")[-1].isdigit()]
-    first, ckpt, end, notes = find_resume_point(root, max(phases, default=-1) + 1)
+def resume_state(run_dir: Path, n_phases: int) -> str:
+    """Where a started run of ``n_phases`` phases (its recipe's) would resume, in words, for a sweep's list of
+    points: ``resumes at update N of M`` (the newest usable checkpoint, as ``find_resume_point`` picks it for the
+    run; its phase where there are several), or ``starts over`` where none is usable yet. Raises OSError where
+    the checkpoints cannot be read."""
+    first, ckpt, end, notes = find_resume_point(Path(run_dir) / "checkpoints", n_phases)
     damaged = f" ({len(notes)} damaged checkpoint{'s' if len(notes) > 1 else ''} passed over)" if notes else ""
-    phase = f" of phase {first + 1}" if first or len(phases) > 1 else ""
+    phase = f" of phase {first + 1}" if n_phases > 1 else ""
     if ckpt is not None:
         try:
             trainer = json.loads((ckpt / "trainer_state.json").read_text())
-            return f"resumes at update {int(trainer['global_step'])} of {int(trainer['max_steps'])}{phase}{damaged}"
-        except (OSError, ValueError, KeyError, TypeError):  # problem() read it: only a file changed since can fail
-            return f"resumes from {ckpt.relative_to(run_dir)}{damaged}"
+            step, total = trainer["global_step"], trainer["max_steps"]
+        except (ValueError, KeyError, TypeError):  # problem() read it: only a file changed since can fail
+            step = total = None
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in (step, total)):
+            return f"resumes at update {step} of {total}{phase}{damaged}"
+        return f"resumes from {ckpt.relative_to(run_dir)}{damaged}"
     if end is not None:
         return f"resumes at the start{phase}{damaged}"
     return f"starts over: no checkpoint yet{damaged}"
