@@ -545,12 +545,14 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
         partly = sorted({s for rs in runs.values() for r in rs for s in r["splits"]} - set(splits))
         left_out = [f"split {s} left out: not scored by " + ", ".join(r["run"] for rs in runs.values() for r in rs
                                                                        if s not in r["splits"]) for s in partly]
+        unscored: list[str] = []
         for split in splits:
             files = {m: [Path(r["run"]) / "transcripts_final.jsonl" for r in rs] for m, rs in runs.items()}
             per = {m: [read_utterance_errors(f, split) if f.is_file() else {} for f in fs] for m, fs in files.items()}
             ids = sorted(set.intersection(*[set(e) for es in per.values() for e in es]))
-            if not _comparable(runs, per, ids, split):
-                continue  # runs written before per-utterance errors were recorded
+            if not _comparable(runs, per, ids, split):  # runs written before per-utterance errors were recorded
+                unscored.append(split)
+                continue
             mean = {m: [(sum(e[i][0] for e in es) / len(es), es[0][i][1]) for i in ids] for m, es in per.items()}
             result = paired_bootstrap(mean[a], mean[b], resamples=resamples, seed=seed)
             result.update(seed_low=None, seed_high=None, seed_p_a_worse=None, seeds_paired=None)
@@ -567,6 +569,10 @@ def compare(rows: list[dict], a: str, b: str, *, resamples: int = 2000, seed: in
             result.update(_by_speaker(files, split, ids, mean[a], mean[b], notes, resamples, seed, speaker_pattern))
             out.append({"a": a, "b": b, "sparsity": sparsity, "split": split, "seeds_a": len(runs[a]), "seeds_b": len(runs[b]),
                         **result, "speaker_pattern": speaker_pattern, "notes": "; ".join(notes)})
+        first = next((o for o in out if o["sparsity"] == sparsity), None)
+        if unscored and first is not None:  # said once, on the sparsity's first row, as left_out is
+            first["notes"] = "; ".join(filter(None, [first["notes"], *(
+                f"split {u} left out: no run of the pair has per-utterance errors on it" for u in unscored)]))
     if not out:
         raise ParpkitError(f"--compare: {a!r} and {b!r} share no sparsity with per-utterance errors on a common split")
     return family(out)
@@ -793,7 +799,7 @@ def plot_sparsity(rows: list[dict], path: Path) -> None:
     splits = list(OrderedDict.fromkeys(s for g in groups for s in g["splits"]))
     rate = groups[0]["rate"]
     fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4.2), squeeze=False)
-    zero = next((r["dense_splits"] for r in rows if r["dense_splits"]), {})
+    zero = zero_shot(rows) or {}  # no line where the runs' zero-shot scores differ (the table says so), not one run's
     for ax, split in zip(axes[0], splits, strict=True):
         by_method: dict[str, list[dict]] = defaultdict(list)
         for g in groups:

@@ -94,7 +94,7 @@ def _sweep_kill_rerun_report(tmp_path, plain, launcher_args, capsys, monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_RAY, reason="needs ray (pip install 'parpkit[ray]'); not in the test extra: its wheel is ~80 MB")
+@pytest.mark.skipif(not HAS_RAY, reason="needs ray (pip install 'parpkit[ray]' or the test extra)")
 def test_ray_launcher_runs_skips_resumes_and_reports_like_the_plain_sweep(tmp_path, plain, capsys, monkeypatch):
     import ray
 

@@ -439,6 +439,13 @@ def test_report_compare_says_where_its_intervals_cannot_hold(tmp_path, capsys):
     [again] = compare(collect([tmp_path / "r6"])[0], "parp", "fixed")
     assert again["split"] == "test" and "split ood left out: not scored by " in again["notes"]
     assert str(tmp_path / "r6" / "a0") in again["notes"] and str(tmp_path / "r6" / "b1") not in again["notes"]
+    # a split every run scored but none wrote per-utterance errors for (older transcripts): named, not dropped silently
+    for run in (tmp_path / "r6").iterdir():
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["stages"]["final"]["splits"]["ood"] = {"wer": 0.5}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    [unscored] = compare(collect([tmp_path / "r6"])[0], "parp", "fixed")
+    assert unscored["split"] == "test" and "split ood left out: no run of the pair has per-utterance errors on it" in unscored["notes"]
     # a pair given twice (either way round) would count twice in Holm's family
     assert main(["report", str(tmp_path / "r6"), "--compare", "parp", "fixed", "--compare", "fixed", "parp"]) == 2
     assert "--compare fixed parp given twice (parp fixed before)" in _err(capsys)
@@ -523,3 +530,23 @@ def test_report_compare_escapes_a_bar_in_method_labels(tmp_path):
         assert row in (tmp_path / "rep" / name).read_text()
         cells = [len(re.split(r"(?<!\\)\|", line)) for line in lines[:3]]  # header, rule, first row
         assert cells[0] == cells[1] == cells[2]
+
+
+def test_the_plot_draws_a_zero_shot_line_only_where_the_runs_share_one(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from parpkit.report import plot_sparsity
+
+    labels = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: labels.append(fig.axes[0].get_legend_handles_labels()[1]))
+    for name, seed in (("a0", 0), ("a1", 1)):
+        run = _fake_run(tmp_path / "runs", name, "parp", seed, [1] * 10)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["stages"]["dense"] = {"wer": 0.3, "splits": {"test": {"wer": 0.3}}}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    plot_sparsity(collect([tmp_path / "runs"])[0], tmp_path / "one.png")
+    assert sorted(labels[-1]) == ["parp", "zero-shot (0.300)"]
+    metrics["stages"]["dense"] = {"wer": 0.4, "splits": {"test": {"wer": 0.4}}}  # a1's zero-shot differs (another model)
+    (tmp_path / "runs" / "a1" / "metrics.json").write_text(json.dumps(metrics))
+    plot_sparsity(collect([tmp_path / "runs"])[0], tmp_path / "two.png")
+    assert labels[-1] == ["parp"]  # not the first run's line as if both shared it

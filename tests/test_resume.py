@@ -124,8 +124,10 @@ def _poisoned(tmp_path, step: int):
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     resolved, mapping = _poisoned(tmp_path, 4)
-    with pytest.raises(ParpkitError, match=r"loss became nan at step 4; stopped, the last good checkpoint is .*checkpoint-2"):
+    with pytest.raises(ParpkitError, match=r"loss became nan at step 4; stopped, the last good checkpoint is .*checkpoint-2") as err:
         run(resolved, QUIET, output_dir=tmp_path / "out", resolved_mapping=mapping)
+    # what to do says what happens: a changed recipe is refused in a directory with results (not resumed)
+    assert "pass --fresh or a new --output-dir" in str(err.value) and "rerun into this directory to resume" not in str(err.value)
     good = tmp_path / "out" / "checkpoints" / "phase-0" / "checkpoint-2"
     weights = load_file(str(good / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())

@@ -658,8 +658,9 @@ def fine_tune(s: Session, index: int, offset: int, resume_ckpt: Path | None, ext
             good = next((p for p in reversed(checkpoints(phase_dir)) if is_complete(p) and problem(p) is None), None)
             keep = f"the last good checkpoint is {good}" if good else "no usable checkpoint was written yet"
             s.log.write("error", step=exc.step, message=str(exc))
-            raise ParpkitError(f"{exc}; stopped, {keep}. Lower the learning rate or raise max_grad_norm "
-                               "limits, then rerun into this directory to resume") from None
+            raise ParpkitError(f"{exc}; stopped, {keep}. Rerunning unchanged resumes there, on the same data "
+                               "order, and likely meets the same loss; to train with a lower learning rate or "
+                               "max_grad_norm (a changed recipe), pass --fresh or a new --output-dir") from None
     s.seconds["train"] += time.time() - t0
     s.training_since = None
     driver.settle_loss(trainer.accelerator)
