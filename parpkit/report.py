@@ -1148,11 +1148,11 @@ def write_report(rows: list[dict], directory: Path, notes: list[str] | None = No
         written.append(directory / "learning_curves.png")
     if write_prunes(rows, directory / "prunes.csv"):
         written.append(directory / "prunes.csv")
-    for r in rows:
-        run_dir = Path(r["run"])
-        if (run_dir / "sparsity.csv").is_file():
-            (directory / "heatmaps").mkdir(exist_ok=True)
-            plot_heatmap(run_dir, directory / "heatmaps" / f"{run_dir.name}.png")
+    with_sparsity = [Path(r["run"]) for r in rows if (Path(r["run"]) / "sparsity.csv").is_file()]
+    # named by the run's folder, with as many parents as tell two sweeps' same-named points apart (not overwritten)
+    for run_dir, label in zip(with_sparsity, unique_labels(with_sparsity), strict=True):
+        (directory / "heatmaps").mkdir(exist_ok=True)
+        plot_heatmap(run_dir, directory / "heatmaps" / f"{label.replace('/', '__')}.png")
     if (directory / "heatmaps").is_dir():
         written.append(directory / "heatmaps")
     if overlap is not None:

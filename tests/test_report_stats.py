@@ -550,3 +550,17 @@ def test_the_plot_draws_a_zero_shot_line_only_where_the_runs_share_one(tmp_path,
     (tmp_path / "runs" / "a1" / "metrics.json").write_text(json.dumps(metrics))
     plot_sparsity(collect([tmp_path / "runs"])[0], tmp_path / "two.png")
     assert labels[-1] == ["parp"]  # not the first run's line as if both shared it
+
+
+def test_two_sweeps_points_of_one_name_get_a_heatmap_each(tmp_path):
+    from parpkit.report import write_report
+
+    sheet = ("name,shape,numel,zeros,sparsity\nmodel.encoder.layers.0.fc1.weight,4x4,16,{z},{s}\n"
+             "model.encoder.layers.1.fc1.weight,4x4,16,8,0.5\n")
+    for sweep, zeros in (("sweep_a", 4), ("sweep_b", 12)):  # the same point name in two sweeps
+        run = _fake_run(tmp_path / sweep, "method-parp_seed-0", "parp", 0 if sweep == "sweep_a" else 1, [1] * 10)
+        (run / "sparsity.csv").write_text(sheet.format(z=zeros, s=zeros / 16))
+    rows, _ = collect([tmp_path / "sweep_a", tmp_path / "sweep_b"])
+    write_report(rows, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "heatmaps").iterdir()) == [
+        "sweep_a__method-parp_seed-0.png", "sweep_b__method-parp_seed-0.png"]  # had been one, the second over the first
