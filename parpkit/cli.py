@@ -36,7 +36,8 @@ class ExitCode(enum.IntEnum):
     REFUSED = 2
     #: work that had started failed: a run stopped while it evaluated, pruned or trained (the loss became NaN,
     #: the disk filled, a checkpoint could not be written), or points of a sweep failed (each named; the others
-    #: finished). Rerunning the same command resumes from the last complete checkpoint
+    #: finished). Rerunning the same command resumes from the last complete checkpoint (with
+    #: ``training.save_steps`` set); after a NaN loss it would meet the same loss: change the recipe and pass ``--fresh``
     FAILED = 3
     #: interrupted (Ctrl-C, SIGINT): a run or sweep stopped where it was; rerunning the same command resumes it
     #: (finished sweep points are skipped). A process killed by a signal gets the shell's 128 + N (SIGTERM
