@@ -485,6 +485,10 @@ def cmd_report(args) -> int:
             (out / "compare.md").write_text(compare_markdown(pairs))
             write_compare_csv(pairs, out / "compare.csv")
             console.print(f"wrote {out / 'compare.md'} and {out / 'compare.csv'}")
+    if out is None:  # printed only: say how to keep it
+        err_console.print("printed only: --output-dir DIR writes table.md, table.csv and the plots"
+                          + (", compare.md and compare.csv" if pairs is not None else "")
+                          + (", choice.md and choice.csv" if choices is not None else ""), highlight=False)
     return 0
 
 

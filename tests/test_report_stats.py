@@ -199,6 +199,10 @@ def test_report_compare_prints_and_writes_the_intervals(tmp_path, capsys):
         [pair] = list(csv.DictReader(f))
     assert (pair["a"], pair["b"], float(pair["sparsity"]), pair["split"], int(pair["utterances"])) == ("parp", "fixed", 0.5, "test", 200)
     assert float(pair["low"]) < float(pair["difference"]) < float(pair["high"]) and f"{float(pair['difference']):+.4f}" in written
+    assert "printed only" not in capsys.readouterr().err
+    # without an output folder (runs that are no sweep) nothing is written, and the report says how to keep it
+    assert main(["report", str(tmp_path / "runs"), "--compare", "parp", "fixed"]) == 0
+    assert "printed only: --output-dir DIR writes table.md, table.csv and the plots, compare.md and compare.csv" in _err(capsys)
     # a method that is not among the runs, or one against itself, is refused before anything is written or printed
     for names, message in ((["parp", "omp"], "no method 'omp'"), (["parp", "parp"], "'parp' against itself")):
         assert main(["report", str(tmp_path / "runs"), "--compare", *names, "--output-dir", str(tmp_path / "refused")]) == 2
