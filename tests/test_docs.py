@@ -1,7 +1,8 @@
 """The documentation site: its generated reference pages equal what ``docs/gen_ref.py`` writes from the code,
 every recipe key and every built-in plugin option is in them with a description, the site builds with
-``mkdocs build --strict`` (a broken link or anchor fails), the README's recipe validates, and the plugin
-tutorials' code runs: the package they build, with the tests they show."""
+``mkdocs build --strict`` (a broken link or anchor fails), the README's recipe validates, every `parpkit`
+command shown in a bash block parses, and the plugin tutorials' code runs: the package they build, with the
+tests they show."""
 
 from __future__ import annotations
 
@@ -217,3 +218,32 @@ def test_the_tutorial_code_runs_with_its_tests(tutorial_package, test_file, tmp_
         for value in kwargs.values():
             value.mkdir()
         test(**kwargs)
+
+
+def test_every_parpkit_command_the_readme_and_the_pages_show_parses():
+    """A `parpkit …` line in a ```bash block of the README or a page is one a reader pastes: its subcommand,
+    flags and values must be what the command line takes (a renamed or removed flag fails here)."""
+    import contextlib
+    import io
+    import shlex
+
+    from parpkit.cli import build_parser
+
+    parser, seen, bad = build_parser(), 0, []
+    for doc in [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                for command in re.split(r"&&|;", line):
+                    m = re.match(r"\s*(?:\.venv/bin/)?parpkit\s+(.*)$", command)
+                    if not m:
+                        continue
+                    seen += 1
+                    err = io.StringIO()
+                    try:
+                        with contextlib.redirect_stderr(err):
+                            parser.parse_args(shlex.split(m.group(1), comments=True))
+                    except SystemExit as exc:
+                        if exc.code:
+                            bad.append(f"{doc.relative_to(ROOT)}: {command.strip()}: {err.getvalue().strip().splitlines()[-1]}")
+    assert seen > 25, f"found {seen} commands: the pattern no longer finds them"
+    assert not bad, "\n".join(bad)
