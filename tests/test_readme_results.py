@@ -23,12 +23,13 @@ QUOTED = (
     "results/compress_tiny_en/table.csv", "results/compress_v2_tiny_en/table.csv", "results/compress_v3_tiny_en/table.csv",
     "results/grid_v2_tiny_en/table.csv", "results/grid_v2_tiny_en/compare.csv",
     "results/zero_shot_native_v021/table.csv", "results/quickstart_tiny_en/table.csv",
+    "results/grid_v3_tiny_en/interim_3_seeds/compare.csv",
 )
 
 
 def documents() -> list[Path]:
-    """Where checked tables may be: the README and every page of the documentation site."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    """Where checked tables may be: the README, every page of the documentation site, and the results' READMEs."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "results").glob("*/README.md"))]
 ZERO_SHOT = "tiny.en zero-shot"
 PAIR_KEYS = ("A", "B", "sparsity", "split")
 
