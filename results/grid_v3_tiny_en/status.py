@@ -1,6 +1,6 @@
 """The status table of this grid's README while it runs: one row per finished point, from its run directory.
 
-    python results/grid_v3_tiny_en/status.py [RUNS_DIR]     (default: the points kept under results/grid_v3_tiny_en/runs)
+    .venv/bin/python results/grid_v3_tiny_en/status.py [RUNS_DIR]     (default: the points kept under results/grid_v3_tiny_en/runs)
 
 WER per split is the final stage's in ``metrics.json``; "re-prunes" counts the log's ``prune`` events after the
 first mask (the one before scoring included), "weights regrown" sums what they let back; "mask IoU with first" is
@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from parpkit.report import prune_events  # the report's reading of the log: one event per re-prune
+
 HERE = Path(__file__).resolve().parent
 SPLITS = ("test", "ood", "ood_flite", "real", "real_disfluent")
 POINTS = 26  # recipes/grid_v3_tiny_en.yaml's sweep
@@ -23,8 +25,7 @@ def rows(runs: Path) -> list[list[str]]:
     for run in sorted(p for p in runs.iterdir() if (p / "metrics.json").is_file()):
         metrics = json.loads((run / "metrics.json").read_text())
         wer = metrics["stages"]["final"]["splits"]
-        prunes = [e for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if e.get("event") == "prune"]
-        later = [e for e in prunes if e.get("regrown") is not None]
+        later = [e for e in prune_events(run) if e.get("regrown") is not None]  # once each, a resumed run's too
         iou = metrics.get("mask_iou_initial")
         out.append([run.name, *(f"{wer[s]['wer']:.3f}" for s in SPLITS), str(len(later)),
                     str(sum(e["regrown"] for e in later)), "" if iou is None else f"{iou:.1f}" if iou == 1 else f"{iou:.6f}",
