@@ -423,13 +423,18 @@ def _decoding(judged: dict) -> str:
 
 def machine_of(environment: Any) -> str | None:
     """The kind of machine a run was scored on, as far as it rounds floats differently: the GPU's name, or the
-    CPU kernels torch chose (``AVX2``, ``AVX512`` …); None for a run that does not record it (one made before
-    December 2026)."""
+    CPU kernels torch chose (``AVX2``, ``AVX512`` …) and, where recorded, its thread count (some kernels split
+    their sums by thread: a convolution's weight gradient differs between one thread and two); None for a run
+    that does not record it (one made before December 2026)."""
     if not isinstance(environment, dict):
         return None
     if environment.get("gpu"):
         return str(environment["gpu"])
-    return f"CPU ({environment['cpu_capability']} kernels)" if environment.get("cpu_capability") else None
+    if not environment.get("cpu_capability"):
+        return None
+    threads = environment.get("threads")
+    return (f"CPU ({environment['cpu_capability']} kernels"
+            + (f", {threads} thread{'' if threads == 1 else 's'})" if isinstance(threads, int) else ")"))
 
 
 def judged_note(rows: list[dict]) -> list[str]:

@@ -195,8 +195,11 @@ def test_report_says_when_seeds_ran_on_machines_that_round_floats_differently(tm
     _run(runs / "s2", wer=0.35, seed=2, environment={**avx2, "cpu_capability": "AVX512"})
     _run(runs / "s3", wer=0.35, seed=3, environment={**avx2, "gpu": "NVIDIA H100 80GB HBM3"})
     _run(runs / "s4", wer=0.35, seed=4)
+    _run(runs / "s5", wer=0.35, seed=5, environment={**avx2, "threads": 1})
+    _run(runs / "s6", wer=0.35, seed=6, environment={**avx2, "threads": 2})
     assert main(["report", str(runs), "--output-dir", str(tmp_path / "mixed")]) == 0
     text = " ".join((tmp_path / "mixed" / "table.md").read_text().split())
-    assert ("The runs ran on machines of more than one kind (CPU (AVX2 kernels): 2; CPU (AVX512 kernels): 1; "
-            "NVIDIA H100 80GB HBM3: 1; not recorded: 1), whose kernels round floats differently") in text
+    assert ("The runs ran on machines of more than one kind (CPU (AVX2 kernels): 2; CPU (AVX2 kernels, 1 thread): 1; "
+            "CPU (AVX2 kernels, 2 threads): 1; CPU (AVX512 kernels): 1; NVIDIA H100 80GB HBM3: 1; not recorded: 1), "
+            "whose kernels round floats differently") in text
     assert [r["machine"] for r in csv.DictReader((tmp_path / "mixed" / "table.csv").open())].count("") == 1

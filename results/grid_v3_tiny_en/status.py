@@ -4,7 +4,8 @@
 
 WER per split is the final stage's in ``metrics.json``; "re-prunes" counts the log's ``prune`` events after the
 first mask (the one before scoring included), "weights regrown" sums what they let back; "mask IoU with first" is
-``metrics.json``'s ``mask_iou_initial``; "CPU kernels" the machine the point ran on. Read by
+``metrics.json``'s ``mask_iou_initial``; "machine" the one the point ran on (the CPU kernels torch chose and its
+thread count: ``parpkit.report.machine_of``). Read by
 tests/test_readme_results.py, which checks the README's table against it."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from parpkit.report import prune_events  # the report's reading of the log: one event per re-prune
+from parpkit.report import machine_of, prune_events  # the report's readings: the machine, one event per re-prune
 
 HERE = Path(__file__).resolve().parent
 SPLITS = ("test", "ood", "ood_flite", "real", "real_disfluent")
@@ -29,13 +30,13 @@ def rows(runs: Path) -> list[list[str]]:
         iou = metrics.get("mask_iou_initial")
         out.append([run.name, *(f"{wer[s]['wer']:.3f}" for s in SPLITS), str(len(later)),
                     str(sum(e["regrown"] for e in later)), "" if iou is None else f"{iou:.1f}" if iou == 1 else f"{iou:.6f}",
-                    metrics["environment"].get("cpu_capability", "")])
+                    machine_of(metrics.get("environment")) or ""])
     return out
 
 
 def table(runs: Path) -> str:
     header = ["point", *(f"WER {s}" if s == "test" else s for s in SPLITS), "re-prunes", "weights regrown",
-              "mask IoU with first", "CPU kernels"]
+              "mask IoU with first", "machine"]
     found = rows(runs)
     lines = [f"{len(found)} of {POINTS} points finished", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
