@@ -255,16 +255,21 @@ def cmd_run(args) -> int:
 
 
 def point_state(run_dir: Path, n_phases: int | None) -> str:
-    """A sweep point's state for the sweep's list: blank (not started), ``finished``, or ``started`` and where it
-    would resume. Only says: a point the list cannot read is named so here and fails (or runs) on its own, never
-    stopping the sweep before it starts."""
+    """A sweep point's state for the sweep's list: blank (not started), ``finished``, ``running now`` (another
+    process holds its lock: the sweep will skip it), or ``started`` and where it would resume. Only says: a point
+    the list cannot read is named so here and fails (or runs) on its own, never stopping the sweep before it
+    starts."""
     from parpkit.engine.checkpoints import resume_state
+    from parpkit.engine.rundir import lock_holder
 
     try:
         if not (run_dir.is_symlink() or run_dir.exists()):
             return ""
         if not run_dir.is_dir():
             return "not a directory: the point will fail"
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            return f"running now ({holder}): the sweep skips it"
         metrics = run_dir / "metrics.json"
         if metrics.exists():
             try:

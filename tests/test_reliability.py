@@ -508,6 +508,16 @@ def test_a_sweeps_list_says_where_each_started_point_would_resume(tmp_path, fini
     (killed / "metrics.json").unlink()
     assert point_state(killed, 1) == "started, resumes at update 6 of 6"
     assert point_state(killed, 2) == "started, resumes at update 6 of 6 of phase 1"
+    from parpkit.engine.rundir import RunDir
+
+    working = RunDir(killed, (killed / "recipe.yaml").read_text())
+    working.acquire()  # as a run in another process holds it: the list said "resumes at …" of a point running now
+    try:
+        state = point_state(killed, 1)
+        assert state.startswith(f"running now (pid {os.getpid()} on ") and state.endswith("): the sweep skips it")
+    finally:
+        working.release()
+    assert point_state(killed, 1) == "started, resumes at update 6 of 6"  # its holder gone, the lock file stays
     ckpts = killed / "checkpoints" / "phase-0"
     (ckpts / "checkpoint-²").mkdir()  # str.isdigit() takes "²", int() does not: it had stopped the whole sweep
     newest = ckpts / "checkpoint-6" / "trainer_state.json"

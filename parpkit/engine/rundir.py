@@ -88,6 +88,22 @@ def _strings(node: Any, key: str = "") -> list[tuple[str, str]]:
     return [(key, node)] if isinstance(node, str) else []
 
 
+def lock_holder(path: Path) -> str | None:
+    """Who is working in a run directory now: its ``.lock`` line (``pid 3368 on vm, started …``) while a process
+    holds the lock, else None (no lock file, or its holder is gone). Reads without keeping the lock: it takes a
+    shared lock for an instant, so a run that starts in that instant is told the folder is in use."""
+    try:
+        with open(Path(path) / ".lock", errors="replace") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return lock.read().strip() or "another process"
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
 class RunDir:
     """``recipe.yaml``, ``metrics.json``, ``log.jsonl``, ``sparsity.csv``, masks, transcripts, ``model/`` and
     ``checkpoints/``. One run at a time: an exclusive lock (``.lock``, naming its holder) is held while a
