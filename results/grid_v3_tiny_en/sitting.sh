@@ -3,15 +3,17 @@
 # repository root after `bash .ci/setup`.
 #
 #   bash results/grid_v3_tiny_en/sitting.sh restore   put the kept points back under runs/grid_v3_tiny_en (the sweep skips them)
-#   bash results/grid_v3_tiny_en/sitting.sh start     two lanes in the background, one thread each (Ray's one CPU a point
-#                                                     set the same), each running its points one after another;
-#                                                     the two points running at once are a PARP/MPI-fixed pair
+#   bash results/grid_v3_tiny_en/sitting.sh start [N] N lanes (default 2) in the background, one thread each (Ray's one CPU
+#                                                     a point set the same), taking the points left in the recipe's
+#                                                     order (a PARP/MPI-fixed pair after another), each lane running
+#                                                     its share one after another
 #   bash results/grid_v3_tiny_en/sitting.sh keep      copy every finished point under results/grid_v3_tiny_en/runs (without
 #                                                     weights, the final mask gzipped) and print the README's status block
 #
-# A point takes about 85 min with the two lanes busy (16 s an update, 300 updates, then 6 min of scoring); one that
-# has not finished when the machine goes is lost with its checkpoints. Stop the lanes with
-# `kill -- -PID` for each PID in runs/grid_v3_tiny_en-lanes.pid.
+# On the 2-core machine (AVX-512) a point takes about 85 min with two lanes busy (16 s an update, 300 updates, then
+# 6 min of scoring); with three lanes an update took 23.5 s (2026-12-08: the same 7.8 s of machine an update), so
+# three points finish in about 2 h 10 min, which a 3-hour sitting holds and two lanes' second pair does not. A point not finished when the machine goes is lost with its
+# checkpoints. Stop the lanes with `kill -- -PID` for each PID in runs/grid_v3_tiny_en-lanes.pid.
 set -euo pipefail
 RUNS=runs/grid_v3_tiny_en
 KEPT=results/grid_v3_tiny_en/runs
@@ -31,21 +33,22 @@ case "${1:-}" in
     for f in "$RUNS"/*/masks.safetensors.gz; do [ -f "${f%.gz}" ] || gunzip -k "$f"; done
     .venv/bin/parpkit sweep "$RECIPE" --dry-run | grep -c finished | xargs echo "points finished:" ;;
   start)
-    a=() b=()
-    for seed in 3 4; do for sparsity in 0.5 0.7; do
-      a+=("method-parp_sparsity-${sparsity}_seed-$seed"); b+=("method-fixed_sparsity-${sparsity}_seed-$seed")
-    done; done
-    for seed in 0 1 2; do
-      a+=("method-parp400_sparsity-0.5_seed-$seed"); b+=("method-parp400_sparsity-0.7_seed-$seed")
-    done
+    lanes=${2:-2}
+    [[ "$lanes" =~ ^[1-9]$ ]] || { echo "start N: N lanes, 1 to 9 (got '$lanes')" >&2; exit 2; }
+    left=()  # the points without a metrics.json, in the recipe's order (one `parpkit run` line each)
+    while read -r point; do [ -f "$RUNS/$point/metrics.json" ] || left+=("$point"); done < <(
+      .venv/bin/parpkit sweep "$RECIPE" --print-commands | sed -n "s#.* --output-dir $RUNS/\([^ ]*\) .*#\1#p")
+    [ ${#left[@]} -gt 0 ] || { echo "every point has finished"; exit 0; }
     mkdir -p "$RUNS"
     : > "$RUNS-lanes.pid"
-    for name in a b; do
-      declare -n points="$name"
-      setsid bash -c "$(declare -f lane); RECIPE=$RECIPE; lane ${points[*]}" > "$RUNS-lane-$name.log" 2>&1 < /dev/null &
+    for ((i = 0; i < lanes; i++)); do
+      share=()
+      for ((j = i; j < ${#left[@]}; j += lanes)); do share+=("${left[j]}"); done
+      [ ${#share[@]} -gt 0 ] || continue
+      setsid bash -c "$(declare -f lane); RECIPE=$RECIPE; lane ${share[*]}" > "$RUNS-lane-$i.log" 2>&1 < /dev/null &
       echo $! >> "$RUNS-lanes.pid"
-    done
-    echo "lanes started (logs: $RUNS-lane-a.log, $RUNS-lane-b.log; pids: $RUNS-lanes.pid)" ;;
+      echo "lane $i: ${share[*]} (log: $RUNS-lane-$i.log)"
+    done ;;
   keep)
     for d in "$RUNS"/*/; do
       [ -f "$d/metrics.json" ] || continue
