@@ -267,6 +267,9 @@ def point_state(run_dir: Path, n_phases: int | None) -> str:
             return ""
         if not run_dir.is_dir():
             return "not a directory: the point will fail"
+        lock = run_dir / ".lock"
+        if (lock.is_symlink() or lock.exists()) and not lock.is_file():
+            return ".lock is not a file: the point will fail"
         holder = lock_holder(run_dir)
         if holder is not None:
             return f"running now ({holder}): the sweep skips it"
@@ -344,7 +347,7 @@ def cmd_sweep(args) -> int:
         table.add_column(col)
     for p in plist:
         state = point_state(out / p.name, phases[p.name])
-        table.add_row(escape(p.name), escape(", ".join(f"{k}={v}" for k, v in p.overrides.items())), state)
+        table.add_row(escape(p.name), escape(", ".join(f"{k}={v}" for k, v in p.overrides.items())), escape(state))
     console.print(table)
     if args.dry_run:
         return 0

@@ -455,9 +455,9 @@ def judged_note(rows: list[dict]) -> list[str]:
                    + "): compare rows decoded alike.")
     machines = Counter(r.get("machine") for r in rows)
     if len(machines) > 1:  # float rounding differs between them: a source of variation beside the seed
-        out.append("The runs ran on machines of more than one kind (" + "; ".join(
+        out.append("The runs ran on more than one kind of machine or thread count (" + "; ".join(
             f"{kind or 'not recorded'}: {n}" for kind, n in sorted(machines.items(), key=lambda kv: (kv[0] is None, kv[0] or "")))
-            + "), whose kernels round floats differently: a source of variation beside the seed.")
+            + "), which round floats differently: a source of variation beside the seed.")
     if old:
         out.append(f"{len(old)} of {len(rows)} runs were scored before parpkit 0.2.0, at their training settings "
                    "(whisper: the recipe's encoder window), not at the model's own: their zero-shot is not the model as "

@@ -47,6 +47,35 @@ parpkit.run(sys.argv[1], output_dir=sys.argv[2], progress=False, callbacks=[Hold
 """
 
 
+def test_a_run_starting_while_a_sweeps_list_reads_its_lock_waits_for_it_not_refused(tmp_path):
+    """The list's lock_holder takes a shared lock for an instant; a run taking the directory in that instant had
+    been told it was in use (and a sweep skipped the point): it tries again for up to half a second."""
+    import fcntl
+    import threading
+
+    from parpkit.engine.rundir import RunDir, lock_holder
+    from parpkit.errors import RunDirBusy
+
+    folder = tmp_path / "point"
+    folder.mkdir()
+    (folder / ".lock").write_text("pid 1 on oldvm, started 2026-12-07T00:00:00+00:00\n")  # its holder long gone
+    assert lock_holder(folder) is None
+    lister = open(folder / ".lock")
+    fcntl.flock(lister, fcntl.LOCK_SH)
+    threading.Timer(0.2, lister.close).start()  # the list lets go 0.2 s later
+    run = RunDir(folder, "seed: 0\n")
+    run.acquire()
+    assert lock_holder(folder).startswith(f"pid {os.getpid()} on ")
+    run.release()
+    reader = open(folder / ".lock")
+    fcntl.flock(reader, fcntl.LOCK_SH)  # held for good: after its tries the run is told who holds it
+    try:
+        with pytest.raises(RunDirBusy, match=f"in use by pid {os.getpid()} on "):
+            RunDir(folder, "seed: 0\n").acquire()
+    finally:
+        reader.close()
+
+
 @requires_offline
 def test_a_second_process_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path, capsys):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**{"training.max_steps": 4, "training.save_steps": 2}))
@@ -518,6 +547,10 @@ def test_a_sweeps_list_says_where_each_started_point_would_resume(tmp_path, fini
     finally:
         working.release()
     assert point_state(killed, 1) == "started, resumes at update 6 of 6"  # its holder gone, the lock file stays
+    (killed / ".lock").unlink()
+    os.mkfifo(killed / ".lock")  # opening a FIFO to read would wait for a writer: it had hung the list
+    assert point_state(killed, 1) == ".lock is not a file: the point will fail"
+    (killed / ".lock").unlink()
     ckpts = killed / "checkpoints" / "phase-0"
     (ckpts / "checkpoint-²").mkdir()  # str.isdigit() takes "²", int() does not: it had stopped the whole sweep
     newest = ckpts / "checkpoint-6" / "trainer_state.json"

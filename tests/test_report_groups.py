@@ -184,7 +184,8 @@ def test_report_choose_refuses_the_sparsity_variables_and_mappings_saying_why(tm
 
 def test_report_says_when_seeds_ran_on_machines_that_round_floats_differently(tmp_path):
     """The machine a run was scored on (metrics.json's environment) goes into table.csv, and table.md says
-    when the runs of one table ran on more than one kind (another CPU's kernels, a GPU, or unrecorded)."""
+    when the runs of one table ran on more than one kind (another CPU's kernels or thread count, a GPU, or
+    unrecorded)."""
     avx2 = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "gpu": None}
     runs = tmp_path / "runs"
     _run(runs / "s0", wer=0.30, seed=0, environment=avx2)
@@ -199,7 +200,7 @@ def test_report_says_when_seeds_ran_on_machines_that_round_floats_differently(tm
     _run(runs / "s6", wer=0.35, seed=6, environment={**avx2, "threads": 2})
     assert main(["report", str(runs), "--output-dir", str(tmp_path / "mixed")]) == 0
     text = " ".join((tmp_path / "mixed" / "table.md").read_text().split())
-    assert ("The runs ran on machines of more than one kind (CPU (AVX2 kernels): 2; CPU (AVX2 kernels, 1 thread): 1; "
-            "CPU (AVX2 kernels, 2 threads): 1; CPU (AVX512 kernels): 1; NVIDIA H100 80GB HBM3: 1; not recorded: 1), "
-            "whose kernels round floats differently") in text
+    assert ("The runs ran on more than one kind of machine or thread count (CPU (AVX2 kernels): 2; CPU (AVX2 kernels, "
+            "1 thread): 1; CPU (AVX2 kernels, 2 threads): 1; CPU (AVX512 kernels): 1; NVIDIA H100 80GB HBM3: 1; not "
+            "recorded: 1), which round floats differently") in text
     assert [r["machine"] for r in csv.DictReader((tmp_path / "mixed" / "table.csv").open())].count("") == 1

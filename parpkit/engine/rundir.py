@@ -90,18 +90,31 @@ def _strings(node: Any, key: str = "") -> list[tuple[str, str]]:
 
 def lock_holder(path: Path) -> str | None:
     """Who is working in a run directory now: its ``.lock`` line (``pid 3368 on vm, started …``) while a process
-    holds the lock, else None (no lock file, or its holder is gone). Reads without keeping the lock: it takes a
-    shared lock for an instant, so a run that starts in that instant is told the folder is in use."""
+    holds the lock, else None (no lock file, one that is not a regular file, or its holder is gone). Reads
+    without keeping the lock: it takes a shared lock for an instant (a run starting in that instant tries again:
+    ``RunDir.acquire``)."""
+    lock_path = Path(path) / ".lock"
     try:
-        with open(Path(path) / ".lock", errors="replace") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return lock.read().strip() or "another process"
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        if not lock_path.is_file():  # a FIFO would block the open; a folder cannot be locked
+            return None
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
+    with open(fd, errors="replace") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return lock.read(1000).strip() or "another process"
+            except OSError:
+                return "another process"
+        except OSError:
+            return None
+        fcntl.flock(lock, fcntl.LOCK_UN)
     return None
+
+
+LOCK_TRIES = 5  # tries 0.1 s apart before a run directory counts as in use
 
 
 class RunDir:
@@ -138,9 +151,14 @@ class RunDir:
             lock = open(self.path / ".lock", "a+")
         except OSError as exc:
             raise ParpkitError(f"{self.path}: cannot write the run directory ({exc.strerror})") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(LOCK_TRIES):  # a sweep's list (lock_holder) may hold a shared lock for an instant
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < LOCK_TRIES - 1:
+                    time.sleep(0.1)
+        else:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
             lock.close()
