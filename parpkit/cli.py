@@ -260,7 +260,7 @@ def point_state(run_dir: Path, n_phases: int | None) -> str:
     the list cannot read is named so here and fails (or runs) on its own, never stopping the sweep before it
     starts."""
     from parpkit.engine.checkpoints import resume_state
-    from parpkit.engine.rundir import lock_holder
+    from parpkit.engine.rundir import last_logged_update, lock_holder
 
     try:
         if not (run_dir.is_symlink() or run_dir.exists()):
@@ -272,7 +272,8 @@ def point_state(run_dir: Path, n_phases: int | None) -> str:
             return ".lock is not a file: the point will fail"
         holder = lock_holder(run_dir)
         if holder is not None:
-            return f"running now ({holder}): the sweep skips it"
+            update = last_logged_update(run_dir)
+            return f"running now ({holder}{'' if update is None else f'; last logged update {update}'}): the sweep skips it"
         metrics = run_dir / "metrics.json"
         if metrics.exists():
             try:

@@ -543,7 +543,13 @@ def test_a_sweeps_list_says_where_each_started_point_would_resume(tmp_path, fini
     working.acquire()  # as a run in another process holds it: the list said "resumes at …" of a point running now
     try:
         state = point_state(killed, 1)
-        assert state.startswith(f"running now (pid {os.getpid()} on ") and state.endswith("): the sweep skips it")
+        logged = [json.loads(line) for line in (killed / "log.jsonl").open()]
+        update = [e["step"] for e in logged if e["event"] == "train"][-1]
+        assert state.startswith(f"running now (pid {os.getpid()} on ")
+        assert state.endswith(f"; last logged update {update}): the sweep skips it")
+        with (killed / "log.jsonl").open("a") as log:  # a line being written as the list reads: passed over
+            log.write('{"event": "train", "step": 99, "lo')
+        assert point_state(killed, 1).endswith(f"; last logged update {update}): the sweep skips it")
     finally:
         working.release()
     assert point_state(killed, 1) == "started, resumes at update 6 of 6"  # its holder gone, the lock file stays

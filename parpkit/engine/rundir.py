@@ -114,6 +114,28 @@ def lock_holder(path: Path) -> str | None:
     return None
 
 
+def last_logged_update(path: Path) -> int | None:
+    """The update of the newest ``train`` event in a run directory's ``log.jsonl`` (read from its last 64 KiB),
+    or None where there is none or the log cannot be read: how far a running point has got."""
+    try:
+        with open(Path(path) / "log.jsonl", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if '"train"' not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "train" and type(event.get("step")) is int:
+            return event["step"]
+    return None
+
+
 LOCK_TRIES = 5  # tries 0.1 s apart before a run directory counts as in use
 
 
