@@ -13,7 +13,7 @@
 #
 # On the 2-core machine (AVX-512) a point takes about 85 min with two lanes busy (16 s an update, 300 updates, then
 # 6 min of scoring); with three lanes an update took 23.5 s (2026-12-08: the same 7.8 s of machine an update), so
-# three points finish in about 2 h 10 min. A sitting of 3 hours, less set-up, restore and the keeping at its end,
+# three points took 2 h 10 min to 2 h 17 min each, scoring included (seed 3's, 2026-12-08). A sitting of 3 hours, less set-up, restore and the keeping at its end,
 # holds those three; two lanes' second pair (at 170 min) it does not. A point not finished when the machine goes
 # is lost with its checkpoints.
 set -euo pipefail
